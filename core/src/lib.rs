@@ -1,0 +1,20 @@
+//! copilot-core: everything in copilot that does not need PostgreSQL.
+//!
+//! - [`schema`]: the schema model and its one-line `CREATE TABLE` rendering (the model's context);
+//! - [`prompt`]: chat-template prompts, laid out schema first, question last;
+//! - [`extract`]: one SQL statement out of what a model wrote;
+//! - [`runtime`]: candle quantized GGUF models (qwen2, llama/mistral) with greedy decoding and stop rules;
+//! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
+//! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
+
+pub mod backend;
+pub mod error;
+pub mod extract;
+pub mod prompt;
+pub mod runtime;
+pub mod schema;
+pub mod source;
+pub mod tokenizer;
+
+pub use backend::{Backend, GenerateRequest, Generation, StopReason};
+pub use error::CoreError;

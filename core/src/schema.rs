@@ -1,0 +1,281 @@
+//! The schema model the prompt is built from, and its rendering as compact one-line `CREATE TABLE` statements.
+//!
+//! The extension fills a [`Catalog`] from `pg_catalog` (only what the calling role may SELECT); the trainer fills
+//! one from Spider's `tables.json` / SQLite files. Both render through [`Catalog::render`], so the model sees the
+//! same context shape in training, evaluation and production.
+//!
+//! Rendering is deterministic: tables are ordered by (schema, name), columns by their position, keys by name. The
+//! same catalog always gives the same bytes, which the schema-prefix KV cache relies on.
+
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// One column of a table or view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Column {
+    pub name: String,
+    /// The type as the database spells it (`integer`, `character varying(40)`, `text`, …).
+    pub data_type: String,
+    #[serde(default)]
+    pub not_null: bool,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// A foreign key: `columns` of this table reference `ref_columns` of `ref_table` (in `ref_schema`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForeignKey {
+    pub columns: Vec<String>,
+    pub ref_schema: String,
+    pub ref_table: String,
+    pub ref_columns: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RelationKind {
+    #[default]
+    Table,
+    View,
+}
+
+/// A table or view.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Table {
+    pub schema: String,
+    pub name: String,
+    #[serde(default)]
+    pub kind: RelationKind,
+    pub columns: Vec<Column>,
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+    #[serde(default)]
+    pub foreign_keys: Vec<ForeignKey>,
+    #[serde(default)]
+    pub comment: Option<String>,
+}
+
+/// Everything the model is told about the database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    pub tables: Vec<Table>,
+}
+
+/// How the context is rendered.
+#[derive(Debug, Clone)]
+pub struct RenderOptions {
+    /// Schemas whose tables are written unqualified (`singer`, not `public.singer`). Usually the first schema of the
+    /// caller's search_path. Tables in other schemas are always qualified, so the SQL the model copies resolves.
+    pub unqualified_schemas: Vec<String>,
+    /// Write `-- comment` lines for table and column comments.
+    pub comments: bool,
+}
+
+impl Default for RenderOptions {
+    fn default() -> Self {
+        RenderOptions { unqualified_schemas: vec!["public".into()], comments: true }
+    }
+}
+
+/// Quote an identifier the way PostgreSQL's `quote_ident` would: only when it is not a plain lower-case name, or
+/// when it is a reserved keyword the model would otherwise write bare.
+pub fn quote_ident(ident: &str) -> String {
+    let plain = !ident.is_empty()
+        && ident.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+        && ident.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '$')
+        && !is_reserved(ident);
+    if plain {
+        ident.to_string()
+    } else {
+        format!("\"{}\"", ident.replace('"', "\"\""))
+    }
+}
+
+/// PostgreSQL's reserved key words, and the type/function-name ones, that `quote_ident` quotes: a column named
+/// `order` must be written `"order"`. Kept sorted for binary search (a test checks).
+const RESERVED: &[&str] = &[
+        "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization", "binary",
+        "both", "case", "cast", "check", "collate", "collation", "column", "concurrently", "constraint", "create",
+        "cross", "current_catalog", "current_date", "current_role", "current_schema", "current_time",
+        "current_timestamp", "current_user", "default", "deferrable", "desc", "distinct", "do", "else", "end",
+        "except", "false", "fetch", "for", "foreign", "freeze", "from", "full", "grant", "group", "having", "ilike",
+        "in", "initially", "inner", "intersect", "into", "is", "isnull", "join", "lateral", "leading", "left", "like",
+        "limit", "localtime", "localtimestamp", "natural", "not", "notnull", "null", "offset", "on", "only", "or",
+        "order", "outer", "overlaps", "placing", "primary", "references", "returning", "right", "select",
+        "session_user", "similar", "some", "symmetric", "system_user", "table", "tablesample", "then", "to",
+        "trailing", "true", "union", "unique", "user", "using", "variadic", "verbose", "when", "where", "window",
+        "with",
+    ];
+
+fn is_reserved(word: &str) -> bool {
+    RESERVED.binary_search(&word).is_ok()
+}
+
+impl Table {
+    /// The name the model should write: qualified unless the schema is in `unqualified`.
+    pub fn display_name(&self, unqualified: &[String]) -> String {
+        qualified_name(&self.schema, &self.name, unqualified)
+    }
+}
+
+fn qualified_name(schema: &str, name: &str, unqualified: &[String]) -> String {
+    if schema.is_empty() || unqualified.iter().any(|s| s == schema) {
+        quote_ident(name)
+    } else {
+        format!("{}.{}", quote_ident(schema), quote_ident(name))
+    }
+}
+
+impl Catalog {
+    /// Sort tables, and each table's keys, into the canonical order rendering uses.
+    pub fn normalize(&mut self) {
+        self.tables.sort_by(|a, b| (&a.schema, &a.name).cmp(&(&b.schema, &b.name)));
+        for t in &mut self.tables {
+            t.foreign_keys.sort_by(|a, b| {
+                (&a.columns, &a.ref_schema, &a.ref_table).cmp(&(&b.columns, &b.ref_schema, &b.ref_table))
+            });
+            t.foreign_keys.dedup();
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    /// Render every table as one line: `CREATE TABLE t (a integer, b text, PRIMARY KEY (a), FOREIGN KEY (b)
+    /// REFERENCES u(c));`. Views are rendered as `CREATE VIEW v (a integer, …);` so the model knows their columns.
+    /// Output is deterministic for a given catalog (see [`Catalog::normalize`]).
+    pub fn render(&self, opts: &RenderOptions) -> String {
+        let mut sorted = self.clone();
+        sorted.normalize();
+        let mut out = String::new();
+        for t in &sorted.tables {
+            if opts.comments {
+                if let Some(c) = t.comment.as_deref().filter(|c| !c.trim().is_empty()) {
+                    let _ = writeln!(out, "-- {}: {}", t.display_name(&opts.unqualified_schemas), one_line(c));
+                }
+            }
+            let kw = match t.kind {
+                RelationKind::Table => "TABLE",
+                RelationKind::View => "VIEW",
+            };
+            let _ = write!(out, "CREATE {kw} {} (", t.display_name(&opts.unqualified_schemas));
+            let mut parts: Vec<String> = Vec::with_capacity(t.columns.len() + 1 + t.foreign_keys.len());
+            for c in &t.columns {
+                let mut p = format!("{} {}", quote_ident(&c.name), c.data_type);
+                if c.not_null && !t.primary_key.iter().any(|k| k == &c.name) {
+                    p.push_str(" NOT NULL");
+                }
+                if opts.comments {
+                    if let Some(cm) = c.comment.as_deref().filter(|c| !c.trim().is_empty()) {
+                        // A block comment keeps the statement on one line.
+                        let _ = write!(p, " /* {} */", one_line(cm).replace("*/", "* /"));
+                    }
+                }
+                parts.push(p);
+            }
+            if !t.primary_key.is_empty() {
+                parts.push(format!("PRIMARY KEY ({})", ident_list(&t.primary_key)));
+            }
+            for fk in &t.foreign_keys {
+                parts.push(format!(
+                    "FOREIGN KEY ({}) REFERENCES {}({})",
+                    ident_list(&fk.columns),
+                    qualified_name(&fk.ref_schema, &fk.ref_table, &opts.unqualified_schemas),
+                    ident_list(&fk.ref_columns)
+                ));
+            }
+            out.push_str(&parts.join(", "));
+            out.push_str(");\n");
+        }
+        out
+    }
+
+    /// Find a table by name as the model may write it (case-insensitive, optionally schema-qualified).
+    pub fn find_table(&self, schema: Option<&str>, name: &str) -> Option<&Table> {
+        self.tables.iter().find(|t| {
+            t.name.eq_ignore_ascii_case(name) && schema.is_none_or(|s| t.schema.eq_ignore_ascii_case(s))
+        })
+    }
+}
+
+fn ident_list(cols: &[String]) -> String {
+    cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn col(n: &str, t: &str) -> Column {
+        Column { name: n.into(), data_type: t.into(), not_null: false, comment: None }
+    }
+
+    #[test]
+    fn reserved_list_is_sorted_for_binary_search() {
+        assert!(RESERVED.windows(2).all(|w| w[0] < w[1]), "RESERVED must stay sorted and unique");
+        for w in ["all", "order", "user", "with", "select", "table", "group", "limit", "analyse", "asymmetric"] {
+            assert!(is_reserved(w), "{w} should be reserved");
+        }
+        assert!(!is_reserved("singer"));
+        assert!(!is_reserved("name"));
+    }
+
+    #[test]
+    fn quoting_follows_postgres_rules() {
+        assert_eq!(quote_ident("singer"), "singer");
+        assert_eq!(quote_ident("Singer"), "\"Singer\"");
+        assert_eq!(quote_ident("song name"), "\"song name\"");
+        assert_eq!(quote_ident("order"), "\"order\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("1abc"), "\"1abc\"");
+        assert_eq!(quote_ident(""), "\"\"");
+    }
+
+    #[test]
+    fn render_is_order_independent() {
+        let a = Table {
+            schema: "public".into(),
+            name: "a".into(),
+            kind: RelationKind::Table,
+            columns: vec![col("id", "integer")],
+            primary_key: vec!["id".into()],
+            foreign_keys: vec![],
+            comment: None,
+        };
+        let mut b = a.clone();
+        b.name = "b".into();
+        let c1 = Catalog { tables: vec![a.clone(), b.clone()] };
+        let c2 = Catalog { tables: vec![b, a] };
+        let o = RenderOptions::default();
+        assert_eq!(c1.render(&o), c2.render(&o));
+        assert_eq!(c1.render(&o), "CREATE TABLE a (id integer, PRIMARY KEY (id));\nCREATE TABLE b (id integer, PRIMARY KEY (id));\n");
+    }
+
+    #[test]
+    fn other_schemas_are_qualified_and_comments_stay_on_one_line() {
+        let t = Table {
+            schema: "sales".into(),
+            name: "Order Items".into(),
+            kind: RelationKind::View,
+            columns: vec![Column {
+                name: "qty".into(),
+                data_type: "integer".into(),
+                not_null: true,
+                comment: Some("units\nsold */ DROP".into()),
+            }],
+            primary_key: vec![],
+            foreign_keys: vec![],
+            comment: Some("line one\nline two".into()),
+        };
+        let out = Catalog { tables: vec![t] }.render(&RenderOptions::default());
+        assert_eq!(
+            out,
+            "-- sales.\"Order Items\": line one line two\nCREATE VIEW sales.\"Order Items\" (qty integer NOT NULL /* units sold * / DROP */);\n"
+        );
+    }
+}

@@ -1,0 +1,72 @@
+//! Golden files for the schema context and the prompts, one per chat template family.
+//! Regenerate after an intended change with `UPDATE_GOLDEN=1 cargo test -p copilot-core --test golden`, then
+//! review the diff: these bytes are what the model sees.
+
+use copilot_core::prompt::{build_prompt, ChatTemplate};
+use copilot_core::schema::{Catalog, RenderOptions};
+use std::path::PathBuf;
+
+fn dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests")
+}
+
+fn check(name: &str, actual: &str) {
+    let path = dir().join("golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    assert_eq!(actual, expected, "{name} differs from its golden file");
+}
+
+fn catalog() -> Catalog {
+    serde_json::from_str(&std::fs::read_to_string(dir().join("fixtures/concert_singer.json")).unwrap()).unwrap()
+}
+
+fn template(file: &str, bos: &str, eos: &str) -> ChatTemplate {
+    ChatTemplate::new(Some(std::fs::read_to_string(dir().join("fixtures").join(file)).unwrap()), bos, eos)
+}
+
+const QUESTION: &str = "How many singers are from France?";
+
+#[test]
+fn schema_context() {
+    check("concert_singer.context.sql", &catalog().render(&RenderOptions::default()));
+}
+
+#[test]
+fn schema_context_without_comments_and_all_qualified() {
+    let opts = RenderOptions { unqualified_schemas: vec![], comments: false };
+    check("concert_singer.qualified.sql", &catalog().render(&opts));
+}
+
+#[test]
+fn prompt_qwen25_coder() {
+    let ctx = catalog().render(&RenderOptions::default());
+    let p = build_prompt(&template("qwen2.5-coder.jinja", "<|endoftext|>", "<|im_end|>"), &ctx, QUESTION).unwrap();
+    check("prompt.qwen2.5-coder.txt", &p.text());
+    assert!(p.suffix.starts_with(QUESTION));
+}
+
+#[test]
+fn prompt_mistral_instruct_v01_folds_system_into_user() {
+    let ctx = catalog().render(&RenderOptions::default());
+    let p = build_prompt(&template("mistral-7b-instruct-v0.1.jinja", "<s>", "</s>"), &ctx, QUESTION).unwrap();
+    check("prompt.mistral-7b-instruct-v0.1.txt", &p.text());
+    assert!(p.prefix.starts_with("<s>[INST] You are an expert PostgreSQL analyst."));
+}
+
+#[test]
+fn prompt_smollm2() {
+    let ctx = catalog().render(&RenderOptions::default());
+    let p = build_prompt(&template("smollm2.jinja", "<|im_start|>", "<|im_end|>"), &ctx, QUESTION).unwrap();
+    check("prompt.smollm2.txt", &p.text());
+}
+
+#[test]
+fn prompt_chatml_fallback() {
+    let ctx = catalog().render(&RenderOptions::default());
+    let p = build_prompt(&ChatTemplate::chatml(), &ctx, QUESTION).unwrap();
+    check("prompt.chatml.txt", &p.text());
+}
