@@ -1,0 +1,115 @@
+//! Every setting of copilot, in one place.
+//!
+//! | GUC | context | default | what |
+//! |---|---|---|---|
+//! | `copilot.model` | SIGHUP | the default model's path | GGUF path, or `hf:<owner>/<repo>/<file>` from the hf-hub cache |
+//! | `copilot.threads` | POSTMASTER | 2 | inference threads (candle's pools are created once per worker) |
+//! | `copilot.max_context_tokens` | POSTMASTER | 8192 | cap on prompt + answer tokens |
+//! | `copilot.max_new_tokens` | USERSET | 256 | longest answer, in tokens |
+//! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
+//! | `copilot.max_question_chars` | USERSET | 2000 | longest question accepted |
+//! | `copilot.request_timeout` | USERSET | 120 s | how long `ask` waits for the worker (queueing + loading + generating) |
+//!
+//! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
+//! postmaster starts it again with the new model.
+
+use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+
+/// Where `scripts/fetch-model` puts the default model. Kept in sync with that script (a test checks).
+pub const DEFAULT_MODEL_PATH: &str = "/var/lib/copilot/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+
+pub static MODEL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/var/lib/copilot/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"));
+pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static MAX_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
+pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+
+pub fn register() {
+    GucRegistry::define_string_guc(
+        c"copilot.model",
+        c"The GGUF model the background worker loads.",
+        c"A file path, or hf:<owner>/<repo>/<file> resolved through the Hugging Face cache (no download). \
+          Takes effect on reload: the worker restarts with the new model.",
+        &MODEL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.threads",
+        c"CPU threads used for inference.",
+        c"Inference thread pools are created once per worker start.",
+        &THREADS,
+        1,
+        256,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.max_context_tokens",
+        c"Upper bound on prompt plus answer tokens.",
+        c"Prompts longer than this are refused; the model's own context length also applies.",
+        &MAX_CONTEXT_TOKENS,
+        512,
+        131_072,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.max_new_tokens",
+        c"Longest answer the model may generate, in tokens.",
+        c"",
+        &MAX_NEW_TOKENS,
+        1,
+        4096,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.schemas",
+        c"Comma-separated schemas whose tables form the model's context.",
+        c"Empty means the schemas of the caller's search_path. Only tables and views the caller may SELECT are shown.",
+        &SCHEMAS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.max_question_chars",
+        c"Longest question accepted, in characters.",
+        c"",
+        &MAX_QUESTION_CHARS,
+        1,
+        100_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.request_timeout",
+        c"How long copilot.ask waits for an answer (queueing, model loading and generation).",
+        c"statement_timeout and query cancel also interrupt the wait.",
+        &REQUEST_TIMEOUT_MS,
+        100,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+}
+
+pub fn model() -> String {
+    MODEL.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The configured schemas, trimmed; empty when the caller's search_path is to be used.
+pub fn schemas() -> Vec<String> {
+    SCHEMAS
+        .get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}

@@ -1,0 +1,60 @@
+//! copilot: natural-language questions to SQL inside PostgreSQL.
+//!
+//! This crate is the PostgreSQL boundary only; everything that does not need PostgreSQL lives in `copilot-core`.
+//! - [`gucs`]: every setting;
+//! - [`shmem`]: the shared board (worker state + request slots) and its protocol;
+//! - [`worker`]: the background worker that owns the model;
+//! - [`catalog`]: the schema context, read through SPI as the calling role;
+//! - [`api`]: the SQL functions.
+//!
+//! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
+//! never do, created with all signals blocked.
+
+use pgrx::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+mod api;
+mod catalog;
+pub mod gucs;
+mod shmem;
+mod worker;
+
+pgrx::pg_module_magic!(name, version);
+
+/// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries; inherited by every backend
+/// it forks. Without it there is no board and no worker, and the functions say so.
+static PRELOADED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn preloaded() -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    gucs::register();
+    // SAFETY: reading a PostgreSQL global on the main thread during library load.
+    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    shmem::init();
+    worker::register();
+    PRELOADED.store(true, Ordering::Relaxed);
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+mod pg_tests;
+
+/// Configuration of the throwaway cluster `cargo pgrx test` starts.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'copilot'",
+            concat!("copilot.model = '", env!("COPILOT_TEST_MODEL_PATH"), "'"),
+            "copilot.threads = 2",
+            "copilot.max_new_tokens = 48",
+        ]
+    }
+}

@@ -1,0 +1,119 @@
+//! In-database tests, run by `cargo pgrx test pg15` in a throwaway cluster that preloads copilot with the tiny CI
+//! model (see `pg_test::postgresql_conf_options`). Each test runs in its own transaction, rolled back after.
+
+#[pgrx::pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn demo_tables() {
+        Spi::run(
+            "CREATE TABLE singer (singer_id integer PRIMARY KEY, name text, country text, age integer);
+             CREATE TABLE concert (concert_id integer PRIMARY KEY, concert_name text, year integer);
+             CREATE TABLE singer_in_concert (concert_id integer REFERENCES concert, singer_id integer REFERENCES singer,
+                                             PRIMARY KEY (concert_id, singer_id));
+             INSERT INTO singer VALUES (1, 'Joe', 'France', 52), (2, 'Ann', 'Netherlands', 31);",
+        )
+        .unwrap();
+    }
+
+    fn parses(sql: &str) -> bool {
+        use copilot_core::extract::extract_sql;
+        extract_sql(sql).as_deref() == Some(sql)
+    }
+
+    #[pg_test]
+    fn ask_returns_one_parseable_statement() {
+        demo_tables();
+        let sql = Spi::get_one::<String>("SELECT copilot.ask('How many singers are there?')").unwrap().unwrap();
+        assert!(!sql.trim().is_empty());
+        assert!(parses(&sql), "not one parseable statement: {sql}");
+        let status_served = Spi::get_one::<i64>("SELECT requests_served FROM copilot.status()").unwrap().unwrap();
+        assert!(status_served >= 1);
+    }
+
+    #[pg_test]
+    fn ask_is_strict() {
+        assert_eq!(Spi::get_one::<String>("SELECT copilot.ask(NULL)").unwrap(), None);
+    }
+
+    #[pg_test(error = "copilot: the question is empty")]
+    fn empty_question_is_refused() {
+        demo_tables();
+        Spi::run("SELECT copilot.ask('   ')").unwrap();
+    }
+
+    #[pg_test(error = "copilot: the question is 2001 characters long, more than copilot.max_question_chars (2000)")]
+    fn too_long_question_is_refused() {
+        demo_tables();
+        Spi::run("SELECT copilot.ask(repeat('a', 2001))").unwrap();
+    }
+
+    #[pg_test(error = "copilot: no tables you can SELECT from in copilot.schemas (nothing_here)")]
+    fn no_visible_tables_is_an_error() {
+        Spi::run("CREATE SCHEMA nothing_here; SET LOCAL copilot.schemas = 'nothing_here'").unwrap();
+        Spi::run("SELECT copilot.ask('how many rows?')").unwrap();
+    }
+
+    #[pg_test]
+    fn context_shows_only_what_the_role_can_select() {
+        demo_tables();
+        Spi::run(
+            "CREATE TABLE secret (id integer PRIMARY KEY, payload text);
+             CREATE TABLE partly (id integer PRIMARY KEY, visible text, hidden text);
+             CREATE ROLE copilot_reader;
+             GRANT USAGE ON SCHEMA public TO copilot_reader;
+             GRANT SELECT ON singer TO copilot_reader;
+             GRANT SELECT (id, visible) ON partly TO copilot_reader;
+             GRANT USAGE ON SCHEMA copilot TO copilot_reader;",
+        )
+        .unwrap();
+        let all = Spi::get_one::<String>("SELECT copilot.context()").unwrap().unwrap();
+        assert!(all.contains("CREATE TABLE secret (id integer, payload text, PRIMARY KEY (id));"), "{all}");
+        assert!(all.contains(
+            "CREATE TABLE singer_in_concert (concert_id integer, singer_id integer, PRIMARY KEY (concert_id, singer_id), \
+             FOREIGN KEY (concert_id) REFERENCES concert(concert_id), FOREIGN KEY (singer_id) REFERENCES singer(singer_id));"
+        ), "{all}");
+        Spi::run("SET LOCAL ROLE copilot_reader").unwrap();
+        let mine = Spi::get_one::<String>("SELECT copilot.context()").unwrap().unwrap();
+        assert_eq!(
+            mine,
+            "CREATE TABLE partly (id integer, visible text, PRIMARY KEY (id));\n\
+             CREATE TABLE singer (singer_id integer, name text, country text, age integer, PRIMARY KEY (singer_id));\n"
+        );
+    }
+
+    #[pg_test]
+    fn copilot_schemas_overrides_the_search_path() {
+        Spi::run(
+            "CREATE SCHEMA sales; CREATE TABLE sales.orders (id integer, amount numeric(10,2));
+             CREATE TABLE public.other (x integer);
+             SET LOCAL copilot.schemas = 'sales';",
+        )
+        .unwrap();
+        let ctx = Spi::get_one::<String>("SELECT copilot.context()").unwrap().unwrap();
+        assert_eq!(ctx, "CREATE TABLE sales.orders (id integer, amount numeric(10,2));\n");
+    }
+
+    #[pg_test]
+    fn status_reports_a_ready_worker_and_its_model() {
+        demo_tables();
+        Spi::run("SELECT copilot.ask('How many singers are there?')").unwrap();
+        let (state, model, arch) = Spi::get_three::<String, String, String>(
+            "SELECT state, model, model_arch FROM copilot.status()",
+        )
+        .unwrap();
+        assert_eq!(state.as_deref(), Some("ready"));
+        assert!(model.unwrap().ends_with(".gguf"));
+        assert_eq!(arch.as_deref(), Some("llama"));
+        let pid = Spi::get_one::<i32>("SELECT worker_pid FROM copilot.status()").unwrap();
+        assert!(pid.is_some_and(|p| p > 0));
+    }
+
+    /// The tiny model answers this question with a CREATE TABLE line (greedy decoding is deterministic): the
+    /// extension must refuse it as "no SQL query", with what the model wrote in DETAIL.
+    #[pg_test(error = "copilot: the model's answer contains no SQL query")]
+    fn output_without_a_query_is_an_error() {
+        demo_tables();
+        Spi::run("SELECT copilot.ask('list the names of all singers')").unwrap();
+    }
+}
