@@ -28,7 +28,9 @@ pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>:
 pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 
-pub fn register() {
+/// Register the settings. PGC_POSTMASTER ones can only be defined while shared_preload_libraries is processed;
+/// in a backend that loads the library later (not preloaded) they are left out: no worker reads them there.
+pub fn register(preloading: bool) {
     GucRegistry::define_string_guc(
         c"copilot.model",
         c"The GGUF model the background worker loads.",
@@ -38,6 +40,13 @@ pub fn register() {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    if preloading {
+        register_postmaster_gucs();
+    }
+    register_session_gucs();
+}
+
+fn register_postmaster_gucs() {
     GucRegistry::define_int_guc(
         c"copilot.threads",
         c"CPU threads used for inference.",
@@ -58,6 +67,9 @@ pub fn register() {
         GucContext::Postmaster,
         GucFlags::default(),
     );
+}
+
+fn register_session_gucs() {
     GucRegistry::define_int_guc(
         c"copilot.max_new_tokens",
         c"Longest answer the model may generate, in tokens.",

@@ -31,9 +31,10 @@ pub(crate) fn preloaded() -> bool {
 
 #[pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    gucs::register();
     // SAFETY: reading a PostgreSQL global on the main thread during library load.
-    if unsafe { !pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    gucs::register(preloading);
+    if !preloading {
         return;
     }
     shmem::init();

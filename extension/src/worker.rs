@@ -210,13 +210,18 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
         let state = b.worker_state();
         let reason = b.message.get().to_string();
         let reap = last_reap.elapsed() > Duration::from_secs(1);
+        let mut cancelled = 0;
         for (i, s) in b.slots.iter_mut().enumerate() {
             let is_running = running.as_ref().is_some_and(|r| r.0 == i && r.1 == s.ticket);
             match s.state() {
                 SlotState::Abandoned if is_running => {
+                    // Counted when the inference thread reports the cancelled generation.
                     running.as_ref().inspect(|r| r.2.store(true, Ordering::Relaxed));
                 }
-                SlotState::Abandoned => s.set_state(SlotState::Free),
+                SlotState::Abandoned => {
+                    s.set_state(SlotState::Free);
+                    cancelled += 1;
+                }
                 SlotState::Pending | SlotState::Running | SlotState::Done | SlotState::Failed
                     if reap && !pid_alive(s.owner_pid) =>
                 {
@@ -238,6 +243,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 _ => {}
             }
         }
+        b.cancelled += cancelled;
         if reap {
             last_reap = Instant::now();
         }

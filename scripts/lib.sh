@@ -1,0 +1,112 @@
+# Shared shell functions for scripts/demo, scripts/test and scripts/bench-*. Source it; it defines, runs nothing.
+# Everything here assumes a Debian 12 machine where we are root (as CI is); PostgreSQL runs as `postgres`.
+
+COPILOT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PG_BIN=/usr/lib/postgresql/15/bin
+PG_CONFIG=$PG_BIN/pg_config
+COPILOT_MODEL_DIR=${COPILOT_MODEL_DIR:-/var/lib/copilot/models}
+DEFAULT_MODEL=$COPILOT_MODEL_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+TINY_MODEL=$COPILOT_MODEL_DIR/smollm2-135m-instruct-q4_1.gguf
+export PATH="$HOME/.cargo/bin:$PATH"
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+# Install what is missing: PostgreSQL 15 with server headers, clang (bindgen), sudo (cargo pgrx --runas),
+# cargo-pgrx 0.18.1, and pgrx's configuration for the system PostgreSQL 15.
+ensure_deps() {
+  local pkgs=()
+  [ -x "$PG_BIN/postgres" ] || pkgs+=(postgresql-15)
+  [ -x "$PG_CONFIG" ] || pkgs+=(postgresql-server-dev-15)
+  [ -f /usr/lib/postgresql/15/include/server/postgres.h ] || pkgs+=(postgresql-server-dev-15)
+  command -v clang >/dev/null || pkgs+=(clang libclang-dev)
+  ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
+  command -v sudo >/dev/null || pkgs+=(sudo)
+  if [ ${#pkgs[@]} -gt 0 ]; then
+    say "installing ${pkgs[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  fi
+  if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1'; then
+    say "installing cargo-pgrx 0.18.1 (about 4 minutes)"
+    cargo install cargo-pgrx --version 0.18.1 --locked --quiet
+  fi
+  if ! grep -q "pg15" "$HOME/.pgrx/config.toml" 2>/dev/null; then
+    cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+  fi
+}
+
+# Stop every cluster of ours that has the copilot library loaded: installing over a loaded .so crashes it.
+stop_our_clusters() {
+  local pidfile dir
+  for pidfile in /var/lib/copilot/*/postmaster.pid /tmp/copilot-*/data/postmaster.pid; do
+    [ -f "$pidfile" ] || continue
+    dir=$(dirname "$pidfile")
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir" stop -m fast -w >/dev/null 2>&1 || true
+  done
+}
+
+# install_extension [--release]: build and install copilot into the system PostgreSQL 15.
+install_extension() {
+  stop_our_clusters
+  say "building and installing the copilot extension $*"
+  (cd "$COPILOT_ROOT/extension" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" 2>&1 | grep -vE '^\s+(Compiling|Checking|Downloaded|Downloading)' >&2)
+}
+
+# start_cluster DIR PORT MODEL [extra postgresql.conf lines...]: a fresh cluster owned by postgres, with copilot
+# preloaded (unless MODEL is "-"), listening on PORT and on a Unix socket in DIR.
+start_cluster() {
+  local dir=$1 port=$2 model=$3; shift 3
+  mkdir -p "$dir"
+  chown postgres:postgres "$dir"
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" stop -m fast -w >/dev/null 2>&1 || true
+  fi
+  rm -rf "$dir/data"
+  runuser -u postgres -- "$PG_BIN/initdb" -D "$dir/data" -U postgres -A trust --no-sync >/dev/null
+  {
+    echo "port = $port"
+    echo "listen_addresses = ''"
+    echo "unix_socket_directories = '$dir'"
+    if [ "$model" != "-" ]; then
+      echo "shared_preload_libraries = 'copilot'"
+      echo "copilot.model = '$model'"
+    fi
+    for line in "$@"; do echo "$line"; done
+  } >> "$dir/data/postgresql.conf"
+  # RUST_BACKTRACE in the server's environment would put a Rust backtrace in every ERROR's DETAIL.
+  env -u RUST_BACKTRACE runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" start -w >/dev/null
+}
+
+stop_cluster() {
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" stop -m fast -w >/dev/null 2>&1 || true
+}
+
+# pg DIR PORT DB psql-args...: psql as postgres against a cluster of ours.
+pg() {
+  local dir=$1 port=$2 db=$3; shift 3
+  runuser -u postgres -- psql -X -q -h "$dir" -p "$port" -d "$db" "$@"
+}
+
+# wait_ready DIR PORT DB [seconds]: until copilot.status() says ready (or failed, which is printed).
+wait_ready() {
+  local dir=$1 port=$2 db=$3 limit=${4:-120} state=""
+  for _ in $(seq 1 $((limit * 5))); do
+    state=$(pg "$dir" "$port" "$db" -At -c "SELECT state FROM copilot.status()" 2>/dev/null || true)
+    case "$state" in
+      ready) return 0 ;;
+      failed) pg "$dir" "$port" "$db" -At -c "SELECT message FROM copilot.status()" >&2; return 1 ;;
+    esac
+    sleep 0.2
+  done
+  echo "copilot worker not ready after ${limit}s (state: ${state:-unknown})" >&2
+  return 1
+}
+
+# The trainer binary (built on demand).
+trainer() {
+  local bin="$COPILOT_ROOT/target/release/copilot-trainer"
+  if [ ! -x "$bin" ] || [ -n "$(find "$COPILOT_ROOT/trainer/src" "$COPILOT_ROOT/core/src" -newer "$bin" -name '*.rs' 2>/dev/null | head -1)" ]; then
+    (cd "$COPILOT_ROOT" && cargo build --release -q -p copilot-trainer)
+  fi
+  "$bin" "$@"
+}

@@ -1,0 +1,41 @@
+//! `copilot-trainer data …`: dataset commands.
+
+use anyhow::Result;
+use clap::Subcommand;
+use std::path::PathBuf;
+
+pub mod load_pg;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Copy Spider SQLite databases (schema, keys and rows) into PostgreSQL.
+    LoadPg(LoadPgArgs),
+}
+
+#[derive(clap::Args)]
+pub struct LoadPgArgs {
+    /// The Spider folder (holding database/<db_id>/<db_id>.sqlite).
+    #[arg(long, default_value = "../shared/data/spider")]
+    pub spider: PathBuf,
+    /// A db_id to load; repeat for several.
+    #[arg(long = "db", required_unless_present = "all")]
+    pub dbs: Vec<String>,
+    /// Load every database in the Spider folder.
+    #[arg(long)]
+    pub all: bool,
+    /// libpq connection string of the target database.
+    #[arg(long, default_value = "host=/var/run/postgresql dbname=postgres")]
+    pub pg: String,
+    /// `schema`: one schema per db_id in the target database; `public`: the tables go in public (one db only).
+    #[arg(long, value_enum, default_value_t = load_pg::Layout::Schema)]
+    pub layout: load_pg::Layout,
+    /// Drop and recreate what is already there.
+    #[arg(long)]
+    pub replace: bool,
+}
+
+pub fn run(cmd: DataCommand) -> Result<()> {
+    match cmd {
+        DataCommand::LoadPg(args) => load_pg::run(&args),
+    }
+}
