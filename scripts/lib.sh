@@ -38,7 +38,7 @@ ensure_deps() {
 # Stop every cluster of ours that has the copilot library loaded: installing over a loaded .so crashes it.
 stop_our_clusters() {
   local pidfile dir
-  for pidfile in /var/lib/copilot/*/postmaster.pid /tmp/copilot-*/data/postmaster.pid; do
+  for pidfile in /var/lib/copilot/*/data/postmaster.pid /tmp/copilot-*/data/postmaster.pid; do
     [ -f "$pidfile" ] || continue
     dir=$(dirname "$pidfile")
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir" stop -m fast -w >/dev/null 2>&1 || true

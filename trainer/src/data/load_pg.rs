@@ -6,7 +6,9 @@
 //! - column types come from SQLite's declared type *and* the stored values: an INTEGER-affinity column whose values
 //!   are all integers becomes `integer` (or `bigint` past 32 bits); REAL-affinity numbers become
 //!   `double precision`; NUMERIC-affinity numbers `numeric`; anything that holds a value of another kind (SQLite
-//!   lets an `int` column hold `''`) stays `text`, so every row is copied exactly;
+//!   lets an `int` column hold `''`) stays `text`, so every row is copied exactly; a column of any declared type
+//!   whose values are all integers written canonically (`2014`, not `007`) becomes an integer column, since SQLite
+//!   compares such text with numbers by value and PostgreSQL would refuse `text = integer`;
 //! - rows are copied with COPY; afterwards every table's row count is compared with SQLite's;
 //! - primary keys and foreign keys are added after the data. Spider has keys PostgreSQL rejects (duplicate "primary"
 //!   values, foreign keys between columns of different types or to non-unique columns): those are skipped with a
@@ -63,6 +65,18 @@ pub struct ValueSummary {
     pub texts: usize,
     pub blobs: usize,
     pub max_abs_int: u64,
+    /// Text values that are canonical integers (`42`, `-7`; not `007`, `4.0` or ` 1`).
+    pub integer_texts: usize,
+}
+
+/// `Some(n)` when `s` is an integer written the one way PostgreSQL's integer output would write it.
+fn canonical_int(s: &str) -> Option<i64> {
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    let canonical = !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+        && s != "-0";
+    if canonical { s.parse().ok() } else { None }
 }
 
 impl ValueSummary {
@@ -74,7 +88,13 @@ impl ValueSummary {
                 self.max_abs_int = self.max_abs_int.max(i.unsigned_abs());
             }
             ValueRef::Real(_) => self.reals += 1,
-            ValueRef::Text(_) => self.texts += 1,
+            ValueRef::Text(t) => {
+                self.texts += 1;
+                if let Some(i) = std::str::from_utf8(t).ok().and_then(canonical_int) {
+                    self.integer_texts += 1;
+                    self.max_abs_int = self.max_abs_int.max(i.unsigned_abs());
+                }
+            }
             ValueRef::Blob(_) => self.blobs += 1,
         }
         self.non_null += 1;
@@ -86,6 +106,12 @@ pub fn pg_type(declared: &str, v: &ValueSummary) -> &'static str {
     let int_type = if v.max_abs_int > i32::MAX as u64 { "bigint" } else { "integer" };
     let all_int = v.integers == v.non_null;
     let all_num = v.integers + v.reals == v.non_null;
+    // Integers stored as text (Spider's `"Year" text` holding '2014', or key columns declared text that reference
+    // int keys): SQLite compares them with numbers by value, PostgreSQL refuses `text = integer`. Written the one
+    // canonical way, they become integers: same values, and Spider's SQL runs as it does on SQLite.
+    if v.texts > 0 && v.integer_texts == v.texts && v.integers + v.texts == v.non_null {
+        return int_type;
+    }
     match affinity(declared) {
         Affinity::Text => "text",
         Affinity::Blob if v.blobs > 0 && v.blobs == v.non_null => "bytea",
@@ -156,7 +182,11 @@ pub fn plan(db: &rusqlite::Connection) -> Result<Vec<TablePlan>> {
         let columns: Vec<ColumnPlan> = info
             .iter()
             .zip(&summaries)
-            .map(|((n, ty, _), s)| ColumnPlan { sqlite_name: n.clone(), name: n.to_lowercase(), pg_type: pg_type(ty, s) })
+            .map(|((n, ty, _), s)| ColumnPlan {
+                sqlite_name: n.clone(),
+                name: n.to_lowercase(),
+                pg_type: pg_type(ty, s),
+            })
             .collect();
         let mut pk: Vec<(i64, String)> =
             info.iter().filter(|c| c.2 > 0).map(|c| (c.2, c.0.to_lowercase())).collect();
@@ -278,7 +308,9 @@ pub fn load_one(
             if exists && !replace {
                 bail!("table {} already exists (use --replace to reload it)", qualified(schema, &p.name));
             }
-            tx.batch_execute(&format!("DROP TABLE IF EXISTS {} CASCADE", qualified(schema, &p.name)))?;
+            if exists {
+                tx.batch_execute(&format!("DROP TABLE {} CASCADE", qualified(schema, &p.name)))?;
+            }
         }
     }
     let mut total_rows = 0u64;
@@ -449,7 +481,9 @@ mod tests {
         db.execute_batch(
             "CREATE TABLE t (a int, b int, c real, d number, e bool, f text, g number, h int);
              INSERT INTO t VALUES (1, 1, 1.5, 2.25, 'T', '1', 3, 5000000000);
-             INSERT INTO t VALUES (2, '', 2, 3, 'F', 'x', NULL, NULL);",
+             INSERT INTO t VALUES (2, '', 2, 3, 'F', 'x', NULL, NULL);
+             CREATE TABLE u (y text, z text);
+             INSERT INTO u VALUES ('2014', '007'), ('2015', '12');",
         )
         .unwrap();
         let ty = |col: &str, decl: &str| pg_type(decl, &summary(&db, col));
@@ -461,6 +495,26 @@ mod tests {
         assert_eq!(ty("f", "text"), "text");
         assert_eq!(ty("g", "number"), "integer");
         assert_eq!(ty("h", "int"), "bigint");
+        let mut y = ValueSummary::default();
+        let mut z = ValueSummary::default();
+        let mut st = db.prepare("SELECT y, z FROM u").unwrap();
+        let mut q = st.query([]).unwrap();
+        while let Some(r) = q.next().unwrap() {
+            y.add(r.get_ref(0).unwrap());
+            z.add(r.get_ref(1).unwrap());
+        }
+        assert_eq!(pg_type("text", &y), "integer", "canonical integers in a text column");
+        assert_eq!(pg_type("text", &z), "text", "'007' is not written as an integer would be");
+    }
+
+    #[test]
+    fn canonical_integers_only() {
+        assert_eq!(canonical_int("42"), Some(42));
+        assert_eq!(canonical_int("-7"), Some(-7));
+        assert_eq!(canonical_int("0"), Some(0));
+        for s in ["007", "4.0", " 1", "", "-", "-0", "1e3", "99999999999999999999"] {
+            assert_eq!(canonical_int(s), None, "{s:?}");
+        }
     }
 
     #[test]
@@ -489,6 +543,11 @@ mod tests {
         let sic = plans.iter().find(|p| p.name == "singer_in_concert").unwrap();
         assert_eq!(sic.primary_key, ["concert_id", "singer_id"]);
         assert_eq!(sic.foreign_keys.len(), 2);
+        // concert.stadium_id is declared text but holds integers and references stadium's int key.
+        let concert = plans.iter().find(|p| p.name == "concert").unwrap();
+        assert_eq!(concert.columns.iter().find(|c| c.name == "stadium_id").unwrap().pg_type, "integer");
+        assert_eq!(concert.columns.iter().find(|c| c.name == "year").unwrap().pg_type, "integer");
+        assert_eq!(concert.columns.iter().find(|c| c.name == "theme").unwrap().pg_type, "text");
         let singer = plans.iter().find(|p| p.name == "singer").unwrap();
         assert_eq!(singer.rows, 6);
         assert_eq!(singer.columns.iter().find(|c| c.name == "age").unwrap().pg_type, "integer");
