@@ -17,12 +17,14 @@ ensure_deps() {
   local pkgs=()
   [ -x "$PG_BIN/postgres" ] || pkgs+=(postgresql-15)
   [ -x "$PG_CONFIG" ] || pkgs+=(postgresql-server-dev-15)
-  [ -f /usr/lib/postgresql/15/include/server/postgres.h ] || pkgs+=(postgresql-server-dev-15)
+  [ -f /usr/include/postgresql/15/server/postgres.h ] || pkgs+=(postgresql-server-dev-15)
   command -v clang >/dev/null || pkgs+=(clang libclang-dev)
   ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
   command -v sudo >/dev/null || pkgs+=(sudo)
   if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing ${pkgs[*]}"
+    # apt verifies signatures as the unprivileged _apt user, which needs the usual world-writable sticky /tmp.
+    [ "$(stat -c %a /tmp)" = 1777 ] || chmod 1777 /tmp
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
   fi
@@ -73,8 +75,14 @@ start_cluster() {
     fi
     for line in "$@"; do echo "$line"; done
   } >> "$dir/data/postgresql.conf"
-  # RUST_BACKTRACE in the server's environment would put a Rust backtrace in every ERROR's DETAIL.
-  env -u RUST_BACKTRACE runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" start -w >/dev/null
+  server_start "$dir"
+}
+
+# server_start DIR: start an initialised cluster of ours, with the postgres user's own HOME (hf-hub looks for its
+# cache there) and without RUST_BACKTRACE (it would put a Rust backtrace in every ERROR's DETAIL).
+server_start() {
+  env -u RUST_BACKTRACE HOME="$(getent passwd postgres | cut -d: -f6)" \
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$1/data" -l "$1/server.log" start -w >/dev/null
 }
 
 stop_cluster() {
