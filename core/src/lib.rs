@@ -3,6 +3,7 @@
 //! - [`schema`]: the schema model and its one-line `CREATE TABLE` rendering (the model's context);
 //! - [`prompt`]: chat-template prompts, laid out schema first, question last;
 //! - [`extract`]: one SQL statement out of what a model wrote;
+//! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
 //! - [`runtime`]: candle quantized GGUF models (qwen2, llama/mistral) with greedy decoding and stop rules;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
@@ -10,6 +11,7 @@
 pub mod backend;
 pub mod error;
 pub mod extract;
+pub mod gate;
 pub mod prompt;
 pub mod runtime;
 pub mod schema;
