@@ -110,11 +110,14 @@ wait_ready() {
   return 1
 }
 
-# The trainer binary (built on demand).
+# The trainer binary, built on demand: release by default; COPILOT_TRAINER_PROFILE=dev (the tests) reuses the
+# dependencies `cargo test` already built (they are optimised in dev too, see Cargo.toml).
 trainer() {
-  local bin="$COPILOT_ROOT/target/release/copilot-trainer"
+  local profile=${COPILOT_TRAINER_PROFILE:-release} dir=release flag=(--release)
+  [ "$profile" = dev ] && { dir=debug; flag=(); }
+  local bin="$COPILOT_ROOT/target/$dir/copilot-trainer"
   if [ ! -x "$bin" ] || [ -n "$(find "$COPILOT_ROOT/trainer/src" "$COPILOT_ROOT/core/src" -newer "$bin" -name '*.rs' 2>/dev/null | head -1)" ]; then
-    (cd "$COPILOT_ROOT" && cargo build --release -q -p copilot-trainer)
+    (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-trainer)
   fi
   "$bin" "$@"
 }
