@@ -16,8 +16,7 @@
 //! - only the worker writes the result fields, only between RUNNING and DONE/FAILED; only the owning session reads
 //!   them, only after DONE/FAILED;
 //! - latches are `PGPROC` latches, in shared memory at the same address in every process, so their addresses can be
-//!   published here; a latch pointer is only used while its owner is alive (the worker clears its own at exit, and a
-//!   slot whose owner pid has vanished is reclaimed by the worker).
+//!   published here; the worker clears its own at exit, and reclaims a slot whose owner pid has vanished.
 
 use pgrx::prelude::*;
 use pgrx::shmem::PGRXSharedMemory;
@@ -240,11 +239,13 @@ pub fn init() {
 /// Set a latch whose address was published on the board.
 ///
 /// # Safety
-/// `latch` must be 0 or the address of a `PGPROC` latch of a live process, read under the board's lock.
+/// `latch` must be 0 or an address published on the board by `my_latch()`, read under the board's lock: a `PGPROC`
+/// latch in shared memory. Its owner may have exited since; PGPROC latches outlive processes, so setting it then is
+/// at worst a spurious wake-up of whichever backend reuses that PGPROC, which every latch waiter tolerates.
 pub unsafe fn set_latch(latch: usize) {
     if latch != 0 {
-        // SAFETY: per the function contract, the address points to a Latch in shared memory; SetLatch is safe to
-        // call on another process's latch (it is how PostgreSQL wakes other backends).
+        // SAFETY: per the function contract, the address points to a PGPROC Latch in shared memory; SetLatch on
+        // another process's latch is how PostgreSQL itself wakes other backends.
         unsafe { pg_sys::SetLatch(latch as *mut pg_sys::Latch) };
     }
 }

@@ -114,6 +114,7 @@ fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Rece
 fn start_board(spec: &str, threads: usize) {
     let mut b = BOARD.exclusive();
     b.worker_generation += 1;
+    // SAFETY: MyProcPid is set once at process start and only read here, on the main thread.
     b.worker_pid = unsafe { pg_sys::MyProcPid };
     b.worker_latch = shmem::my_latch();
     b.set_worker_state(WorkerState::Loading);
