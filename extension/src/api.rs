@@ -193,6 +193,11 @@ fn context_for_caller() -> String {
 /// Turn a natural-language question into one SQL query over the tables the caller can read.
 #[pg_extern(strict, parallel_unsafe)]
 fn ask(question: &str) -> String {
+    ask_sql(question)
+}
+
+/// `copilot.ask`'s work, shared with `copilot.run`.
+pub(crate) fn ask_sql(question: &str) -> String {
     let max_chars = gucs::MAX_QUESTION_CHARS.get().max(1) as usize;
     let q = question.trim();
     if q.is_empty() {

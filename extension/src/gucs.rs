@@ -9,6 +9,8 @@
 //! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
 //! | `copilot.max_question_chars` | USERSET | 2000 | longest question accepted |
 //! | `copilot.request_timeout` | USERSET | 120 s | how long `ask` waits for the worker (queueing + loading + generating) |
+//! | `copilot.statement_timeout` | USERSET | 5 s | time limit for executing SQL in `run` / `run_sql` |
+//! | `copilot.max_rows` | USERSET | 1000 | most rows `run` / `run_sql` return (a NOTICE says when cut) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
 //! postmaster starts it again with the new model.
@@ -27,6 +29,8 @@ pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+pub static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
+pub static MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 /// Register the settings. PGC_POSTMASTER ones can only be defined while shared_preload_libraries is processed;
 /// in a backend that loads the library later (not preloaded) they are left out: no worker reads them there.
@@ -107,6 +111,26 @@ fn register_session_gucs() {
         i32::MAX,
         GucContext::Userset,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.statement_timeout",
+        c"Time limit for executing SQL in copilot.run and copilot.run_sql.",
+        c"Armed as a statement timer around the execution; the caller's own statement_timeout still applies.",
+        &STATEMENT_TIMEOUT_MS,
+        1,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.max_rows",
+        c"Most rows copilot.run and copilot.run_sql return.",
+        c"A NOTICE says when a result was cut.",
+        &MAX_ROWS,
+        0,
+        i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
     );
 }
 

@@ -5,7 +5,8 @@
 //! - [`shmem`]: the shared board (worker state + request slots) and its protocol;
 //! - [`worker`]: the background worker that owns the model;
 //! - [`catalog`]: the schema context, read through SPI as the calling role;
-//! - [`api`]: the SQL functions.
+//! - [`api`]: `copilot.ask`, `copilot.context`, `copilot.status`;
+//! - [`exec`]: `copilot.run_sql` and `copilot.run`: gated, read-only, time- and row-bounded execution.
 //!
 //! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
 //! never do, created with all signals blocked.
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 mod api;
 mod catalog;
+mod exec;
 pub mod gucs;
 mod shmem;
 mod worker;

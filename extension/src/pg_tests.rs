@@ -116,4 +116,90 @@ mod tests {
         demo_tables();
         Spi::run("SELECT copilot.ask('list the names of all singers')").unwrap();
     }
+
+    fn checksum() -> String {
+        Spi::get_one::<String>(
+            "SELECT md5(string_agg(s::text, ',' ORDER BY singer_id)) FROM singer s",
+        )
+        .unwrap()
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn run_sql_returns_rows_as_json_objects() {
+        demo_tables();
+        let rows = Spi::get_one::<pgrx::JsonB>(
+            "SELECT jsonb_agg(r) FROM copilot.run_sql('SELECT name, age FROM singer ORDER BY age;') r",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(rows.0, serde_json::json!([{"name": "Ann", "age": 31}, {"name": "Joe", "age": 52}]));
+    }
+
+    #[pg_test]
+    fn run_sql_caps_rows_at_max_rows() {
+        Spi::run("SET LOCAL copilot.max_rows = 3").unwrap();
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM copilot.run_sql('SELECT * FROM generate_series(1, 1000000)')")
+            .unwrap();
+        assert_eq!(n, Some(3));
+    }
+
+    #[pg_test(error = "copilot: refused: only queries are allowed, found DELETE")]
+    fn run_sql_refuses_dml() {
+        demo_tables();
+        Spi::run("SELECT * FROM copilot.run_sql('DELETE FROM singer')").unwrap();
+    }
+
+    #[pg_test(error = "copilot: refused: calling nextval() is not allowed")]
+    fn run_sql_refuses_denied_functions() {
+        Spi::run("CREATE SEQUENCE s; SELECT * FROM copilot.run_sql('SELECT nextval(''s'')')").unwrap();
+    }
+
+    #[pg_test(error = "cannot execute INSERT in a read-only transaction")]
+    fn writes_hidden_in_functions_hit_read_only() {
+        demo_tables();
+        Spi::run(
+            "CREATE FUNCTION sneaky() RETURNS int LANGUAGE sql VOLATILE AS
+               'INSERT INTO singer VALUES (99, ''X'', ''Y'', 1) RETURNING 1';",
+        )
+        .unwrap();
+        Spi::run("SELECT * FROM copilot.run_sql('SELECT sneaky()')").unwrap();
+    }
+
+    /// A statement that overruns copilot.statement_timeout is cancelled (57014); the caller's transaction state,
+    /// read/write mode and timer are as before, and nothing was written.
+    #[pg_test]
+    fn timeout_cancels_and_leaves_the_caller_as_it_was() {
+        demo_tables();
+        let before = checksum();
+        Spi::run("SET LOCAL copilot.statement_timeout = 200").unwrap();
+        let caught = PgTryBuilder::new(|| {
+            Spi::run("SELECT * FROM copilot.run_sql('SELECT pg_sleep(5)')").unwrap();
+            None
+        })
+        .catch_others(|e| match e {
+            pgrx::pg_sys::panic::CaughtError::PostgresError(r) | pgrx::pg_sys::panic::CaughtError::ErrorReport(r) => {
+                Some((r.sql_error_code(), r.message().to_string()))
+            }
+            other => other.rethrow(),
+        })
+        .execute();
+        let (code, message) = caught.expect("pg_sleep(5) must be cancelled");
+        assert_eq!(code, pgrx::PgSqlErrorCode::ERRCODE_QUERY_CANCELED, "{message}");
+        // copilot rolled back its own subtransaction before raising, so this transaction is intact:
+        let ro = Spi::get_one::<String>("SELECT current_setting('transaction_read_only')").unwrap();
+        assert_eq!(ro.as_deref(), Some("off"));
+        assert_eq!(checksum(), before);
+        Spi::run("INSERT INTO singer VALUES (3, 'New', 'France', 40)").unwrap();
+    }
+
+    #[pg_test]
+    fn success_leaves_the_caller_read_write() {
+        demo_tables();
+        let n = Spi::get_one::<i64>("SELECT count(*) FROM copilot.run_sql('SELECT 1')").unwrap();
+        assert_eq!(n, Some(1));
+        let ro = Spi::get_one::<String>("SELECT current_setting('transaction_read_only')").unwrap();
+        assert_eq!(ro.as_deref(), Some("off"));
+        Spi::run("INSERT INTO singer VALUES (3, 'New', 'France', 40)").unwrap();
+    }
 }
