@@ -214,6 +214,8 @@ struct Names {
     columns: Vec<String>,
     /// Names the statement defines itself: CTEs, table and column aliases, select-list aliases.
     defined: HashSet<String>,
+    /// CTE names: the only defined names a FROM item may refer to as a table.
+    ctes: HashSet<String>,
 }
 
 impl Names {
@@ -233,6 +235,7 @@ impl Visitor for Names {
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
         if let Some(with) = &q.with {
             for c in &with.cte_tables {
+                self.ctes.insert(norm(&c.alias.name));
                 self.alias(&Some(c.alias.clone()));
             }
         }
@@ -330,7 +333,8 @@ pub fn unknown_names(checked: &Checked, catalog: &Catalog) -> Vec<UnknownName> {
         };
         match catalog.find_table(schema, name) {
             Some(t) => tables.push(t),
-            None if schema.is_none() && names.defined.contains(name) => {}
+            // A CTE; not any alias, since `FROM country AS country` must still find that country is missing.
+            None if schema.is_none() && names.ctes.contains(name) => {}
             None => {
                 let shown = rel.join(".");
                 if !unknown.contains(&UnknownName::Table(shown.clone())) {
@@ -469,6 +473,8 @@ mod tests {
         assert_eq!(unknown_names(&c, &catalog()), vec![]);
         let c = check("SELECT t.x FROM (SELECT age AS x FROM singer) t").unwrap();
         assert_eq!(unknown_names(&c, &catalog()), vec![]);
+        let c = check("SELECT s.name FROM singer AS s JOIN country AS country ON s.singer_id = country.id").unwrap();
+        assert_eq!(unknown_names(&c, &catalog()), vec![UnknownName::Table("country".into()), UnknownName::Column("id".into())]);
         let c = check("SELECT \"Name\" FROM public.singer").unwrap();
         assert_eq!(unknown_names(&c, &catalog()), vec![UnknownName::Column("Name".into())]);
     }

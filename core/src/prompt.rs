@@ -130,9 +130,32 @@ pub fn build_prompt(template: &ChatTemplate, schema_context: &str, question: &st
     Ok(Prompt { prefix, suffix: format!("{}{}{}", question.trim(), rest, ASSISTANT_PRIMER) })
 }
 
+/// The question for one repair round trip: the user's question, the model's previous SQL, and what is wrong with it
+/// (unknown tables or columns, from the gate). Sent through the same prompt as any question.
+pub fn repair_question(question: &str, previous_sql: &str, problems: &[String]) -> String {
+    format!(
+        "{question}\nA previous answer was:\n{previous_sql}\nIt is wrong: {}. Use only the tables and columns in the \
+         schema above.",
+        problems.join("; ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repair_question_carries_the_previous_sql_and_problems() {
+        let q = repair_question("How many singers?", "SELECT count(*) FROM singers", &[
+            "table singers does not exist".into(),
+            "column nme does not exist".into(),
+        ]);
+        assert_eq!(
+            q,
+            "How many singers?\nA previous answer was:\nSELECT count(*) FROM singers\nIt is wrong: table singers does \
+             not exist; column nme does not exist. Use only the tables and columns in the schema above."
+        );
+    }
 
     #[test]
     fn chatml_prompt_puts_question_last() {

@@ -7,6 +7,7 @@
 
 use crate::shmem::{self, FailKind, SlotState, WorkerState, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
+use copilot_core::schema::Catalog;
 use pgrx::pg_sys::errcodes::PgSqlErrorCode;
 use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
@@ -173,7 +174,7 @@ fn claim_slot(context: &str, question: &str, max_new_tokens: u32, deadline: Inst
 }
 
 /// Build the caller's context, or raise when there is nothing to show the model.
-fn context_for_caller() -> String {
+fn context_for_caller() -> (Catalog, String) {
     let configured = gucs::schemas();
     let (catalog, opts) = catalog::load(&configured).unwrap_or_else(|e| {
         raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("copilot: cannot read the catalog: {e}"), None, None)
@@ -187,7 +188,8 @@ fn context_for_caller() -> String {
             Some("Set search_path or copilot.schemas to the schemas holding your tables, and check your privileges."),
         );
     }
-    catalog.render(&opts)
+    let text = catalog.render(&opts);
+    (catalog, text)
 }
 
 /// Turn a natural-language question into one SQL query over the tables the caller can read.
@@ -196,8 +198,22 @@ fn ask(question: &str) -> String {
     ask_sql(question)
 }
 
-/// `copilot.ask`'s work, shared with `copilot.run`.
+/// `copilot.ask`'s work: validate, describe the caller's tables, ask the worker.
 pub(crate) fn ask_sql(question: &str) -> String {
+    ask_with_catalog(question).0
+}
+
+/// As [`ask_sql`], also returning the catalog and context the answer was generated from (for the gate's name
+/// check and the repair round trip in `copilot.run`).
+pub(crate) fn ask_with_catalog(question: &str) -> (String, Catalog, String) {
+    let q = validate_question(question);
+    ensure_preloaded();
+    let (catalog, context) = context_for_caller();
+    let sql = generate_sql(&context, q);
+    (sql, catalog, context)
+}
+
+fn validate_question(question: &str) -> &str {
     let max_chars = gucs::MAX_QUESTION_CHARS.get().max(1) as usize;
     let q = question.trim();
     if q.is_empty() {
@@ -215,8 +231,12 @@ pub(crate) fn ask_sql(question: &str) -> String {
     if q.contains('\0') {
         raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "copilot: the question contains a NUL character".into(), None, None);
     }
-    ensure_preloaded();
-    let context = context_for_caller();
+    q
+}
+
+/// Send (context, question) to the worker and wait for the SQL. The question is not validated here: callers
+/// validate what users typed; `copilot.run`'s repair question is ours.
+pub(crate) fn generate_sql(context: &str, q: &str) -> String {
     if context.len() + q.len() > INPUT_BYTES {
         raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
@@ -230,7 +250,7 @@ pub(crate) fn ask_sql(question: &str) -> String {
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1) as u64);
     wait_until_ready(deadline, timeout_ms);
     let max_new = gucs::MAX_NEW_TOKENS.get().max(1) as u32;
-    let claim = claim_slot(&context, q, max_new, deadline, timeout_ms);
+    let claim = claim_slot(context, q, max_new, deadline, timeout_ms);
 
     loop {
         let outcome = {
@@ -288,7 +308,7 @@ pub(crate) fn ask_sql(question: &str) -> String {
 /// The schema context `copilot.ask` would show the model for the calling role, as one-line CREATE statements.
 #[pg_extern(parallel_unsafe)]
 fn context() -> String {
-    context_for_caller()
+    context_for_caller().1
 }
 
 /// The worker's state, the model it serves, and request counters.

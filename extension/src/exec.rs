@@ -167,10 +167,21 @@ fn run_sql(sql: &str) -> SetOfIterator<'static, pgrx::JsonB> {
     SetOfIterator::new(rows)
 }
 
-/// Ask the model (see `copilot.ask`) and run its SQL as `copilot.run_sql` does.
+/// Ask the model (see `copilot.ask`) and run its SQL as `copilot.run_sql` does. When the answer names tables or
+/// columns the schema context does not have, the model is asked once more with those problems spelled out, and
+/// the second answer is run (PostgreSQL reports whatever is still wrong).
 #[pg_extern(strict, parallel_unsafe)]
 fn run(question: &str) -> SetOfIterator<'static, pgrx::JsonB> {
-    let sql = crate::api::ask_sql(question);
+    let (mut sql, catalog, context) = crate::api::ask_with_catalog(question);
+    if let Ok(checked) = gate::check(&sql) {
+        let unknown = gate::unknown_names(&checked, &catalog);
+        if !unknown.is_empty() {
+            let problems: Vec<String> = unknown.iter().map(|u| u.to_string()).collect();
+            pgrx::debug1!("copilot: repairing {sql:?}: {}", problems.join("; "));
+            let repair = copilot_core::prompt::repair_question(question.trim(), &sql, &problems);
+            sql = crate::api::generate_sql(&context, &repair);
+        }
+    }
     let (rows, _) = execute(&sql);
     SetOfIterator::new(rows)
 }
