@@ -90,10 +90,9 @@ fn gate_code(r: &Rejection) -> PgSqlErrorCode {
 /// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
 /// result was cut at `copilot.max_rows`.
 pub fn execute(sql: &str) -> (Vec<pgrx::JsonB>, bool) {
-    let checked = gate::check(sql).unwrap_or_else(|r| {
-        raise(gate_code(&r), format!("copilot: refused: {r}"), Some(format!("SQL: {sql}")), None)
-    });
-    drop(checked);
+    if let Err(r) = gate::check(sql) {
+        raise(gate_code(&r), format!("copilot: refused: {r}"), Some(format!("SQL: {sql}")), None);
+    }
     let body = sql.trim().trim_end_matches(';');
     let max_rows = gucs::MAX_ROWS.get().max(0) as i64;
     // The newline keeps a trailing `-- comment` in the model's SQL from swallowing our closing parenthesis.
