@@ -140,6 +140,13 @@ fn start_board(spec: &str, threads: usize) {
     }
 }
 
+/// Ask the inference thread to stop the running generation, if any (it polls the flag between tokens).
+fn cancel(running: &Option<(usize, u64, Arc<AtomicBool>)>) {
+    if let Some((_, _, flag)) = running {
+        flag.store(true, Ordering::Relaxed);
+    }
+}
+
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
     pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
@@ -181,7 +188,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
             if gucs::model() != spec {
                 log!("copilot worker: copilot.model changed to {}; restarting to load it", gucs::model());
-                running.as_ref().inspect(|r| r.2.store(true, Ordering::Relaxed));
+                cancel(&running);
                 BOARD.exclusive().worker_latch = 0;
                 // SAFETY: a background worker exits with proc_exit; status 1 asks the postmaster to restart it.
                 unsafe { pg_sys::proc_exit(1) };
@@ -217,7 +224,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
             match s.state() {
                 SlotState::Abandoned if is_running => {
                     // Counted when the inference thread reports the cancelled generation.
-                    running.as_ref().inspect(|r| r.2.store(true, Ordering::Relaxed));
+                    cancel(&running);
                 }
                 SlotState::Abandoned => {
                     s.set_state(SlotState::Free);
@@ -228,7 +235,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 {
                     // The session went away without cleaning up (FATAL, crash): reclaim its slot.
                     if is_running {
-                        running.as_ref().inspect(|r| r.2.store(true, Ordering::Relaxed));
+                        cancel(&running);
                         s.set_state(SlotState::Abandoned);
                     } else {
                         s.set_state(SlotState::Free);
@@ -275,7 +282,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     }
 
     // SIGTERM or postmaster death: stop generating, unpublish ourselves.
-    running.as_ref().inspect(|r| r.2.store(true, Ordering::Relaxed));
+    cancel(&running);
     let mut b = BOARD.exclusive();
     b.worker_latch = 0;
     b.set_worker_state(WorkerState::Stopped);
