@@ -86,6 +86,47 @@ fn md_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
     ct.metadata.get(key).and_then(|v| v.to_u32().ok())
 }
 
+/// What a model file says about text, without its weights: the tokenizer, the chat template and the stop tokens.
+/// `data prepare` uses it to render and count training rows exactly as the runtime will see them.
+pub struct TextSide {
+    pub tokenizer: Tokenizer,
+    pub template: ChatTemplate,
+    pub stop_ids: Vec<u32>,
+}
+
+impl TextSide {
+    /// Read only the GGUF header (metadata), not the tensors.
+    pub fn load(path: &Path) -> Result<TextSide, CoreError> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| CoreError::Model(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+        TextSide::from_content(path, &ct)
+    }
+
+    fn from_content(path: &Path, ct: &gguf_file::Content) -> Result<TextSide, CoreError> {
+        let tokenizer = crate::tokenizer::load(path, ct)?;
+        let token_text = |id: Option<u32>| -> String { id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default() };
+        let bos = token_text(md_u32(ct, "tokenizer.ggml.bos_token_id"));
+        let eos_id = md_u32(ct, "tokenizer.ggml.eos_token_id");
+        let eos = token_text(eos_id);
+        let template = ChatTemplate::new(md_str(ct, "tokenizer.chat_template"), &bos, &eos);
+        let mut stop_ids: Vec<u32> = Vec::new();
+        stop_ids.extend(eos_id);
+        stop_ids.extend(md_u32(ct, "tokenizer.ggml.eot_token_id"));
+        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>"] {
+            stop_ids.extend(tokenizer.token_to_id(t));
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        Ok(TextSide { tokenizer, template, stop_ids })
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, CoreError> {
+        self.tokenizer.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| CoreError::Tokenizer(e.to_string()))
+    }
+}
+
 impl Runtime {
     /// Load a GGUF model file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Runtime, CoreError> {
@@ -99,24 +140,8 @@ impl Runtime {
             .ok_or_else(|| CoreError::Model("the GGUF has no general.architecture".into()))?;
         let name = md_str(&ct, "general.name");
         let context_length = md_u32(&ct, &format!("{arch}.context_length")).unwrap_or(4096) as usize;
-        let tokenizer = crate::tokenizer::load(path, &ct)?;
-
-        let token_text = |id: Option<u32>| -> String {
-            id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default()
-        };
-        let bos = token_text(md_u32(&ct, "tokenizer.ggml.bos_token_id"));
-        let eos_id = md_u32(&ct, "tokenizer.ggml.eos_token_id");
-        let eos = token_text(eos_id);
-        let template = ChatTemplate::new(md_str(&ct, "tokenizer.chat_template"), &bos, &eos);
-
-        let mut stop_ids: Vec<u32> = Vec::new();
-        stop_ids.extend(eos_id);
-        stop_ids.extend(md_u32(&ct, "tokenizer.ggml.eot_token_id"));
-        for t in ["<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>", "</s>", "<|end_of_text|>"] {
-            stop_ids.extend(tokenizer.token_to_id(t));
-        }
-        stop_ids.sort_unstable();
-        stop_ids.dedup();
+        let text = TextSide::from_content(path, &ct)?;
+        let TextSide { tokenizer, template, stop_ids } = text;
 
         let device = Device::Cpu;
         let weights = match arch.as_str() {

@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod data;
+mod eval;
 mod model;
+mod spider;
+mod sqlnorm;
 
 #[derive(Parser)]
 #[command(name = "copilot-trainer", version, about = "Datasets, evaluation and fine-tuning for copilot")]
@@ -23,6 +26,19 @@ enum Command {
     Data {
         #[command(subcommand)]
         command: data::DataCommand,
+    },
+    /// Evaluate a model on Spider through the extension or core's runtime (execution accuracy, exact-set-match,
+    /// hardness, latency) → reports/eval/<run>.{json,md,png}.
+    Eval(eval::EvalArgs),
+    /// WikiSQL logical-form and execution accuracy of predicted SQL (official dev.jsonl + dev.tables.jsonl).
+    EvalWikisql {
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long)]
+        tables: std::path::PathBuf,
+        /// JSONL, one {"sql": "..."} per example, in the examples' order.
+        #[arg(long)]
+        predictions: std::path::PathBuf,
     },
     /// Models: fetch a GGUF from the Hub (or check a local one).
     Model {
@@ -40,6 +56,9 @@ fn main() {
     let result = match cli.command {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model::run(command),
+        Command::Eval(args) => eval::run(&args),
+        Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)
+            .map(|s| println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default())),
     };
     if let Err(e) = result {
         eprintln!("copilot-trainer: {e:#}");

@@ -4,10 +4,19 @@ use anyhow::Result;
 use clap::Subcommand;
 use std::path::PathBuf;
 
+pub mod fetch;
 pub mod load_pg;
+pub mod prepare;
+pub mod rows;
 
 #[derive(Subcommand)]
 pub enum DataCommand {
+    /// Download b-mc2/sql-create-context from the Hugging Face Hub (or read --from FILE) into JSONL rows.
+    Fetch(fetch::FetchArgs),
+    /// Build {question, context, answer, db_id} rows from the Spider files, contexts rendered by core.
+    FromSpider(fetch::FromSpiderArgs),
+    /// Normalize, filter and split rows into train.jsonl / val.jsonl with prompts rendered by core.
+    Prepare(prepare::PrepareArgs),
     /// Copy Spider SQLite databases (schema, keys and rows) into PostgreSQL.
     LoadPg(LoadPgArgs),
 }
@@ -37,5 +46,8 @@ pub struct LoadPgArgs {
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
         DataCommand::LoadPg(args) => load_pg::run(&args),
+        DataCommand::Fetch(args) => fetch::fetch(&args),
+        DataCommand::FromSpider(args) => fetch::from_spider(&args),
+        DataCommand::Prepare(args) => prepare::run(&args),
     }
 }

@@ -1,0 +1,203 @@
+//! The Spider files (`../shared/data/spider`): questions, schemas, SQLite databases, and the schema context a
+//! database gets once `data load-pg` has copied it into PostgreSQL.
+//!
+//! The context is rendered by core from the same table plan `load-pg` executes (lowercased names, inferred
+//! PostgreSQL types, the primary and foreign keys PostgreSQL accepts), in schema `<db_id>` shown unqualified — so
+//! it is, byte for byte, what `copilot.context()` returns with `search_path = <db_id>` (the eval through the
+//! extension checks this for every database it visits).
+
+use crate::data::load_pg::{self, TablePlan};
+use crate::eval::spider_match::SpiderTables;
+use anyhow::{Context, Result};
+use copilot_core::schema::{Catalog, Column, ForeignKey, RelationKind, RenderOptions, Table};
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Example {
+    /// Position in the source file.
+    pub index: usize,
+    pub db_id: String,
+    pub question: String,
+    pub query: String,
+}
+
+#[derive(Deserialize)]
+struct DevRow {
+    db_id: String,
+    question: String,
+    query: String,
+}
+
+#[derive(Deserialize)]
+struct TrainRow {
+    db_id: String,
+    #[serde(rename = "SpiderQuestion")]
+    question: String,
+    query: String,
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    serde_json::from_reader(std::io::BufReader::new(f)).with_context(|| format!("cannot parse {}", path.display()))
+}
+
+/// Spider dev (`dev.json`, 1034 questions).
+pub fn load_dev(root: &Path) -> Result<Vec<Example>> {
+    let rows: Vec<DevRow> = read_json(&root.join("dev.json"))?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| Example { index, db_id: r.db_id, question: r.question, query: r.query })
+        .collect())
+}
+
+/// Spider train (`spider-syn/train_spider.json`, 7000 questions, field `SpiderQuestion`).
+pub fn load_train(root: &Path) -> Result<Vec<Example>> {
+    let rows: Vec<TrainRow> = read_json(&root.join("spider-syn/train_spider.json"))?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| Example { index, db_id: r.db_id, question: r.question, query: r.query })
+        .collect())
+}
+
+pub fn load_tables(root: &Path) -> Result<HashMap<String, SpiderTables>> {
+    let all: Vec<SpiderTables> = read_json(&root.join("tables.json"))?;
+    Ok(all.into_iter().map(|t| (t.db_id.clone(), t)).collect())
+}
+
+pub fn sqlite_path(root: &Path, db_id: &str) -> PathBuf {
+    root.join("database").join(db_id).join(format!("{db_id}.sqlite"))
+}
+
+/// The PostgreSQL type family used to decide whether PostgreSQL accepts a foreign key between two columns.
+fn family(pg_type: &str) -> &str {
+    match pg_type {
+        "integer" | "bigint" | "smallint" => "int",
+        other => other,
+    }
+}
+
+fn pk_holds(db: &rusqlite::Connection, p: &TablePlan) -> Result<bool> {
+    if p.primary_key.is_empty() {
+        return Ok(false);
+    }
+    let col = |name: &str| -> String {
+        let c = p.columns.iter().find(|c| c.name == name).map(|c| c.sqlite_name.as_str()).unwrap_or(name);
+        format!("\"{}\"", c.replace('"', "\"\""))
+    };
+    let cols: Vec<String> = p.primary_key.iter().map(|k| col(k)).collect();
+    if p.primary_key.iter().any(|k| !p.columns.iter().any(|c| &c.name == k)) {
+        return Ok(false);
+    }
+    let table = format!("\"{}\"", p.sqlite_name.replace('"', "\"\""));
+    let nulls: i64 = db.query_row(
+        &format!("SELECT count(*) FROM {table} WHERE {}", cols.iter().map(|c| format!("{c} IS NULL")).collect::<Vec<_>>().join(" OR ")),
+        [],
+        |r| r.get(0),
+    )?;
+    // Distinct as PostgreSQL sees the loaded values: integers stored as text compare as integers there.
+    let distinct: i64 = db.query_row(
+        &format!("SELECT count(*) FROM (SELECT DISTINCT {} FROM {table})", cols.join(", ")),
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(nulls == 0 && distinct as u64 == p.rows)
+}
+
+/// The catalog `data load-pg` creates for this SQLite database in schema `schema`.
+pub fn catalog(sqlite: &Path, schema: &str) -> Result<Catalog> {
+    let db = rusqlite::Connection::open_with_flags(sqlite, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .with_context(|| format!("cannot open {}", sqlite.display()))?;
+    let plans = load_pg::plan(&db)?;
+    let mut pk_ok: HashMap<String, bool> = HashMap::new();
+    for p in &plans {
+        pk_ok.insert(p.name.clone(), pk_holds(&db, p)?);
+    }
+    let mut tables = Vec::new();
+    for p in &plans {
+        let pk = if pk_ok[&p.name] { p.primary_key.clone() } else { Vec::new() };
+        let mut fks = Vec::new();
+        for fk in &p.foreign_keys {
+            let Some(target) = plans.iter().find(|t| t.name == fk.ref_table) else { continue };
+            if fk.ref_columns.len() != fk.columns.len() || !pk_ok[&target.name] {
+                continue;
+            }
+            // PostgreSQL needs a unique constraint on exactly the referenced columns (here: the primary key) …
+            let mut a = fk.ref_columns.clone();
+            let mut b = target.primary_key.clone();
+            a.sort();
+            b.sort();
+            if a != b {
+                continue;
+            }
+            // … and comparable types on both sides.
+            let ty = |t: &TablePlan, c: &str| t.columns.iter().find(|x| x.name == c).map(|x| family(x.pg_type).to_string());
+            let types_ok = fk
+                .columns
+                .iter()
+                .zip(&fk.ref_columns)
+                .all(|(c, r)| ty(p, c).is_some() && ty(p, c) == ty(target, r));
+            if !types_ok {
+                continue;
+            }
+            fks.push(ForeignKey {
+                columns: fk.columns.clone(),
+                ref_schema: schema.to_string(),
+                ref_table: fk.ref_table.clone(),
+                ref_columns: fk.ref_columns.clone(),
+            });
+        }
+        tables.push(Table {
+            schema: schema.to_string(),
+            name: p.name.clone(),
+            kind: RelationKind::Table,
+            columns: p
+                .columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.clone(),
+                    data_type: c.pg_type.to_string(),
+                    not_null: pk.contains(&c.name),
+                    comment: None,
+                })
+                .collect(),
+            primary_key: pk,
+            foreign_keys: fks,
+            comment: None,
+        });
+    }
+    let mut c = Catalog { tables };
+    c.normalize();
+    Ok(c)
+}
+
+/// The schema context for a database loaded in schema `db_id` and read with `search_path = db_id`.
+pub fn render_context(catalog: &Catalog, db_id: &str) -> String {
+    catalog.render(&RenderOptions { unqualified_schemas: vec![db_id.to_lowercase()], comments: true })
+}
+
+/// Catalogs and contexts, computed once per database.
+#[derive(Default)]
+pub struct Contexts {
+    root: PathBuf,
+    cache: HashMap<String, (Catalog, String)>,
+}
+
+impl Contexts {
+    pub fn new(root: &Path) -> Contexts {
+        Contexts { root: root.to_path_buf(), cache: HashMap::new() }
+    }
+
+    pub fn get(&mut self, db_id: &str) -> Result<&(Catalog, String)> {
+        if !self.cache.contains_key(db_id) {
+            let schema = db_id.to_lowercase();
+            let cat = catalog(&sqlite_path(&self.root, db_id), &schema)?;
+            let text = render_context(&cat, &schema);
+            self.cache.insert(db_id.to_string(), (cat, text));
+        }
+        Ok(&self.cache[db_id])
+    }
+}
