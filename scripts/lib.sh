@@ -11,7 +11,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
-# Install what is missing: PostgreSQL 15 with server headers, clang (bindgen), sudo (cargo pgrx --runas),
+# Install what is missing: PostgreSQL 15 with server headers, clang (bindgen), sudo (cargo pgrx --runas), a font,
 # cargo-pgrx 0.18.1, and pgrx's configuration for the system PostgreSQL 15.
 ensure_deps() {
   local pkgs=()
@@ -21,6 +21,8 @@ ensure_deps() {
   command -v clang >/dev/null || pkgs+=(clang libclang-dev)
   ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
   command -v sudo >/dev/null || pkgs+=(sudo)
+  # eval charts (plotters draws text with this font)
+  [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || pkgs+=(fonts-dejavu-core)
   if [ ${#pkgs[@]} -gt 0 ]; then
     say "installing ${pkgs[*]}"
     # apt verifies signatures as the unprivileged _apt user, which needs the usual world-writable sticky /tmp.

@@ -36,6 +36,9 @@ pub enum Via {
     Extension,
     /// core's runtime in this process, with the context rendered from the SQLite files.
     Core,
+    /// No model: the gold SQL itself, normalized as `data prepare` writes it. Measures the harness's ceiling — how
+    /// often Spider's SQLite gold gives the same result on the PostgreSQL copy.
+    Gold,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -467,6 +470,35 @@ impl Asker for CoreAsker {
     }
 }
 
+struct GoldAsker;
+
+impl Asker for GoldAsker {
+    fn label(&self) -> String {
+        "gold".into()
+    }
+    fn sha256(&mut self) -> Option<String> {
+        None
+    }
+    fn ask(&mut self, ex: &Example, context: &str) -> Asked {
+        let known: Option<HashSet<String>> = crate::data::prepare::catalog_from_context(context).map(|c| {
+            c.tables
+                .iter()
+                .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
+                .collect()
+        });
+        let prediction = sqlnorm::normalize(&ex.query, known.as_ref());
+        Asked {
+            index: ex.index,
+            ask_error: prediction.is_none().then(|| "gold does not parse".to_string()),
+            prediction,
+            latency_s: 0.0,
+            prompt_tokens: None,
+            generated_tokens: None,
+            decode_tok_s: None,
+        }
+    }
+}
+
 /// The questions of a run: executable ones (their SQLite file exists), filtered, sampled, limited.
 fn select_questions(
     args: &EvalArgs,
@@ -529,37 +561,37 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut pg = postgres::Client::connect(&args.pg, postgres::NoTls)
         .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
 
-    let mut asker: Box<dyn Asker> = match args.via {
-        Via::Extension => {
+    let mut asker: Option<Box<dyn Asker>> = match (args.score_only, args.via) {
+        (true, _) => None,
+        (false, Via::Extension) => {
             let client = postgres::Client::connect(&args.pg, postgres::NoTls)
                 .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
-            Box::new(ExtensionAsker { client, current_db: String::new() })
+            Some(Box::new(ExtensionAsker { client, current_db: String::new() }))
         }
-        Via::Core => {
+        (false, Via::Core) => {
             let path = args.model.clone().ok_or_else(|| anyhow!("--via core needs --model FILE"))?;
             let path = copilot_core::source::resolve(&path.to_string_lossy(), true)?;
             copilot_core::runtime::configure_threads(args.threads);
             let rt = copilot_core::runtime::Runtime::load(&path, &copilot_core::runtime::LoadOptions { max_context: 8192 })?;
-            Box::new(CoreAsker { rt, path, max_new_tokens: args.max_new_tokens })
+            Some(Box::new(CoreAsker { rt, path, max_new_tokens: args.max_new_tokens }))
         }
+        (false, Via::Gold) => Some(Box::new(GoldAsker)),
     };
-    let model = match (&args.label, args.via) {
-        (Some(l), _) => l.clone(),
-        (None, Via::Core) => asker.label(),
-        (None, Via::Extension) => pg
+    let model = match (&args.label, &asker, args.via) {
+        (Some(l), _, _) => l.clone(),
+        (None, Some(a), Via::Core) => a.label(),
+        (None, _, Via::Extension) => pg
             .query_one("SELECT current_setting('copilot.model')", &[])
             .map(|r| r.get::<_, String>(0))
             .unwrap_or_else(|_| "copilot.model".into()),
+        (None, _, Via::Gold) => "gold SQL (normalized)".into(),
+        (None, _, _) => args.model.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
     };
 
     // Phase 1: ask.
     let mut context_mismatches = Vec::new();
-    let todo: Vec<&(Example, Option<Hardness>)> = if args.score_only {
-        Vec::new()
-    } else {
-        items.iter().filter(|(e, _)| !asked.contains_key(&e.index)).collect()
-    };
-    if !todo.is_empty() {
+    let todo: Vec<&(Example, Option<Hardness>)> = items.iter().filter(|(e, _)| !asked.contains_key(&e.index)).collect();
+    if let (Some(asker), false) = (asker.as_mut(), todo.is_empty()) {
         info!("asking {} questions ({} already answered in {})", todo.len(), items.len() - todo.len(), asked_path.display());
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&asked_path)?;
         let bar = ProgressBar::new(todo.len() as u64);
@@ -595,7 +627,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         records.push(score_one(ex, *h, a, &catalog, schemas.get(&ex.db_id), &mut sqlite, &mut pg, timeout));
     }
     let summary = summarize(&records);
-    let sha = asker.sha256();
+    let sha = asker.as_mut().and_then(|a| a.sha256());
     let report = Report {
         run: args.run.clone(),
         via: args.via,

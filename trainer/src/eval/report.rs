@@ -16,6 +16,14 @@ pub fn write(report: &Report, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The hardness buckets in their natural order (easy, medium, hard, extra).
+fn ordered(r: &Report) -> Vec<(String, super::Bucket)> {
+    super::spider_match::Hardness::ALL
+        .iter()
+        .filter_map(|h| r.summary.by_hardness.get(h.as_str()).map(|b| (h.as_str().to_string(), b.clone())))
+        .collect()
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}", 100.0 * x)
 }
@@ -33,7 +41,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "- Command: `{}`\n", r.command);
     let _ = writeln!(md, "| hardness | n | execution accuracy % | exact-set-match % |");
     let _ = writeln!(md, "|---|---:|---:|---:|");
-    for (h, b) in &s.by_hardness {
+    for (h, b) in ordered(r) {
         let _ = writeln!(md, "| {h} | {} | {} | {} |", b.n, pct(b.ex), pct(b.exact_set));
     }
     let _ = writeln!(md, "| **all** | **{}** | **{}** | **{}** |\n", s.n, pct(s.ex), pct(s.exact_set));
@@ -78,7 +86,7 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
         .map_err(|_| anyhow::anyhow!("cannot read {}", font.display()))?;
 
     let mut cats: Vec<(String, usize, f64, f64)> =
-        r.summary.by_hardness.iter().map(|(h, b)| (h.clone(), b.n, b.ex, b.exact_set)).collect();
+        ordered(r).into_iter().map(|(h, b)| (h, b.n, b.ex, b.exact_set)).collect();
     cats.push(("all".into(), r.summary.n, r.summary.ex, r.summary.exact_set));
     let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -88,7 +96,7 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
         .margin(16)
         .x_label_area_size(50)
         .y_label_area_size(50)
-        .build_cartesian_2d(0f64..cats.len() as f64, 0f64..100f64)?;
+        .build_cartesian_2d(0f64..cats.len() as f64, 0f64..118f64)?;
     let labels: Vec<String> = cats.iter().map(|c| format!("{} (n={})", c.0, c.1)).collect();
     chart
         .configure_mesh()
@@ -103,6 +111,8 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
             }
         })
         .y_desc("%")
+        .y_labels(7)
+        .y_label_formatter(&|y| if *y <= 100.0 { format!("{y:.0}") } else { String::new() })
         .label_style(("sans-serif", 15))
         .draw()?;
     let ex_color = RGBColor(52, 101, 164);
