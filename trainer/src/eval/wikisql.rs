@@ -383,4 +383,24 @@ mod tests {
         let s = score(&examples, &tables, &preds);
         assert_eq!((s.n, s.parsed, s.lf_correct, s.ex_correct), (3, 2, 1, 2));
     }
+
+    #[test]
+    fn official_file_layout_is_read() {
+        let dir = std::env::temp_dir().join(format!("copilot-wikisql-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = serde_json::json!({"id": "1-1", "header": ["Player", "No."], "types": ["text", "real"],
+                                   "rows": [["Ann", 1], ["Bob", 2]]});
+        std::fs::write(dir.join("dev.tables.jsonl"), format!("{t}\n")).unwrap();
+        let ex = |sel: usize, agg: usize, conds: serde_json::Value| {
+            serde_json::json!({"phase": 1, "table_id": "1-1", "question": "q", "sql": {"sel": sel, "agg": agg, "conds": conds}})
+        };
+        std::fs::write(dir.join("dev.jsonl"), format!("{}\n{}\n", ex(0, 0, serde_json::json!([[1, 0, 2]])), ex(1, 1, serde_json::json!([])))).unwrap();
+        std::fs::write(dir.join("preds.jsonl"), "{\"sql\": \"SELECT player FROM t WHERE no = 2\"}\n{\"sql\": null}\n").unwrap();
+        let s = run_files(&dir.join("dev.jsonl"), &dir.join("dev.tables.jsonl"), &dir.join("preds.jsonl")).unwrap();
+        assert_eq!((s.n, s.parsed, s.lf_correct, s.ex_correct), (2, 1, 1, 1));
+        assert_eq!(s.lf_accuracy, 0.5);
+        std::fs::write(dir.join("preds.jsonl"), "{\"sql\": null}\n").unwrap();
+        assert!(run_files(&dir.join("dev.jsonl"), &dir.join("dev.tables.jsonl"), &dir.join("preds.jsonl")).is_err());
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
