@@ -627,8 +627,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         records.push(score_one(ex, *h, a, &catalog, schemas.get(&ex.db_id), &mut sqlite, &mut pg, timeout));
     }
     let summary = summarize(&records);
+    let selection = if records.len() < items.len() {
+        format!("{selection}; {} of these {} answered so far (incomplete run: rerun the same command to resume)", records.len(), items.len())
+    } else {
+        selection
+    };
     let sha = asker.as_mut().and_then(|a| a.sha256());
-    let report = Report {
+    let mut report = Report {
         run: args.run.clone(),
         via: args.via,
         model,
@@ -644,6 +649,23 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         summary,
         records,
     };
+    // Rescoring keeps what the asking run measured: its model, command, machine load, start and wall time.
+    if args.score_only {
+        let earlier = std::fs::read_to_string(args.out.join(format!("{}.json", args.run)))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Report>(&t).ok());
+        if let Some(e) = earlier {
+            report.model = e.model;
+            report.model_sha256 = e.model_sha256;
+            report.command = e.command;
+            report.machine = e.machine;
+            report.load_avg_start = e.load_avg_start;
+            report.load_avg_end = e.load_avg_end;
+            report.started_utc = e.started_utc;
+            report.wall_s = e.wall_s;
+            report.context_mismatches = e.context_mismatches;
+        }
+    }
     report::write(&report, &args.out)?;
     let s = &report.summary;
     println!(
