@@ -731,10 +731,14 @@ pub fn score_one(
         r.gold_rows = Some(g.rows.len());
     }
     let Some(pred) = a.prediction.as_deref() else { return r };
-    if let Ok(checked) = gate::check(pred) {
-        r.valid_sql = true;
-        r.schema_ok = gate::unknown_names(&checked, catalog).is_empty();
-    }
+    let rejection = match gate::check(pred) {
+        Ok(checked) => {
+            r.valid_sql = true;
+            r.schema_ok = gate::unknown_names(&checked, catalog).is_empty();
+            None
+        }
+        Err(e) => Some(e),
+    };
     let n = |s: &str| sqlnorm::normalize(s, Some(&known));
     r.exact = matches!((n(pred), n(&ex.query)), (Some(p), Some(g)) if p == g);
     let m = |s: &str| sqlnorm::mask_values(s, Some(&known));
@@ -742,11 +746,8 @@ pub fn score_one(
     if let Some(s) = schema {
         r.exact_set = spider_match::exact_set_match(pred, &ex.query, s).unwrap_or(false);
     }
-    if !r.valid_sql {
-        r.exec_error = Some(match gate::check(pred) {
-            Err(e) => format!("not run: {e}"),
-            Ok(_) => unreachable!(),
-        });
+    if let Some(e) = rejection {
+        r.exec_error = Some(format!("not run: {e}"));
         return r;
     }
     match run_pg(pg, &ex.db_id, pred, timeout) {

@@ -308,14 +308,11 @@ impl Ctx<'_> {
         }
         let mut tree = self.set_expr(&q.body)?;
         // ORDER BY / LIMIT after a set operation belong to its last SELECT (the official parser reads them there).
-        let target = last_select(&mut tree);
-        let scope_tree_from = target.from_tables.clone();
         if let Some(ob) = &q.order_by {
             let OrderByKind::Expressions(items) = &ob.kind else {
                 return err("ORDER BY ALL");
             };
             let scope = self.scope_for(&q.body)?;
-            let _ = scope_tree_from;
             let mut dir = Dir::Asc;
             let mut units = Vec::new();
             for it in items {
