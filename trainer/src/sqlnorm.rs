@@ -17,6 +17,15 @@ use sqlparser::tokenizer::{Token, Tokenizer, Word};
 use std::collections::HashSet;
 use std::ops::ControlFlow;
 
+/// The lowercase table and column names of a catalog: the `known` set [`normalize`] takes.
+pub fn known_names(catalog: &copilot_core::schema::Catalog) -> HashSet<String> {
+    catalog
+        .tables
+        .iter()
+        .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
+        .collect()
+}
+
 fn parse_one(sql: &str) -> Option<Statement> {
     let text = sql.trim().trim_end_matches(';').trim();
     let parsed = Parser::parse_sql(&SQLiteDialect {}, text).or_else(|_| Parser::parse_sql(&PostgreSqlDialect {}, text));

@@ -129,11 +129,7 @@ pub fn prepare_row(row: &Row, text: &TextSide, max_tokens: usize, seen: &mut Has
         return Ok(Outcome::Dropped("empty_question"));
     }
     let Some(catalog) = catalog_from_context(&row.context) else { return Ok(Outcome::Dropped("unparseable_context")) };
-    let known: HashSet<String> = catalog
-        .tables
-        .iter()
-        .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
-        .collect();
+    let known = sqlnorm::known_names(&catalog);
     let Some(sql) = sqlnorm::normalize(&row.answer, Some(&known)) else { return Ok(Outcome::Dropped("unparseable_sql")) };
     let Ok(checked) = gate::check(&sql) else { return Ok(Outcome::Dropped("not_a_query")) };
     if !gate::unknown_names(&checked, &catalog).is_empty() {

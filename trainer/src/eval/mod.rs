@@ -480,12 +480,7 @@ impl Asker for GoldAsker {
         None
     }
     fn ask(&mut self, ex: &Example, context: &str) -> Asked {
-        let known: Option<HashSet<String>> = crate::data::prepare::catalog_from_context(context).map(|c| {
-            c.tables
-                .iter()
-                .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
-                .collect()
-        });
+        let known = crate::data::prepare::catalog_from_context(context).map(|c| sqlnorm::known_names(&c));
         let prediction = sqlnorm::normalize(&ex.query, known.as_ref());
         Asked {
             index: ex.index,
@@ -700,11 +695,7 @@ pub fn score_one(
     pg: &mut postgres::Client,
     timeout: Duration,
 ) -> Record {
-    let known: HashSet<String> = catalog
-        .tables
-        .iter()
-        .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
-        .collect();
+    let known = sqlnorm::known_names(catalog);
     let mut r = Record {
         index: ex.index,
         db_id: ex.db_id.clone(),
