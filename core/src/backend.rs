@@ -50,6 +50,10 @@ pub struct Generation {
     pub prefill_s: f64,
     pub decode_s: f64,
     pub stop: StopReason,
+    /// Leading prompt tokens that form the schema prefix (prefilled separately; 0 = no split).
+    pub prefix_tokens: usize,
+    /// True when the prefix's state came from the prefix cache instead of being computed.
+    pub prefix_cache_hit: bool,
 }
 
 impl Generation {

@@ -4,6 +4,8 @@
 //! - [`prompt`]: chat-template prompts, laid out schema first, question last;
 //! - [`extract`]: one SQL statement out of what a model wrote;
 //! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
+//! - [`model`]: our transformer forward pass over candle ops, with a caller-owned KV state;
+//! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`runtime`]: candle quantized GGUF models (qwen2, llama/mistral) with greedy decoding and stop rules;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
@@ -12,6 +14,8 @@ pub mod backend;
 pub mod error;
 pub mod extract;
 pub mod gate;
+pub mod model;
+pub mod prefix_cache;
 pub mod prompt;
 pub mod runtime;
 pub mod schema;

@@ -5,16 +5,22 @@
 //! end-of-turn token, a `;` that ends the statement, a closing code fence, or `max_new_tokens`.
 //!
 //! The prompt is prefilled in chunks of [`PREFILL_CHUNK`] tokens. Between chunks and between generated tokens the
-//! `cancel` callback is polled, so an abandoned request stops within one chunk. Chunked prefill at a non-zero
-//! position is also what a schema-prefix KV cache needs: the same call continues from a cached prefix.
+//! `cancel` callback is polled, so an abandoned request stops within one chunk.
+//!
+//! **Schema-prefix cache.** A prompt is prefilled in two parts: its schema prefix (system text + schema context,
+//! see [`crate::prompt`]) and then the question's tokens. The state after the prefix is kept in a
+//! [`PrefixCache`]; the next question over the same prefix starts from it. The split is the same whether the cache
+//! is on, off, hit or missed, so the computation — and the generated SQL, token for token — does not depend on the
+//! cache (a test checks it).
 
 use crate::backend::{Backend, GenerateRequest, Generation, StopReason};
 use crate::error::CoreError;
 use crate::extract::{extract_sql, statement_end};
 use crate::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
+use crate::model::{argmax, KvCache, Transformer};
+use crate::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
 use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor, D};
-use candle_transformers::models::{quantized_llama, quantized_qwen2};
+use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -32,20 +38,6 @@ pub fn configure_threads(threads: usize) {
     }
 }
 
-enum Weights {
-    Qwen2(quantized_qwen2::ModelWeights),
-    Llama(quantized_llama::ModelWeights),
-}
-
-impl Weights {
-    fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
-        match self {
-            Weights::Qwen2(m) => m.forward(x, pos),
-            Weights::Llama(m) => m.forward(x, pos),
-        }
-    }
-}
-
 /// What is known about the loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -58,6 +50,8 @@ pub struct ModelInfo {
     pub file_bytes: u64,
     pub load_s: f64,
     pub vocab_size: usize,
+    /// What the prefix cache keys on besides the tokens: path, size and modification time of the file.
+    pub identity: String,
 }
 
 /// Options for loading.
@@ -65,17 +59,19 @@ pub struct ModelInfo {
 pub struct LoadOptions {
     /// Cap on prompt + generated tokens, below the model's own context length (0 = the model's).
     pub max_context: usize,
+    /// Bound on the schema-prefix KV cache, in bytes (0 = no cache).
+    pub prefix_cache_bytes: usize,
 }
 
 /// A loaded model with its tokenizer and chat template.
 pub struct Runtime {
-    weights: Weights,
+    model: Transformer,
+    prefix_cache: PrefixCache,
     tokenizer: Tokenizer,
     template: ChatTemplate,
     stop_ids: Vec<u32>,
     info: ModelInfo,
     max_context: usize,
-    device: Device,
 }
 
 fn md_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
@@ -142,28 +138,25 @@ impl Runtime {
         let context_length = md_u32(&ct, &format!("{arch}.context_length")).unwrap_or(4096) as usize;
         let text = TextSide::from_content(path, &ct)?;
         let TextSide { tokenizer, template, stop_ids } = text;
-
-        let device = Device::Cpu;
-        let weights = match arch.as_str() {
-            "qwen2" => Weights::Qwen2(
-                quantized_qwen2::ModelWeights::from_gguf(ct, &mut file, &device)
-                    .map_err(|e| CoreError::Model(format!("cannot load qwen2 weights: {e}")))?,
-            ),
-            "llama" | "mistral" => Weights::Llama(
-                quantized_llama::ModelWeights::from_gguf(ct, &mut file, &device)
-                    .map_err(|e| CoreError::Model(format!("cannot load llama weights: {e}")))?,
-            ),
-            other => {
-                return Err(CoreError::Model(format!(
-                    "architecture \"{other}\" is not supported (supported: qwen2, llama, mistral)"
-                )))
-            }
-        };
-        let vocab_size = tokenizer.get_vocab_size(true);
+        if !matches!(arch.as_str(), "qwen2" | "llama" | "mistral") {
+            return Err(CoreError::Model(format!(
+                "architecture \"{arch}\" is not supported (supported: qwen2, llama, mistral)"
+            )));
+        }
         let max_context = match opts.max_context {
             0 => context_length,
             n => n.min(context_length),
         };
+        let model = Transformer::from_gguf(&ct, &mut file, &Device::Cpu, max_context)
+            .map_err(|e| CoreError::Model(format!("cannot load {arch} weights: {e}")))?;
+        let vocab_size = tokenizer.get_vocab_size(true);
+        let mtime = std::fs::metadata(path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let identity = format!("{}|{file_bytes}|{mtime}", path.display());
         let info = ModelInfo {
             path: path.to_path_buf(),
             arch,
@@ -172,8 +165,10 @@ impl Runtime {
             file_bytes,
             load_s: t0.elapsed().as_secs_f64(),
             vocab_size,
+            identity,
         };
-        Ok(Runtime { weights, tokenizer, template, stop_ids, info, max_context, device })
+        let prefix_cache = PrefixCache::new(opts.prefix_cache_bytes);
+        Ok(Runtime { model, prefix_cache, tokenizer, template, stop_ids, info, max_context })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -205,16 +200,78 @@ impl Runtime {
         build_prompt(&self.template, &req.schema_context, &req.question)
     }
 
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Tensor, CoreError> {
-        let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let logits = self.weights.forward(&input, pos)?;
-        Ok(logits.squeeze(0)?)
+    /// The logits after `tokens` from an empty state (for tests and tools).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, CoreError> {
+        let mut kv = KvCache::new();
+        Ok(self.prefill(tokens, &mut kv, &|| false)?.to_vec1::<f32>()?)
     }
 
-    /// Greedy decoding from prompt tokens. See the module documentation for the stop rules.
+    pub fn prefix_cache_stats(&self) -> CacheStats {
+        self.prefix_cache.stats()
+    }
+
+    /// Change the prefix cache's bound (0 turns it off and frees it).
+    pub fn set_prefix_cache_bytes(&mut self, bytes: usize) {
+        if bytes != self.prefix_cache.limit_bytes() {
+            self.prefix_cache.set_limit(bytes);
+        }
+    }
+
+    pub fn clear_prefix_cache(&mut self) {
+        self.prefix_cache.clear();
+    }
+
+    /// Prefill `tokens` after `cache`'s state, in chunks, polling `cancel` before each; logits of the last token.
+    fn prefill(&self, tokens: &[u32], cache: &mut KvCache, cancel: &dyn Fn() -> bool) -> Result<Tensor, CoreError> {
+        let mut logits = None;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            if cancel() {
+                return Err(CoreError::Cancelled);
+            }
+            logits = Some(self.model.forward(chunk, cache)?);
+        }
+        logits.ok_or_else(|| CoreError::Inference("nothing to prefill".into()))
+    }
+
+    /// The state after `prompt[..prefix_len]`: from the prefix cache, or computed (and then kept).
+    fn prefix_state(
+        &mut self,
+        prompt: &[u32],
+        prefix_len: usize,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<(KvCache, bool), CoreError> {
+        if prefix_len == 0 {
+            return Ok((KvCache::new(), false));
+        }
+        let head = &prompt[..prefix_len];
+        let key = self.prefix_cache.enabled().then(|| prefix_key(&self.info.identity, head));
+        if let Some(kv) = key.as_ref().and_then(|k| self.prefix_cache.get(k)) {
+            return Ok((kv, true));
+        }
+        let mut kv = KvCache::new();
+        self.prefill(head, &mut kv, cancel)?;
+        if let Some(k) = key {
+            self.prefix_cache.insert(k, kv.clone());
+        }
+        Ok((kv, false))
+    }
+
+    /// Greedy decoding from prompt tokens, with no prefix split. See the module documentation for the stop rules.
     pub fn generate_tokens(
         &mut self,
         prompt: &[u32],
+        max_new_tokens: usize,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Generation, CoreError> {
+        self.generate_with_prefix(prompt, 0, max_new_tokens, cancel)
+    }
+
+    /// Greedy decoding where `prompt[..prefix_len]` is the schema prefix: its state comes from (or goes to) the
+    /// prefix cache, and only the rest is prefilled.
+    pub fn generate_with_prefix(
+        &mut self,
+        prompt: &[u32],
+        prefix_len: usize,
         max_new_tokens: usize,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
@@ -227,15 +284,10 @@ impl Runtime {
                 limit: self.max_context.saturating_sub(max_new_tokens),
             });
         }
+        let prefix_len = prefix_len.min(prompt.len() - 1);
         let t0 = Instant::now();
-        let mut logits = None;
-        for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
-            if cancel() {
-                return Err(CoreError::Cancelled);
-            }
-            logits = Some(self.forward(chunk, i * PREFILL_CHUNK)?);
-        }
-        let mut logits = logits.expect("prompt is not empty");
+        let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
+        let mut logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?;
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
@@ -246,7 +298,7 @@ impl Runtime {
             if cancel() {
                 return Err(CoreError::Cancelled);
             }
-            let next = logits.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            let next = argmax(&logits)?;
             if self.stop_ids.contains(&next) {
                 stop = StopReason::Eos;
                 break;
@@ -264,7 +316,7 @@ impl Runtime {
                 break;
             }
             if step + 1 < max_new_tokens {
-                logits = self.forward(&[next], prompt.len() + step)?;
+                logits = self.model.forward(&[next], &mut kv)?;
             }
         }
         let decode_s = t1.elapsed().as_secs_f64();
@@ -277,14 +329,24 @@ impl Runtime {
             prefill_s,
             decode_s,
             stop,
+            prefix_tokens: prefix_len,
+            prefix_cache_hit: cache_hit,
         })
+    }
+
+    /// The prompt tokens for a request and the length of its schema prefix within them.
+    pub fn prompt_tokens(&self, req: &GenerateRequest) -> Result<(Vec<u32>, usize), CoreError> {
+        let prompt = self.prompt(req)?;
+        let full = self.encode(&prompt.text())?;
+        let head = self.encode(&prompt.prefix)?;
+        let prefix_len = shared_prefix_len(&head, &full);
+        Ok((full, prefix_len))
     }
 }
 
 impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
-        let prompt = self.prompt(req)?;
-        let tokens = self.encode(&prompt.text())?;
-        self.generate_tokens(&tokens, req.max_new_tokens, cancel)
+        let (tokens, prefix_len) = self.prompt_tokens(req)?;
+        self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, cancel)
     }
 }

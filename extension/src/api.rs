@@ -333,12 +333,22 @@ fn status() -> TableIterator<
         name!(last_prompt_tokens, Option<i32>),
         name!(last_decode_tok_s, Option<f64>),
         name!(message, Option<String>),
+        name!(last_prefix_tokens, Option<i32>),
+        name!(last_prefix_cache_hit, Option<bool>),
+        name!(prefix_cache_entries, i64),
+        name!(prefix_cache_mb, f64),
+        name!(prefix_cache_limit_mb, f64),
+        name!(prefix_cache_hits, i64),
+        name!(prefix_cache_misses, i64),
+        name!(prefix_cache_evictions, i64),
     ),
 > {
     ensure_preloaded();
     let b = BOARD.share();
     let opt = |s: &str| (!s.is_empty()).then(|| s.to_string());
     let served = b.served > 0;
+    let c = b.prefix_cache;
+    const MB: f64 = 1024.0 * 1024.0;
     let row = (
         b.worker_state().as_str().to_string(),
         b.model.get().to_string(),
@@ -356,6 +366,14 @@ fn status() -> TableIterator<
         served.then_some(b.last_prompt_tokens as i32),
         served.then_some(b.last_decode_tok_s),
         opt(b.message.get()),
+        served.then_some(b.last_prefix_tokens as i32),
+        served.then_some(b.last_prefix_cache_hit != 0),
+        c.entries as i64,
+        c.bytes as f64 / MB,
+        c.limit_bytes as f64 / MB,
+        c.hits as i64,
+        c.misses as i64,
+        c.evictions as i64,
     );
     TableIterator::once(row)
 }

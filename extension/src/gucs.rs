@@ -5,6 +5,7 @@
 //! | `copilot.model` | SIGHUP | the default model's path | GGUF path, or `hf:<owner>/<repo>/<file>` from the hf-hub cache |
 //! | `copilot.threads` | POSTMASTER | 2 | inference threads (candle's pools are created once per worker) |
 //! | `copilot.max_context_tokens` | POSTMASTER | 8192 | cap on prompt + answer tokens |
+//! | `copilot.prefix_cache_mb` | SIGHUP | 256 | memory for the schema-prefix KV cache (0 = off) |
 //! | `copilot.max_new_tokens` | USERSET | 256 | longest answer, in tokens |
 //! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
 //! | `copilot.max_question_chars` | USERSET | 2000 | longest question accepted |
@@ -25,6 +26,7 @@ pub static MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"/var/lib/copilot/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"));
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static MAX_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
+pub static PREFIX_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
@@ -43,6 +45,17 @@ pub fn register(preloading: bool) {
         &MODEL,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.prefix_cache_mb",
+        c"Memory the worker may keep for schema-prefix KV states, in megabytes (0 turns the cache off).",
+        c"The state after a prompt's system text and schema context is kept per exact prefix, least recently used \
+          first out, so the next question over the same schema skips that part of the prefill. Takes effect on reload.",
+        &PREFIX_CACHE_MB,
+        0,
+        1 << 20,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
     );
     if preloading {
         register_postmaster_gucs();
@@ -132,6 +145,11 @@ fn register_session_gucs() {
         GucContext::Userset,
         GucFlags::default(),
     );
+}
+
+/// The prefix cache bound in bytes.
+pub fn prefix_cache_bytes() -> usize {
+    PREFIX_CACHE_MB.get().max(0) as usize * 1024 * 1024
 }
 
 pub fn model() -> String {

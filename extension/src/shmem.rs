@@ -167,6 +167,31 @@ impl Slot {
     }
 }
 
+/// The prefix cache's counters, copied from the inference thread after every answer.
+#[derive(Clone, Copy, Default)]
+#[repr(C)]
+pub struct PrefixCacheCounters {
+    pub entries: u64,
+    pub bytes: u64,
+    pub limit_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl From<copilot_core::prefix_cache::CacheStats> for PrefixCacheCounters {
+    fn from(s: copilot_core::prefix_cache::CacheStats) -> Self {
+        PrefixCacheCounters {
+            entries: s.entries as u64,
+            bytes: s.bytes as u64,
+            limit_bytes: s.limit_bytes as u64,
+            hits: s.hits,
+            misses: s.misses,
+            evictions: s.evictions,
+        }
+    }
+}
+
 #[repr(C)]
 pub struct Board {
     pub worker_state: u32,
@@ -190,6 +215,11 @@ pub struct Board {
     pub last_prompt_tokens: u32,
     pub last_generated_tokens: u32,
     pub last_decode_tok_s: f64,
+    /// Tokens of the last answer's schema prefix, and whether their state came from the prefix cache (0/1).
+    pub last_prefix_tokens: u32,
+    pub last_prefix_cache_hit: u32,
+    /// The worker's prefix cache, as of its last answer.
+    pub prefix_cache: PrefixCacheCounters,
     pub slots: [Slot; SLOTS],
 }
 

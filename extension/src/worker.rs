@@ -17,6 +17,7 @@
 use crate::gucs;
 use crate::shmem::{self, FailKind, SlotState, WorkerState, BOARD, SLOTS};
 use copilot_core::backend::{Backend, GenerateRequest};
+use copilot_core::prefix_cache::CacheStats;
 use copilot_core::runtime::{configure_threads, LoadOptions, Runtime};
 use copilot_core::CoreError;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -43,13 +44,21 @@ struct Job {
     ticket: u64,
     req: GenerateRequest,
     cancel: Arc<AtomicBool>,
+    /// `copilot.prefix_cache_mb` as the main thread read it when dispatching (a reload changes it between jobs).
+    prefix_cache_bytes: usize,
 }
 
 enum Event {
     Loaded { arch: String, bytes: u64, load_s: f64 },
     LoadFailed(String),
     Checksum(String),
-    Finished { slot: usize, ticket: u64, outcome: Result<copilot_core::Generation, CoreError>, elapsed_ms: f64 },
+    Finished {
+        slot: usize,
+        ticket: u64,
+        outcome: Result<copilot_core::Generation, CoreError>,
+        elapsed_ms: f64,
+        cache: CacheStats,
+    },
 }
 
 /// Spawn a thread with every signal blocked (the mask is inherited by any thread it creates).
@@ -68,10 +77,18 @@ fn spawn_masked<F: FnOnce() + Send + 'static>(name: &str, f: F) -> std::io::Resu
     }
 }
 
-fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Receiver<Job>, events: Sender<Event>) {
+fn inference_thread(
+    spec: String,
+    threads: usize,
+    max_context: usize,
+    prefix_cache_bytes: usize,
+    jobs: Receiver<Job>,
+    events: Sender<Event>,
+) {
     configure_threads(threads);
+    let opts = LoadOptions { max_context, prefix_cache_bytes };
     let loaded = copilot_core::source::resolve(&spec, false)
-        .and_then(|path| Runtime::load(&path, &LoadOptions { max_context }).map(|rt| (rt, path)));
+        .and_then(|path| Runtime::load(&path, &opts).map(|rt| (rt, path)));
     let mut rt = match loaded {
         Ok((rt, path)) => {
             let info = rt.info();
@@ -91,6 +108,7 @@ fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Rece
     };
     while let Ok(job) = jobs.recv() {
         let t0 = Instant::now();
+        rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
         let cancel = job.cancel.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             rt.generate(&job.req, &|| cancel.load(Ordering::Relaxed))
@@ -104,7 +122,8 @@ fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Rece
             Err(CoreError::Inference(format!("inference panicked: {msg}")))
         });
         let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        if events.send(Event::Finished { slot: job.slot, ticket: job.ticket, outcome, elapsed_ms }).is_err() {
+        let cache = rt.prefix_cache_stats();
+        if events.send(Event::Finished { slot: job.slot, ticket: job.ticket, outcome, elapsed_ms, cache }).is_err() {
             return;
         }
     }
@@ -159,6 +178,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     let spec = gucs::model();
     let threads = gucs::THREADS.get().max(1) as usize;
     let max_context = gucs::MAX_CONTEXT_TOKENS.get().max(1) as usize;
+    let prefix_cache_bytes = gucs::prefix_cache_bytes();
     start_board(&spec, threads);
     log!("copilot worker: loading model {spec} with {threads} thread(s)");
 
@@ -166,7 +186,9 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     let (ev_tx, ev_rx) = channel::<Event>();
     let spawned = {
         let spec = spec.clone();
-        spawn_masked("copilot-inference", move || inference_thread(spec, threads, max_context, job_rx, ev_tx))
+        spawn_masked("copilot-inference", move || {
+            inference_thread(spec, threads, max_context, prefix_cache_bytes, job_rx, ev_tx)
+        })
     };
     if let Err(e) = spawned {
         let mut b = BOARD.exclusive();
@@ -272,6 +294,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                         max_new_tokens: s.max_new_tokens as usize,
                     },
                     cancel: cancel.clone(),
+                    prefix_cache_bytes: gucs::prefix_cache_bytes(),
                 };
                 running = Some((i, s.ticket, cancel));
                 if job_tx.send(job).is_err() {
@@ -310,11 +333,12 @@ fn handle_event(ev: Event, running: &mut Option<(usize, u64, Arc<AtomicBool>)>) 
         Event::Checksum(h) => {
             BOARD.exclusive().model_sha256.set(&h);
         }
-        Event::Finished { slot, ticket, outcome, elapsed_ms } => {
+        Event::Finished { slot, ticket, outcome, elapsed_ms, cache } => {
             if running.as_ref().is_some_and(|r| r.0 == slot && r.1 == ticket) {
                 *running = None;
             }
             let mut b = BOARD.exclusive();
+            b.prefix_cache = cache.into();
             let s = &mut b.slots[slot];
             if s.ticket != ticket || s.state() != SlotState::Running {
                 // Abandoned while running: the session is gone; free the slot.
@@ -339,6 +363,8 @@ fn handle_event(ev: Event, running: &mut Option<(usize, u64, Arc<AtomicBool>)>) 
                     b.last_prompt_tokens = g.prompt_tokens as u32;
                     b.last_generated_tokens = g.generated_tokens as u32;
                     b.last_decode_tok_s = g.decode_tok_s();
+                    b.last_prefix_tokens = g.prefix_tokens as u32;
+                    b.last_prefix_cache_hit = u32::from(g.prefix_cache_hit);
                     // SAFETY: latch address published by the slot's owner, read under the lock.
                     unsafe { shmem::set_latch(latch) };
                 }
