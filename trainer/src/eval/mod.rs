@@ -567,7 +567,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             let path = args.model.clone().ok_or_else(|| anyhow!("--via core needs --model FILE"))?;
             let path = copilot_core::source::resolve(&path.to_string_lossy(), true)?;
             copilot_core::runtime::configure_threads(args.threads);
-            let rt = copilot_core::runtime::Runtime::load(&path, &copilot_core::runtime::LoadOptions { max_context: 8192 })?;
+            // The same prefix cache as the extension's default (256 MB): answers do not depend on it, speed does.
+            let opts = copilot_core::runtime::LoadOptions { max_context: 8192, prefix_cache_bytes: 256 << 20 };
+            let rt = copilot_core::runtime::Runtime::load(&path, &opts)?;
             Some(Box::new(CoreAsker { rt, path, max_new_tokens: args.max_new_tokens }))
         }
         (false, Via::Gold) => Some(Box::new(GoldAsker)),
