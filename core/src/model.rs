@@ -18,7 +18,7 @@
 //! Supported: RoPE in the NeoX layout (qwen2) or the interleaved GGML layout (llama, mistral); optional q/k/v
 //! biases; tied output embeddings. Mixture-of-experts and partial rotary dimensions are refused at load.
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use std::io::{Read, Seek};
 
@@ -72,11 +72,6 @@ impl Config {
             candle_core::bail!("mixture-of-experts models are not supported");
         }
         Ok(Config { arch, n_layer, n_head, n_kv_head, head_dim, n_embd, rms_eps, rope_base, rope_neox, context_length })
-    }
-
-    /// Bytes of K/V state one token occupies (f32, every layer).
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layer * 2 * self.n_kv_head * self.head_dim * 4
     }
 }
 
@@ -142,27 +137,23 @@ pub struct Transformer {
     max_positions: usize,
 }
 
-fn f32_tensor(q: QTensor, device: &Device) -> Result<Tensor> {
-    q.dequantize(device)
-}
-
 impl Transformer {
-    /// Load the weights named in `ct` from `reader`. Rotary tables are built for `max_positions` positions (0 =
-    /// the model's context length).
+    /// Load the weights of `cfg` (read from the same `ct`) from `reader`. Rotary tables are built for
+    /// `max_positions` positions (0 = the model's context length; never more than it).
     pub fn from_gguf<R: Read + Seek>(
+        cfg: Config,
         ct: &gguf_file::Content,
         reader: &mut R,
         device: &Device,
         max_positions: usize,
     ) -> Result<Transformer> {
-        let cfg = Config::from_gguf(ct)?;
         let max_positions = match max_positions {
             0 => cfg.context_length,
             n => n.min(cfg.context_length),
         };
         let mut get = |name: &str| ct.tensor(reader, name, device);
-        let embed = f32_tensor(get("token_embd.weight")?, device)?;
-        let norm = f32_tensor(get("output_norm.weight")?, device)?;
+        let embed = get("token_embd.weight")?.dequantize(device)?;
+        let norm = get("output_norm.weight")?.dequantize(device)?;
         let output = match ct.tensor_infos.contains_key("output.weight") {
             true => QMatMul::from_qtensor(get("output.weight")?)?,
             // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table.
@@ -174,7 +165,7 @@ impl Transformer {
             let mut bias = |n: &str| -> Result<Option<Tensor>> {
                 let name = format!("{p}.{n}.bias");
                 if ct.tensor_infos.contains_key(&name) {
-                    Ok(Some(f32_tensor(get(&name)?, device)?))
+                    Ok(Some(get(&name)?.dequantize(device)?))
                 } else {
                     Ok(None)
                 }
@@ -183,8 +174,8 @@ impl Transformer {
             let mut qmm = |n: &str| -> Result<QMatMul> { QMatMul::from_qtensor(get(&format!("{p}.{n}.weight"))?) };
             let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
             let (gate, up, down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
-            let attn_norm = f32_tensor(get(&format!("{p}.attn_norm.weight"))?, device)?;
-            let ffn_norm = f32_tensor(get(&format!("{p}.ffn_norm.weight"))?, device)?;
+            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
+            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
             layers.push(Layer { attn_norm, wq, wk, wv, bq, bk, bv, wo, ffn_norm, gate, up, down });
         }
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;

@@ -17,7 +17,7 @@ use crate::backend::{Backend, GenerateRequest, Generation, StopReason};
 use crate::error::CoreError;
 use crate::extract::{extract_sql, statement_end};
 use crate::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
-use crate::model::{argmax, KvCache, Transformer};
+use crate::model::{argmax, Config, KvCache, Transformer};
 use crate::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
@@ -132,23 +132,16 @@ impl Runtime {
         let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| CoreError::Model(format!("{} is not a readable GGUF file: {e}", path.display())))?;
-        let arch = md_str(&ct, "general.architecture")
-            .ok_or_else(|| CoreError::Model("the GGUF has no general.architecture".into()))?;
+        // Architecture, shapes and context length, or why this model cannot run, before any tensor is read.
+        let cfg = Config::from_gguf(&ct).map_err(|e| CoreError::Model(e.to_string()))?;
         let name = md_str(&ct, "general.name");
-        let context_length = md_u32(&ct, &format!("{arch}.context_length")).unwrap_or(4096) as usize;
         let text = TextSide::from_content(path, &ct)?;
         let TextSide { tokenizer, template, stop_ids } = text;
-        if !matches!(arch.as_str(), "qwen2" | "llama" | "mistral") {
-            return Err(CoreError::Model(format!(
-                "architecture \"{arch}\" is not supported (supported: qwen2, llama, mistral)"
-            )));
-        }
-        let max_context = match opts.max_context {
-            0 => context_length,
-            n => n.min(context_length),
-        };
-        let model = Transformer::from_gguf(&ct, &mut file, &Device::Cpu, max_context)
+        let (arch, context_length) = (cfg.arch.clone(), cfg.context_length);
+        let model = Transformer::from_gguf(cfg, &ct, &mut file, &Device::Cpu, opts.max_context)
             .map_err(|e| CoreError::Model(format!("cannot load {arch} weights: {e}")))?;
+        // The cap on prompt + answer is the positions the model was built for: `opts.max_context`, at most its own.
+        let max_context = model.max_positions();
         let vocab_size = tokenizer.get_vocab_size(true);
         let mtime = std::fs::metadata(path)
             .and_then(|m| m.modified())

@@ -77,16 +77,10 @@ fn spawn_masked<F: FnOnce() + Send + 'static>(name: &str, f: F) -> std::io::Resu
     }
 }
 
-fn inference_thread(
-    spec: String,
-    threads: usize,
-    max_context: usize,
-    prefix_cache_bytes: usize,
-    jobs: Receiver<Job>,
-    events: Sender<Event>,
-) {
+fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Receiver<Job>, events: Sender<Event>) {
     configure_threads(threads);
-    let opts = LoadOptions { max_context, prefix_cache_bytes };
+    // The prefix cache's bound comes with every job (set before it runs), so a reload can change it.
+    let opts = LoadOptions { max_context, ..Default::default() };
     let loaded = copilot_core::source::resolve(&spec, false)
         .and_then(|path| Runtime::load(&path, &opts).map(|rt| (rt, path)));
     let mut rt = match loaded {
@@ -178,7 +172,6 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     let spec = gucs::model();
     let threads = gucs::THREADS.get().max(1) as usize;
     let max_context = gucs::MAX_CONTEXT_TOKENS.get().max(1) as usize;
-    let prefix_cache_bytes = gucs::prefix_cache_bytes();
     start_board(&spec, threads);
     log!("copilot worker: loading model {spec} with {threads} thread(s)");
 
@@ -186,9 +179,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     let (ev_tx, ev_rx) = channel::<Event>();
     let spawned = {
         let spec = spec.clone();
-        spawn_masked("copilot-inference", move || {
-            inference_thread(spec, threads, max_context, prefix_cache_bytes, job_rx, ev_tx)
-        })
+        spawn_masked("copilot-inference", move || inference_thread(spec, threads, max_context, job_rx, ev_tx))
     };
     if let Err(e) = spawned {
         let mut b = BOARD.exclusive();
