@@ -14,6 +14,7 @@ pub mod backend;
 pub mod error;
 pub mod extract;
 pub mod gate;
+pub mod kernels;
 pub mod model;
 pub mod prefix_cache;
 pub mod prompt;

@@ -18,9 +18,49 @@
 //! Supported: RoPE in the NeoX layout (qwen2) or the interleaved GGML layout (llama, mistral); optional q/k/v
 //! biases; tied output embeddings. Mixture-of-experts and partial rotary dimensions are refused at load.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use crate::kernels;
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use std::io::{Read, Seek};
+use std::sync::Arc;
+
+/// A quantized linear layer (`y = x · Wᵀ`). One row of activations (decoding) goes through our own kernels
+/// ([`crate::kernels`]) when the weights are a format they cover; several rows (prefill) and other formats go
+/// through candle's quantized matmul. Both read the same weight bytes (the `QTensor` is shared, not copied).
+struct Linear {
+    mm: QMatMul,
+    /// The weights and their format, when our decode kernels apply.
+    raw: Option<(Arc<QTensor>, kernels::Kind)>,
+    n: usize,
+    k: usize,
+}
+
+impl Linear {
+    fn new(qt: QTensor) -> Result<Linear> {
+        let (n, k) = qt.shape().dims2()?;
+        let kind = kernels::Kind::from_ggml(qt.dtype()).filter(|_| k.is_multiple_of(kernels::QK_K));
+        let qt = Arc::new(qt);
+        let raw = kind.map(|kind| (qt.clone(), kind));
+        Ok(Linear { mm: QMatMul::from_arc(qt)?, raw, n, k })
+    }
+
+    fn forward(&self, x: &Tensor, own_kernels: bool) -> Result<Tensor> {
+        if let (true, Some((qt, kind))) = (own_kernels, &self.raw) {
+            if x.elem_count() == self.k && x.device().is_cpu() {
+                let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                let w = qt.data()?;
+                let mut y = vec![0f32; self.n];
+                kernels::gemv(*kind, &w, self.n, self.k, &xs, &mut y);
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = self.n;
+                }
+                return Tensor::from_vec(y, shape, x.device());
+            }
+        }
+        self.mm.forward(x)
+    }
+}
 
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +99,7 @@ impl Config {
         let rms_eps = get("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
         let rope_base = get("rope.freq_base").and_then(|v| v.to_f32()).unwrap_or(10_000.0);
         let context_length = get("context_length").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(4096);
-        if n_head == 0 || n_kv_head == 0 || n_embd % n_head != 0 || n_head % n_kv_head != 0 {
+        if n_head == 0 || n_kv_head == 0 || !n_embd.is_multiple_of(n_head) || !n_head.is_multiple_of(n_kv_head) {
             candle_core::bail!("inconsistent attention shape: {n_head} heads, {n_kv_head} K/V heads, width {n_embd}");
         }
         let head_dim = n_embd / n_head;
@@ -77,17 +117,17 @@ impl Config {
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
     bq: Option<Tensor>,
     bk: Option<Tensor>,
     bv: Option<Tensor>,
-    wo: QMatMul,
+    wo: Linear,
     ffn_norm: Tensor,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 /// The attention state after some tokens: per layer, K and V of shape `(1, n_kv_head, len, head_dim)`.
@@ -131,10 +171,12 @@ pub struct Transformer {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     max_positions: usize,
+    /// Decode with our kernels (on by default; off = candle's matmul everywhere, for comparisons).
+    own_kernels: bool,
 }
 
 impl Transformer {
@@ -155,9 +197,9 @@ impl Transformer {
         let embed = get("token_embd.weight")?.dequantize(device)?;
         let norm = get("output_norm.weight")?.dequantize(device)?;
         let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => QMatMul::from_qtensor(get("output.weight")?)?,
+            true => Linear::new(get("output.weight")?)?,
             // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table.
-            false => QMatMul::from_qtensor(get("token_embd.weight")?)?,
+            false => Linear::new(get("token_embd.weight")?)?,
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
@@ -171,7 +213,7 @@ impl Transformer {
                 }
             };
             let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
-            let mut qmm = |n: &str| -> Result<QMatMul> { QMatMul::from_qtensor(get(&format!("{p}.{n}.weight"))?) };
+            let mut qmm = |n: &str| -> Result<Linear> { Linear::new(get(&format!("{p}.{n}.weight"))?) };
             let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
             let (gate, up, down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
             let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
@@ -179,7 +221,16 @@ impl Transformer {
             layers.push(Layer { attn_norm, wq, wk, wv, bq, bk, bv, wo, ffn_norm, gate, up, down });
         }
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;
-        Ok(Transformer { cfg, embed, layers, norm, output, cos, sin, max_positions })
+        Ok(Transformer { cfg, embed, layers, norm, output, cos, sin, max_positions, own_kernels: kernels::simd_available() })
+    }
+
+    /// Use our decode kernels (the default where the CPU has AVX2) or candle's matmul for every product.
+    pub fn set_own_kernels(&mut self, on: bool) {
+        self.own_kernels = on;
+    }
+
+    pub fn own_kernels(&self) -> bool {
+        self.own_kernels
     }
 
     pub fn config(&self) -> &Config {
@@ -219,14 +270,14 @@ impl Transformer {
             }
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let u = layer.up.forward(&h)?;
-            x = (x + layer.down.forward(&(g * u)?)?)?;
+            let g = candle_nn::ops::silu(&layer.gate.forward(&h, self.own_kernels)?)?;
+            let u = layer.up.forward(&h, self.own_kernels)?;
+            x = (x + layer.down.forward(&(g * u)?, self.own_kernels)?)?;
         }
         cache.len += t;
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_eps as f32)?;
-        self.output.forward(&last)?.flatten_all()
+        self.output.forward(&last, self.own_kernels)?.flatten_all()
     }
 
     fn attention(
@@ -240,8 +291,8 @@ impl Transformer {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let proj = |w: &QMatMul, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
-            let mut y = w.forward(x)?;
+        let proj = |w: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+            let mut y = w.forward(x, self.own_kernels)?;
             if let Some(bias) = bias {
                 y = y.broadcast_add(bias)?;
             }
@@ -265,7 +316,7 @@ impl Transformer {
         // so (b, n_head, t, d) reshapes, without a copy, into (b, n_kv_head, n_rep * t, d).
         let y = attend(&q, &k, &v, mask, c.n_kv_head)?; // (b, n_head, t, d)
         let y = y.transpose(1, 2)?.reshape((b, t, c.n_embd))?;
-        Ok((layer.wo.forward(&y)?, (k, v)))
+        Ok((layer.wo.forward(&y, self.own_kernels)?, (k, v)))
     }
 }
 
