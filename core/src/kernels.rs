@@ -97,16 +97,23 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
-/// The 8 scales and 8 mins (6 bits each) packed into a Q4_K block's 12 scale bytes.
-fn q4k_scales_mins(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0xF) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+/// The 8 scales and 8 mins (6 bits each) packed into a Q4_K block's 12 scale bytes, unpacked four at a time:
+/// bytes 0..8 of the result are the scales, 8..16 the mins. Sub-blocks 0-3 keep their 6 low bits in bytes 0-3
+/// (scales) and 4-7 (mins); sub-blocks 4-7 have their low 4 bits in the nibbles of bytes 8-11 and their top 2
+/// bits in the spare top bits of bytes 0-3 (scales) and 4-7 (mins).
+#[inline(always)]
+fn q4k_scales_mins(s: &[u8]) -> [u8; 16] {
+    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
+    let (s0, s1, s2) = (w(0), w(4), w(8));
+    let sc_lo = s0 & 0x3f3f_3f3f;
+    let mn_lo = s1 & 0x3f3f_3f3f;
+    let sc_hi = (s2 & 0x0f0f_0f0f) | (((s0 >> 6) & 0x0303_0303) << 4);
+    let mn_hi = ((s2 >> 4) & 0x0f0f_0f0f) | (((s1 >> 6) & 0x0303_0303) << 4);
+    let mut out = [0u8; 16];
+    for (i, v) in [sc_lo, sc_hi, mn_lo, mn_hi].into_iter().enumerate() {
+        out[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
     }
-    (sc, mn)
+    out
 }
 
 /// Dot product of one Q4_K row with quantized activations, scalar.
@@ -114,7 +121,8 @@ pub fn dot_q4k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
     let mut sum = 0f32;
     for (b, y) in row.chunks_exact(Q4K_BYTES).zip(a) {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
-        let (sc, mn) = q4k_scales_mins(&b[4..16]);
+        let sm = q4k_scales_mins(&b[4..16]);
+        let (sc, mn) = (&sm[..8], &sm[8..]);
         let qs = &b[16..];
         let mut isum = 0i32;
         for j in 0..4 {
@@ -193,12 +201,23 @@ mod avx2 {
     pub unsafe fn dot_q4k(row: &[u8], a: &[Q8K]) -> f32 {
         debug_assert!(row.len() >= a.len() * Q4K_BYTES);
         let m4 = _mm256_set1_epi8(0x0F);
+        // Byte shuffles that turn the 16 unpacked scale/min bytes (in both 128-bit lanes) into 16-bit lanes:
+        // `spread(j)` repeats scale j in all 16 lanes; `MINS` lays out min0,min0,min1,min1,… (one per bsum).
+        let spread = |j: i8| _mm256_set1_epi16(j as i16 | (0x80u16 as i16) << 8);
+        let sc_idx = [spread(0), spread(1), spread(2), spread(3), spread(4), spread(5), spread(6), spread(7)];
+        let z = -128i8; // 0x80: shuffle writes a zero byte
+        #[rustfmt::skip]
+        let mins_idx = _mm256_setr_epi8(
+            8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z,
+            12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15, z,
+        );
         let mut acc = _mm256_setzero_ps();
         for (i, y) in a.iter().enumerate() {
             let b = &row[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
             let d = y.d * f16_at(b, 0);
             let dmin = y.d * f16_at(b, 2);
-            let (sc, mn) = q4k_scales_mins(&b[4..16]);
+            let sm = q4k_scales_mins(&b[4..16]);
+            let sm = _mm256_broadcastsi128_si256(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
             let qs = b.as_ptr().add(16);
             let ys = y.qs.as_ptr();
             let mut isum = _mm256_setzero_si256();
@@ -209,15 +228,15 @@ mod avx2 {
                 let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
                 let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
                 // u8 × i8 pairs → i16 (|·| ≤ 2·15·127), then × the sub-block scale and pairwise → i32.
-                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), _mm256_set1_epi16(sc[2 * j] as i16));
-                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), _mm256_set1_epi16(sc[2 * j + 1] as i16));
+                let slo = _mm256_shuffle_epi8(sm, sc_idx[2 * j]);
+                let shi = _mm256_shuffle_epi8(sm, sc_idx[2 * j + 1]);
+                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), slo);
+                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), shi);
                 isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
             }
             // The mins: Σ_j min_j · (sum of the activations of sub-block j), from the 16-value sums.
             let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let mins = _mm_cvtepu8_epi16(_mm_loadl_epi64(mn.as_ptr() as *const __m128i));
-            let mins = _mm256_set_m128i(_mm_unpackhi_epi16(mins, mins), _mm_unpacklo_epi16(mins, mins));
-            let msum = _mm256_madd_epi16(bs, mins);
+            let msum = _mm256_madd_epi16(bs, _mm256_shuffle_epi8(sm, mins_idx));
             acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
             acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc);
         }
@@ -291,23 +310,45 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     }
 }
 
-/// A raw pointer to the output, shared by the pool's threads.
-struct Out(*mut f32);
-// SAFETY: every output index is written by exactly one work item (the row ranges handed out by the pool are
-// disjoint), and the caller's `&mut [f32]` outlives the pool call, which returns only when all workers are done.
-unsafe impl Sync for Out {}
+/// One weight matrix for [`gemv_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF).
+#[derive(Clone, Copy)]
+pub struct Matrix<'a> {
+    pub kind: Kind,
+    pub w: &'a [u8],
+    pub n: usize,
+}
+
+/// Raw pointers to the outputs, shared by the pool's threads.
+struct Outs(Vec<*mut f32>);
+// SAFETY: every output element is written by exactly one work item (the row ranges handed out by the pool are
+// disjoint), and the caller's `&mut [f32]`s outlive the pool call, which returns only when all workers are done.
+unsafe impl Sync for Outs {}
 
 /// Rows handed to a thread at a time: enough work to hide the hand-out, few enough to balance 2 threads.
 const ROWS_PER_ITEM: usize = 16;
 
-/// `y = W · x` for `W` of `n` rows × `k` columns stored as `kind` blocks in `w` (row-major, as in GGUF), with the
-/// rows split across candle's CPU thread pool (the one its own matmuls use, so the two never compete).
+/// `y = W · x` for `W` of `n` rows × `k` columns stored as `kind` blocks in `w`.
 pub fn gemv(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
+    gemv_many(&[Matrix { kind, w, n }], k, x, &mut [y]);
+}
+
+/// `ys[i] = mats[i] · x` for matrices that share the input `x` (k columns each): q/k/v, or gate/up. The input is
+/// quantized once and all rows go to candle's CPU thread pool (the one its own matmuls use, so the two never
+/// compete) in one hand-out, so a layer pays for one barrier instead of one per matrix.
+pub fn gemv_many(mats: &[Matrix], k: usize, x: &[f32], ys: &mut [&mut [f32]]) {
     assert_eq!(k % QK_K, 0, "k = {k} is not a multiple of {QK_K}");
     assert_eq!(x.len(), k);
-    assert_eq!(y.len(), n);
-    let row_bytes = k / QK_K * kind.block_bytes();
-    assert!(w.len() >= n * row_bytes, "weights of {} bytes for {n}×{k}", w.len());
+    assert_eq!(mats.len(), ys.len());
+    // Work items: each matrix's rows in groups of ROWS_PER_ITEM; `first[i]` is matrix i's first item.
+    let mut first = Vec::with_capacity(mats.len() + 1);
+    first.push(0);
+    for (m, y) in mats.iter().zip(ys.iter()) {
+        assert_eq!(y.len(), m.n);
+        let row_bytes = k / QK_K * m.kind.block_bytes();
+        assert!(m.w.len() >= m.n * row_bytes, "weights of {} bytes for {}×{k}", m.w.len(), m.n);
+        first.push(first.last().unwrap() + m.n.div_ceil(ROWS_PER_ITEM));
+    }
+    let total = *first.last().unwrap();
     thread_local! {
         static ACT: std::cell::RefCell<Vec<Q8K>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -316,14 +357,20 @@ pub fn gemv(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) 
         quantize_q8k(x, &mut act);
         let act: &[Q8K] = &act;
         let simd = simd_available();
-        let out = Out(y.as_mut_ptr());
-        let out = &out;
-        candle_core::utils::barrier_pool().execute_chunked(n.div_ceil(ROWS_PER_ITEM), |items| {
-            let rows = items.start * ROWS_PER_ITEM..(items.end * ROWS_PER_ITEM).min(n);
-            for r in rows {
-                let v = dot(kind, &w[r * row_bytes..(r + 1) * row_bytes], act, simd);
-                // SAFETY: r < n = y.len(), and row r belongs to this item alone (see `Out`).
-                unsafe { *out.0.add(r) = v };
+        let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
+        let outs = &outs;
+        let first = &first;
+        candle_core::utils::barrier_pool().execute_chunked(total, |items| {
+            for item in items {
+                let mi = first.partition_point(|&f| f <= item) - 1;
+                let m = &mats[mi];
+                let row_bytes = k / QK_K * m.kind.block_bytes();
+                let start = (item - first[mi]) * ROWS_PER_ITEM;
+                for r in start..(start + ROWS_PER_ITEM).min(m.n) {
+                    let v = dot(m.kind, &m.w[r * row_bytes..(r + 1) * row_bytes], act, simd);
+                    // SAFETY: r < m.n = ys[mi].len(), and row r of matrix mi belongs to this item alone (see `Outs`).
+                    unsafe { *outs.0[mi].add(r) = v };
+                }
             }
         });
     });
@@ -444,6 +491,41 @@ mod tests {
             let (s, v) = (dot(kind, &row, &a, false), dot(kind, &row, &a, true));
             assert!(s.is_finite() && s != 0.0, "{kind:?}: scalar {s}, simd {v}");
             assert!((s - v).abs() <= 1e-4 * s.abs(), "{kind:?}: scalar {s} vs simd {v}");
+        }
+    }
+
+    #[test]
+    fn gemv_many_matches_separate_products() {
+        let k = 512;
+        let (q4, _) = quantized(GgmlDType::Q4K, 33, k, 11);
+        let (q6, _) = quantized(GgmlDType::Q6K, 17, k, 12);
+        let (q4b, _) = quantized(GgmlDType::Q4K, 5, k, 13);
+        let x = activations(k, 5);
+        let mats = [
+            Matrix { kind: Kind::Q4K, w: &q4, n: 33 },
+            Matrix { kind: Kind::Q6K, w: &q6, n: 17 },
+            Matrix { kind: Kind::Q4K, w: &q4b, n: 5 },
+        ];
+        let (mut a, mut b, mut c) = (vec![f32::NAN; 33], vec![f32::NAN; 17], vec![f32::NAN; 5]);
+        gemv_many(&mats, k, &x, &mut [&mut a, &mut b, &mut c]);
+        for (m, got) in mats.iter().zip([&a, &b, &c]) {
+            let mut want = vec![0f32; m.n];
+            gemv(m.kind, m.w, m.n, k, &x, &mut want);
+            assert_eq!(got, &want);
+        }
+    }
+
+    #[test]
+    fn q4k_scale_unpacking_follows_the_bit_layout() {
+        // Scales 0-3 / mins 0-3: low 6 bits of bytes 0-3 / 4-7; scales 4-7 / mins 4-7: low / high nibble of
+        // bytes 8-11 plus the top 2 bits of bytes 0-3 / 4-7.
+        let s: [u8; 12] = [0xC1, 0x42, 0x83, 0x04, 0x45, 0x86, 0xC7, 0x08, 0x9A, 0xBC, 0xDE, 0xF0];
+        let sm = q4k_scales_mins(&s);
+        for j in 0..4 {
+            assert_eq!(sm[j], s[j] & 63, "scale {j}");
+            assert_eq!(sm[8 + j], s[j + 4] & 63, "min {j}");
+            assert_eq!(sm[4 + j], (s[j + 8] & 0xF) | ((s[j] >> 6) << 4), "scale {}", j + 4);
+            assert_eq!(sm[12 + j], (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4), "min {}", j + 4);
         }
     }
 

@@ -45,20 +45,41 @@ impl Linear {
     }
 
     fn forward(&self, x: &Tensor, own_kernels: bool) -> Result<Tensor> {
-        if let (true, Some((qt, kind))) = (own_kernels, &self.raw) {
-            if x.elem_count() == self.k && x.device().is_cpu() {
+        Ok(Linear::forward_many(&[self], x, own_kernels)?.remove(0))
+    }
+
+    /// The products of several layers that read the same input (q/k/v; gate/up). One row of activations on our
+    /// kernels is one pass over the thread pool for all of them; otherwise each goes through candle.
+    fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
+        let k = layers[0].k;
+        let ours: Option<Vec<_>> = layers.iter().map(|l| l.raw.as_ref().filter(|_| l.k == k)).collect();
+        match ours {
+            Some(raw) if own_kernels && x.elem_count() == k && x.device().is_cpu() => {
                 let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                let w = qt.data()?;
-                let mut y = vec![0f32; self.n];
-                kernels::gemv(*kind, &w, self.n, self.k, &xs, &mut y);
-                let mut shape = x.dims().to_vec();
-                if let Some(last) = shape.last_mut() {
-                    *last = self.n;
-                }
-                return Tensor::from_vec(y, shape, x.device());
+                let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
+                let mats: Vec<kernels::Matrix> = layers
+                    .iter()
+                    .zip(&raw)
+                    .zip(&data)
+                    .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
+                    .collect();
+                let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n]).collect();
+                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+                kernels::gemv_many(&mats, k, &xs, &mut outs);
+                layers
+                    .iter()
+                    .zip(ys)
+                    .map(|(l, y)| {
+                        let mut shape = x.dims().to_vec();
+                        if let Some(last) = shape.last_mut() {
+                            *last = l.n;
+                        }
+                        Tensor::from_vec(y, shape, x.device())
+                    })
+                    .collect()
             }
+            _ => layers.iter().map(|l| l.mm.forward(x)).collect(),
         }
-        self.mm.forward(x)
     }
 }
 
@@ -270,9 +291,9 @@ impl Transformer {
             }
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h, self.own_kernels)?)?;
-            let u = layer.up.forward(&h, self.own_kernels)?;
-            x = (x + layer.down.forward(&(g * u)?, self.own_kernels)?)?;
+            let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, self.own_kernels)?;
+            let g = candle_nn::ops::silu(&gu[0])?;
+            x = (x + layer.down.forward(&(g * &gu[1])?, self.own_kernels)?)?;
         }
         cache.len += t;
         let last = x.i((.., t - 1..t, ..))?;
@@ -291,11 +312,12 @@ impl Transformer {
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let proj = |w: &Linear, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
-            let mut y = w.forward(x, self.own_kernels)?;
-            if let Some(bias) = bias {
-                y = y.broadcast_add(bias)?;
-            }
+        let qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], x, self.own_kernels)?;
+        let shape = |y: &Tensor, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
+            let y = match bias {
+                Some(bias) => y.broadcast_add(bias)?,
+                None => y.clone(),
+            };
             y.reshape((b, t, heads, c.head_dim))?.transpose(1, 2)?.contiguous()
         };
         let rope = |y: &Tensor| -> Result<Tensor> {
@@ -305,9 +327,9 @@ impl Transformer {
                 candle_nn::rotary_emb::rope_i(y, cos, sin)
             }
         };
-        let q = rope(&proj(&layer.wq, &layer.bq, c.n_head)?)?;
-        let k = rope(&proj(&layer.wk, &layer.bk, c.n_kv_head)?)?;
-        let v = proj(&layer.wv, &layer.bv, c.n_kv_head)?;
+        let q = rope(&shape(&qkv[0], &layer.bq, c.n_head)?)?;
+        let k = rope(&shape(&qkv[1], &layer.bk, c.n_kv_head)?)?;
+        let v = shape(&qkv[2], &layer.bv, c.n_kv_head)?;
         let (k, v) = match prev {
             Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
             None => (k, v),
