@@ -169,6 +169,49 @@ pub fn dot_q6k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
     sum
 }
 
+/// Dequantize one row of `kind` blocks into `out` (`out.len()` = 256 × blocks): the embedding lookup reads only
+/// the rows of the prompt's tokens instead of keeping the whole table in f32 (0.9 GB for the default model).
+pub fn dequantize_row(kind: Kind, row: &[u8], out: &mut [f32]) {
+    assert_eq!(out.len() % QK_K, 0);
+    assert!(row.len() >= out.len() / QK_K * kind.block_bytes());
+    for (b, y) in row.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
+        match kind {
+            Kind::Q4K => {
+                let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                let sm = q4k_scales_mins(&b[4..16]);
+                let qs = &b[16..];
+                for j in 0..4 {
+                    let (d1, m1) = (d * sm[2 * j] as f32, dmin * sm[8 + 2 * j] as f32);
+                    let (d2, m2) = (d * sm[2 * j + 1] as f32, dmin * sm[8 + 2 * j + 1] as f32);
+                    for l in 0..32 {
+                        let q = qs[32 * j + l];
+                        y[64 * j + l] = d1 * (q & 0xF) as f32 - m1;
+                        y[64 * j + 32 + l] = d2 * (q >> 4) as f32 - m2;
+                    }
+                }
+            }
+            Kind::Q6K => {
+                let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
+                for h in 0..2 {
+                    let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
+                    for l in 0..32 {
+                        let q = [
+                            (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+                            (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+                        ];
+                        for (k, &q) in q.iter().enumerate() {
+                            let s = sc[8 * h + 2 * k + l / 16] as i8 as f32;
+                            y[128 * h + 32 * k + l] = d * s * (q as i32 - 32) as f32;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// True when the AVX2 kernels can run on this CPU.
 pub fn simd_available() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -411,6 +454,21 @@ mod tests {
             s += *w as f64 * (b.d as f64 * b.qs[j % QK_K] as f64);
         }
         s
+    }
+
+    #[test]
+    fn row_dequantization_matches_candle() {
+        for (dtype, kind) in [(GgmlDType::Q4K, Kind::Q4K), (GgmlDType::Q6K, Kind::Q6K)] {
+            let (n, k) = (4, 768);
+            let (raw, deq) = quantized(dtype, n, k, 21);
+            let row_bytes = k / QK_K * kind.block_bytes();
+            for r in 0..n {
+                let mut out = vec![f32::NAN; k];
+                dequantize_row(kind, &raw[r * row_bytes..(r + 1) * row_bytes], &mut out);
+                // Same formula in the same order as candle's: bit-identical, so the lookup changes no logit.
+                assert_eq!(out, deq[r * k..(r + 1) * k], "{kind:?} row {r}");
+            }
+        }
     }
 
     #[test]

@@ -111,6 +111,12 @@ fn decoding_with_our_kernels_matches_candles_matmul() {
         lb = theirs.forward(&[tok], &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
     }
     assert!(compared >= 6, "too few steps had a clear winner to compare ({compared})");
+    // The embedding rows are dequantized on demand (Q4_K table): a token outside the vocabulary is an error
+    // that leaves the cache as it was.
+    let before = kv_a.len();
+    let err = ours.forward(&[VOCAB as u32], &mut kv_a).unwrap_err().to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    assert_eq!(kv_a.len(), before);
     assert_eq!(kv_a.len(), prompt.len() + 12);
     std::fs::remove_dir_all(&dir).ok();
 }
