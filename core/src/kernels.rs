@@ -140,6 +140,19 @@ pub fn dot_q4k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
     sum
 }
 
+/// The stored (+32) 6-bit quants at positions l, l+32, l+64, l+96 of one 128-value half of a Q6_K block, whose low
+/// 4 bits are in `ql` (64 bytes: positions 0-31 and 64-95 in the nibbles of bytes 0-31, 32-63 and 96-127 in bytes
+/// 32-63) and high 2 bits in `qh` (32 bytes, four positions per byte).
+#[inline(always)]
+fn q6k_quants(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
+    [
+        (ql[l] & 0xF) | ((qh[l] & 3) << 4),
+        (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
+        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
+        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
+    ]
+}
+
 /// Dot product of one Q6_K row with quantized activations, scalar.
 pub fn dot_q6k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
     let mut sum = 0f32;
@@ -150,13 +163,7 @@ pub fn dot_q6k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
             let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
             let mut part = [0i32; 8]; // per sub-block of 16 in this half
             for l in 0..32 {
-                let q = [
-                    (ql[l] & 0xF) | ((qh[l] & 3) << 4),
-                    (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                    (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                    (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                ];
-                for (k, &q) in q.iter().enumerate() {
+                for (k, q) in q6k_quants(ql, qh, l).into_iter().enumerate() {
                     part[2 * k + l / 16] += (q as i32 - 32) * y.qs[128 * h + 32 * k + l] as i32;
                 }
             }
@@ -195,13 +202,7 @@ pub fn dequantize_row(kind: Kind, row: &[u8], out: &mut [f32]) {
                 for h in 0..2 {
                     let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
                     for l in 0..32 {
-                        let q = [
-                            (ql[l] & 0xF) | ((qh[l] & 3) << 4),
-                            (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                            (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                            (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                        ];
-                        for (k, &q) in q.iter().enumerate() {
+                        for (k, q) in q6k_quants(ql, qh, l).into_iter().enumerate() {
                             let s = sc[8 * h + 2 * k + l / 16] as i8 as f32;
                             y[128 * h + 32 * k + l] = d * s * (q as i32 - 32) as f32;
                         }
