@@ -13,7 +13,12 @@
 //!   stacked into one matrix, so one matmul per K/V head replaces `n_head / n_kv_head` copies of the cache;
 //! - queries are scaled before the score matmul (fewer multiplies than scaling the scores once the context is
 //!   longer than a head);
-//! - only the last position goes through the final norm and the vocabulary projection.
+//! - only the last position goes through the final norm and the vocabulary projection;
+//! - one row of activations (every decoded token) is multiplied by our own kernels ([`crate::kernels`]) where the
+//!   weights are Q4_K or Q6_K, streaming the GGUF blocks as stored; several rows (prefill) use candle's tiled
+//!   quantized matmul;
+//! - the embedding table stays quantized and only the prompt's rows are dequantized (for the tied models we serve
+//!   it is the output projection's table too: one copy, read once).
 //!
 //! Supported: RoPE in the NeoX layout (qwen2) or the interleaved GGML layout (llama, mistral); optional q/k/v
 //! biases; tied output embeddings. Mixture-of-experts and partial rotary dimensions are refused at load.
