@@ -15,6 +15,7 @@ pub mod error;
 pub mod extract;
 pub mod gate;
 pub mod kernels;
+pub mod lora;
 pub mod model;
 pub mod prefix_cache;
 pub mod prompt;

@@ -1,0 +1,274 @@
+//! LoRA adapters over frozen, quantized base weights (QLoRA-style): the building block of fine-tuning (#5).
+//!
+//! A layer computes `y = x·Wᵀ + (α/r)·(dropout(x)·Aᵀ)·Bᵀ` where `W` (n × k) stays in its GGUF quantization and
+//! is never trained, and `A` (r × k), `B` (n × r) are the trainable f32 matrices. Training needs the gradient with
+//! respect to `x` through the frozen product (to reach the adapters of earlier layers): [`FrozenQMatMul`] is that
+//! op — candle's quantized matmul forward, and a backward pass that multiplies the incoming gradient by `W`
+//! dequantized on the fly (the straight-through gradient of the quantized product; `W` itself gets none).
+//!
+//! Initialisation follows PEFT's defaults, so adapters mean the same thing here and there: `A` uniform in
+//! ±1/√k (PyTorch's Kaiming-uniform with a = √5), `B` zero, so a new adapter leaves the model unchanged. The
+//! random numbers come from a seeded generator of our own: the same seed gives the same adapter on any machine.
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, Var};
+use std::sync::Arc;
+
+/// `x·Wᵀ` for a frozen quantized `W`, differentiable with respect to `x`.
+pub struct FrozenQMatMul(pub Arc<QTensor>);
+
+impl CustomOp1 for FrozenQMatMul {
+    fn name(&self) -> &'static str {
+        "frozen-qmatmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        <QTensor as CustomOp1>::cpu_fwd(&self.0, storage, layout)
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        // ∂L/∂x = ∂L/∂y · W, with W (n × k) dequantized for this product only.
+        let w = self.0.dequantize(arg.device())?;
+        Ok(Some(grad_res.broadcast_matmul(&w)?))
+    }
+}
+
+/// A small seeded generator (SplitMix64) for adapter initialisation and dropout masks.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f32 {
+        (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
+    }
+}
+
+/// Rank, scaling and dropout of an adapter.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f32,
+    pub dropout: f32,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+}
+
+/// One adapted linear layer.
+pub struct LoraLinear {
+    base: Arc<QTensor>,
+    pub a: Var,
+    pub b: Var,
+    cfg: LoraConfig,
+}
+
+impl LoraLinear {
+    /// A fresh adapter on `base` (n × k): `A` uniform in ±1/√k from `rng`, `B` zero.
+    pub fn new(base: Arc<QTensor>, cfg: LoraConfig, rng: &mut Rng) -> Result<LoraLinear> {
+        let (n, k) = base.shape().dims2()?;
+        if cfg.rank == 0 || cfg.rank > n.min(k) {
+            candle_core::bail!("LoRA rank {} is not in 1..={} for a {n}×{k} weight", cfg.rank, n.min(k));
+        }
+        if !(0.0..1.0).contains(&cfg.dropout) {
+            candle_core::bail!("LoRA dropout {} is not in [0, 1)", cfg.dropout);
+        }
+        let device = base.device();
+        let bound = 1.0 / (k as f32).sqrt();
+        let a: Vec<f32> = (0..cfg.rank * k).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
+        let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, k), &device)?)?;
+        let b = Var::zeros((n, cfg.rank), candle_core::DType::F32, &device)?;
+        Ok(LoraLinear { base, a, b, cfg })
+    }
+
+    /// An adapter with given matrices (loading a saved one).
+    pub fn with_weights(base: Arc<QTensor>, a: Tensor, b: Tensor, cfg: LoraConfig) -> Result<LoraLinear> {
+        let (n, k) = base.shape().dims2()?;
+        if a.dims() != [cfg.rank, k] || b.dims() != [n, cfg.rank] {
+            candle_core::bail!("adapter shapes A {:?}, B {:?} do not fit a {n}×{k} weight at rank {}", a.dims(), b.dims(), cfg.rank);
+        }
+        Ok(LoraLinear { base, a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, cfg })
+    }
+
+    pub fn config(&self) -> LoraConfig {
+        self.cfg
+    }
+
+    /// `x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ`. Dropout applies only when `rng` is given (training), with a mask
+    /// drawn from it, so a seeded run is repeatable.
+    pub fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        let y = x.contiguous()?.apply_op1(FrozenQMatMul(self.base.clone()))?;
+        let xd = match rng {
+            Some(rng) if self.cfg.dropout > 0.0 => {
+                let p = self.cfg.dropout;
+                let keep: Vec<f32> =
+                    (0..x.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { 1.0 / (1.0 - p) }).collect();
+                (x * Tensor::from_vec(keep, x.shape(), x.device())?)?
+            }
+            _ => x.clone(),
+        };
+        let low = xd.broadcast_matmul(&self.a.as_tensor().t()?)?;
+        let delta = (low.broadcast_matmul(&self.b.as_tensor().t()?)? * self.cfg.scale() as f64)?;
+        y + delta
+    }
+
+    /// The base weight with the adapter folded in, `W + scale·B·A`, quantized back to the base's format.
+    pub fn merged(&self) -> Result<QTensor> {
+        let w = self.base.dequantize(&self.base.device())?;
+        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.cfg.scale() as f64)?;
+        QTensor::quantize(&(w + delta)?, self.base.dtype())
+    }
+
+    pub fn base_dtype(&self) -> GgmlDType {
+        self.base.dtype()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn tensor(shape: (usize, usize), rng: &mut Rng, scale: f32) -> Tensor {
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn base(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> Arc<QTensor> {
+        Arc::new(QTensor::quantize(&tensor((n, k), &mut Rng::new(seed), 0.5), dtype).unwrap())
+    }
+
+    /// L = Σ y ⊙ g for a fixed g: its gradient with respect to y is g.
+    fn loss(layer: &LoraLinear, x: &Tensor, g: &Tensor) -> Tensor {
+        (layer.forward(x, None).unwrap() * g).unwrap().sum_all().unwrap()
+    }
+
+    /// Central finite difference of `loss` with respect to element `i` of `v` (a Var of `layer` or the input).
+    fn numeric(f: &dyn Fn() -> f32, v: &Var, i: usize, h: f32) -> f32 {
+        let orig = v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let set = |delta: f32| {
+            let mut w = orig.clone();
+            w[i] += delta;
+            v.set(&Tensor::from_vec(w, v.shape(), v.device()).unwrap()).unwrap();
+        };
+        set(h);
+        let up = f();
+        set(-h);
+        let down = f();
+        set(0.0);
+        (up - down) / (2.0 * h)
+    }
+
+    fn assert_close(analytic: f32, numeric: f32, what: &str) {
+        let tol = 2e-2 * analytic.abs().max(numeric.abs()).max(1e-2);
+        assert!((analytic - numeric).abs() <= tol, "{what}: analytic {analytic} vs finite difference {numeric}");
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        // An f32 base keeps the forward pass exact, so finite differences are meaningful for x as well.
+        let (n, k, r) = (6, 256, 3);
+        let mut rng = Rng::new(7);
+        let cfg = LoraConfig { rank: r, alpha: 6.0, dropout: 0.0 };
+        let layer = LoraLinear::new(base(GgmlDType::F32, n, k, 1), cfg, &mut rng).unwrap();
+        // B starts at zero (A's gradient would be zero too): give it values so every path is exercised.
+        layer.b.set(&tensor((n, r), &mut rng, 0.3)).unwrap();
+        let x = Var::from_tensor(&tensor((2, k), &mut rng, 1.0)).unwrap();
+        let g = tensor((2, n), &mut rng, 1.0);
+        let grads = loss(&layer, x.as_tensor(), &g).backward().unwrap();
+        let f = || loss(&layer, x.as_tensor(), &g).to_scalar::<f32>().unwrap();
+        for (name, v) in [("A", &layer.a), ("B", &layer.b), ("x", &x)] {
+            let ga = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+            let ga = ga.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in [0, 1, ga.len() / 2, ga.len() - 1] {
+                assert_close(ga[i], numeric(&f, v, i, 1e-2), &format!("∂L/∂{name}[{i}]"));
+            }
+        }
+    }
+
+    #[test]
+    fn the_quantized_base_passes_the_dequantized_weight_gradient() {
+        let (n, k) = (8, 512);
+        let w = base(GgmlDType::Q4K, n, k, 3);
+        let x = Var::from_tensor(&tensor((3, k), &mut Rng::new(4), 1.0)).unwrap();
+        let g = tensor((3, n), &mut Rng::new(5), 1.0);
+        let y = x.as_tensor().apply_op1(FrozenQMatMul(w.clone())).unwrap();
+        let grad = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let got = grad.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want = g.matmul(&w.dequantize(&Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn a_new_adapter_changes_nothing_and_a_merged_one_matches_base_plus_adapter() {
+        let (n, k, r) = (16, 512, 4);
+        let mut rng = Rng::new(11);
+        let cfg = LoraConfig { rank: r, alpha: 8.0, dropout: 0.1 };
+        let w0 = tensor((n, k), &mut Rng::new(9), 0.5);
+        let w = Arc::new(QTensor::quantize(&w0, GgmlDType::Q4K).unwrap());
+        let layer = LoraLinear::new(w.clone(), cfg, &mut rng).unwrap();
+        let x = tensor((4, k), &mut rng, 1.0);
+        let plain = x.apply_op1(FrozenQMatMul(w.clone())).unwrap();
+        let fresh = layer.forward(&x, None).unwrap();
+        assert_eq!(plain.to_vec2::<f32>().unwrap(), fresh.to_vec2::<f32>().unwrap(), "B = 0: the adapter is a no-op");
+
+        layer.b.set(&tensor((n, r), &mut rng, 0.5)).unwrap();
+        let adapted = layer.forward(&x, None).unwrap();
+        let merged = layer.merged().unwrap();
+        assert_eq!(merged.dtype(), GgmlDType::Q4K);
+        let folded = x.apply_op1(FrozenQMatMul(Arc::new(merged))).unwrap();
+        let (a, b) = (adapted.flatten_all().unwrap().to_vec1::<f32>().unwrap(), folded.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let max_diff = |p: &[f32], q: &[f32]| p.iter().zip(q).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+        let diff = max_diff(&a, &b);
+        // Folding ΔW in means quantizing W + ΔW to 4.5 bits once more: the error must be of the size that
+        // quantizing W cost in the first place (measured on the same input), not more.
+        let exact = x.matmul(&w0.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let quant_err = max_diff(&plain.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &exact);
+        assert!(diff <= 2.0 * quant_err, "merged vs base + adapter: max |diff| {diff}; quantizing W cost {quant_err}");
+        let delta = max_diff(&a, &plain.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        assert!(delta > diff, "the adapter's effect ({delta}) must exceed the merge error ({diff})");
+    }
+
+    #[test]
+    fn dropout_is_seeded_and_off_at_inference() {
+        let (n, k) = (4, 256);
+        let cfg = LoraConfig { rank: 2, alpha: 4.0, dropout: 0.5 };
+        let layer = LoraLinear::new(base(GgmlDType::F32, n, k, 2), cfg, &mut Rng::new(1)).unwrap();
+        layer.b.set(&tensor((n, 2), &mut Rng::new(3), 1.0)).unwrap();
+        let x = tensor((1, k), &mut Rng::new(4), 1.0);
+        let run = |seed| layer.forward(&x, Some(&mut Rng::new(seed))).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(run(5), run(5));
+        assert_ne!(run(5), run(6));
+        assert_eq!(layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap(), layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        let w = base(GgmlDType::F32, 4, 256, 1);
+        for (rank, dropout) in [(0, 0.0), (5, 0.0), (2, 1.0), (2, -0.1)] {
+            let cfg = LoraConfig { rank, alpha: 1.0, dropout };
+            assert!(LoraLinear::new(w.clone(), cfg, &mut Rng::new(1)).is_err(), "rank {rank}, dropout {dropout}");
+        }
+        let cfg = LoraConfig { rank: 2, alpha: 1.0, dropout: 0.0 };
+        let a = Tensor::zeros((3, 256), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((4, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(LoraLinear::with_weights(w, a, b, cfg).is_err());
+    }
+}
