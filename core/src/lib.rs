@@ -16,6 +16,7 @@ pub mod extract;
 pub mod gate;
 pub mod kernels;
 pub mod lora;
+pub mod peft;
 pub mod model;
 pub mod prefix_cache;
 pub mod prompt;
