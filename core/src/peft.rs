@@ -245,6 +245,84 @@ impl Adapter {
     }
 }
 
+/// What [`merge_into_gguf`] wrote.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergeSummary {
+    pub tensors: usize,
+    /// Weights that had an adapter folded in (re-quantized to their own format).
+    pub merged: usize,
+    pub metadata_keys: usize,
+    pub bytes: u64,
+}
+
+/// Fold `adapter` into the GGUF at `base` and write the result to `out`: every tensor keeps its name, shape and
+/// quantization (an adapted weight becomes `W + (α/r)·B·A`, re-quantized to W's format), and all the base's
+/// metadata is kept — architecture, tokenizer, chat template — so the file loads wherever the base does
+/// (`SET copilot.model`). Adds `copilot.lora.*` keys recording the adapter's base model, rank and alpha.
+pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_core::Result<MergeSummary> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut f = std::fs::File::open(base).map_err(|e| err(format!("cannot open {}: {e}", base.display())))?;
+    let ct = gguf_file::Content::read(&mut f).map_err(|e| err(format!("{} is not a readable GGUF file: {e}", base.display())))?;
+    let device = Device::Cpu;
+    let mut names: Vec<(&String, u64)> = ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
+    names.sort_by_key(|(_, off)| *off);
+    let scale = adapter.config.scale() as f64;
+    let mut used = 0;
+    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
+    for (name, _) in names {
+        let qt = ct.tensor(&mut f, name, &device)?;
+        let key = name
+            .strip_prefix("blk.")
+            .and_then(|rest| rest.split_once('.'))
+            .and_then(|(layer, rest)| Some((layer.parse::<usize>().ok()?, Target::from_name(rest.strip_suffix(".weight")?)?)));
+        let qt = match key.and_then(|k| adapter.weights.get(&k).map(|w| (k, w))) {
+            Some(((layer, target), (a, b))) => {
+                let (n, k) = qt.shape().dims2()?;
+                if a.dims() != [adapter.config.rank, k] || b.dims() != [n, adapter.config.rank] {
+                    return Err(err(format!(
+                        "adapter for layer {layer} {} has A {:?}, B {:?}; the base weight {name} is {n}×{k}",
+                        target.peft_name(),
+                        a.dims(),
+                        b.dims()
+                    )));
+                }
+                used += 1;
+                let w = (qt.dequantize(&device)? + (b.matmul(a)? * scale)?)?;
+                QTensor::quantize(&w, qt.dtype())?
+            }
+            None => qt,
+        };
+        tensors.push((name.clone(), qt));
+    }
+    if used != adapter.weights.len() {
+        return Err(err(format!(
+            "the adapter has {} weights but only {used} match tensors of {} (another base model?)",
+            adapter.weights.len(),
+            base.display()
+        )));
+    }
+    use gguf_file::Value;
+    // The writer lays tensors out at its own 32-byte alignment; a base's own `general.alignment` would misdescribe it.
+    let mut meta: Vec<(String, Value)> =
+        ct.metadata.iter().filter(|(k, _)| k.as_str() != "general.alignment").map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.push(("copilot.lora.base_model".into(), Value::String(adapter.base_model.clone())));
+    meta.push(("copilot.lora.rank".into(), Value::U32(adapter.config.rank as u32)));
+    meta.push(("copilot.lora.alpha".into(), Value::F32(adapter.config.alpha)));
+    meta.sort_by(|a, b| a.0.cmp(&b.0));
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tmp = out.with_extension("gguf.part");
+    {
+        let file = std::fs::File::create(&tmp).map_err(|e| err(format!("cannot create {}: {e}", tmp.display())))?;
+        let mut w = std::io::BufWriter::new(file);
+        gguf_file::write(&mut w, &meta_refs, &tensor_refs)?;
+        std::io::Write::flush(&mut w)?;
+    }
+    std::fs::rename(&tmp, out).map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
+    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    Ok(MergeSummary { tensors: tensors.len(), merged: used, metadata_keys: meta.len(), bytes })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,16 @@
 //! copilot-trainer: datasets, evaluation and fine-tuning for copilot's text-to-SQL models.
 //!
 //! It uses copilot-core's schema renderer, prompt builder and runtime, so what it prepares and measures is what
-//! the extension runs. Subcommands so far: `data load-pg` (Spider SQLite databases into PostgreSQL) and
-//! `model fetch` (a model from the Hugging Face Hub through hf-hub, or a local file).
+//! the extension runs. Subcommands: `data` (Spider rows and databases), `eval`, `eval-wikisql`, `export` (a PEFT
+//! LoRA adapter merged into its base GGUF) and `model fetch` (a model from the Hugging Face Hub through hf-hub, or a
+//! local file).
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 mod data;
 mod eval;
+mod export;
 mod model;
 mod spider;
 mod sqlnorm;
@@ -40,6 +42,8 @@ enum Command {
         #[arg(long)]
         predictions: std::path::PathBuf,
     },
+    /// Fold a PEFT LoRA adapter into its base GGUF (same quantization and metadata) → a GGUF copilot.model loads.
+    Export(export::ExportArgs),
     /// Models: fetch a GGUF from the Hub (or check a local one).
     Model {
         #[command(subcommand)]
@@ -57,6 +61,7 @@ fn main() {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)
             .map(|s| println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default())),
     };
