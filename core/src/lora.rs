@@ -127,16 +127,22 @@ impl LoraLinear {
         y + delta
     }
 
-    /// The base weight with the adapter folded in, `W + scale·B·A`, quantized back to the base's format.
+    /// The base weight with the adapter folded in, quantized back to the base's format (see [`merge`]).
     pub fn merged(&self) -> Result<QTensor> {
-        let w = self.base.dequantize(&self.base.device())?;
-        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.cfg.scale() as f64)?;
-        QTensor::quantize(&(w + delta)?, self.base.dtype())
+        merge(&self.base, self.a.as_tensor(), self.b.as_tensor(), self.cfg.scale())
     }
 
     pub fn base_dtype(&self) -> GgmlDType {
         self.base.dtype()
     }
+}
+
+/// `W + scale·B·A` for a quantized `W` (n × k) and an adapter `A` (r × k), `B` (n × r), quantized back to `W`'s
+/// own format.
+pub fn merge(base: &QTensor, a: &Tensor, b: &Tensor, scale: f32) -> Result<QTensor> {
+    let w = base.dequantize(&base.device())?;
+    let delta = (b.matmul(a)? * scale as f64)?;
+    QTensor::quantize(&(w + delta)?, base.dtype())
 }
 
 #[cfg(test)]

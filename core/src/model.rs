@@ -34,8 +34,6 @@ use std::sync::Arc;
 /// through candle's quantized matmul. Both read the same weight bytes (the `QTensor` is shared, not copied).
 struct Linear {
     mm: QMatMul,
-    /// The weights and their format, when our decode kernels apply.
-    raw: Option<(Arc<QTensor>, kernels::Kind)>,
     n: usize,
     k: usize,
 }
@@ -43,9 +41,17 @@ struct Linear {
 impl Linear {
     fn new(qt: Arc<QTensor>) -> Result<Linear> {
         let (n, k) = qt.shape().dims2()?;
-        let kind = kernels::Kind::from_ggml(qt.dtype()).filter(|_| k.is_multiple_of(kernels::QK_K));
-        let raw = kind.map(|kind| (qt.clone(), kind));
-        Ok(Linear { mm: QMatMul::from_arc(qt)?, raw, n, k })
+        Ok(Linear { mm: QMatMul::from_arc(qt)?, n, k })
+    }
+
+    /// The quantized weights and their format, when our decode kernels cover them.
+    fn raw(&self) -> Option<(&QTensor, kernels::Kind)> {
+        match &self.mm {
+            QMatMul::QTensor(qt) if self.k.is_multiple_of(kernels::QK_K) => {
+                kernels::Kind::from_ggml(qt.dtype()).map(|kind| (qt.as_ref(), kind))
+            }
+            _ => None,
+        }
     }
 
     fn forward(&self, x: &Tensor, own_kernels: bool) -> Result<Tensor> {
@@ -56,7 +62,7 @@ impl Linear {
     /// kernels is one pass over the thread pool for all of them; otherwise each goes through candle.
     fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
         let k = layers[0].k;
-        let ours: Option<Vec<_>> = layers.iter().map(|l| l.raw.as_ref().filter(|_| l.k == k)).collect();
+        let ours: Option<Vec<_>> = layers.iter().map(|l| l.raw().filter(|_| l.k == k)).collect();
         match ours {
             Some(raw) if own_kernels && x.elem_count() == k && x.device().is_cpu() => {
                 let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;

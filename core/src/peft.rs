@@ -266,7 +266,6 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
     let device = Device::Cpu;
     let mut names: Vec<(&String, u64)> = ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     names.sort_by_key(|(_, off)| *off);
-    let scale = adapter.config.scale() as f64;
     let mut used = 0;
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     for (name, _) in names {
@@ -287,8 +286,7 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
                     )));
                 }
                 used += 1;
-                let w = (qt.dequantize(&device)? + (b.matmul(a)? * scale)?)?;
-                QTensor::quantize(&w, qt.dtype())?
+                crate::lora::merge(&qt, a, b, adapter.config.scale())?
             }
             None => qt,
         };
