@@ -7,12 +7,15 @@
 //! - [`model`]: our transformer forward pass over candle ops, with a caller-owned KV state;
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`runtime`]: candle quantized GGUF models (qwen2, llama/mistral) with greedy decoding and stop rules;
+//! - [`lora`], [`peft`], [`finetune`]: LoRA adapters over the frozen quantized base, their PEFT files, and the
+//!   differentiable forward pass the trainer fine-tunes them with;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
 
 pub mod backend;
 pub mod error;
 pub mod extract;
+pub mod finetune;
 pub mod gate;
 pub mod kernels;
 pub mod lora;

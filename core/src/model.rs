@@ -96,13 +96,13 @@ impl Linear {
 /// The token embedding table. Kept in its quantized form where our kernels can dequantize single rows (the table
 /// is shared with the output projection when the model ties them, so it costs no memory of its own); other
 /// formats are dequantized to f32 once at load.
-enum Embedding {
+pub(crate) enum Embedding {
     Rows { qt: Arc<QTensor>, kind: kernels::Kind, dim: usize },
     Dense(Tensor),
 }
 
 impl Embedding {
-    fn new(qt: Arc<QTensor>, device: &Device) -> Result<Embedding> {
+    pub(crate) fn new(qt: Arc<QTensor>, device: &Device) -> Result<Embedding> {
         let (_, dim) = qt.shape().dims2()?;
         match kernels::Kind::from_ggml(qt.dtype()) {
             Some(kind) if dim.is_multiple_of(kernels::QK_K) && device.is_cpu() => Ok(Embedding::Rows { qt, kind, dim }),
@@ -111,7 +111,7 @@ impl Embedding {
     }
 
     /// Rows of `tokens`, shape `(1, t, dim)`.
-    fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+    pub(crate) fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             Embedding::Dense(table) => table.index_select(&Tensor::new(tokens, device)?, 0)?.unsqueeze(0),
             Embedding::Rows { qt, kind, dim } => {
@@ -141,7 +141,7 @@ impl Embedding {
 /// of the load. Fixing the threshold at its 32 MB maximum and trimming only above 256 MB makes that reuse
 /// deterministic. Process-wide, once; in PostgreSQL this runs in the background worker, whose own allocations
 /// (memory contexts) are small and unaffected.
-fn keep_freed_memory() {
+pub(crate) fn keep_freed_memory() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -443,7 +443,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, n_kv_head: 
 
 /// Additive causal mask for `t` new tokens at positions `pos..pos+t` over `pos + t` keys, repeated for the
 /// `n_rep` query heads stacked per K/V head: shape `(n_rep * t, pos + t)`.
-fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
+pub(crate) fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
     let kv = pos + t;
     let mut m = Vec::with_capacity(n_rep * t * kv);
     for _ in 0..n_rep {
@@ -454,7 +454,7 @@ fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -> Result<Te
     Tensor::from_vec(m, (n_rep * t, kv), device)
 }
 
-fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(head_dim: usize, base: f32, positions: usize, device: &Device) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
     let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
     let idx = Tensor::arange(0, positions as u32, device)?.to_dtype(DType::F32)?.reshape((positions, 1))?;

@@ -14,6 +14,7 @@ mod export;
 mod model;
 mod spider;
 mod sqlnorm;
+mod train;
 
 #[derive(Parser)]
 #[command(name = "copilot-trainer", version, about = "Datasets, evaluation and fine-tuning for copilot")]
@@ -42,6 +43,8 @@ enum Command {
         #[arg(long)]
         predictions: std::path::PathBuf,
     },
+    /// LoRA/QLoRA fine-tuning of a GGUF model from a recipe (TOML) → PEFT adapter, checkpoints, training_summary.json.
+    Train(train::TrainArgs),
     /// Fold a PEFT LoRA adapter into its base GGUF (same quantization and metadata) → a GGUF copilot.model loads.
     Export(export::ExportArgs),
     /// Models: fetch a GGUF from the Hub (or check a local one).
@@ -62,6 +65,7 @@ fn main() {
         Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::Train(args) => train::run(&args),
         Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)
             .map(|s| println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default())),
     };

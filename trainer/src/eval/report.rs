@@ -77,13 +77,23 @@ fn font_path() -> Option<PathBuf> {
     .find(|p| p.is_file())
 }
 
+/// Register DejaVu Sans as plotters' "sans-serif" (once per process).
+pub fn register_font() -> Result<()> {
+    static DONE: std::sync::OnceLock<std::result::Result<(), String>> = std::sync::OnceLock::new();
+    DONE.get_or_init(|| {
+        let font = font_path().ok_or("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)".to_string())?;
+        let bytes: &'static [u8] = Box::leak(std::fs::read(&font).map_err(|e| e.to_string())?.into_boxed_slice());
+        plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, bytes)
+            .map_err(|_| format!("cannot read {}", font.display()))
+    })
+    .clone()
+    .map_err(|e| anyhow::anyhow!(e))
+}
+
 /// Bars of execution accuracy (and exact-set-match) by hardness.
 pub fn plot(r: &Report, path: &Path) -> Result<()> {
     use plotters::prelude::*;
-    let font = font_path().context("no DejaVuSans.ttf (apt-get install fonts-dejavu-core)")?;
-    let bytes: &'static [u8] = Box::leak(std::fs::read(&font)?.into_boxed_slice());
-    plotters::style::register_font("sans-serif", FontStyle::Normal, bytes)
-        .map_err(|_| anyhow::anyhow!("cannot read {}", font.display()))?;
+    register_font()?;
 
     let mut cats: Vec<(String, usize, f64, f64)> =
         ordered(r).into_iter().map(|(h, b)| (h, b.n, b.ex, b.exact_set)).collect();

@@ -1,0 +1,479 @@
+//! The model as the trainer sees it: the same GGUF, the same architecture as [`crate::model`], run forward over a
+//! whole sequence with LoRA adapters on chosen projections, and differentiable back to those adapters.
+//!
+//! Why a second forward pass and not [`crate::model::Transformer`]: the inference pass is built for one thing —
+//! speed of a single decode step — with our own kernels, candle's fused ops (RMSNorm, RoPE, softmax) and a KV
+//! cache. None of those fused ops has a backward pass in candle 0.11, and a training step needs every op between
+//! the loss and the adapters to have one. So this pass keeps exactly the same arithmetic (same weights, same
+//! rotary tables, same grouped-query layout, same epsilon; checked against the inference pass by a test) written
+//! with differentiable ops: RMSNorm and softmax composed from elementwise ops, RoPE as a multiply–add over the
+//! rotary tables, and each frozen projection kept quantized with a backward pass of its own
+//! ([`crate::lora::FrozenQMatMul`], the QLoRA setting: through a transposed Q8_0 copy, or exactly through the
+//! weight dequantized on the fly) or dequantized to f32 once at load ([`BaseMode::F32`]).
+//!
+//! Only the adapters' A and B are variables: the embedding table, norms, biases and base weights get no gradient,
+//! and the embedding rows enter as constants. The loss is the mean negative log-likelihood of the completion
+//! tokens only (the prompt is context, not a target), and only the positions that predict a completion token go
+//! through the vocabulary projection — for text-to-SQL prompts that is a tenth of the sequence.
+
+use crate::lora::{Frozen, LoraConfig, LoraLinear, Rng};
+use crate::model::{causal_mask, keep_freed_memory, rope_tables, Config, Embedding};
+use crate::peft::{Adapter, Layout, Target};
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+/// How the frozen base weights are held during training.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseMode {
+    /// As stored in the GGUF (4-bit for Q4_K_M): QLoRA. The backward pass multiplies by a transposed Q8_0 copy of
+    /// each weight made at load (+1 byte per parameter; see [`crate::lora::FrozenQMatMul`]).
+    Quantized,
+    /// As stored, with the exact backward pass: each weight dequantized on the fly (slower, no extra memory).
+    QuantizedExact,
+    /// Dequantized to f32 once at load: about 4 bytes per parameter, no per-step dequantization.
+    F32,
+}
+
+impl BaseMode {
+    pub fn parse(s: &str) -> Option<BaseMode> {
+        match s {
+            "quantized" | "4bit" | "qlora" => Some(BaseMode::Quantized),
+            "quantized-exact" => Some(BaseMode::QuantizedExact),
+            "f32" | "dense" => Some(BaseMode::F32),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseMode::Quantized => "quantized",
+            BaseMode::QuantizedExact => "quantized-exact",
+            BaseMode::F32 => "f32",
+        }
+    }
+}
+
+/// What to adapt and how.
+#[derive(Debug, Clone)]
+pub struct FinetuneOptions {
+    pub targets: Vec<Target>,
+    pub lora: LoraConfig,
+    pub base: BaseMode,
+    /// Seeds the adapters' initialisation (dropout masks come from the training loop's own generator).
+    pub seed: u64,
+    /// Longest sequence (prompt + completion) the rotary tables are built for.
+    pub max_positions: usize,
+}
+
+/// A projection: frozen, or frozen with an adapter.
+enum Proj {
+    Frozen(Frozen),
+    Adapted(LoraLinear),
+}
+
+impl Proj {
+    fn forward(&self, x: &Tensor, rng: Option<&mut Rng>) -> Result<Tensor> {
+        match self {
+            Proj::Frozen(f) => f.forward(x),
+            Proj::Adapted(l) => l.forward(x, rng),
+        }
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    /// In [`Target::ALL`] order: q, k, v, o, gate, up, down.
+    proj: Vec<Proj>,
+    bq: Option<Tensor>,
+    bk: Option<Tensor>,
+    bv: Option<Tensor>,
+}
+
+/// A GGUF model with trainable LoRA adapters.
+pub struct TrainableModel {
+    cfg: Config,
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    output: Frozen,
+    cos: Tensor,
+    sin: Tensor,
+    opts: FinetuneOptions,
+    device: Device,
+}
+
+fn idx(t: Target) -> usize {
+    Target::ALL.iter().position(|&x| x == t).expect("a target of ALL")
+}
+
+impl TrainableModel {
+    /// Load `path` and put fresh adapters (PEFT's initialisation, seeded) on `opts.targets` of every layer.
+    pub fn load(path: &Path, opts: FinetuneOptions) -> Result<TrainableModel> {
+        if opts.targets.is_empty() {
+            candle_core::bail!("no target projections: name at least one of q, k, v, o, gate, up, down");
+        }
+        keep_freed_memory();
+        let device = Device::Cpu;
+        let mut f = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+        let ct = gguf_file::Content::read(&mut f)
+            .map_err(|e| candle_core::Error::Msg(format!("{} is not a readable GGUF file: {e}", path.display())))?;
+        let cfg = Config::from_gguf(&ct)?;
+        let mut get = |name: &str| ct.tensor(&mut f, name, &device);
+        let token_embd = Arc::new(get("token_embd.weight")?);
+        let embed = Embedding::new(token_embd.clone(), &device)?;
+        let norm = get("output_norm.weight")?.dequantize(&device)?;
+        let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {
+            match opts.base {
+                BaseMode::Quantized => Frozen::quantized_q8_backward(q),
+                BaseMode::QuantizedExact => Ok(Frozen::quantized(q)),
+                BaseMode::F32 => Frozen::dense(q),
+            }
+        };
+        let output = match ct.tensor_infos.contains_key("output.weight") {
+            true => Arc::new(get("output.weight")?),
+            false => token_embd,
+        };
+        // In f32 mode the vocabulary projection is dense too, so the loss is a smooth function of the adapters
+        // (a quantized product rounds its input activations to 8 bits: piecewise constant at fine scales).
+        let output = frozen(output)?;
+        let mut rng = Rng::new(opts.seed);
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("blk.{i}");
+            let mut bias = |n: &str| -> Result<Option<Tensor>> {
+                let name = format!("{p}.{n}.bias");
+                match ct.tensor_infos.contains_key(&name) {
+                    true => Ok(Some(get(&name)?.dequantize(&device)?)),
+                    false => Ok(None),
+                }
+            };
+            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
+            let mut proj = Vec::with_capacity(7);
+            for t in Target::ALL {
+                let q = Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?);
+                let base = frozen(q)?;
+                proj.push(match opts.targets.contains(&t) {
+                    true => Proj::Adapted(LoraLinear::on(base, opts.lora, &mut rng)?),
+                    false => Proj::Frozen(base),
+                });
+            }
+            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(&device)?;
+            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(&device)?;
+            layers.push(Layer { attn_norm, ffn_norm, proj, bq, bk, bv });
+        }
+        let max_positions = opts.max_positions.clamp(1, cfg.context_length);
+        let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, &device)?;
+        Ok(TrainableModel { cfg, embed, layers, norm, output, cos, sin, opts, device })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn options(&self) -> &FinetuneOptions {
+        &self.opts
+    }
+
+    pub fn layout(&self) -> Layout {
+        Layout { arch: self.cfg.arch.clone(), n_head: self.cfg.n_head, n_kv_head: self.cfg.n_kv_head }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.dim(0).unwrap_or(0)
+    }
+
+    fn adapted(&self) -> impl Iterator<Item = (usize, Target, &LoraLinear)> {
+        self.layers.iter().enumerate().flat_map(|(i, l)| {
+            Target::ALL.into_iter().zip(&l.proj).filter_map(move |(t, p)| match p {
+                Proj::Adapted(a) => Some((i, t, a)),
+                Proj::Frozen(_) => None,
+            })
+        })
+    }
+
+    /// The trainable variables with stable names (`blk.{layer}.{target}.lora_a` / `lora_b`), in a fixed order.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let mut v = Vec::new();
+        for (i, t, a) in self.adapted() {
+            v.push((format!("blk.{i}.{}.lora_a", t.gguf_name()), a.a.clone()));
+            v.push((format!("blk.{i}.{}.lora_b", t.gguf_name()), a.b.clone()));
+        }
+        v
+    }
+
+    /// Number of trainable parameters.
+    pub fn trainable_parameters(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// The adapters as they stand, for saving in PEFT format.
+    pub fn adapter(&self, base_model: &str) -> Result<Adapter> {
+        let mut weights = BTreeMap::new();
+        for (i, t, a) in self.adapted() {
+            weights.insert((i, t), (a.a.as_tensor().copy()?, a.b.as_tensor().copy()?));
+        }
+        Ok(Adapter { config: self.opts.lora, base_model: base_model.to_string(), weights })
+    }
+
+    /// Replace the adapters by `adapter`'s (resuming); it must cover exactly the projections being trained.
+    pub fn load_adapter(&mut self, adapter: &Adapter) -> Result<()> {
+        if adapter.config.rank != self.opts.lora.rank {
+            candle_core::bail!("the adapter has rank {}, the recipe {}", adapter.config.rank, self.opts.lora.rank);
+        }
+        let have: Vec<(usize, Target)> = self.adapted().map(|(i, t, _)| (i, t)).collect();
+        let given: Vec<(usize, Target)> = adapter.weights.keys().copied().collect();
+        if have != given {
+            candle_core::bail!("the adapter covers {} projections, the recipe trains {} (different targets?)", given.len(), have.len());
+        }
+        for ((i, t), (a, b)) in &adapter.weights {
+            match &mut self.layers[*i].proj[idx(*t)] {
+                Proj::Adapted(l) => l.set_weights(a, b)?,
+                Proj::Frozen(_) => unreachable!("checked above"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hidden states after the final norm, shape `(1, t, n_embd)`. Dropout applies when `rng` is given.
+    pub fn hidden(&self, tokens: &[u32], mut rng: Option<&mut Rng>) -> Result<Tensor> {
+        let t = tokens.len();
+        if t == 0 || t > self.max_positions() {
+            candle_core::bail!("a sequence of {t} tokens does not fit the {} positions of this run", self.max_positions());
+        }
+        let c = &self.cfg;
+        let eps = c.rms_eps;
+        let mut x = self.embed.lookup(tokens, &self.device)?;
+        let n_rep = c.n_head / c.n_kv_head;
+        let mask = causal_mask(t, 0, n_rep, &self.device)?.clamp(-1e9f32, 0f32)?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        for layer in &self.layers {
+            let h = rms_norm(&x, &layer.attn_norm, eps)?;
+            let mut p = |i: usize, x: &Tensor| layer.proj[i].forward(x, rng.as_deref_mut());
+            let (q, k, v) = (p(0, &h)?, p(1, &h)?, p(2, &h)?);
+            let heads = |y: Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
+                let y = match bias {
+                    Some(b) => y.broadcast_add(b)?,
+                    None => y,
+                };
+                y.reshape((1, t, n, c.head_dim))?.transpose(1, 2)
+            };
+            let q = rope(&heads(q, &layer.bq, c.n_head)?, &cos, &sin, c.rope_neox)?;
+            let k = rope(&heads(k, &layer.bk, c.n_kv_head)?, &cos, &sin, c.rope_neox)?;
+            let v = heads(v, &layer.bv, c.n_kv_head)?.contiguous()?;
+            // Grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j are
+            // stacked into one (n_rep·t) × d matrix.
+            let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?.reshape((1, c.n_kv_head, n_rep * t, c.head_dim))?;
+            let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let att = softmax_last_dim(&att)?;
+            let y = att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
+            x = (x + p(3, &y)?)?;
+            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
+            let g = p(4, &h)?.silu()?;
+            let u = p(5, &h)?;
+            x = (x + p(6, &(g * u)?)?)?;
+        }
+        rms_norm(&x, &self.norm, eps)
+    }
+
+    /// Logits of every position, shape `(t, vocab)` (for tests and small models: the full vocabulary projection).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Tensor> {
+        self.output.forward(&self.hidden(tokens, None)?.squeeze(0)?)
+    }
+
+    /// Sum of the negative log-likelihoods of the completion tokens `tokens[n_prompt..]` given everything before
+    /// them, and their count. (A sum, so the training loop can weight every completion token of a batch equally.)
+    pub fn completion_nll(&self, tokens: &[u32], n_prompt: usize, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
+        let t = tokens.len();
+        if n_prompt == 0 || n_prompt >= t {
+            candle_core::bail!("a training row needs a prompt and a completion ({n_prompt} of {t} tokens are prompt)");
+        }
+        let n = t - n_prompt;
+        let h = self.hidden(tokens, rng)?.squeeze(0)?;
+        // Position i predicts token i + 1: the completion is predicted by positions n_prompt-1 .. t-2.
+        let h = h.narrow(0, n_prompt - 1, n)?;
+        let logits = self.output.forward(&h)?;
+        let targets = Tensor::new(&tokens[n_prompt..], &self.device)?;
+        let logp = log_softmax_last_dim(&logits)?;
+        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
+        Ok((picked.sum_all()?.neg()?, n))
+    }
+}
+
+/// RMSNorm from differentiable ops (candle's fused `rms_norm` has no backward pass).
+fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(alpha)
+}
+
+/// Softmax over the last dimension; the row maximum is a constant shift (it cancels in the gradient), so it is
+/// detached rather than differentiated.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let d = x.broadcast_sub(&max)?;
+    d.broadcast_sub(&d.exp()?.sum_keepdim(D::Minus1)?.log()?)
+}
+
+/// Rotary embedding of `x` (1, heads, t, d) with tables (t, d/2): the NeoX layout rotates the two halves of each
+/// head, GGML's interleaved layout rotates adjacent pairs. Same arithmetic as candle's fused kernels.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
+    let (b, h, t, d) = x.dims4()?;
+    let half = d / 2;
+    if neox {
+        let x1 = x.narrow(D::Minus1, 0, half)?;
+        let x2 = x.narrow(D::Minus1, half, half)?;
+        let (c, s) = (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?);
+        let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+        let y2 = (x1.broadcast_mul(&s)? + x2.broadcast_mul(&c)?)?;
+        Tensor::cat(&[y1, y2], D::Minus1)
+    } else {
+        let x = x.reshape((b, h, t, half, 2))?;
+        let x1 = x.narrow(D::Minus1, 0, 1)?;
+        let x2 = x.narrow(D::Minus1, 1, 1)?;
+        let (c, s) = (cos.reshape((1, 1, t, half, 1))?, sin.reshape((1, 1, t, half, 1))?);
+        let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
+        let y2 = (x1.broadcast_mul(&s)? + x2.broadcast_mul(&c)?)?;
+        Tensor::cat(&[y1, y2], D::Minus1)?.reshape((b, h, t, d))
+    }
+}
+
+/// AdamW (decoupled weight decay) with its moments held as tensors, so a checkpoint can save and restore them.
+pub struct AdamW {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Steps taken (for bias correction).
+    pub t: u64,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+}
+
+impl AdamW {
+    pub fn new(vars: &[(String, Var)], weight_decay: f64) -> Result<AdamW> {
+        let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
+        Ok(AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
+            v: vars.iter().map(|(_, v)| zeros(v)).collect::<Result<_>>()?,
+        })
+    }
+
+    /// One update of every variable with its gradient `grads[i]` at learning rate `lr`.
+    pub fn step(&mut self, vars: &[(String, Var)], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.t += 1;
+        let (b1, b2) = (self.beta1, self.beta2);
+        let c1 = 1.0 - b1.powi(self.t as i32);
+        let c2 = 1.0 - b2.powi(self.t as i32);
+        for (i, ((_, var), g)) in vars.iter().zip(grads).enumerate() {
+            self.m[i] = ((&self.m[i] * b1)? + (g * (1.0 - b1))?)?;
+            self.v[i] = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let mhat = (&self.m[i] / c1)?;
+            let vhat = (&self.v[i] / c2)?;
+            let update = (mhat / (vhat.sqrt()? + self.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The moments by name (`<var>.m`, `<var>.v`) for a checkpoint.
+    pub fn state(&self, vars: &[(String, Var)]) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (i, (name, _)) in vars.iter().enumerate() {
+            out.push((format!("{name}.m"), self.m[i].clone()));
+            out.push((format!("{name}.v"), self.v[i].clone()));
+        }
+        out
+    }
+
+    /// Restore moments saved by [`AdamW::state`] at step `t`.
+    pub fn restore(&mut self, vars: &[(String, Var)], state: &std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
+        for (i, (name, var)) in vars.iter().enumerate() {
+            for (slot, suffix) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
+                let key = format!("{name}.{suffix}");
+                let s = state.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint has no optimizer state {key}")))?;
+                if s.dims() != var.dims() {
+                    candle_core::bail!("optimizer state {key} is {:?}, the variable {:?}", s.dims(), var.dims());
+                }
+                *slot = s.to_dtype(DType::F32)?;
+            }
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`: linear warm-up over `warmup` steps to `peak`, then
+/// cosine decay to `peak · min_ratio` at the last step.
+pub fn learning_rate(step: usize, total: usize, warmup: usize, peak: f64, min_ratio: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+    let floor = peak * min_ratio;
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schedule_warms_up_then_decays_by_a_cosine() {
+        let lr = |s| learning_rate(s, 100, 10, 1e-3, 0.1);
+        assert!((lr(0) - 1e-4).abs() < 1e-12);
+        assert!((lr(9) - 1e-3).abs() < 1e-12);
+        assert!((lr(10) - 1e-3).abs() < 1e-12, "peak right after warm-up");
+        assert!((lr(55) - (1e-4 + 0.9e-3 * 0.5)).abs() < 1e-9, "half way down at the middle of the decay");
+        assert!((lr(100) - 1e-4).abs() < 1e-12, "ends at the floor");
+        assert!((1..100).all(|s| s < 10 || lr(s) <= lr(s - 1)), "monotone after warm-up");
+    }
+
+    #[test]
+    fn adamw_takes_the_textbook_first_step() {
+        // With bias correction, Adam's first step moves each weight by lr·sign(g) (|g| ≫ eps); decay shrinks first.
+        let v = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &Device::Cpu).unwrap()).unwrap();
+        let vars = vec![("w".to_string(), v.clone())];
+        let mut opt = AdamW::new(&vars, 0.1).unwrap();
+        opt.step(&vars, &[Tensor::new(&[0.5f32, -3.0], &Device::Cpu).unwrap()], 0.01).unwrap();
+        let got = v.as_tensor().to_vec1::<f32>().unwrap();
+        let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
+        assert_eq!(opt.t, 1);
+    }
+
+    #[test]
+    fn differentiable_ops_match_candles_fused_ones() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 8), &dev).unwrap();
+        let (cos, sin) = rope_tables(8, 10_000.0, 6, &dev).unwrap();
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-5, "{what}: max difference {d}");
+        };
+        close(&rope(&x, &cos, &sin, true).unwrap(), &candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(), "rope neox");
+        close(&rope(&x, &cos, &sin, false).unwrap(), &candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(), "rope interleaved");
+        let alpha = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+        close(&rms_norm(&x, &alpha, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(), "rms_norm");
+        close(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap(), "softmax");
+        close(&log_softmax_last_dim(&x).unwrap(), &candle_nn::ops::log_softmax(&x, D::Minus1).unwrap(), "log_softmax");
+    }
+}

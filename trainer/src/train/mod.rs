@@ -1,0 +1,529 @@
+//! `copilot-trainer train --config recipe.toml`: LoRA fine-tuning of a GGUF model on rows from `data prepare`.
+//!
+//! The run is a pure function of the recipe: rows are shuffled by a generator seeded from `train.seed` (epoch e
+//! uses seed + e), adapters start from PEFT's initialisation drawn from the same seed, and the dropout masks of
+//! step s come from a generator seeded by (seed, s). So optimizer step s always sees the same rows and masks —
+//! whether the run went straight through or was stopped and `--resume`d from a checkpoint (which holds the
+//! adapters, AdamW's moments and the step; nothing else is needed to continue exactly).
+//!
+//! One optimizer step = `batch_size` sequences, each its own forward and backward pass (no padding: on a CPU a
+//! padded batch only adds work), with gradients summed; the loss is the mean over every completion token of the
+//! step (prompt tokens are masked), as Transformers' trainer computes it. Gradients are clipped to a global norm,
+//! then AdamW steps at the learning rate of a linear warm-up + cosine schedule.
+//!
+//! Outputs in `output.dir`: `adapter/` (PEFT files; the best validation loss when there is a validation set,
+//! else the last step), `checkpoints/step-NNNNNN/`, `train_log.jsonl` (one line per step and per validation),
+//! `training_summary.json` and `loss.png`.
+
+pub mod recipe;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Tensor, Var};
+use copilot_core::finetune::{learning_rate, AdamW, FinetuneOptions, TrainableModel};
+use copilot_core::lora::Rng;
+use copilot_core::peft::Adapter;
+use copilot_core::runtime::TextSide;
+use recipe::Recipe;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct TrainArgs {
+    /// The recipe (TOML): model, data, LoRA, schedule, checkpoints, validation, output folder.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Continue from the latest checkpoint in the output folder.
+    #[arg(long)]
+    pub resume: bool,
+    /// Override train.max_steps (for a quick try of a recipe).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Override output.dir.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// A tokenized training row: the prompt's tokens then the completion's.
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub n_prompt: usize,
+}
+
+#[derive(Deserialize)]
+struct Row {
+    prompt: String,
+    completion: String,
+}
+
+/// What a checkpoint holds besides the adapter and the optimizer moments.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    tokens_seen: u64,
+    wall_s: f64,
+    best_val: Option<f64>,
+    best_step: Option<usize>,
+    evals_since_best: usize,
+    history: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct LogLine {
+    step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_s: Option<f64>,
+    elapsed_s: f64,
+}
+
+pub fn read_examples(path: &Path, text: &TextSide, max_seq_len: usize) -> Result<(Vec<Example>, usize)> {
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut too_long = 0;
+    for (i, line) in std::io::BufRead::lines(std::io::BufReader::new(f)).enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: Row = serde_json::from_str(&line)
+            .with_context(|| format!("{}:{}: not a prepared row (run `copilot-trainer data prepare`)", path.display(), i + 1))?;
+        let mut tokens = text.encode(&row.prompt)?;
+        let n_prompt = tokens.len();
+        let completion = text.encode(&row.completion)?;
+        if n_prompt == 0 || completion.is_empty() {
+            bail!("{}:{}: empty prompt or completion", path.display(), i + 1);
+        }
+        tokens.extend(completion);
+        if tokens.len() > max_seq_len {
+            too_long += 1;
+            continue;
+        }
+        out.push(Example { tokens, n_prompt });
+    }
+    Ok((out, too_long))
+}
+
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
+    let mut v: Vec<usize> = (0..n).collect();
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        v.swap(i, j);
+    }
+    v
+}
+
+/// The rows of optimizer step `step`: positions step·b .. step·b + b of the endless sequence of epochs, each a
+/// seeded permutation of the rows.
+pub fn step_rows(step: usize, batch: usize, n: usize, seed: u64, shuffle: bool) -> Vec<usize> {
+    if !shuffle {
+        return (step * batch..(step + 1) * batch).map(|p| p % n).collect();
+    }
+    let mut out = Vec::with_capacity(batch);
+    let mut cached: Option<(usize, Vec<usize>)> = None;
+    for p in step * batch..(step + 1) * batch {
+        let epoch = p / n;
+        if cached.as_ref().map(|c| c.0) != Some(epoch) {
+            cached = Some((epoch, shuffled(n, seed.wrapping_add(epoch as u64))));
+        }
+        out.push(cached.as_ref().expect("set above").1[p % n]);
+    }
+    out
+}
+
+fn step_seed(seed: u64, step: usize) -> u64 {
+    Rng::new(seed ^ 0xD1B5_4A32_D192_ED03).next_u64().wrapping_add(step as u64)
+}
+
+/// Mean completion-token loss of `examples` (no dropout, no update).
+pub fn mean_loss(model: &TrainableModel, examples: &[Example]) -> Result<f64> {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for e in examples {
+        let (nll, k) = model.completion_nll(&e.tokens, e.n_prompt, None)?;
+        sum += nll.to_scalar::<f32>()? as f64;
+        n += k;
+    }
+    Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+}
+
+/// One optimizer step over `rows`: summed gradients of the mean completion-token loss, clipped, then AdamW.
+/// Returns (loss, global gradient norm before clipping, tokens processed).
+pub fn train_step(
+    model: &TrainableModel,
+    vars: &[(String, Var)],
+    opt: &mut AdamW,
+    examples: &[Example],
+    rows: &[usize],
+    lr: f64,
+    max_grad_norm: f64,
+    rng: &mut Rng,
+) -> Result<(f64, f64, usize)> {
+    let total: usize = rows.iter().map(|&i| examples[i].tokens.len() - examples[i].n_prompt).sum();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut loss = 0f64;
+    let mut tokens = 0;
+    for &i in rows {
+        let e = &examples[i];
+        let (nll, _) = model.completion_nll(&e.tokens, e.n_prompt, Some(rng))?;
+        let l = (nll / total as f64)?;
+        loss += l.to_scalar::<f32>()? as f64;
+        let g = l.backward()?;
+        for (slot, (_, v)) in grads.iter_mut().zip(vars) {
+            if let Some(gv) = g.get(v.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    Some(acc) => (acc + gv)?,
+                    None => gv.clone(),
+                });
+            }
+        }
+        tokens += e.tokens.len();
+    }
+    let grads: Vec<Tensor> = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+        .collect::<candle_core::Result<_>>()?;
+    let mut sq = 0f64;
+    for g in &grads {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    if !norm.is_finite() {
+        bail!("the gradient is not finite (norm {norm}); lower train.learning_rate");
+    }
+    let grads = if max_grad_norm > 0.0 && norm > max_grad_norm {
+        let s = max_grad_norm / norm;
+        grads.iter().map(|g| g * s).collect::<candle_core::Result<Vec<_>>>()?
+    } else {
+        grads
+    };
+    opt.step(vars, &grads, lr)?;
+    Ok((loss, norm, tokens))
+}
+
+fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join("state.json").is_file().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn save_checkpoint(out: &Path, model: &TrainableModel, opt: &AdamW, state: &State, base_model: &str, keep: usize) -> Result<()> {
+    let dir = out.join("checkpoints").join(format!("step-{:06}", state.step));
+    let tmp = out.join("checkpoints").join(format!(".step-{:06}.part", state.step));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp)?;
+    model.adapter(base_model)?.save(&tmp, &model.layout())?;
+    let vars = model.vars();
+    let st: HashMap<String, Tensor> = opt.state(&vars).into_iter().collect();
+    candle_core::safetensors::save(&st, tmp.join("optimizer.safetensors"))?;
+    std::fs::write(tmp.join("state.json"), serde_json::to_vec_pretty(state)?)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir)?;
+    let all = checkpoint_dirs(out);
+    for (_, old) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(())
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    let mut recipe = Recipe::load(&args.config)?;
+    if let Some(s) = args.max_steps {
+        recipe.train.max_steps = s;
+    }
+    if let Some(o) = &args.out {
+        recipe.output.dir = o.clone();
+    }
+    let out = recipe.output.dir.clone();
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let threads = match recipe.train.threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    copilot_core::runtime::configure_threads(threads);
+    let base = copilot_core::source::resolve(&recipe.model.base, true)?;
+    let text = TextSide::load(&base)?;
+    let (mut train, train_too_long) = read_examples(&recipe.data.train, &text, recipe.data.max_seq_len)?;
+    if recipe.data.max_train_rows > 0 && train.len() > recipe.data.max_train_rows {
+        let keep = shuffled(train.len(), recipe.train.seed ^ 0x5EED);
+        let mut picked: Vec<usize> = keep.into_iter().take(recipe.data.max_train_rows).collect();
+        picked.sort_unstable();
+        let mut all: Vec<Option<Example>> = train.into_iter().map(Some).collect();
+        train = picked.into_iter().map(|i| all[i].take().expect("each index once")).collect();
+    }
+    if train.is_empty() {
+        bail!("no training rows in {} fit data.max_seq_len = {}", recipe.data.train.display(), recipe.data.max_seq_len);
+    }
+    let mut val = match &recipe.data.val {
+        Some(p) => read_examples(p, &text, recipe.data.max_seq_len)?.0,
+        None => Vec::new(),
+    };
+    if recipe.data.max_val_rows > 0 {
+        val.truncate(recipe.data.max_val_rows);
+    }
+    let batch = recipe.train.batch_size;
+    let steps_per_epoch = train.len().div_ceil(batch);
+    let by_epochs = (recipe.train.epochs * steps_per_epoch as f64).ceil() as usize;
+    let total_steps = match recipe.train.max_steps {
+        0 => by_epochs,
+        m if recipe.train.epochs > 0.0 => m.min(by_epochs),
+        m => m,
+    }
+    .max(1);
+    let max_len = train.iter().chain(&val).map(|e| e.tokens.len()).max().unwrap_or(1);
+    let opts = FinetuneOptions {
+        targets: recipe.targets()?,
+        lora: recipe.lora_config(),
+        base: recipe.base_mode()?,
+        seed: recipe.train.seed,
+        max_positions: max_len,
+    };
+    let load_start = Instant::now();
+    let mut model = TrainableModel::load(&base, opts).with_context(|| format!("cannot load {}", base.display()))?;
+    let load_s = load_start.elapsed().as_secs_f64();
+    let vars = model.vars();
+    let mut opt = AdamW::new(&vars, recipe.train.weight_decay)?;
+    let mut state = State { step: 0, tokens_seen: 0, wall_s: 0.0, best_val: None, best_step: None, evals_since_best: 0, history: vec![] };
+    let base_model = recipe.model.base_model_id.clone();
+    if args.resume {
+        let Some((_, dir)) = checkpoint_dirs(&out).pop() else {
+            bail!("--resume: no checkpoint in {}", out.join("checkpoints").display());
+        };
+        let adapter = Adapter::load(&dir, &model.layout(), &candle_core::Device::Cpu)?;
+        model.load_adapter(&adapter)?;
+        let vars = model.vars();
+        state = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+        let st = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &candle_core::Device::Cpu)?;
+        opt.restore(&vars, &st, state.step as u64)?;
+        tracing::info!("resumed from {} (step {})", dir.display(), state.step);
+    }
+    let vars = model.vars();
+    tracing::info!(
+        "{} training rows ({} over {} tokens skipped), {} validation rows; {} steps of {} sequences; {} trainable parameters; {} threads; base {} loaded in {:.1} s",
+        train.len(),
+        train_too_long,
+        recipe.data.max_seq_len,
+        val.len(),
+        total_steps,
+        batch,
+        model.trainable_parameters(),
+        threads,
+        model.options().base.name(),
+        load_s
+    );
+    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(out.join("train_log.jsonl"))?;
+    let adapter_dir = out.join("adapter");
+    let t = &recipe.train;
+    let bar = indicatif::ProgressBar::new(total_steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
+            .expect("a valid template"),
+    );
+    bar.set_position(state.step as u64);
+    let run_start = Instant::now();
+    let wall_before = state.wall_s;
+    let mut stopped_early = false;
+    let first_val = state.history.iter().find_map(|l| l.val_loss);
+    let validate = |model: &TrainableModel, state: &mut State, log: &mut std::fs::File, elapsed: f64| -> Result<bool> {
+        if val.is_empty() {
+            return Ok(false);
+        }
+        let v = mean_loss(model, &val)?;
+        let line = LogLine { step: state.step, loss: None, val_loss: Some(v), lr: None, grad_norm: None, tokens: None, step_s: None, tokens_per_s: None, elapsed_s: elapsed };
+        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        state.history.push(line);
+        if state.best_val.is_none_or(|b| v < b) {
+            state.best_val = Some(v);
+            state.best_step = Some(state.step);
+            state.evals_since_best = 0;
+            model.adapter(&base_model)?.save(&adapter_dir, &model.layout())?;
+        } else {
+            state.evals_since_best += 1;
+        }
+        Ok(recipe.validation.patience > 0 && state.evals_since_best >= recipe.validation.patience)
+    };
+    if state.step == 0 && first_val.is_none() {
+        validate(&model, &mut state, &mut log, 0.0)?;
+    }
+    while state.step < total_steps {
+        let step_start = Instant::now();
+        let rows = step_rows(state.step, batch, train.len(), t.seed, recipe.data.shuffle);
+        let lr = learning_rate(state.step, total_steps, t.warmup_steps, t.learning_rate, t.min_lr_ratio);
+        let mut rng = Rng::new(step_seed(t.seed, state.step));
+        let (loss, norm, tokens) = train_step(&model, &vars, &mut opt, &train, &rows, lr, t.max_grad_norm, &mut rng)?;
+        state.step += 1;
+        state.tokens_seen += tokens as u64;
+        let step_s = step_start.elapsed().as_secs_f64();
+        let tps = tokens as f64 / step_s;
+        let elapsed = wall_before + run_start.elapsed().as_secs_f64();
+        let line = LogLine { step: state.step, loss: Some(loss), val_loss: None, lr: Some(lr), grad_norm: Some(norm), tokens: Some(tokens), step_s: Some(step_s), tokens_per_s: Some(tps), elapsed_s: elapsed };
+        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        state.history.push(line);
+        bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s  lr {lr:.2e}"));
+        bar.set_position(state.step as u64);
+        let last = state.step == total_steps;
+        if (recipe.validation.every > 0 && state.step.is_multiple_of(recipe.validation.every)) || last {
+            if validate(&model, &mut state, &mut log, elapsed)? && !last {
+                stopped_early = true;
+                tracing::info!("validation loss has not improved for {} validations: stopping", recipe.validation.patience);
+            }
+        }
+        state.wall_s = wall_before + run_start.elapsed().as_secs_f64();
+        let every = recipe.checkpoint.every;
+        if (every > 0 && state.step.is_multiple_of(every)) || last || stopped_early {
+            save_checkpoint(&out, &model, &opt, &state, &base_model, recipe.checkpoint.keep)?;
+        }
+        if stopped_early {
+            break;
+        }
+    }
+    bar.finish();
+    if val.is_empty() {
+        model.adapter(&base_model)?.save(&adapter_dir, &model.layout())?;
+    }
+    state.wall_s = wall_before + run_start.elapsed().as_secs_f64();
+    let losses: Vec<f64> = state.history.iter().filter_map(|l| l.loss).collect();
+    let vals: Vec<f64> = state.history.iter().filter_map(|l| l.val_loss).collect();
+    let tail = |v: &[f64]| -> Option<f64> {
+        let k = v.len().min(10);
+        (k > 0).then(|| v[v.len() - k..].iter().sum::<f64>() / k as f64)
+    };
+    let summary = serde_json::json!({
+        "recipe": recipe,
+        "recipe_file": args.config.display().to_string(),
+        "base": base.display().to_string(),
+        "hardware": {
+            "cpu": cpu_model(),
+            "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "gpu": null,
+        },
+        "threads": threads,
+        "base_mode": model.options().base.name(),
+        "trainable_parameters": model.trainable_parameters(),
+        "train_rows": train.len(),
+        "train_rows_over_max_seq_len": train_too_long,
+        "val_rows": val.len(),
+        "batch_size": batch,
+        "steps": state.step,
+        "total_steps_planned": total_steps,
+        "epochs": state.step as f64 * batch as f64 / train.len() as f64,
+        "lr_schedule": {
+            "kind": "linear warm-up, cosine decay",
+            "peak": t.learning_rate,
+            "warmup_steps": t.warmup_steps,
+            "min_lr_ratio": t.min_lr_ratio,
+            "weight_decay": t.weight_decay,
+            "max_grad_norm": t.max_grad_norm,
+        },
+        "tokens_seen": state.tokens_seen,
+        "wall_s": state.wall_s,
+        "tokens_per_s": state.tokens_seen as f64 / state.wall_s.max(1e-9),
+        "load_s": load_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "train_loss_first": losses.first(),
+        "train_loss_last10_mean": tail(&losses),
+        "val_loss_first": vals.first(),
+        "val_loss_best": state.best_val,
+        "best_step": state.best_step,
+        "stopped_early": stopped_early,
+        "adapter": adapter_dir.display().to_string(),
+    });
+    std::fs::write(out.join("training_summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+    if let Err(e) = plot_loss(&state.history, &out.join("loss.png"), &recipe.model.base_model_id) {
+        tracing::warn!("no loss chart: {e:#}");
+    }
+    println!(
+        "trained {} steps ({} tokens, {:.0} s, {:.1} tok/s); train loss {} → {}; val loss {} → best {}; adapter in {}",
+        state.step,
+        state.tokens_seen,
+        state.wall_s,
+        state.tokens_seen as f64 / state.wall_s.max(1e-9),
+        losses.first().map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+        tail(&losses).map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+        vals.first().map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+        state.best_val.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+        adapter_dir.display()
+    );
+    Ok(())
+}
+
+/// Training loss per step (and its running mean) with validation loss, against steps.
+fn plot_loss(history: &[LogLine], path: &Path, title: &str) -> Result<()> {
+    use plotters::prelude::*;
+    crate::eval::report::register_font()?;
+    let train: Vec<(f64, f64)> = history.iter().filter_map(|l| Some((l.step as f64, l.loss?))).collect();
+    let val: Vec<(f64, f64)> = history.iter().filter_map(|l| Some((l.step as f64, l.val_loss?))).collect();
+    let k = 10usize;
+    let smooth: Vec<(f64, f64)> = (0..train.len())
+        .map(|i| {
+            let lo = i.saturating_sub(k - 1);
+            let w = &train[lo..=i];
+            (train[i].0, w.iter().map(|p| p.1).sum::<f64>() / w.len() as f64)
+        })
+        .collect();
+    let xmax = train.iter().chain(&val).map(|p| p.0).fold(1.0, f64::max);
+    let ymax = train.iter().chain(&val).map(|p| p.1).fold(0.1, f64::max) * 1.05;
+    let root = BitMapBackend::new(path, (900, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("{title} — LoRA fine-tuning loss"), ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(45)
+        .y_label_area_size(55)
+        .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
+    chart.configure_mesh().x_desc("optimizer step").y_desc("loss (nats / completion token)").label_style(("sans-serif", 15)).draw()?;
+    let light = RGBColor(150, 180, 220);
+    let blue = RGBColor(52, 101, 164);
+    let orange = RGBColor(204, 121, 56);
+    chart.draw_series(LineSeries::new(train.iter().copied(), light))?.label("train (step)").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], light));
+    chart
+        .draw_series(LineSeries::new(smooth, blue.stroke_width(2)))?
+        .label("train (mean of 10)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], blue.stroke_width(2)));
+    if !val.is_empty() {
+        chart
+            .draw_series(LineSeries::new(val.iter().copied(), orange.stroke_width(2)).point_size(3))?
+            .label("validation")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], orange.stroke_width(2)));
+    }
+    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    root.present()?;
+    Ok(())
+}

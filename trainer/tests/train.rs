@@ -1,0 +1,188 @@
+//! `copilot-trainer train` end to end on the CI's tiny real model (SmolLM2-135M, llama architecture): a recipe in,
+//! a PEFT adapter, checkpoints, a log and training_summary.json out; a run stopped and `--resume`d ends with the
+//! same adapter as one that went straight through; the adapter exports to a GGUF with a model card; bad recipes
+//! are refused before any work.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn model() -> PathBuf {
+    let p = std::env::var_os("COPILOT_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/copilot/models/smollm2-135m-instruct-q4_1.gguf"));
+    assert!(p.is_file(), "test model {} is missing: run scripts/fetch-model --tiny (or set COPILOT_TEST_MODEL)", p.display());
+    p
+}
+
+fn workdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("copilot-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Short prepared rows (prompt + completion), as `data prepare` writes them.
+fn rows(dir: &Path) -> (PathBuf, PathBuf) {
+    let tables = ["singer", "concert", "stadium", "team", "player", "course"];
+    let mut train = String::new();
+    for (i, t) in tables.iter().enumerate() {
+        for (q, a) in [("How many rows are in", "SELECT count(*) FROM"), ("List everything in", "SELECT * FROM")] {
+            let row = serde_json::json!({
+                "prompt": format!("CREATE TABLE {t} (id INT)\nQuestion: {q} {t}?\nSQL: "),
+                "completion": format!("{a} {t};"),
+                "n": i,
+            });
+            train.push_str(&format!("{row}\n"));
+        }
+    }
+    let val = "{\"prompt\": \"CREATE TABLE city (id INT)\\nQuestion: How many rows are in city?\\nSQL: \", \"completion\": \"SELECT count(*) FROM city;\"}\n";
+    let (tp, vp) = (dir.join("train.jsonl"), dir.join("val.jsonl"));
+    std::fs::write(&tp, train).unwrap();
+    std::fs::write(&vp, val).unwrap();
+    (tp, vp)
+}
+
+fn recipe(dir: &Path, out: &Path, extra_train: &str) -> PathBuf {
+    let (tp, vp) = rows(dir);
+    let text = format!(
+        r#"
+[model]
+base = "{}"
+base_model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+base_mode = "f32"
+[data]
+train = "{}"
+val = "{}"
+max_seq_len = 64
+dataset_id = "test/rows"
+[lora]
+rank = 4
+alpha = 8
+dropout = 0.1
+targets = ["q", "v"]
+[train]
+epochs = 2
+batch_size = 3
+learning_rate = 1e-3
+warmup_steps = 1
+seed = 11
+{extra_train}
+[checkpoint]
+every = 2
+keep = 10
+[validation]
+every = 2
+[output]
+dir = "{}"
+"#,
+        model().display(),
+        tp.display(),
+        vp.display(),
+        out.display()
+    );
+    let p = dir.join("recipe.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn trainer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_copilot-trainer")).args(args).output().unwrap()
+}
+
+fn adapter_bytes(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("adapter_model.safetensors")).unwrap()
+}
+
+#[test]
+fn train_writes_an_adapter_and_resume_continues_exactly() {
+    let dir = workdir("resume");
+    let straight = dir.join("straight");
+    let r = recipe(&dir, &straight, "");
+    let run = trainer(&["train", "--config", r.to_str().unwrap()]);
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+
+    // 12 rows, 2 epochs, 3 a step: 8 steps; checkpoints every 2.
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("training_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 8);
+    assert_eq!(summary["train_rows"], 12);
+    assert!(summary["tokens_seen"].as_u64().unwrap() > 0);
+    assert!(summary["wall_s"].as_f64().unwrap() > 0.0);
+    assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 100_000_000, "the model alone is > 100 MB");
+    assert_eq!(summary["lr_schedule"]["peak"], 1e-3);
+    assert!(summary["hardware"]["cpu"].is_string());
+    let (first, last) = (summary["train_loss_first"].as_f64().unwrap(), summary["train_loss_last10_mean"].as_f64().unwrap());
+    assert!(last < first, "training lowered the loss: {first} → {last}");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(straight.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["base_model_name_or_path"], "HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert!(straight.join("loss.png").is_file());
+    let log = std::fs::read_to_string(straight.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 8);
+    assert_eq!(log.lines().filter(|l| l.contains("val_loss")).count(), 5, "before training and every 2 steps");
+    for s in [2, 4, 6, 8] {
+        assert!(straight.join(format!("checkpoints/step-{s:06}/optimizer.safetensors")).is_file(), "checkpoint {s}");
+    }
+
+    // The same recipe, "interrupted" after step 4: later checkpoints and the outputs removed, then resumed.
+    let resumed = dir.join("resumed");
+    let r2 = recipe(&dir, &resumed, "");
+    assert!(trainer(&["train", "--config", r2.to_str().unwrap()]).status.success());
+    for s in [6, 8] {
+        std::fs::remove_dir_all(resumed.join(format!("checkpoints/step-{s:06}"))).unwrap();
+    }
+    std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
+    std::fs::remove_file(resumed.join("train_log.jsonl")).unwrap();
+    let run = trainer(&["train", "--config", r2.to_str().unwrap(), "--resume"]);
+    assert!(run.status.success(), "resume failed: {}", String::from_utf8_lossy(&run.stderr));
+    let last_straight = straight.join("checkpoints/step-000008");
+    let last_resumed = resumed.join("checkpoints/step-000008");
+    assert_eq!(adapter_bytes(&last_straight), adapter_bytes(&last_resumed), "steps 5–8 repeat exactly after --resume");
+    let log = std::fs::read_to_string(resumed.join("train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4, "only steps 5–8 ran again");
+
+    // Export: merged GGUF + model card with the recipe's facts.
+    let out = dir.join("export/tuned.gguf");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let run = trainer(&[
+        "export",
+        "--base",
+        model().to_str().unwrap(),
+        "--adapter",
+        straight.join("adapter").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
+    let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
+    assert!(card.starts_with("---\n"), "YAML front matter");
+    for want in ["base_model: \"HuggingFaceTB/SmolLM2-135M-Instruct\"", "datasets:\n- \"test/rows\"", "license: ", "copilot.ask(", "hf upload", "| training rows | 12 |"] {
+        assert!(card.contains(want), "model card lacks {want:?}:\n{card}");
+    }
+}
+
+#[test]
+fn bad_recipes_are_refused_before_any_work() {
+    let dir = workdir("refuse");
+    let out = dir.join("out");
+    for (bad, what) in [
+        ("learning_rate = 1e-3", "learning_rate = -1.0"),
+        ("targets = [\"q\", \"v\"]", "targets = [\"q\", \"wq\"]"),
+        ("base_mode = \"f32\"", "base_mode = \"int3\""),
+        ("batch_size = 3", "batch_size = 0"),
+        ("rank = 4", "rank = 4\nranks = 5"),
+    ] {
+        let r = recipe(&dir, &out, "");
+        let text = std::fs::read_to_string(&r).unwrap().replace(bad, what);
+        std::fs::write(&r, text).unwrap();
+        let run = trainer(&["train", "--config", r.to_str().unwrap()]);
+        assert_eq!(run.status.code(), Some(1), "{what} accepted");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains("recipe") || err.contains("learning_rate") || err.contains("target") || err.contains("base_mode") || err.contains("batch_size"), "{what}: {err}");
+        assert!(!out.join("checkpoints").exists(), "{what}: nothing is written");
+    }
+    // --resume with nothing to resume from.
+    let r = recipe(&dir, &out, "");
+    let run = trainer(&["train", "--config", r.to_str().unwrap(), "--resume"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no checkpoint"));
+}
