@@ -162,6 +162,7 @@ pub fn mean_loss(model: &TrainableModel, examples: &[Example]) -> Result<f64> {
 
 /// One optimizer step over `rows`: summed gradients of the mean completion-token loss, clipped, then AdamW.
 /// Returns (loss, global gradient norm before clipping, tokens processed).
+#[allow(clippy::too_many_arguments)]
 pub fn train_step(
     model: &TrainableModel,
     vars: &[(String, Var)],
@@ -399,11 +400,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s  lr {lr:.2e}"));
         bar.set_position(state.step as u64);
         let last = state.step == total_steps;
-        if (recipe.validation.every > 0 && state.step.is_multiple_of(recipe.validation.every)) || last {
-            if validate(&model, &mut state, &mut log, elapsed)? && !last {
-                stopped_early = true;
-                tracing::info!("validation loss has not improved for {} validations: stopping", recipe.validation.patience);
-            }
+        let due = (recipe.validation.every > 0 && state.step.is_multiple_of(recipe.validation.every)) || last;
+        if due && validate(&model, &mut state, &mut log, elapsed)? && !last {
+            stopped_early = true;
+            tracing::info!("validation loss has not improved for {} validations: stopping", recipe.validation.patience);
         }
         state.wall_s = wall_before + run_start.elapsed().as_secs_f64();
         let every = recipe.checkpoint.every;

@@ -146,7 +146,7 @@ fn default_keep() -> usize {
     2
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ValidationSection {
     /// Validation loss every this many steps (0 = only at the end).
@@ -155,12 +155,6 @@ pub struct ValidationSection {
     /// Stop when the validation loss has not improved for this many validations in a row (0 = never).
     #[serde(default)]
     pub patience: usize,
-}
-
-impl Default for ValidationSection {
-    fn default() -> Self {
-        ValidationSection { every: 0, patience: 0 }
-    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
