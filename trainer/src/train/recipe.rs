@@ -237,3 +237,48 @@ impl Recipe {
         LoraConfig { rank: self.lora.rank, alpha: self.lora.alpha, dropout: self.lora.dropout }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_recipes_parse_and_check() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                let r = Recipe::load(&p).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                assert!(!r.targets().unwrap().is_empty());
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "both recipes found");
+    }
+
+    #[test]
+    fn recipe_mistakes_are_refused() {
+        let good = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen2.5-coder-1.5b-spider-cpu.toml")).unwrap();
+        let parse = |t: &str| -> Result<Recipe> {
+            let r: Recipe = toml::from_str(t)?;
+            r.check()?;
+            Ok(r)
+        };
+        assert!(parse(&good).is_ok());
+        for (from, to) in [
+            ("rank = 16", "rank = 0"),
+            ("dropout = 0.05", "dropout = 1.0"),
+            ("targets = [\"q\", \"k\", \"v\", \"o\"]", "targets = []"),
+            ("targets = [\"q\", \"k\", \"v\", \"o\"]", "targets = [\"attention\"]"),
+            ("base_mode = \"quantized\"", "base_mode = \"int2\""),
+            ("min_lr_ratio = 0.1", "min_lr_ratio = 2.0"),
+            ("max_seq_len = 512", "max_seq_len = 1"),
+            ("epochs = 1", "epochs = 0"),
+            ("learning_rate = 2e-4", "learning_rate = 2e-4\nlearning_rat = 1.0"),
+        ] {
+            assert!(good.contains(from), "{from}");
+            assert!(parse(&good.replacen(from, to, 1)).is_err(), "accepted: {to}");
+        }
+    }
+}
