@@ -136,8 +136,8 @@ pub fn model_card(
         y,
         "A text-to-SQL fine-tune of [{base_model}](https://huggingface.co/{base_model}): a LoRA adapter (rank {}, alpha {}) \
          trained with `copilot-trainer` and merged into the base GGUF with its quantization and metadata kept \
-         (tokenizer, chat template). Made for [copilot](https://github.com/), the PostgreSQL extension that turns \
-         questions into SQL inside the database; it loads in any GGUF runtime.\n",
+         (tokenizer, chat template). Made for copilot, the PostgreSQL extension that turns questions into SQL inside \
+         the database; it loads in any GGUF runtime.\n",
         adapter.config.rank, adapter.config.alpha
     );
     if !evals.is_empty() {

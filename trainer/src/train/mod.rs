@@ -67,6 +67,9 @@ struct State {
     best_val: Option<f64>,
     best_step: Option<usize>,
     evals_since_best: usize,
+    /// Largest resident set of the run so far, across resumes.
+    #[serde(default)]
+    peak_rss_bytes: Option<u64>,
     history: Vec<LogLine>,
 }
 
@@ -321,7 +324,16 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let load_s = load_start.elapsed().as_secs_f64();
     let vars = model.vars();
     let mut opt = AdamW::new(&vars, recipe.train.weight_decay)?;
-    let mut state = State { step: 0, tokens_seen: 0, wall_s: 0.0, best_val: None, best_step: None, evals_since_best: 0, history: vec![] };
+    let mut state = State {
+        step: 0,
+        tokens_seen: 0,
+        wall_s: 0.0,
+        best_val: None,
+        best_step: None,
+        evals_since_best: 0,
+        peak_rss_bytes: None,
+        history: vec![],
+    };
     let base_model = recipe.model.base_model_id.clone();
     if args.resume {
         let Some((_, dir)) = checkpoint_dirs(&out).pop() else {
@@ -406,6 +418,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             tracing::info!("validation loss has not improved for {} validations: stopping", recipe.validation.patience);
         }
         state.wall_s = wall_before + run_start.elapsed().as_secs_f64();
+        state.peak_rss_bytes = state.peak_rss_bytes.max(peak_rss_bytes());
         let every = recipe.checkpoint.every;
         if (every > 0 && state.step.is_multiple_of(every)) || last || stopped_early {
             save_checkpoint(&out, &model, &opt, &state, &base_model, recipe.checkpoint.keep)?;
@@ -456,7 +469,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "wall_s": state.wall_s,
         "tokens_per_s": state.tokens_seen as f64 / state.wall_s.max(1e-9),
         "load_s": load_s,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": state.peak_rss_bytes.max(peak_rss_bytes()),
         "train_loss_first": losses.first(),
         "train_loss_last10_mean": tail(&losses),
         "val_loss_first": vals.first(),
