@@ -260,12 +260,6 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
-        .unwrap_or_else(|| "unknown".into())
-}
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     let mut recipe = Recipe::load(&args.config)?;
@@ -443,7 +437,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "recipe_file": args.config.display().to_string(),
         "base": base.display().to_string(),
         "hardware": {
-            "cpu": cpu_model(),
+            "cpu": crate::eval::cpu_model().unwrap_or_else(|| "unknown".into()),
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "gpu": null,
         },
