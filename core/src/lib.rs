@@ -13,6 +13,7 @@
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
 
 pub mod backend;
+pub mod decode;
 pub mod error;
 pub mod extract;
 pub mod finetune;

@@ -23,7 +23,7 @@
 //! Supported: RoPE in the NeoX layout (qwen2) or the interleaved GGML layout (llama, mistral); optional q/k/v
 //! biases; tied output embeddings. Mixture-of-experts and partial rotary dimensions are refused at load.
 
-use crate::kernels;
+use crate::{decode, kernels};
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use std::io::{Read, Seek};
@@ -62,34 +62,49 @@ impl Linear {
     /// kernels is one pass over the thread pool for all of them; otherwise each goes through candle.
     fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
         let k = layers[0].k;
-        let ours: Option<Vec<_>> = layers.iter().map(|l| l.raw().filter(|_| l.k == k)).collect();
-        match ours {
-            Some(raw) if own_kernels && x.elem_count() == k && x.device().is_cpu() => {
-                let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
-                let mats: Vec<kernels::Matrix> = layers
-                    .iter()
-                    .zip(&raw)
-                    .zip(&data)
-                    .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
-                    .collect();
-                let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n]).collect();
-                let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-                kernels::gemv_many(&mats, k, &xs, &mut outs);
-                layers
-                    .iter()
-                    .zip(ys)
-                    .map(|(l, y)| {
-                        let mut shape = x.dims().to_vec();
-                        if let Some(last) = shape.last_mut() {
-                            *last = l.n;
-                        }
-                        Tensor::from_vec(y, shape, x.device())
-                    })
-                    .collect()
-            }
-            _ => layers.iter().map(|l| l.mm.forward(x)).collect(),
+        if !(own_kernels && x.elem_count() == k && x.device().is_cpu() && Linear::kernels_cover(layers)) {
+            return layers.iter().map(|l| l.mm.forward(x)).collect();
         }
+        let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let ys = Linear::matvec_many(layers, &xs, true)?;
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = l.n;
+                }
+                Tensor::from_vec(y, shape, x.device())
+            })
+            .collect()
+    }
+
+    /// True when our kernels can multiply every one of `layers` (formats they cover, same input width).
+    fn kernels_cover(layers: &[&Linear]) -> bool {
+        layers.iter().all(|l| l.raw().is_some() && l.k == layers[0].k)
+    }
+
+    /// `ys[i] = layers[i] · x` for one row `x` on the CPU: one pass of our kernels over the thread pool when they
+    /// cover every layer (and `own_kernels`), else candle's matmul layer by layer.
+    fn matvec_many(layers: &[&Linear], x: &[f32], own_kernels: bool) -> Result<Vec<Vec<f32>>> {
+        let k = layers[0].k;
+        if !(own_kernels && Linear::kernels_cover(layers)) {
+            let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
+            return layers.iter().map(|l| l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()).collect();
+        }
+        let raw: Vec<_> = layers.iter().filter_map(|l| l.raw()).collect();
+        let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
+        let mats: Vec<kernels::Matrix> = layers
+            .iter()
+            .zip(&raw)
+            .zip(&data)
+            .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        kernels::gemv_many(&mats, k, x, &mut outs);
+        Ok(ys)
     }
 }
 
@@ -220,6 +235,16 @@ struct Layer {
     gate: Linear,
     up: Linear,
     down: Linear,
+    /// The norms' weights and the biases again as plain vectors, for the decoding step ([`Transformer::step`]).
+    v: LayerVectors,
+}
+
+struct LayerVectors {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
 }
 
 /// The attention state after some tokens: per layer, K and V of shape `(1, n_kv_head, len, head_dim)`.
@@ -264,6 +289,7 @@ pub struct Transformer {
     device: Device,
     layers: Vec<Layer>,
     norm: Tensor,
+    norm_v: Vec<f32>,
     output: Linear,
     cos: Tensor,
     sin: Tensor,
@@ -313,7 +339,15 @@ impl Transformer {
             let (gate, up, down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
             let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
             let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
-            layers.push(Layer { attn_norm, wq, wk, wv, bq, bk, bv, wo, ffn_norm, gate, up, down });
+            let vec = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_vec1::<f32>()).transpose();
+            let v = LayerVectors {
+                attn_norm: attn_norm.to_vec1()?,
+                ffn_norm: ffn_norm.to_vec1()?,
+                bq: vec(&bq)?,
+                bk: vec(&bk)?,
+                bv: vec(&bv)?,
+            };
+            layers.push(Layer { attn_norm, wq, wk, wv, bq, bk, bv, wo, ffn_norm, gate, up, down, v });
         }
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;
         Ok(Transformer {
@@ -321,6 +355,7 @@ impl Transformer {
             embed,
             device: device.clone(),
             layers,
+            norm_v: norm.to_vec1()?,
             norm,
             output,
             cos,
@@ -358,6 +393,9 @@ impl Transformer {
         if pos + t > self.max_positions {
             candle_core::bail!("position {} is past the {} positions this model was loaded for", pos + t, self.max_positions);
         }
+        if t == 1 && self.own_kernels && self.device.is_cpu() {
+            return self.step(tokens[0], cache);
+        }
         let device = &self.device;
         let mut x = self.embed.lookup(tokens, device)?; // (1, t, n_embd)
         let mask = if t > 1 { Some(causal_mask(t, pos, self.cfg.n_head / self.cfg.n_kv_head, device)?) } else { None };
@@ -383,6 +421,64 @@ impl Transformer {
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_eps as f32)?;
         self.output.forward(&last, self.own_kernels)?.flatten_all()
+    }
+
+    /// One token at position `cache.len()` (decoding), computed on plain vectors: our kernels for the weight
+    /// products ([`Linear::matvec_many`]) and [`crate::decode`] for the rest, instead of some thirty candle ops
+    /// per layer. The K/V cache keeps its tensor form `(1, n_kv_head, len, d)` so prefill and the prefix cache
+    /// read it unchanged; appending one position copies each layer's cache once, as `Tensor::cat` would.
+    fn step(&self, token: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (d, pos, eps) = (c.head_dim, cache.len, c.rms_eps as f32);
+        let (n_rep, len) = (c.n_head / c.n_kv_head, cache.len + 1);
+        let own = self.own_kernels;
+        let mut x = self.embed.lookup(&[token], &self.device)?.flatten_all()?.to_vec1::<f32>()?;
+        let cos = self.cos.i(pos)?.to_vec1::<f32>()?;
+        let sin = self.sin.i(pos)?.to_vec1::<f32>()?;
+        let mut h = vec![0f32; c.n_embd];
+        let mut attn = vec![0f32; c.n_head * d];
+        let first = cache.layers.is_empty();
+        for (i, layer) in self.layers.iter().enumerate() {
+            decode::rms_norm(&x, &layer.v.attn_norm, eps, &mut h);
+            let mut qkv = Linear::matvec_many(&[&layer.wq, &layer.wk, &layer.wv], &h, own)?;
+            for (y, b) in qkv.iter_mut().zip([&layer.v.bq, &layer.v.bk, &layer.v.bv]) {
+                if let Some(b) = b {
+                    y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                }
+            }
+            let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(qkv).map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
+            decode::rope(&mut q, &cos, &sin, c.rope_neox);
+            decode::rope(&mut k, &cos, &sin, c.rope_neox);
+            // The layer's cache with this position appended, laid out (n_kv_head, len, d).
+            let (k_all, v_all) = match first {
+                true => (k, v),
+                false => {
+                    let (pk, pv) = &cache.layers[i];
+                    (append_position(pk, &k, c.n_kv_head, d)?, append_position(pv, &v, c.n_kv_head, d)?)
+                }
+            };
+            attend_heads(&q, &k_all, &v_all, len, d, n_rep, c.n_head, &mut attn);
+            let shape = (1, c.n_kv_head, len, d);
+            let kv = (Tensor::from_vec(k_all, shape, &self.device)?, Tensor::from_vec(v_all, shape, &self.device)?);
+            if first {
+                cache.layers.push(kv);
+            } else {
+                cache.layers[i] = kv;
+            }
+            let o = Linear::matvec_many(&[&layer.wo], &attn, own)?;
+            x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
+            decode::rms_norm(&x, &layer.v.ffn_norm, eps, &mut h);
+            let mut gu = Linear::matvec_many(&[&layer.gate, &layer.up], &h, own)?;
+            let up = gu.pop().expect("two products");
+            let mut g = gu.pop().expect("two products");
+            decode::swiglu(&mut g, &up);
+            let down = Linear::matvec_many(&[&layer.down], &g, own)?;
+            x.iter_mut().zip(&down[0]).for_each(|(x, y)| *x += y);
+        }
+        cache.len += 1;
+        decode::rms_norm(&x.clone(), &self.norm_v, eps, &mut x);
+        let logits = Linear::matvec_many(&[&self.output], &x, own)?.pop().expect("one product");
+        Tensor::from_vec(logits, self.output.n, &self.device)
     }
 
     fn attention(
@@ -439,6 +535,51 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, n_kv_head: 
     }
     let att = candle_nn::ops::softmax_last_dim(&att)?;
     att.matmul(v)?.reshape((b, n_head, t, d))
+}
+
+/// `cache` (a contiguous `(1, n_kv, len, d)` f32 tensor on the CPU) with one more position, `new` (`n_kv × d`),
+/// as a flat `(n_kv, len + 1, d)` vector.
+fn append_position(cache: &Tensor, new: &[f32], n_kv: usize, d: usize) -> Result<Vec<f32>> {
+    let (storage, layout) = cache.storage_and_layout();
+    let old = match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
+        _ => candle_core::bail!("the K/V cache is not a contiguous f32 tensor on the CPU"),
+    };
+    let len = old.len() / (n_kv * d);
+    let mut out = Vec::with_capacity(n_kv * (len + 1) * d);
+    for (g, row) in new.chunks_exact(d).enumerate() {
+        out.extend_from_slice(&old[g * len * d..(g + 1) * len * d]);
+        out.extend_from_slice(row);
+    }
+    Ok(out)
+}
+
+/// Positions × heads below which one decoding step's attention runs on the calling thread: under it the hand-out
+/// to the pool costs more than the arithmetic.
+const PARALLEL_ATTENTION: usize = 4096;
+
+/// Attention of one query position, all `n_head` heads of `q` into `out`, over `len` cached positions of `k`, `v`
+/// (`(n_kv_head, len, d)`); the heads are shared out over candle's CPU thread pool when the context is long.
+#[allow(clippy::too_many_arguments)]
+fn attend_heads(q: &[f32], k: &[f32], v: &[f32], len: usize, d: usize, n_rep: usize, n_head: usize, out: &mut [f32]) {
+    if len * n_head < PARALLEL_ATTENTION {
+        let mut scores = vec![0f32; len];
+        decode::attend_one(q, k, v, len, d, n_rep, 0..n_head, out, &mut scores);
+        return;
+    }
+    /// The output, written by the pool's threads at disjoint head ranges.
+    struct Out(*mut f32);
+    // SAFETY: each head range is handed to exactly one thread by `execute_chunked`, each thread writes only the
+    // `d` floats of its own heads, and `out` outlives the call, which returns once every thread is done.
+    unsafe impl Sync for Out {}
+    let dst = Out(out.as_mut_ptr());
+    let dst = &dst;
+    candle_core::utils::barrier_pool().execute_chunked(n_head, |heads| {
+        let mut scores = vec![0f32; len];
+        // SAFETY: see `Out`: heads `heads` own floats `heads.start * d .. heads.end * d` of `out` alone.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(heads.start * d), heads.len() * d) };
+        decode::attend_one(q, k, v, len, d, n_rep, heads, o, &mut scores);
+    });
 }
 
 /// Additive causal mask for `t` new tokens at positions `pos..pos+t` over `pos + t` keys, repeated for the
@@ -536,6 +677,37 @@ mod tests {
             let err = ours.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-4, "heads {n_head}/{n_kv}, t {t}, pos {pos}: max error {err}");
         }
+    }
+
+    #[test]
+    fn decoding_attention_matches_the_naive_definition_inline_and_on_the_pool() {
+        let dev = Device::Cpu;
+        // (heads, kv heads, cached positions incl. the new one): below and above PARALLEL_ATTENTION.
+        for (n_head, n_kv, len) in [(6, 2, 1), (6, 2, 40), (12, 2, 400), (8, 8, 700)] {
+            let d = 16;
+            let q = Tensor::randn(0f32, 1.0, (1, n_head, 1, d), &dev).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (1, n_kv, len, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1.0, (1, n_kv, len, d), &dev).unwrap();
+            let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let mut out = vec![f32::NAN; n_head * d];
+            attend_heads(&flat(&q), &flat(&k), &flat(&v), len, d, n_head / n_kv, n_head, &mut out);
+            let want = naive_attention(&q, &k, &v, len - 1);
+            let err = out.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-4, "heads {n_head}/{n_kv}, {len} positions: max error {err}");
+            assert_eq!(len * n_head >= PARALLEL_ATTENTION, len >= 400, "the cases must cover both branches");
+        }
+    }
+
+    #[test]
+    fn appending_a_position_keeps_each_head_contiguous() {
+        let (n_kv, d) = (2, 3);
+        let old = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, n_kv, 2, d)).unwrap();
+        let out = append_position(&old, &[100.0, 101.0, 102.0, 200.0, 201.0, 202.0], n_kv, d).unwrap();
+        let want = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 102.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 200.0, 201.0, 202.0];
+        assert_eq!(out, want);
+        // A non-contiguous view is refused rather than read in the wrong order.
+        let view = old.transpose(2, 3).unwrap();
+        assert!(append_position(&view, &[0.0; 6], n_kv, d).is_err());
     }
 
     #[test]

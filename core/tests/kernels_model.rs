@@ -1,12 +1,13 @@
-//! Our decode kernels (src/kernels.rs) inside the whole forward pass: a small llama-shaped model written as a
-//! GGUF with Q4_K and Q6_K weights (the formats of the default Q4_K_M model; the CI's tiny model is Q4_1, which
-//! the kernels do not cover), run once on candle's matmuls and once on ours.
+//! Our decoding step (src/kernels.rs for the weight products, src/decode.rs for the rest) inside the whole forward
+//! pass: a small model written as a GGUF with Q4_K and Q6_K weights (the formats of the default Q4_K_M model; the
+//! CI's tiny model is Q4_1, which the kernels do not cover), in both layouts we serve — `llama` (interleaved RoPE)
+//! and `qwen2` (NeoX RoPE, q/k/v biases) — run once on candle's ops and matmuls and once on ours.
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use copilot_core::model::{argmax, Config, KvCache, Transformer};
 
 mod common;
-use common::{write_model, VOCAB};
+use common::{write_model_arch, VOCAB};
 
 fn load(path: &std::path::Path, own: bool) -> Transformer {
     let mut f = std::fs::File::open(path).unwrap();
@@ -25,15 +26,23 @@ fn decoding_with_our_kernels_matches_candles_matmul() {
     }
     let dir = std::env::temp_dir().join(format!("copilot-kernels-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("tiny-q4k-q6k.gguf");
-    write_model(&path);
-    let (ours, theirs) = (load(&path, true), load(&path, false));
+    for arch in ["llama", "qwen2"] {
+        let path = dir.join(format!("tiny-{arch}-q4k-q6k.gguf"));
+        write_model_arch(&path, arch);
+        compare(&path, arch);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+fn compare(path: &std::path::Path, arch: &str) {
+    let (ours, theirs) = (load(path, true), load(path, false));
     assert!(ours.own_kernels() && !theirs.own_kernels());
 
     let prompt: Vec<u32> = vec![3, 141, 59, 26, 253, 58, 97];
     let (mut kv_a, mut kv_b) = (KvCache::new(), KvCache::new());
     // The prompt's layers (several rows) run on candle's tiled matmul in both; its last row's vocabulary
-    // projection and every decoding step (one row) run on ours in `ours`.
+    // projection and every decoding step (one row) run on ours in `ours`, with the cache growing from the prompt's
+    // (so the step reads K/V that prefill wrote).
     let mut la = ours.forward(&prompt, &mut kv_a).unwrap().to_vec1::<f32>().unwrap();
     let mut lb = theirs.forward(&prompt, &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
     let mut tok = 7u32;
@@ -45,12 +54,12 @@ fn decoding_with_our_kernels_matches_candles_matmul() {
         let diff = la.iter().zip(&lb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         // Same integer products; only the float summation order differs, and each layer re-quantizes its
         // input to 8 bits, which can move a value by one step: logits agree to well under 1 %.
-        assert!(diff <= 0.01 * scale, "step {step}: max |diff| {diff} of logit scale {scale}");
+        assert!(diff <= 0.01 * scale, "{arch} step {step}: max |diff| {diff} of logit scale {scale}");
         if step > 0 {
             let mut sorted = lb.clone();
             sorted.sort_by(|x, y| y.total_cmp(x));
             if sorted[0] - sorted[1] > 2.0 * diff {
-                assert_eq!(argmax(&a).unwrap(), argmax(&b).unwrap(), "step {step}");
+                assert_eq!(argmax(&a).unwrap(), argmax(&b).unwrap(), "{arch} step {step}");
                 compared += 1;
             }
         }
@@ -59,7 +68,7 @@ fn decoding_with_our_kernels_matches_candles_matmul() {
         la = ours.forward(&[tok], &mut kv_a).unwrap().to_vec1::<f32>().unwrap();
         lb = theirs.forward(&[tok], &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
     }
-    assert!(compared >= 6, "too few steps had a clear winner to compare ({compared})");
+    assert!(compared >= 6, "{arch}: too few steps had a clear winner to compare ({compared})");
     // The embedding rows are dequantized on demand (Q4_K table): a token outside the vocabulary is an error
     // that leaves the cache as it was.
     let before = kv_a.len();
@@ -67,5 +76,4 @@ fn decoding_with_our_kernels_matches_candles_matmul() {
     assert!(err.contains("outside the vocabulary"), "{err}");
     assert_eq!(kv_a.len(), before);
     assert_eq!(kv_a.len(), prompt.len() + 12);
-    std::fs::remove_dir_all(&dir).ok();
 }

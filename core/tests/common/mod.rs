@@ -21,6 +21,12 @@ pub fn weights(shape: (usize, usize), seed: u64, scale: f32) -> Tensor {
 }
 
 pub fn write_model(path: &std::path::Path) {
+    write_model_arch(path, "llama")
+}
+
+/// The same model as a `llama` (interleaved RoPE, no biases) or a `qwen2` file (NeoX RoPE, q/k/v biases, as the
+/// default Qwen2.5 model).
+pub fn write_model_arch(path: &std::path::Path, arch: &str) {
     let q = |t: Tensor, dt: GgmlDType| QTensor::quantize(&t, dt).unwrap();
     let ones = || QTensor::quantize(&Tensor::ones(EMBD, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
     let mut tensors: Vec<(String, QTensor)> = vec![
@@ -40,19 +46,25 @@ pub fn write_model(path: &std::path::Path) {
         tensors.push((format!("{p}.ffn_gate.weight"), q(weights((FFN, EMBD), s + 5, 0.1), GgmlDType::Q4K)));
         tensors.push((format!("{p}.ffn_up.weight"), q(weights((FFN, EMBD), s + 6, 0.1), GgmlDType::Q4K)));
         tensors.push((format!("{p}.ffn_down.weight"), q(weights((EMBD, FFN), s + 7, 0.1), GgmlDType::Q6K)));
+        if arch == "qwen2" {
+            for (i, (n, rows)) in [("attn_q", EMBD), ("attn_k", EMBD / 2), ("attn_v", EMBD / 2)].into_iter().enumerate() {
+                let b = weights((1, rows), s + 10 + i as u64, 0.5).flatten_all().unwrap();
+                tensors.push((format!("{p}.{n}.bias"), QTensor::quantize(&b, GgmlDType::F32).unwrap()));
+            }
+        }
     }
     use gguf_file::Value;
-    let meta: Vec<(&str, Value)> = vec![
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.attention.head_count", Value::U32(4)),
-        ("llama.attention.head_count_kv", Value::U32(2)),
-        ("llama.embedding_length", Value::U32(EMBD as u32)),
-        ("llama.block_count", Value::U32(LAYERS as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("llama.context_length", Value::U32(128)),
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        (format!("{arch}.attention.head_count"), Value::U32(4)),
+        (format!("{arch}.attention.head_count_kv"), Value::U32(2)),
+        (format!("{arch}.embedding_length"), Value::U32(EMBD as u32)),
+        (format!("{arch}.block_count"), Value::U32(LAYERS as u32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
+        (format!("{arch}.context_length"), Value::U32(128)),
     ];
-    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+    let meta: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta, &tensors).unwrap();

@@ -1,0 +1,175 @@
+//! The per-token arithmetic of a decoding step on plain slices: RMSNorm, rotary embedding, attention of one query
+//! position over the KV cache, SwiGLU.
+//!
+//! Why not candle's ops, as the prefill path uses: a decoded token is one row of activations, so every op is a few
+//! thousand floats, and what costs is the op itself — a tensor allocated per result, a layout check, a dispatch to
+//! the thread pool — about thirty times per layer. Measured on the default model (2 threads): 9 % of decode wall
+//! time was outside the weight products, most of it that overhead (the pool's second thread spinning meanwhile).
+//! These functions write into buffers the step reuses. They compute the same formulas as candle's ops (same
+//! epsilon, max-subtracted softmax, RoPE layouts); the sums run in another order, so results agree to float
+//! rounding, not bit for bit — [`crate::model`]'s tests hold the two paths together.
+
+/// Σ a·b over equal-length slices, in 8 independent lanes (the compiler vectorizes it; one accumulator would
+/// serialize every add).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out += p · v`.
+#[inline]
+fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += p * x;
+    }
+}
+
+/// `out = x / sqrt(mean(x²) + eps) · w` (RMSNorm, as candle_nn::ops::rms_norm).
+pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let ms = dot(x, x) / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, x), w) in out.iter_mut().zip(x).zip(w) {
+        *o = x * r * w;
+    }
+}
+
+/// Rotary embedding of the heads in `x` (each `cos.len() * 2` wide) at one position whose angle cosines and
+/// sines are `cos`, `sin`. `neox`: the two halves of a head rotate together (qwen2); otherwise adjacent pairs
+/// (GGML's llama layout) — candle's `rope` and `rope_i`.
+pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
+    let half = cos.len();
+    for head in x.chunks_exact_mut(2 * half) {
+        for i in 0..half {
+            let (a, b) = if neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (x0, x1) = (head[a], head[b]);
+            head[a] = x0 * cos[i] - x1 * sin[i];
+            head[b] = x0 * sin[i] + x1 * cos[i];
+        }
+    }
+}
+
+/// `g = silu(g) · u`, elementwise (the SwiGLU of the feed-forward block).
+pub fn swiglu(g: &mut [f32], u: &[f32]) {
+    for (g, u) in g.iter_mut().zip(u) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// Attention of one query position for the query heads `heads` (each `d` wide, contiguous in `q` and `out`),
+/// whose K/V head is `kv_of(h)`. `k`, `v`: rows of `d` for positions `0..len` of K/V head `g` start at
+/// `g * len * d` (the cache layout `(n_kv_head, len, d)`); every position is visible (the query is the last one).
+/// `scores` is scratch of at least `len`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    len: usize,
+    d: usize,
+    n_rep: usize,
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+    scores: &mut [f32],
+) {
+    let scale = 1.0 / (d as f32).sqrt();
+    for (hi, h) in heads.enumerate() {
+        let g = h / n_rep;
+        let (kh, vh) = (&k[g * len * d..(g + 1) * len * d], &v[g * len * d..(g + 1) * len * d]);
+        let qh = &q[h * d..(h + 1) * d];
+        let s = &mut scores[..len];
+        let mut max = f32::NEG_INFINITY;
+        for (j, s) in s.iter_mut().enumerate() {
+            *s = dot(qh, &kh[j * d..(j + 1) * d]) * scale;
+            max = max.max(*s);
+        }
+        let mut z = 0f32;
+        for s in s.iter_mut() {
+            *s = (*s - max).exp();
+            z += *s;
+        }
+        let o = &mut out[hi * d..(hi + 1) * d];
+        o.fill(0.0);
+        for (j, &p) in s.iter().enumerate() {
+            axpy(o, p / z, &vh[j * d..(j + 1) * d]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_matches_a_plain_sum_at_every_length() {
+        for n in [0, 1, 7, 8, 9, 64, 131] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n = {n}");
+        }
+    }
+
+    #[test]
+    fn rope_rotates_pairs_by_their_angle() {
+        // One head of 4: frequencies 0 and 1 at angles 0.5 and 0.25.
+        let (cos, sin) = ([0.5f32.cos(), 0.25f32.cos()], [0.5f32.sin(), 0.25f32.sin()]);
+        let mut neox = [1.0, 2.0, 3.0, 4.0];
+        rope(&mut neox, &cos, &sin, true);
+        // Pairs (0, 2) and (1, 3).
+        let want = [
+            1.0 * cos[0] - 3.0 * sin[0],
+            2.0 * cos[1] - 4.0 * sin[1],
+            1.0 * sin[0] + 3.0 * cos[0],
+            2.0 * sin[1] + 4.0 * cos[1],
+        ];
+        assert_eq!(neox, want);
+        let mut inter = [1.0, 2.0, 3.0, 4.0];
+        rope(&mut inter, &cos, &sin, false);
+        // Pairs (0, 1) and (2, 3).
+        let want = [
+            1.0 * cos[0] - 2.0 * sin[0],
+            1.0 * sin[0] + 2.0 * cos[0],
+            3.0 * cos[1] - 4.0 * sin[1],
+            3.0 * sin[1] + 4.0 * cos[1],
+        ];
+        assert_eq!(inter, want);
+    }
+
+    #[test]
+    fn rms_norm_scales_to_unit_root_mean_square() {
+        let x = [3.0f32, -4.0, 0.0, 0.0];
+        let mut out = [0f32; 4];
+        rms_norm(&x, &[1.0, 2.0, 1.0, 1.0], 0.0, &mut out);
+        // rms = sqrt(25 / 4) = 2.5
+        assert_eq!(out, [1.2, -3.2, 0.0, 0.0]);
+    }
+
+    #[test]
+    fn one_position_attention_is_a_softmax_weighted_mean() {
+        // One K/V head shared by two query heads, d = 2, three cached positions.
+        let (d, len) = (2, 3);
+        let k = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0];
+        let v = [10.0f32, 0.0, 0.0, 10.0, 5.0, 5.0];
+        let q = [2.0f32, 0.0, 0.0, 0.0];
+        let mut out = [0f32; 4];
+        let mut scores = [0f32; 3];
+        attend_one(&q, &k, &v, len, d, 2, 0..2, &mut out, &mut scores);
+        let s = 2.0 / 2f32.sqrt();
+        let e = [s.exp(), 1.0, s.exp()];
+        let z: f32 = e.iter().sum();
+        let want0 = [(10.0 * e[0] + 5.0 * e[2]) / z, (10.0 * e[1] + 5.0 * e[2]) / z];
+        assert!((out[0] - want0[0]).abs() < 1e-5 && (out[1] - want0[1]).abs() < 1e-5, "{out:?}");
+        // A zero query attends uniformly: the plain mean of V.
+        assert!((out[2] - 5.0).abs() < 1e-5 && (out[3] - 5.0).abs() < 1e-5, "{out:?}");
+    }
+}
