@@ -140,6 +140,10 @@ impl Runtime {
         let (arch, context_length) = (cfg.arch.clone(), cfg.context_length);
         let model = Transformer::from_gguf(cfg, &ct, &mut file, &Device::Cpu, opts.max_context)
             .map_err(|e| CoreError::Model(format!("cannot load {arch} weights: {e}")))?;
+        // Done here rather than by the first question (see `Transformer::prepare`); part of the load time.
+        model
+            .prepare(candle_core::utils::get_num_threads())
+            .map_err(|e| CoreError::Model(format!("cannot prepare {arch} weights: {e}")))?;
         // The cap on prompt + answer is the positions the model was built for: `opts.max_context`, at most its own.
         let max_context = model.max_positions();
         let vocab_size = tokenizer.get_vocab_size(true);

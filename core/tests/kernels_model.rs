@@ -77,3 +77,25 @@ fn compare(path: &std::path::Path, arch: &str) {
     assert_eq!(kv_a.len(), before);
     assert_eq!(kv_a.len(), prompt.len() + 12);
 }
+
+#[test]
+fn preparing_the_weights_at_load_changes_no_logit() {
+    // `prepare` makes candle rewrite each weight into its tiled layout at load instead of at the first prompt: the
+    // same rewrite, so a prepared model must compute exactly what an unprepared one computes.
+    let dir = std::env::temp_dir().join(format!("copilot-prepare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-qwen2-q4k-q6k.gguf");
+    write_model_arch(&path, "qwen2");
+    let (prepared, lazy) = (load(&path, true), load(&path, true));
+    prepared.prepare(2).unwrap();
+    let prompt: Vec<u32> = vec![5, 77, 12, 190, 3, 44, 250, 9];
+    let (mut kv_a, mut kv_b) = (KvCache::new(), KvCache::new());
+    let a = prepared.forward(&prompt, &mut kv_a).unwrap().to_vec1::<f32>().unwrap();
+    let b = lazy.forward(&prompt, &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+    // And again over the cached prompt (several rows after a prefix, then one).
+    let a = prepared.forward(&[17, 18, 19], &mut kv_a).unwrap().to_vec1::<f32>().unwrap();
+    let b = lazy.forward(&[17, 18, 19], &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(a, b);
+    std::fs::remove_dir_all(&dir).ok();
+}
