@@ -66,7 +66,7 @@ impl Linear {
             return layers.iter().map(|l| l.mm.forward(x)).collect();
         }
         let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let ys = Linear::matvec_many(layers, &xs, true)?;
+        let ys = Linear::matvec_many(layers, &xs)?;
         layers
             .iter()
             .zip(ys)
@@ -86,10 +86,10 @@ impl Linear {
     }
 
     /// `ys[i] = layers[i] · x` for one row `x` on the CPU: one pass of our kernels over the thread pool when they
-    /// cover every layer (and `own_kernels`), else candle's matmul layer by layer.
-    fn matvec_many(layers: &[&Linear], x: &[f32], own_kernels: bool) -> Result<Vec<Vec<f32>>> {
+    /// cover every layer, else candle's matmul layer by layer.
+    fn matvec_many(layers: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
         let k = layers[0].k;
-        if !(own_kernels && Linear::kernels_cover(layers)) {
+        if !Linear::kernels_cover(layers) {
             let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
             return layers.iter().map(|l| l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()).collect();
         }
@@ -431,26 +431,24 @@ impl Transformer {
         let mask = if t > 1 { Some(causal_mask(t, pos, self.cfg.n_head / self.cfg.n_kv_head, device)?) } else { None };
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
-        let first = cache.layers.is_empty();
+        // As in `step`: the cache changes only once the whole pass has succeeded.
+        let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let prev = if first { None } else { Some(&cache.layers[i]) };
-            let (attn, kv) = self.attention(layer, &h, prev, mask.as_ref(), &cos, &sin)?;
-            if first {
-                cache.layers.push(kv);
-            } else {
-                cache.layers[i] = kv;
-            }
+            let (attn, kv) = self.attention(layer, &h, cache.layers.get(i), mask.as_ref(), &cos, &sin)?;
+            layers.push(kv);
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, self.own_kernels)?;
             let g = candle_nn::ops::silu(&gu[0])?;
             x = (x + layer.down.forward(&(g * &gu[1])?, self.own_kernels)?)?;
         }
-        cache.len += t;
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_eps as f32)?;
-        self.output.forward(&last, self.own_kernels)?.flatten_all()
+        let logits = self.output.forward(&last, self.own_kernels)?.flatten_all()?;
+        cache.layers = layers;
+        cache.len += t;
+        Ok(logits)
     }
 
     /// One token at position `cache.len()` (decoding), computed on plain vectors: our kernels for the weight
@@ -461,16 +459,17 @@ impl Transformer {
         let c = &self.cfg;
         let (d, pos, eps) = (c.head_dim, cache.len, c.rms_eps as f32);
         let (n_rep, len) = (c.n_head / c.n_kv_head, cache.len + 1);
-        let own = self.own_kernels;
         let mut x = self.embed.lookup(&[token], &self.device)?.flatten_all()?.to_vec1::<f32>()?;
         let cos = self.cos.i(pos)?.to_vec1::<f32>()?;
         let sin = self.sin.i(pos)?.to_vec1::<f32>()?;
         let mut h = vec![0f32; c.n_embd];
         let mut attn = vec![0f32; c.n_head * d];
-        let first = cache.layers.is_empty();
+        // The new cache is built aside and replaces the old one only when every layer is done, so an error leaves
+        // `cache` as it was.
+        let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             decode::rms_norm(&x, &layer.v.attn_norm, eps, &mut h);
-            let mut qkv = Linear::matvec_many(&[&layer.wq, &layer.wk, &layer.wv], &h, own)?;
+            let mut qkv = Linear::matvec_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?;
             for (y, b) in qkv.iter_mut().zip([&layer.v.bq, &layer.v.bk, &layer.v.bv]) {
                 if let Some(b) = b {
                     y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
@@ -480,35 +479,29 @@ impl Transformer {
             decode::rope(&mut q, &cos, &sin, c.rope_neox);
             decode::rope(&mut k, &cos, &sin, c.rope_neox);
             // The layer's cache with this position appended, laid out (n_kv_head, len, d).
-            let (k_all, v_all) = match first {
-                true => (k, v),
-                false => {
-                    let (pk, pv) = &cache.layers[i];
-                    (append_position(pk, &k, c.n_kv_head, d)?, append_position(pv, &v, c.n_kv_head, d)?)
-                }
+            let (k_all, v_all) = match cache.layers.get(i) {
+                None => (k, v),
+                Some((pk, pv)) => (append_position(pk, &k, c.n_kv_head, d)?, append_position(pv, &v, c.n_kv_head, d)?),
             };
             attend_heads(&q, &k_all, &v_all, len, d, n_rep, c.n_head, &mut attn);
             let shape = (1, c.n_kv_head, len, d);
-            let kv = (Tensor::from_vec(k_all, shape, &self.device)?, Tensor::from_vec(v_all, shape, &self.device)?);
-            if first {
-                cache.layers.push(kv);
-            } else {
-                cache.layers[i] = kv;
-            }
-            let o = Linear::matvec_many(&[&layer.wo], &attn, own)?;
+            layers.push((Tensor::from_vec(k_all, shape, &self.device)?, Tensor::from_vec(v_all, shape, &self.device)?));
+            let o = Linear::matvec_many(&[&layer.wo], &attn)?;
             x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
             decode::rms_norm(&x, &layer.v.ffn_norm, eps, &mut h);
-            let mut gu = Linear::matvec_many(&[&layer.gate, &layer.up], &h, own)?;
+            let mut gu = Linear::matvec_many(&[&layer.gate, &layer.up], &h)?;
             let up = gu.pop().expect("two products");
             let mut g = gu.pop().expect("two products");
             decode::swiglu(&mut g, &up);
-            let down = Linear::matvec_many(&[&layer.down], &g, own)?;
+            let down = Linear::matvec_many(&[&layer.down], &g)?;
             x.iter_mut().zip(&down[0]).for_each(|(x, y)| *x += y);
         }
-        cache.len += 1;
         decode::rms_norm(&x.clone(), &self.norm_v, eps, &mut x);
-        let logits = Linear::matvec_many(&[&self.output], &x, own)?.pop().expect("one product");
-        Tensor::from_vec(logits, self.output.n, &self.device)
+        let logits = Linear::matvec_many(&[&self.output], &x)?.pop().expect("one product");
+        let logits = Tensor::from_vec(logits, self.output.n, &self.device)?;
+        cache.layers = layers;
+        cache.len += 1;
+        Ok(logits)
     }
 
     fn attention(
