@@ -17,7 +17,7 @@
 //! through the vocabulary projection — for text-to-SQL prompts that is a tenth of the sequence.
 
 use crate::lora::{Frozen, LoraConfig, LoraLinear, Rng};
-use crate::model::{causal_mask, keep_freed_memory, rope_tables, Config, Embedding};
+use crate::model::{causal_mask, keep_freed_memory, rope_tables, Config, Embedding, Weights};
 use crate::peft::{Adapter, Layout, Target};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -122,10 +122,9 @@ impl TrainableModel {
         let ct = gguf_file::Content::read(&mut f)
             .map_err(|e| candle_core::Error::Msg(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         let cfg = Config::from_gguf(&ct)?;
-        let mut get = |name: &str| ct.tensor(&mut f, name, &device);
-        let token_embd = Arc::new(get("token_embd.weight")?);
-        let embed = Embedding::new(token_embd.clone(), &device)?;
-        let norm = get("output_norm.weight")?.dequantize(&device)?;
+        let w = Weights::read(&cfg, &ct, &mut f, &device)?;
+        let embed = Embedding::new(w.token_embd, &device)?;
+        let norm = w.norm;
         let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {
             match opts.base {
                 BaseMode::Quantized => Frozen::quantized_q8_backward(q),
@@ -133,37 +132,21 @@ impl TrainableModel {
                 BaseMode::F32 => Frozen::dense(q),
             }
         };
-        let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => Arc::new(get("output.weight")?),
-            false => token_embd,
-        };
         // In f32 mode the vocabulary projection is dense too, so the loss is a smooth function of the adapters
         // (a quantized product rounds its input activations to 8 bits: piecewise constant at fine scales).
-        let output = frozen(output)?;
+        let output = frozen(w.output)?;
         let mut rng = Rng::new(opts.seed);
         let mut layers = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = format!("blk.{i}");
-            let mut bias = |n: &str| -> Result<Option<Tensor>> {
-                let name = format!("{p}.{n}.bias");
-                match ct.tensor_infos.contains_key(&name) {
-                    true => Ok(Some(get(&name)?.dequantize(&device)?)),
-                    false => Ok(None),
-                }
-            };
-            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
+        for l in w.layers {
             let mut proj = Vec::with_capacity(7);
-            for t in Target::ALL {
-                let q = Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?);
+            for (t, q) in Target::ALL.into_iter().zip(l.proj) {
                 let base = frozen(q)?;
                 proj.push(match opts.targets.contains(&t) {
                     true => Proj::Adapted(LoraLinear::on(base, opts.lora, &mut rng)?),
                     false => Proj::Frozen(base),
                 });
             }
-            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(&device)?;
-            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(&device)?;
-            layers.push(Layer { attn_norm, ffn_norm, proj, bq, bk, bv });
+            layers.push(Layer { attn_norm: l.attn_norm, ffn_norm: l.ffn_norm, proj, bq: l.bq, bk: l.bk, bv: l.bv });
         }
         let max_positions = opts.max_positions.clamp(1, cfg.context_length);
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, &device)?;

@@ -222,6 +222,61 @@ impl Config {
     }
 }
 
+/// One layer's tensors as every loader of a GGUF model reads them: norms and optional q/k/v biases dequantized,
+/// the seven projection weights as stored, in [`crate::peft::Target::ALL`] order (q, k, v, o, gate, up, down).
+pub(crate) struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub proj: [Arc<QTensor>; 7],
+}
+
+/// A model's tensors as read from its GGUF: the embedding table, the final norm, the vocabulary projection (the
+/// embedding table itself when the model ties them: one copy) and the layers. The inference pass
+/// ([`Transformer::from_gguf`]) and the training pass (`crate::finetune`) both start from this.
+pub(crate) struct Weights {
+    pub token_embd: Arc<QTensor>,
+    pub norm: Tensor,
+    pub output: Arc<QTensor>,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    pub(crate) fn read<R: Read + Seek>(cfg: &Config, ct: &gguf_file::Content, reader: &mut R, device: &Device) -> Result<Weights> {
+        let mut get = |name: &str| ct.tensor(reader, name, device);
+        let token_embd = Arc::new(get("token_embd.weight")?);
+        let norm = get("output_norm.weight")?.dequantize(device)?;
+        let output = match ct.tensor_infos.contains_key("output.weight") {
+            true => Arc::new(get("output.weight")?),
+            // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table, read once.
+            false => token_embd.clone(),
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("blk.{i}");
+            let mut bias = |n: &str| -> Result<Option<Tensor>> {
+                let name = format!("{p}.{n}.bias");
+                match ct.tensor_infos.contains_key(&name) {
+                    true => Ok(Some(get(&name)?.dequantize(device)?)),
+                    false => Ok(None),
+                }
+            };
+            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
+            let mut proj = Vec::with_capacity(7);
+            for t in crate::peft::Target::ALL {
+                proj.push(Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?));
+            }
+            let proj: [Arc<QTensor>; 7] = proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
+            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
+            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
+            layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj });
+        }
+        Ok(Weights { token_embd, norm, output, layers })
+    }
+}
+
 struct Layer {
     attn_norm: Tensor,
     wq: Linear,
@@ -313,40 +368,22 @@ impl Transformer {
             0 => cfg.context_length,
             n => n.min(cfg.context_length),
         };
-        let mut get = |name: &str| ct.tensor(reader, name, device);
-        let token_embd = Arc::new(get("token_embd.weight")?);
-        let embed = Embedding::new(token_embd.clone(), device)?;
-        let norm = get("output_norm.weight")?.dequantize(device)?;
-        let output = match ct.tensor_infos.contains_key("output.weight") {
-            true => Linear::new(Arc::new(get("output.weight")?))?,
-            // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table, read once.
-            false => Linear::new(token_embd)?,
-        };
+        let w = Weights::read(&cfg, ct, reader, device)?;
+        let embed = Embedding::new(w.token_embd, device)?;
+        let (norm, output) = (w.norm, Linear::new(w.output)?);
         let mut layers = Vec::with_capacity(cfg.n_layer);
-        for i in 0..cfg.n_layer {
-            let p = format!("blk.{i}");
-            let mut bias = |n: &str| -> Result<Option<Tensor>> {
-                let name = format!("{p}.{n}.bias");
-                if ct.tensor_infos.contains_key(&name) {
-                    Ok(Some(get(&name)?.dequantize(device)?))
-                } else {
-                    Ok(None)
-                }
-            };
-            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
-            let mut qmm = |n: &str| -> Result<Linear> { Linear::new(Arc::new(get(&format!("{p}.{n}.weight"))?)) };
-            let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
-            let (gate, up, down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
-            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
-            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
+        for l in w.layers {
+            let [wq, wk, wv, wo, gate, up, down] = l.proj.map(Linear::new);
+            let (wq, wk, wv, wo, gate, up, down) = (wq?, wk?, wv?, wo?, gate?, up?, down?);
             let vec = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_vec1::<f32>()).transpose();
             let v = LayerVectors {
-                attn_norm: attn_norm.to_vec1()?,
-                ffn_norm: ffn_norm.to_vec1()?,
-                bq: vec(&bq)?,
-                bk: vec(&bk)?,
-                bv: vec(&bv)?,
+                attn_norm: l.attn_norm.to_vec1()?,
+                ffn_norm: l.ffn_norm.to_vec1()?,
+                bq: vec(&l.bq)?,
+                bk: vec(&l.bk)?,
+                bv: vec(&l.bv)?,
             };
+            let LayerWeights { attn_norm, ffn_norm, bq, bk, bv, .. } = l;
             layers.push(Layer { attn_norm, wq, wk, wv, bq, bk, bv, wo, ffn_norm, gate, up, down, v });
         }
         let (cos, sin) = rope_tables(cfg.head_dim, cfg.rope_base, max_positions, device)?;
