@@ -362,10 +362,12 @@ pub struct Matrix<'a> {
     pub n: usize,
 }
 
-/// Raw pointers to the outputs, shared by the pool's threads.
-struct Outs(Vec<*mut f32>);
-// SAFETY: every output element is written by exactly one work item (the row ranges handed out by the pool are
-// disjoint), and the caller's `&mut [f32]`s outlive the pool call, which returns only when all workers are done.
+/// Raw pointers to outputs that candle's pool threads write at disjoint places (here: the rows of each product;
+/// in `model::attend_heads`: the heads of one attention step). Users hand out work so that every output element
+/// belongs to exactly one work item, and take the pointers from `&mut [f32]`s that outlive the pool call.
+pub(crate) struct Outs(pub(crate) Vec<*mut f32>);
+// SAFETY: under the contract above no element is written by two threads, none is read while written, and every
+// pointer stays valid until the pool call returns (it returns only when all workers are done).
 unsafe impl Sync for Outs {}
 
 /// Rows handed to a thread at a time: enough work to hide the hand-out, few enough to balance 2 threads.

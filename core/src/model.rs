@@ -627,17 +627,15 @@ fn attend_heads(q: &[f32], k: &[f32], v: &[f32], len: usize, d: usize, n_rep: us
         decode::attend_one(q, k, v, len, d, n_rep, 0..n_head, out, &mut scores);
         return;
     }
-    /// The output, written by the pool's threads at disjoint head ranges.
-    struct Out(*mut f32);
-    // SAFETY: each head range is handed to exactly one thread by `execute_chunked`, each thread writes only the
-    // `d` floats of its own heads, and `out` outlives the call, which returns once every thread is done.
-    unsafe impl Sync for Out {}
-    let dst = Out(out.as_mut_ptr());
+    // Each head range is handed to exactly one thread by `execute_chunked` and writes only its own heads' floats:
+    // the contract of `kernels::Outs`.
+    let dst = kernels::Outs(vec![out.as_mut_ptr()]);
     let dst = &dst;
     candle_core::utils::barrier_pool().execute_chunked(n_head, |heads| {
         let mut scores = vec![0f32; len];
-        // SAFETY: see `Out`: heads `heads` own floats `heads.start * d .. heads.end * d` of `out` alone.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(heads.start * d), heads.len() * d) };
+        // SAFETY: heads `heads` own floats `heads.start * d .. heads.end * d` of `out` alone, and `out` outlives
+        // the pool call.
+        let o = unsafe { std::slice::from_raw_parts_mut(dst.0[0].add(heads.start * d), heads.len() * d) };
         decode::attend_one(q, k, v, len, d, n_rep, heads, o, &mut scores);
     });
 }

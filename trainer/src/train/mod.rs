@@ -260,7 +260,6 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
-
 pub fn run(args: &TrainArgs) -> Result<()> {
     let mut recipe = Recipe::load(&args.config)?;
     if let Some(s) = args.max_steps {
