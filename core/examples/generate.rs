@@ -17,7 +17,12 @@ fn main() {
     let g = rt.generate(&req, &|| false).expect("generate");
     eprintln!(
         "prompt {} tok, prefill {:.2}s ({:.1} tok/s), {} new tok, decode {:.1} tok/s, stop {}",
-        g.prompt_tokens, g.prefill_s, g.prompt_tokens as f64 / g.prefill_s, g.generated_tokens, g.decode_tok_s(), g.stop.as_str()
+        g.prompt_tokens,
+        g.prefill_s,
+        g.prompt_tokens as f64 / g.prefill_s,
+        g.generated_tokens,
+        g.decode_tok_s(),
+        g.stop.as_str()
     );
     println!("{}", g.sql.unwrap_or_else(|| format!("-- no SQL in: {}", g.text)));
 }

@@ -164,15 +164,18 @@ mod tests {
 
     #[test]
     fn fenced_with_prose_around() {
-        let out = "Here is the query:\n```sql\nSELECT name\nFROM singer\nWHERE country = 'France';\n```\nIt returns names.";
+        let out =
+            "Here is the query:\n```sql\nSELECT name\nFROM singer\nWHERE country = 'France';\n```\nIt returns names.";
         assert_eq!(extract_sql(out).as_deref(), Some("SELECT name\nFROM singer\nWHERE country = 'France'"));
     }
 
     #[test]
     fn primed_fence_without_info_string_or_close() {
         assert_eq!(extract_sql("```\nselect 1").as_deref(), Some("select 1"));
-        assert_eq!(extract_sql("```postgresql\nWITH a AS (SELECT 1) SELECT * FROM a\n```").as_deref(),
-            Some("WITH a AS (SELECT 1) SELECT * FROM a"));
+        assert_eq!(
+            extract_sql("```postgresql\nWITH a AS (SELECT 1) SELECT * FROM a\n```").as_deref(),
+            Some("WITH a AS (SELECT 1) SELECT * FROM a")
+        );
     }
 
     #[test]
@@ -182,8 +185,10 @@ mod tests {
 
     #[test]
     fn semicolons_inside_literals_and_comments_do_not_split() {
-        assert_eq!(extract_sql("SELECT 'a;b', \"c;d\" FROM t -- x;y\nWHERE e = $$f;g$$; SELECT 2").as_deref(),
-            Some("SELECT 'a;b', \"c;d\" FROM t -- x;y\nWHERE e = $$f;g$$"));
+        assert_eq!(
+            extract_sql("SELECT 'a;b', \"c;d\" FROM t -- x;y\nWHERE e = $$f;g$$; SELECT 2").as_deref(),
+            Some("SELECT 'a;b', \"c;d\" FROM t -- x;y\nWHERE e = $$f;g$$")
+        );
         assert_eq!(extract_sql("SELECT /* ; */ 1; x").as_deref(), Some("SELECT /* ; */ 1"));
         assert_eq!(extract_sql("SELECT 'it''s;' AS s;").as_deref(), Some("SELECT 'it''s;' AS s"));
     }
@@ -204,8 +209,10 @@ mod tests {
 
     #[test]
     fn prose_before_the_query() {
-        assert_eq!(extract_sql("To count them, select rows: SELECT count(*) FROM t").as_deref(),
-            Some("SELECT count(*) FROM t"));
+        assert_eq!(
+            extract_sql("To count them, select rows: SELECT count(*) FROM t").as_deref(),
+            Some("SELECT count(*) FROM t")
+        );
     }
 
     #[test]

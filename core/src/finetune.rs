@@ -118,7 +118,8 @@ impl TrainableModel {
         }
         keep_freed_memory();
         let device = Device::Cpu;
-        let mut f = std::fs::File::open(path).map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut f)
             .map_err(|e| candle_core::Error::Msg(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         let cfg = Config::from_gguf(&ct)?;
@@ -210,7 +211,11 @@ impl TrainableModel {
         let have: Vec<(usize, Target)> = self.adapted().map(|(i, t, _)| (i, t)).collect();
         let given: Vec<(usize, Target)> = adapter.weights.keys().copied().collect();
         if have != given {
-            candle_core::bail!("the adapter covers {} projections, the recipe trains {} (different targets?)", given.len(), have.len());
+            candle_core::bail!(
+                "the adapter covers {} projections, the recipe trains {} (different targets?)",
+                given.len(),
+                have.len()
+            );
         }
         for ((i, t), (a, b)) in &adapter.weights {
             match &mut self.layers[*i].proj[idx(*t)] {
@@ -225,7 +230,10 @@ impl TrainableModel {
     pub fn hidden(&self, tokens: &[u32], mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let t = tokens.len();
         if t == 0 || t > self.max_positions() {
-            candle_core::bail!("a sequence of {t} tokens does not fit the {} positions of this run", self.max_positions());
+            candle_core::bail!(
+                "a sequence of {t} tokens does not fit the {} positions of this run",
+                self.max_positions()
+            );
         }
         let c = &self.cfg;
         let eps = c.rms_eps;
@@ -253,7 +261,8 @@ impl TrainableModel {
             let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?.reshape((1, c.n_kv_head, n_rep * t, c.head_dim))?;
             let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
             let att = softmax_last_dim(&att)?;
-            let y = att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
+            let y =
+                att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
             x = (x + p(3, &y)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, eps)?;
             let g = p(4, &h)?.silu()?;
@@ -385,11 +394,18 @@ impl AdamW {
     }
 
     /// Restore moments saved by [`AdamW::state`] at step `t`.
-    pub fn restore(&mut self, vars: &[(String, Var)], state: &std::collections::HashMap<String, Tensor>, t: u64) -> Result<()> {
+    pub fn restore(
+        &mut self,
+        vars: &[(String, Var)],
+        state: &std::collections::HashMap<String, Tensor>,
+        t: u64,
+    ) -> Result<()> {
         for (i, (name, var)) in vars.iter().enumerate() {
             for (slot, suffix) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
                 let key = format!("{name}.{suffix}");
-                let s = state.get(&key).ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint has no optimizer state {key}")))?;
+                let s = state
+                    .get(&key)
+                    .ok_or_else(|| candle_core::Error::Msg(format!("the checkpoint has no optimizer state {key}")))?;
                 if s.dims() != var.dims() {
                     candle_core::bail!("optimizer state {key} is {:?}, the variable {:?}", s.dims(), var.dims());
                 }
@@ -453,7 +469,11 @@ mod tests {
             assert!(d < 1e-5, "{what}: max difference {d}");
         };
         close(&rope(&x, &cos, &sin, true).unwrap(), &candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(), "rope neox");
-        close(&rope(&x, &cos, &sin, false).unwrap(), &candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(), "rope interleaved");
+        close(
+            &rope(&x, &cos, &sin, false).unwrap(),
+            &candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(),
+            "rope interleaved",
+        );
         let alpha = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
         close(&rms_norm(&x, &alpha, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(), "rms_norm");
         close(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap(), "softmax");

@@ -51,13 +51,44 @@ impl std::fmt::Display for Rejection {
 /// objects, sequences, advisory locks, notifications, and functions that run SQL given as text (which would
 /// bypass this gate). Matched on the unqualified, lower-cased name; entries ending in `*` are prefixes.
 pub const DENIED_FUNCTIONS: &[&str] = &[
-    "set_config", "pg_terminate_backend", "pg_cancel_backend", "pg_reload_conf", "pg_rotate_logfile",
-    "pg_read_file", "pg_read_binary_file", "pg_ls_*", "pg_stat_file", "pg_file_*", "lo_*", "loread", "lowrite",
-    "dblink*", "nextval", "setval", "pg_advisory_*", "pg_try_advisory_*", "pg_notify", "pg_switch_wal",
-    "pg_create_restore_point", "pg_promote", "pg_logical_emit_message", "pg_stat_reset*", "pg_backup_*",
-    "pg_start_backup", "pg_stop_backup", "pg_create_*_replication_slot", "pg_drop_replication_slot",
-    "pg_replication_origin_*", "pg_import_system_collations", "query_to_xml*", "cursor_to_xml*", "pg_sleep_for",
-    "pg_sleep_until", "txid_current", "pg_current_xact_id", "pg_log_backend_memory_contexts",
+    "set_config",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_read_file",
+    "pg_read_binary_file",
+    "pg_ls_*",
+    "pg_stat_file",
+    "pg_file_*",
+    "lo_*",
+    "loread",
+    "lowrite",
+    "dblink*",
+    "nextval",
+    "setval",
+    "pg_advisory_*",
+    "pg_try_advisory_*",
+    "pg_notify",
+    "pg_switch_wal",
+    "pg_create_restore_point",
+    "pg_promote",
+    "pg_logical_emit_message",
+    "pg_stat_reset*",
+    "pg_backup_*",
+    "pg_start_backup",
+    "pg_stop_backup",
+    "pg_create_*_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_replication_origin_*",
+    "pg_import_system_collations",
+    "query_to_xml*",
+    "cursor_to_xml*",
+    "pg_sleep_for",
+    "pg_sleep_until",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_log_backend_memory_contexts",
 ];
 
 fn denied(name: &ObjectName) -> Option<String> {
@@ -205,7 +236,11 @@ impl std::fmt::Display for UnknownName {
 }
 
 fn norm(id: &Ident) -> String {
-    if id.quote_style.is_some() { id.value.clone() } else { id.value.to_lowercase() }
+    if id.quote_style.is_some() {
+        id.value.clone()
+    } else {
+        id.value.to_lowercase()
+    }
 }
 
 #[derive(Default)]
@@ -300,8 +335,17 @@ fn collect_select_aliases(body: &SetExpr, out: &mut HashSet<String>) {
 
 /// Words that parse as identifiers but are SQL value functions, not columns.
 const VALUE_KEYWORDS: &[&str] = &[
-    "current_date", "current_time", "current_timestamp", "localtime", "localtimestamp", "current_user",
-    "session_user", "user", "current_role", "current_schema", "current_catalog",
+    "current_date",
+    "current_time",
+    "current_timestamp",
+    "localtime",
+    "localtimestamp",
+    "current_user",
+    "session_user",
+    "user",
+    "current_role",
+    "current_schema",
+    "current_catalog",
 ];
 
 /// Tables and columns in `checked` that `catalog` does not describe. Conservative: a column counts as known when
@@ -459,7 +503,11 @@ mod tests {
         let c = check("SELECT nme, s.age FROM singer s JOIN concerts c ON c.id = s.singer_id").unwrap();
         assert_eq!(
             unknown_names(&c, &catalog()),
-            vec![UnknownName::Table("concerts".into()), UnknownName::Column("nme".into()), UnknownName::Column("id".into())]
+            vec![
+                UnknownName::Table("concerts".into()),
+                UnknownName::Column("nme".into()),
+                UnknownName::Column("id".into())
+            ]
         );
     }
 
@@ -474,7 +522,10 @@ mod tests {
         let c = check("SELECT t.x FROM (SELECT age AS x FROM singer) t").unwrap();
         assert_eq!(unknown_names(&c, &catalog()), vec![]);
         let c = check("SELECT s.name FROM singer AS s JOIN country AS country ON s.singer_id = country.id").unwrap();
-        assert_eq!(unknown_names(&c, &catalog()), vec![UnknownName::Table("country".into()), UnknownName::Column("id".into())]);
+        assert_eq!(
+            unknown_names(&c, &catalog()),
+            vec![UnknownName::Table("country".into()), UnknownName::Column("id".into())]
+        );
         let c = check("SELECT \"Name\" FROM public.singer").unwrap();
         assert_eq!(unknown_names(&c, &catalog()), vec![UnknownName::Column("Name".into())]);
     }

@@ -227,7 +227,7 @@ pub fn simd_available() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{f16_at, q4k_scales_mins, Q8K, Q4K_BYTES, Q6K_BYTES};
+    use super::{f16_at, q4k_scales_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
     use std::arch::x86_64::*;
 
     #[inline]

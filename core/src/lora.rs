@@ -304,7 +304,8 @@ mod tests {
         let y = x.as_tensor().apply_op1(FrozenQMatMul::exact(w.clone())).unwrap();
         let grad = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
         let got = grad.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let want = g.matmul(&w.dequantize(&Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let want =
+            g.matmul(&w.dequantize(&Device::Cpu).unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         for (a, b) in got.iter().zip(&want) {
             assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{a} vs {b}");
         }
@@ -347,7 +348,10 @@ mod tests {
         let merged = layer.merged().unwrap();
         assert_eq!(merged.dtype(), GgmlDType::Q4K);
         let folded = x.apply_op1(FrozenQMatMul::exact(Arc::new(merged))).unwrap();
-        let (a, b) = (adapted.flatten_all().unwrap().to_vec1::<f32>().unwrap(), folded.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (a, b) = (
+            adapted.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            folded.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        );
         let max_diff = |p: &[f32], q: &[f32]| p.iter().zip(q).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
         let diff = max_diff(&a, &b);
         // Folding ΔW in means quantizing W + ΔW to 4.5 bits once more: the error must be of the size that
@@ -369,7 +373,10 @@ mod tests {
         let run = |seed| layer.forward(&x, Some(&mut Rng::new(seed))).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(run(5), run(5));
         assert_ne!(run(5), run(6));
-        assert_eq!(layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap(), layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap());
+        assert_eq!(
+            layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap(),
+            layer.forward(&x, None).unwrap().to_vec2::<f32>().unwrap()
+        );
     }
 
     #[test]

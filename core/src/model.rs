@@ -197,7 +197,9 @@ impl Config {
             other => candle_core::bail!("architecture \"{other}\" is not supported (supported: qwen2, llama, mistral)"),
         };
         let get = |k: &str| -> Result<&gguf_file::Value> {
-            ct.metadata.get(&format!("{arch}.{k}")).ok_or_else(|| candle_core::Error::Msg(format!("cannot find {arch}.{k} in the GGUF metadata")))
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("cannot find {arch}.{k} in the GGUF metadata")))
         };
         let n_head = get("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = get("attention.head_count_kv").and_then(|v| v.to_u32()).map(|v| v as usize).unwrap_or(n_head);
@@ -244,7 +246,12 @@ pub(crate) struct Weights {
 }
 
 impl Weights {
-    pub(crate) fn read<R: Read + Seek>(cfg: &Config, ct: &gguf_file::Content, reader: &mut R, device: &Device) -> Result<Weights> {
+    pub(crate) fn read<R: Read + Seek>(
+        cfg: &Config,
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Weights> {
         let mut get = |name: &str| ct.tensor(reader, name, device);
         let token_embd = Arc::new(get("token_embd.weight")?);
         let norm = get("output_norm.weight")?.dequantize(device)?;
@@ -268,7 +275,8 @@ impl Weights {
             for t in crate::peft::Target::ALL {
                 proj.push(Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?));
             }
-            let proj: [Arc<QTensor>; 7] = proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
+            let proj: [Arc<QTensor>; 7] =
+                proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
             let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
             let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
             layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj });
@@ -428,7 +436,9 @@ impl Transformer {
                     })
                 })
                 .collect();
-            handles.into_iter().try_for_each(|h| h.join().unwrap_or_else(|_| candle_core::bail!("a preparing thread panicked")))
+            handles
+                .into_iter()
+                .try_for_each(|h| h.join().unwrap_or_else(|_| candle_core::bail!("a preparing thread panicked")))
         })
     }
 
@@ -458,7 +468,11 @@ impl Transformer {
             candle_core::bail!("forward on no tokens");
         }
         if pos + t > self.max_positions {
-            candle_core::bail!("position {} is past the {} positions this model was loaded for", pos + t, self.max_positions);
+            candle_core::bail!(
+                "position {} is past the {} positions this model was loaded for",
+                pos + t,
+                self.max_positions
+            );
         }
         if t == 1 && self.own_kernels && self.device.is_cpu() {
             return self.step(tokens[0], cache);
@@ -512,7 +526,8 @@ impl Transformer {
                     y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
                 }
             }
-            let [mut q, mut k, v] = <[Vec<f32>; 3]>::try_from(qkv).map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
+            let [mut q, mut k, v] =
+                <[Vec<f32>; 3]>::try_from(qkv).map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
             decode::rope(&mut q, &cos, &sin, c.rope_neox);
             decode::rope(&mut k, &cos, &sin, c.rope_neox);
             // The layer's cache with this position appended, laid out (n_kv_head, len, d).
@@ -724,13 +739,16 @@ mod tests {
     fn grouped_attention_matches_the_naive_definition() {
         let dev = Device::Cpu;
         // (heads, kv heads, new tokens, cached tokens): prefill, prefill after a prefix, decode; GQA and MHA.
-        for (n_head, n_kv, t, pos) in [(6, 2, 12, 0), (9, 3, 10, 0), (6, 2, 5, 7), (6, 2, 1, 30), (4, 4, 3, 2), (14, 2, 40, 0)] {
+        for (n_head, n_kv, t, pos) in
+            [(6, 2, 12, 0), (9, 3, 10, 0), (6, 2, 5, 7), (6, 2, 1, 30), (4, 4, 3, 2), (14, 2, 40, 0)]
+        {
             let d = 16;
             let q = Tensor::randn(0f32, 1.0, (1, n_head, t, d), &dev).unwrap();
             let k = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev).unwrap();
             let v = Tensor::randn(0f32, 1.0, (1, n_kv, pos + t, d), &dev).unwrap();
             let mask = (t > 1).then(|| causal_mask(t, pos, n_head / n_kv, &dev).unwrap());
-            let ours = attend(&q, &k, &v, mask.as_ref(), n_kv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let ours =
+                attend(&q, &k, &v, mask.as_ref(), n_kv).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = naive_attention(&q, &k, &v, pos);
             let err = ours.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-4, "heads {n_head}/{n_kv}, t {t}, pos {pos}: max error {err}");
@@ -761,7 +779,8 @@ mod tests {
         let (n_kv, d) = (2, 3);
         let old = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, n_kv, 2, d)).unwrap();
         let out = append_position(&old, &[100.0, 101.0, 102.0, 200.0, 201.0, 202.0], n_kv, d).unwrap();
-        let want = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 102.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 200.0, 201.0, 202.0];
+        let want =
+            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 102.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 200.0, 201.0, 202.0];
         assert_eq!(out, want);
         // A non-contiguous view is refused rather than read in the wrong order.
         let view = old.transpose(2, 3).unwrap();

@@ -194,7 +194,8 @@ impl Adapter {
             inference_mode: true,
         };
         let json = serde_json::to_string_pretty(&cfg).map_err(|e| err(e.to_string()))?;
-        std::fs::write(dir.join(CONFIG_FILE), json + "\n").map_err(|e| err(format!("cannot write {CONFIG_FILE}: {e}")))?;
+        std::fs::write(dir.join(CONFIG_FILE), json + "\n")
+            .map_err(|e| err(format!("cannot write {CONFIG_FILE}: {e}")))?;
         let mut tensors = HashMap::new();
         for ((layer, target), (a, b)) in &self.weights {
             let key = target.peft_key(*layer);
@@ -222,11 +223,12 @@ impl Adapter {
         let mut weights = BTreeMap::new();
         for (name, a) in &tensors {
             let Some(stem) = name.strip_suffix(".lora_A.weight") else { continue };
-            let b = tensors.get(&format!("{stem}.lora_B.weight")).ok_or_else(|| err(format!("{name} has no lora_B")))?;
-            let parsed = stem
-                .split_once(".layers.")
-                .and_then(|(_, rest)| rest.split_once('.'))
-                .and_then(|(layer, rest)| Some((layer.parse::<usize>().ok()?, Target::from_name(rest.rsplit('.').next()?)?)));
+            let b =
+                tensors.get(&format!("{stem}.lora_B.weight")).ok_or_else(|| err(format!("{name} has no lora_B")))?;
+            let parsed =
+                stem.split_once(".layers.").and_then(|(_, rest)| rest.split_once('.')).and_then(|(layer, rest)| {
+                    Some((layer.parse::<usize>().ok()?, Target::from_name(rest.rsplit('.').next()?)?))
+                });
             let (layer, target) = parsed.ok_or_else(|| err(format!("unrecognized adapter tensor {name}")))?;
             if a.dim(0)? != cfg.r || b.dim(1)? != cfg.r {
                 return Err(err(format!("{stem}: A {:?} / B {:?} do not have rank {}", a.dims(), b.dims(), cfg.r)));
@@ -262,7 +264,8 @@ pub struct MergeSummary {
 pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_core::Result<MergeSummary> {
     use candle_core::quantized::{gguf_file, QTensor};
     let mut f = std::fs::File::open(base).map_err(|e| err(format!("cannot open {}: {e}", base.display())))?;
-    let ct = gguf_file::Content::read(&mut f).map_err(|e| err(format!("{} is not a readable GGUF file: {e}", base.display())))?;
+    let ct = gguf_file::Content::read(&mut f)
+        .map_err(|e| err(format!("{} is not a readable GGUF file: {e}", base.display())))?;
     let device = Device::Cpu;
     let mut names: Vec<(&String, u64)> = ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     names.sort_by_key(|(_, off)| *off);
@@ -270,10 +273,9 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     for (name, _) in names {
         let qt = ct.tensor(&mut f, name, &device)?;
-        let key = name
-            .strip_prefix("blk.")
-            .and_then(|rest| rest.split_once('.'))
-            .and_then(|(layer, rest)| Some((layer.parse::<usize>().ok()?, Target::from_name(rest.strip_suffix(".weight")?)?)));
+        let key = name.strip_prefix("blk.").and_then(|rest| rest.split_once('.')).and_then(|(layer, rest)| {
+            Some((layer.parse::<usize>().ok()?, Target::from_name(rest.strip_suffix(".weight")?)?))
+        });
         let qt = match key.and_then(|k| adapter.weights.get(&k).map(|w| (k, w))) {
             Some(((layer, target), (a, b))) => {
                 let (n, k) = qt.shape().dims2()?;
@@ -301,8 +303,12 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
     }
     use gguf_file::Value;
     // The writer lays tensors out at its own 32-byte alignment; a base's own `general.alignment` would misdescribe it.
-    let mut meta: Vec<(String, Value)> =
-        ct.metadata.iter().filter(|(k, _)| k.as_str() != "general.alignment").map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut meta: Vec<(String, Value)> = ct
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != "general.alignment")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     meta.push(("copilot.lora.base_model".into(), Value::String(adapter.base_model.clone())));
     meta.push(("copilot.lora.rank".into(), Value::U32(adapter.config.rank as u32)));
     meta.push(("copilot.lora.alpha".into(), Value::F32(adapter.config.alpha)));
@@ -338,7 +344,11 @@ mod tests {
         weights.insert((0, Target::Q), (t((4, 32), 1), t((32, 4), 2)));
         weights.insert((0, Target::K), (t((4, 32), 3), t((16, 4), 4)));
         weights.insert((1, Target::Down), (t((4, 64), 5), t((32, 4), 6)));
-        Adapter { config: LoraConfig { rank: 4, alpha: 8.0, dropout: 0.05 }, base_model: "Qwen/Qwen2.5-Coder-1.5B-Instruct".into(), weights }
+        Adapter {
+            config: LoraConfig { rank: 4, alpha: 8.0, dropout: 0.05 },
+            base_model: "Qwen/Qwen2.5-Coder-1.5B-Instruct".into(),
+            weights,
+        }
     }
 
     fn dir(name: &str) -> std::path::PathBuf {
@@ -354,7 +364,8 @@ mod tests {
             let a = adapter();
             let d = dir(arch);
             a.save(&d, &layout).unwrap();
-            let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join(CONFIG_FILE)).unwrap()).unwrap();
+            let cfg: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.join(CONFIG_FILE)).unwrap()).unwrap();
             assert_eq!(cfg["peft_type"], "LORA");
             assert_eq!(cfg["r"], 4);
             assert_eq!(cfg["lora_alpha"], 8.0);
@@ -384,7 +395,8 @@ mod tests {
                 assert_eq!(wb.to_vec2::<f32>().unwrap(), bb.to_vec2::<f32>().unwrap(), "{arch} {key:?} B");
             }
             // On disk, llama's q/k B rows are in Transformers' order; qwen2's and down_proj's are as held.
-            let disk_qb = raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].to_vec2::<f32>().unwrap();
+            let disk_qb =
+                raw["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].to_vec2::<f32>().unwrap();
             let held_qb = a.weights[&(0, Target::Q)].1.to_vec2::<f32>().unwrap();
             assert_eq!(disk_qb == held_qb, arch == "qwen2", "{arch}: q_proj B layout on disk");
             std::fs::remove_dir_all(&d).ok();

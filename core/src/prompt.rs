@@ -38,12 +38,9 @@ pub struct ChatTemplate {
 impl ChatTemplate {
     pub fn new(source: Option<String>, bos_token: &str, eos_token: &str) -> Self {
         match source.filter(|s| !s.trim().is_empty()) {
-            Some(source) => ChatTemplate {
-                source,
-                bos_token: bos_token.into(),
-                eos_token: eos_token.into(),
-                from_model: true,
-            },
+            Some(source) => {
+                ChatTemplate { source, bos_token: bos_token.into(), eos_token: eos_token.into(), from_model: true }
+            }
             None => ChatTemplate {
                 source: CHATML_TEMPLATE.into(),
                 bos_token: bos_token.into(),
@@ -72,9 +69,7 @@ impl ChatTemplate {
         let tmpl = env.get_template("chat").expect("template was just added");
         let msgs: Vec<Value> = messages
             .iter()
-            .map(|(role, content)| {
-                Value::from_serialize(serde_json::json!({"role": role, "content": content}))
-            })
+            .map(|(role, content)| Value::from_serialize(serde_json::json!({"role": role, "content": content})))
             .collect();
         tmpl.render(minijinja::context! {
             messages => msgs,
@@ -121,9 +116,8 @@ pub fn build_prompt(template: &ChatTemplate, schema_context: &str, question: &st
     };
     let mut parts = rendered.splitn(2, QUESTION_SENTINEL);
     let prefix = parts.next().unwrap_or_default().to_string();
-    let rest = parts.next().ok_or_else(|| {
-        CoreError::Template("the chat template dropped the user's message".into())
-    })?;
+    let rest =
+        parts.next().ok_or_else(|| CoreError::Template("the chat template dropped the user's message".into()))?;
     if rest.contains(QUESTION_SENTINEL) {
         return Err(CoreError::Template("the chat template repeats the user's message".into()));
     }
@@ -146,10 +140,11 @@ mod tests {
 
     #[test]
     fn repair_question_carries_the_previous_sql_and_problems() {
-        let q = repair_question("How many singers?", "SELECT count(*) FROM singers", &[
-            "table singers does not exist".into(),
-            "column nme does not exist".into(),
-        ]);
+        let q = repair_question(
+            "How many singers?",
+            "SELECT count(*) FROM singers",
+            &["table singers does not exist".into(), "column nme does not exist".into()],
+        );
         assert_eq!(
             q,
             "How many singers?\nA previous answer was:\nSELECT count(*) FROM singers\nIt is wrong: table singers does \

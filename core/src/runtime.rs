@@ -16,9 +16,9 @@
 use crate::backend::{Backend, GenerateRequest, Generation, StopReason};
 use crate::error::CoreError;
 use crate::extract::{extract_sql, statement_end};
-use crate::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
 use crate::model::{argmax, Config, KvCache, Transformer};
 use crate::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
+use crate::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -93,8 +93,8 @@ pub struct TextSide {
 impl TextSide {
     /// Read only the GGUF header (metadata), not the tensors.
     pub fn load(path: &Path) -> Result<TextSide, CoreError> {
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| CoreError::Model(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         TextSide::from_content(path, &ct)
@@ -119,7 +119,10 @@ impl TextSide {
     }
 
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, CoreError> {
-        self.tokenizer.encode(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| CoreError::Tokenizer(e.to_string()))
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))
     }
 }
 
@@ -127,8 +130,8 @@ impl Runtime {
     /// Load a GGUF model file.
     pub fn load(path: &Path, opts: &LoadOptions) -> Result<Runtime, CoreError> {
         let t0 = Instant::now();
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
+        let mut file =
+            std::fs::File::open(path).map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
         let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| CoreError::Model(format!("{} is not a readable GGUF file: {e}", path.display())))?;

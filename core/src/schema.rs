@@ -94,18 +94,108 @@ pub fn quote_ident(ident: &str) -> String {
 /// PostgreSQL's reserved key words, and the type/function-name ones, that `quote_ident` quotes: a column named
 /// `order` must be written `"order"`. Kept sorted for binary search (a test checks).
 const RESERVED: &[&str] = &[
-        "all", "analyse", "analyze", "and", "any", "array", "as", "asc", "asymmetric", "authorization", "binary",
-        "both", "case", "cast", "check", "collate", "collation", "column", "concurrently", "constraint", "create",
-        "cross", "current_catalog", "current_date", "current_role", "current_schema", "current_time",
-        "current_timestamp", "current_user", "default", "deferrable", "desc", "distinct", "do", "else", "end",
-        "except", "false", "fetch", "for", "foreign", "freeze", "from", "full", "grant", "group", "having", "ilike",
-        "in", "initially", "inner", "intersect", "into", "is", "isnull", "join", "lateral", "leading", "left", "like",
-        "limit", "localtime", "localtimestamp", "natural", "not", "notnull", "null", "offset", "on", "only", "or",
-        "order", "outer", "overlaps", "placing", "primary", "references", "returning", "right", "select",
-        "session_user", "similar", "some", "symmetric", "system_user", "table", "tablesample", "then", "to",
-        "trailing", "true", "union", "unique", "user", "using", "variadic", "verbose", "when", "where", "window",
-        "with",
-    ];
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "system_user",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
 
 fn is_reserved(word: &str) -> bool {
     RESERVED.binary_search(&word).is_ok()
@@ -193,9 +283,9 @@ impl Catalog {
 
     /// Find a table by name as the model may write it (case-insensitive, optionally schema-qualified).
     pub fn find_table(&self, schema: Option<&str>, name: &str) -> Option<&Table> {
-        self.tables.iter().find(|t| {
-            t.name.eq_ignore_ascii_case(name) && schema.is_none_or(|s| t.schema.eq_ignore_ascii_case(s))
-        })
+        self.tables
+            .iter()
+            .find(|t| t.name.eq_ignore_ascii_case(name) && schema.is_none_or(|s| t.schema.eq_ignore_ascii_case(s)))
     }
 }
 
@@ -253,7 +343,10 @@ mod tests {
         let c2 = Catalog { tables: vec![b, a] };
         let o = RenderOptions::default();
         assert_eq!(c1.render(&o), c2.render(&o));
-        assert_eq!(c1.render(&o), "CREATE TABLE a (id integer, PRIMARY KEY (id));\nCREATE TABLE b (id integer, PRIMARY KEY (id));\n");
+        assert_eq!(
+            c1.render(&o),
+            "CREATE TABLE a (id integer, PRIMARY KEY (id));\nCREATE TABLE b (id integer, PRIMARY KEY (id));\n"
+        );
     }
 
     #[test]

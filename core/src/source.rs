@@ -35,9 +35,9 @@ impl ModelRef {
                 };
                 Ok(ModelRef::Hub { repo: format!("{o}/{r}"), file: f.to_string(), revision })
             }
-            _ => Err(CoreError::Source(format!(
-                "{spec:?} is not a Hub reference of the form hf:<owner>/<repo>/<file>"
-            ))),
+            _ => {
+                Err(CoreError::Source(format!("{spec:?} is not a Hub reference of the form hf:<owner>/<repo>/<file>")))
+            }
         }
     }
 }
@@ -81,9 +81,9 @@ fn resolve_hub(repo: &str, file: &str, revision: Option<String>, allow_download:
         .with_retries(1)
         .build()
         .map_err(|e| CoreError::Source(format!("cannot start the Hub client: {e}")))?;
-    api.repo(hub_repo).get(file).map_err(|e| {
-        CoreError::Source(format!("the Hugging Face Hub is unreachable or refused hf:{repo}/{file}: {e}"))
-    })
+    api.repo(hub_repo)
+        .get(file)
+        .map_err(|e| CoreError::Source(format!("the Hugging Face Hub is unreachable or refused hf:{repo}/{file}: {e}")))
 }
 
 #[cfg(not(feature = "hub"))]
@@ -99,7 +99,8 @@ mod tests {
     fn parse_references() {
         assert_eq!(ModelRef::parse("/m/a.gguf").unwrap(), ModelRef::Local("/m/a.gguf".into()));
         assert_eq!(
-            ModelRef::parse("hf:Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf").unwrap(),
+            ModelRef::parse("hf:Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")
+                .unwrap(),
             ModelRef::Hub {
                 repo: "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF".into(),
                 file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf".into(),
@@ -165,10 +166,7 @@ mod sha_tests {
     fn sha256_of_known_content() {
         let p = std::env::temp_dir().join(format!("copilot-sha-{}", std::process::id()));
         std::fs::write(&p, b"abc").unwrap();
-        assert_eq!(
-            super::sha256_file(&p).unwrap(),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(super::sha256_file(&p).unwrap(), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         std::fs::remove_file(&p).unwrap();
     }
 }

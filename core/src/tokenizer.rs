@@ -20,7 +20,8 @@ use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 /// Qwen2's pre-tokenizer pattern (from its `tokenizer.json`): like GPT-4's, digits one at a time.
-const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_PATTERN: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Llama 3's pattern: digits in groups of up to three.
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
@@ -42,9 +43,7 @@ fn md_strings(ct: &Content, key: &str) -> Result<Vec<String>, CoreError> {
         .ok_or_else(|| CoreError::Tokenizer(format!("the GGUF has no {key}")))?
         .to_vec()
         .map_err(|e| CoreError::Tokenizer(format!("{key}: {e}")))?;
-    v.iter()
-        .map(|x| x.to_string().cloned().map_err(|e| CoreError::Tokenizer(format!("{key}: {e}"))))
-        .collect()
+    v.iter().map(|x| x.to_string().cloned().map_err(|e| CoreError::Tokenizer(format!("{key}: {e}")))).collect()
 }
 
 /// Load the tokenizer for a model: the sidecar `tokenizer.json` if present, else from GGUF metadata.

@@ -77,7 +77,8 @@ fn a_merged_gguf_keeps_the_base_and_computes_base_plus_adapter() {
     for (name, info) in &cb.tensor_infos {
         let other = &cm.tensor_infos[name];
         assert_eq!((info.ggml_dtype, info.shape.dims()), (other.ggml_dtype, other.shape.dims()), "{name}");
-        let (tb, tm) = (cb.tensor(&mut fb, name, &Device::Cpu).unwrap(), cm.tensor(&mut fm, name, &Device::Cpu).unwrap());
+        let (tb, tm) =
+            (cb.tensor(&mut fb, name, &Device::Cpu).unwrap(), cm.tensor(&mut fm, name, &Device::Cpu).unwrap());
         let adapted = ["blk.0.attn_q.weight", "blk.0.attn_v.weight", "blk.1.ffn_down.weight"].contains(&name.as_str());
         assert_eq!(tb.data().unwrap() == tm.data().unwrap(), !adapted, "{name}: changed iff adapted");
     }

@@ -62,7 +62,8 @@ fn gradients_through_the_whole_model_match_finite_differences() {
     // quantized product rounds its input activations to 8 bits, which makes the loss piecewise constant at the
     // scale of a finite-difference step).
     let path = model_file("fd");
-    let mut m = TrainableModel::load(&path, opts(BaseMode::F32, &[Target::Q, Target::K, Target::O, Target::Up], 2)).unwrap();
+    let mut m =
+        TrainableModel::load(&path, opts(BaseMode::F32, &[Target::Q, Target::K, Target::O, Target::Up], 2)).unwrap();
     // B starts at zero (a fresh adapter is a no-op); give every B some weight so gradients reach A too.
     let mut a = m.adapter("t").unwrap();
     let mut rng = Rng::new(3);

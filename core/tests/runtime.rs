@@ -12,7 +12,11 @@ fn model_path() -> PathBuf {
     let p = std::env::var_os("COPILOT_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/lib/copilot/models/smollm2-135m-instruct-q4_1.gguf"));
-    assert!(p.is_file(), "test model {} is missing: run scripts/fetch-model --tiny (or set COPILOT_TEST_MODEL)", p.display());
+    assert!(
+        p.is_file(),
+        "test model {} is missing: run scripts/fetch-model --tiny (or set COPILOT_TEST_MODEL)",
+        p.display()
+    );
     p
 }
 
@@ -22,7 +26,8 @@ fn runtime() -> &'static Mutex<Runtime> {
     RT.get_or_init(|| Mutex::new(Runtime::load(&model_path(), &LoadOptions::default()).expect("load tiny model")))
 }
 
-const CONTEXT: &str = "CREATE TABLE singer (singer_id integer, name text, country text, age integer, PRIMARY KEY (singer_id));\n";
+const CONTEXT: &str =
+    "CREATE TABLE singer (singer_id integer, name text, country text, age integer, PRIMARY KEY (singer_id));\n";
 
 fn request(q: &str, max_new_tokens: usize) -> GenerateRequest {
     GenerateRequest { schema_context: CONTEXT.into(), question: q.into(), max_new_tokens }
@@ -133,7 +138,8 @@ fn reference_logits(tokens: &[u32]) -> Vec<f32> {
     let path = model_path();
     let mut f = std::fs::File::open(&path).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
-    let mut m = candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut m =
+        candle_transformers::models::quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
     let x = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
     m.forward(&x, 0).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
 }
@@ -176,7 +182,8 @@ const QUESTIONS: [&str; 5] = [
 fn the_prefix_cache_does_not_change_a_single_token() {
     let mut rt = runtime().lock().unwrap();
     rt.set_prefix_cache_bytes(0);
-    let without: Vec<_> = QUESTIONS.iter().map(|q| rt.generate(&schema_request(CONTEXT, q), &|| false).unwrap()).collect();
+    let without: Vec<_> =
+        QUESTIONS.iter().map(|q| rt.generate(&schema_request(CONTEXT, q), &|| false).unwrap()).collect();
     rt.set_prefix_cache_bytes(64 << 20);
     let before = rt.prefix_cache_stats();
     let with: Vec<_> = QUESTIONS.iter().map(|q| rt.generate(&schema_request(CONTEXT, q), &|| false).unwrap()).collect();
@@ -185,7 +192,12 @@ fn the_prefix_cache_does_not_change_a_single_token() {
     for (a, b) in without.iter().zip(&with) {
         assert_eq!(a.text, b.text);
         assert_eq!((a.prompt_tokens, a.generated_tokens, a.stop), (b.prompt_tokens, b.generated_tokens, b.stop));
-        assert!(a.prefix_tokens > 50 && a.prefix_tokens == b.prefix_tokens, "{} vs {}", a.prefix_tokens, b.prefix_tokens);
+        assert!(
+            a.prefix_tokens > 50 && a.prefix_tokens == b.prefix_tokens,
+            "{} vs {}",
+            a.prefix_tokens,
+            b.prefix_tokens
+        );
         assert!(!a.prefix_cache_hit);
     }
     // The first question computed the prefix; the others were served from the cache (one entry: one schema),

@@ -180,7 +180,11 @@ fn context_for_caller() -> (Catalog, String) {
         raise(PgSqlErrorCode::ERRCODE_INTERNAL_ERROR, format!("copilot: cannot read the catalog: {e}"), None, None)
     });
     if catalog.is_empty() {
-        let scope = if configured.is_empty() { "the search_path".to_string() } else { format!("copilot.schemas ({})", configured.join(", ")) };
+        let scope = if configured.is_empty() {
+            "the search_path".to_string()
+        } else {
+            format!("copilot.schemas ({})", configured.join(", "))
+        };
         raise(
             PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
             format!("copilot: no tables you can SELECT from in {scope}"),
@@ -229,7 +233,12 @@ fn validate_question(question: &str) -> &str {
         );
     }
     if q.contains('\0') {
-        raise(PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE, "copilot: the question contains a NUL character".into(), None, None);
+        raise(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            "copilot: the question contains a NUL character".into(),
+            None,
+            None,
+        );
     }
     q
 }
@@ -240,7 +249,10 @@ pub(crate) fn generate_sql(context: &str, q: &str) -> String {
     if context.len() + q.len() > INPUT_BYTES {
         raise(
             PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
-            format!("copilot: the schema context is {} bytes, more than the {INPUT_BYTES} a request can carry", context.len()),
+            format!(
+                "copilot: the schema context is {} bytes, more than the {INPUT_BYTES} a request can carry",
+                context.len()
+            ),
             None,
             Some("Narrow copilot.schemas to the schemas the question is about."),
         );

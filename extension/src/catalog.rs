@@ -59,18 +59,14 @@ FROM rel r
 
 /// The schemas of the caller's search_path that exist (`current_schemas(false)`).
 fn search_path_schemas() -> Vec<String> {
-    Spi::get_one::<Vec<String>>("SELECT current_schemas(false)::text[]")
-        .ok()
-        .flatten()
-        .unwrap_or_default()
+    Spi::get_one::<Vec<String>>("SELECT current_schemas(false)::text[]").ok().flatten().unwrap_or_default()
 }
 
 /// The context for the calling role: its catalog and the render options that go with it.
 pub fn load(configured: &[String]) -> Result<(Catalog, RenderOptions), pgrx::spi::Error> {
     let search_path = search_path_schemas();
     let schemas: Vec<String> = if configured.is_empty() { search_path.clone() } else { configured.to_vec() };
-    let json: Option<String> =
-        Spi::get_one_with_args(CATALOG_SQL, &[DatumWithOid::from(schemas)])?;
+    let json: Option<String> = Spi::get_one_with_args(CATALOG_SQL, &[DatumWithOid::from(schemas)])?;
     let tables: Vec<Table> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
         .unwrap_or_else(|e| pgrx::error!("copilot: cannot read the catalog description: {e}"));
     let mut catalog = Catalog { tables };

@@ -146,10 +146,8 @@ pub fn execute(sql: &str) -> (Vec<pgrx::JsonB>, bool) {
     .execute();
     end_subxact();
 
-    let mut out: Vec<pgrx::JsonB> = rows
-        .iter()
-        .map(|t| pgrx::JsonB(serde_json::from_str(t).unwrap_or(serde_json::Value::Null)))
-        .collect();
+    let mut out: Vec<pgrx::JsonB> =
+        rows.iter().map(|t| pgrx::JsonB(serde_json::from_str(t).unwrap_or(serde_json::Value::Null))).collect();
     let capped = out.len() as i64 > max_rows;
     if capped {
         out.truncate(max_rows as usize);

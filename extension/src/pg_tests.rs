@@ -98,10 +98,8 @@ mod tests {
     fn status_reports_a_ready_worker_and_its_model() {
         demo_tables();
         Spi::run("SELECT copilot.ask('How many singers are there?')").unwrap();
-        let (state, model, arch) = Spi::get_three::<String, String, String>(
-            "SELECT state, model, model_arch FROM copilot.status()",
-        )
-        .unwrap();
+        let (state, model, arch) =
+            Spi::get_three::<String, String, String>("SELECT state, model, model_arch FROM copilot.status()").unwrap();
         assert_eq!(state.as_deref(), Some("ready"));
         assert!(model.unwrap().ends_with(".gguf"));
         assert_eq!(arch.as_deref(), Some("llama"));
@@ -118,11 +116,9 @@ mod tests {
     }
 
     fn checksum() -> String {
-        Spi::get_one::<String>(
-            "SELECT md5(string_agg(s::text, ',' ORDER BY singer_id)) FROM singer s",
-        )
-        .unwrap()
-        .unwrap()
+        Spi::get_one::<String>("SELECT md5(string_agg(s::text, ',' ORDER BY singer_id)) FROM singer s")
+            .unwrap()
+            .unwrap()
     }
 
     #[pg_test]
@@ -139,8 +135,9 @@ mod tests {
     #[pg_test]
     fn run_sql_caps_rows_at_max_rows() {
         Spi::run("SET LOCAL copilot.max_rows = 3").unwrap();
-        let n = Spi::get_one::<i64>("SELECT count(*) FROM copilot.run_sql('SELECT * FROM generate_series(1, 1000000)')")
-            .unwrap();
+        let n =
+            Spi::get_one::<i64>("SELECT count(*) FROM copilot.run_sql('SELECT * FROM generate_series(1, 1000000)')")
+                .unwrap();
         assert_eq!(n, Some(3));
     }
 

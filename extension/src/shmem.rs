@@ -252,10 +252,7 @@ impl Board {
     }
 
     pub fn queue_depth(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|s| matches!(s.state(), SlotState::Pending | SlotState::Running))
-            .count()
+        self.slots.iter().filter(|s| matches!(s.state(), SlotState::Pending | SlotState::Running)).count()
     }
 }
 

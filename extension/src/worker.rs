@@ -49,7 +49,11 @@ struct Job {
 }
 
 enum Event {
-    Loaded { arch: String, bytes: u64, load_s: f64 },
+    Loaded {
+        arch: String,
+        bytes: u64,
+        load_s: f64,
+    },
     LoadFailed(String),
     Checksum(String),
     Finished {
@@ -81,8 +85,8 @@ fn inference_thread(spec: String, threads: usize, max_context: usize, jobs: Rece
     configure_threads(threads);
     // The prefix cache's bound comes with every job (set before it runs), so a reload can change it.
     let opts = LoadOptions { max_context, ..Default::default() };
-    let loaded = copilot_core::source::resolve(&spec, false)
-        .and_then(|path| Runtime::load(&path, &opts).map(|rt| (rt, path)));
+    let loaded =
+        copilot_core::source::resolve(&spec, false).and_then(|path| Runtime::load(&path, &opts).map(|rt| (rt, path)));
     let mut rt = match loaded {
         Ok((rt, path)) => {
             let info = rt.info();
@@ -162,7 +166,8 @@ fn cancel(running: &Option<(usize, u64, Arc<AtomicBool>)>) {
 
 fn pid_alive(pid: i32) -> bool {
     // SAFETY: kill with signal 0 only checks for existence and permission.
-    pid > 0 && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH))
 }
 
 #[pg_guard]
@@ -269,9 +274,8 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
             last_reap = Instant::now();
         }
         if state == WorkerState::Ready && running.is_none() {
-            let next = (0..SLOTS)
-                .filter(|&i| b.slots[i].state() == SlotState::Pending)
-                .min_by_key(|&i| b.slots[i].ticket);
+            let next =
+                (0..SLOTS).filter(|&i| b.slots[i].state() == SlotState::Pending).min_by_key(|&i| b.slots[i].ticket);
             if let Some(i) = next {
                 let s = &mut b.slots[i];
                 s.set_state(SlotState::Running);

@@ -8,7 +8,6 @@ use copilot_core::model::Config;
 use copilot_core::peft::{merge_into_gguf, Adapter, Layout};
 use std::path::PathBuf;
 
-
 #[derive(clap::Args)]
 pub struct ExportArgs {
     /// The base model: a GGUF path or `hf:<owner>/<repo>/<file>`.
@@ -38,7 +37,8 @@ pub struct ExportArgs {
 pub fn run(args: &ExportArgs) -> Result<()> {
     let base = copilot_core::source::resolve(&args.base, true)?;
     let mut f = std::fs::File::open(&base).with_context(|| format!("cannot open {}", base.display()))?;
-    let ct = gguf_file::Content::read(&mut f).with_context(|| format!("{} is not a readable GGUF file", base.display()))?;
+    let ct =
+        gguf_file::Content::read(&mut f).with_context(|| format!("{} is not a readable GGUF file", base.display()))?;
     let cfg = Config::from_gguf(&ct)?;
     let layout = Layout { arch: cfg.arch.clone(), n_head: cfg.n_head, n_kv_head: cfg.n_kv_head };
     let adapter = Adapter::load(&args.adapter, &layout, &candle_core::Device::Cpu)
@@ -59,18 +59,26 @@ pub fn run(args: &ExportArgs) -> Result<()> {
                 p.is_file().then_some(p)
             });
             let summary: Option<serde_json::Value> = match &summary_path {
-                Some(p) => Some(serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)?),
+                Some(p) => Some(serde_json::from_slice(
+                    &std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+                )?),
                 None => None,
             };
             let mut evals = Vec::new();
             for p in &args.evals {
-                let r: crate::eval::Report = serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
-                    .with_context(|| format!("{} is not an eval report", p.display()))?;
+                let r: crate::eval::Report =
+                    serde_json::from_slice(&std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+                        .with_context(|| format!("{} is not an eval report", p.display()))?;
                 evals.push(r);
             }
             let file = args.out.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
             let text = model_card(&adapter, &cfg.arch, &file, summary.as_ref(), &evals, &args.license);
-            let path = args.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new(".")).join("README.md");
+            let path = args
+                .out
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."))
+                .join("README.md");
             std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
             Some(path)
         }
@@ -124,10 +132,22 @@ pub fn model_card(
         let _ = writeln!(y, "model-index:\n- name: {}\n  results:", yaml_str(name));
         for r in evals {
             let _ = writeln!(y, "  - task:\n      type: text-to-sql\n      name: Text-to-SQL");
-            let _ = writeln!(y, "    dataset:\n      type: spider\n      name: {}\n      split: dev", yaml_str(&format!("Spider dev ({}, n={})", r.selection, r.summary.n)));
+            let _ = writeln!(
+                y,
+                "    dataset:\n      type: spider\n      name: {}\n      split: dev",
+                yaml_str(&format!("Spider dev ({}, n={})", r.selection, r.summary.n))
+            );
             let _ = writeln!(y, "    metrics:");
-            let _ = writeln!(y, "    - type: execution_accuracy\n      value: {:.1}\n      name: Execution accuracy (%)", 100.0 * r.summary.ex);
-            let _ = writeln!(y, "    - type: exact_set_match\n      value: {:.1}\n      name: Exact-set-match (%)", 100.0 * r.summary.exact_set);
+            let _ = writeln!(
+                y,
+                "    - type: execution_accuracy\n      value: {:.1}\n      name: Execution accuracy (%)",
+                100.0 * r.summary.ex
+            );
+            let _ = writeln!(
+                y,
+                "    - type: exact_set_match\n      value: {:.1}\n      name: Exact-set-match (%)",
+                100.0 * r.summary.exact_set
+            );
         }
     }
     y.push_str("---\n\n");
@@ -146,10 +166,18 @@ pub fn model_card(
             let _ = writeln!(
                 y,
                 "| {} | {} | {:.1} % | {:.1} % | {:.2} s |",
-                r.run, r.summary.n, 100.0 * r.summary.ex, 100.0 * r.summary.exact_set, r.summary.latency_p50_s
+                r.run,
+                r.summary.n,
+                100.0 * r.summary.ex,
+                100.0 * r.summary.exact_set,
+                r.summary.latency_p50_s
             );
         }
-        let _ = writeln!(y, "\nMeasured with `copilot-trainer eval --via extension` (the product path) on {}.\n", evals[0].machine);
+        let _ = writeln!(
+            y,
+            "\nMeasured with `copilot-trainer eval --via extension` (the product path) on {}.\n",
+            evals[0].machine
+        );
     }
     if summary.is_some() {
         let _ = writeln!(y, "## Training\n\n| | |\n|---|---|");
@@ -161,26 +189,70 @@ pub fn model_card(
         let num = |p: &[&str]| g(p).map(|v| v.to_string().trim_matches('"').to_string());
         row(&mut y, "dataset", dataset.clone());
         row(&mut y, "targets", g(&["recipe", "lora", "targets"]).map(|v| v.to_string()));
-        row(&mut y, "rank / alpha / dropout", Some(format!("{} / {} / {}", adapter.config.rank, adapter.config.alpha, adapter.config.dropout)));
+        row(
+            &mut y,
+            "rank / alpha / dropout",
+            Some(format!("{} / {} / {}", adapter.config.rank, adapter.config.alpha, adapter.config.dropout)),
+        );
         row(&mut y, "base weights", num(&["base_mode"]));
         row(&mut y, "training rows", num(&["train_rows"]));
-        row(&mut y, "steps × batch", num(&["steps"]).map(|st| format!("{st} × {}", num(&["batch_size"]).unwrap_or_default())));
+        row(
+            &mut y,
+            "steps × batch",
+            num(&["steps"]).map(|st| format!("{st} × {}", num(&["batch_size"]).unwrap_or_default())),
+        );
         row(&mut y, "epochs", g(&["epochs"]).and_then(|v| v.as_f64()).map(|e| format!("{e:.2}")));
-        row(&mut y, "learning rate", num(&["lr_schedule", "peak"]).map(|p| format!("{p}, linear warm-up {} steps, cosine to ×{}", num(&["lr_schedule", "warmup_steps"]).unwrap_or_default(), num(&["lr_schedule", "min_lr_ratio"]).unwrap_or_default())));
+        row(
+            &mut y,
+            "learning rate",
+            num(&["lr_schedule", "peak"]).map(|p| {
+                format!(
+                    "{p}, linear warm-up {} steps, cosine to ×{}",
+                    num(&["lr_schedule", "warmup_steps"]).unwrap_or_default(),
+                    num(&["lr_schedule", "min_lr_ratio"]).unwrap_or_default()
+                )
+            }),
+        );
         row(&mut y, "max sequence length", num(&["recipe", "data", "max_seq_len"]));
         row(&mut y, "seed", num(&["recipe", "train", "seed"]));
         row(&mut y, "tokens seen", num(&["tokens_seen"]));
-        row(&mut y, "train loss (first → last 10)", match (g(&["train_loss_first"]).and_then(|v| v.as_f64()), g(&["train_loss_last10_mean"]).and_then(|v| v.as_f64())) {
-            (Some(a), Some(b)) => Some(format!("{a:.3} → {b:.3}")),
-            _ => None,
-        });
-        row(&mut y, "validation loss (first → best)", match (g(&["val_loss_first"]).and_then(|v| v.as_f64()), g(&["val_loss_best"]).and_then(|v| v.as_f64())) {
-            (Some(a), Some(b)) => Some(format!("{a:.3} → {b:.3}")),
-            _ => None,
-        });
-        row(&mut y, "hardware", g(&["hardware", "cpu"]).map(|c| format!("{} ({} cores, {} threads), no GPU", c.as_str().unwrap_or("?"), num(&["hardware", "cores"]).unwrap_or_default(), num(&["threads"]).unwrap_or_default())));
+        row(
+            &mut y,
+            "train loss (first → last 10)",
+            match (
+                g(&["train_loss_first"]).and_then(|v| v.as_f64()),
+                g(&["train_loss_last10_mean"]).and_then(|v| v.as_f64()),
+            ) {
+                (Some(a), Some(b)) => Some(format!("{a:.3} → {b:.3}")),
+                _ => None,
+            },
+        );
+        row(
+            &mut y,
+            "validation loss (first → best)",
+            match (g(&["val_loss_first"]).and_then(|v| v.as_f64()), g(&["val_loss_best"]).and_then(|v| v.as_f64())) {
+                (Some(a), Some(b)) => Some(format!("{a:.3} → {b:.3}")),
+                _ => None,
+            },
+        );
+        row(
+            &mut y,
+            "hardware",
+            g(&["hardware", "cpu"]).map(|c| {
+                format!(
+                    "{} ({} cores, {} threads), no GPU",
+                    c.as_str().unwrap_or("?"),
+                    num(&["hardware", "cores"]).unwrap_or_default(),
+                    num(&["threads"]).unwrap_or_default()
+                )
+            }),
+        );
         row(&mut y, "wall time", g(&["wall_s"]).and_then(|v| v.as_f64()).map(|w| format!("{:.0} min", w / 60.0)));
-        row(&mut y, "peak memory", g(&["peak_rss_bytes"]).and_then(|v| v.as_f64()).map(|b| format!("{:.1} GB", b / 1e9)));
+        row(
+            &mut y,
+            "peak memory",
+            g(&["peak_rss_bytes"]).and_then(|v| v.as_f64()).map(|b| format!("{:.1} GB", b / 1e9)),
+        );
         y.push('\n');
     }
     let _ = writeln!(

@@ -94,16 +94,18 @@ fn pk_holds(db: &rusqlite::Connection, p: &TablePlan) -> Result<bool> {
     }
     let table = format!("\"{}\"", p.sqlite_name.replace('"', "\"\""));
     let nulls: i64 = db.query_row(
-        &format!("SELECT count(*) FROM {table} WHERE {}", cols.iter().map(|c| format!("{c} IS NULL")).collect::<Vec<_>>().join(" OR ")),
+        &format!(
+            "SELECT count(*) FROM {table} WHERE {}",
+            cols.iter().map(|c| format!("{c} IS NULL")).collect::<Vec<_>>().join(" OR ")
+        ),
         [],
         |r| r.get(0),
     )?;
     // Distinct as PostgreSQL sees the loaded values: integers stored as text compare as integers there.
-    let distinct: i64 = db.query_row(
-        &format!("SELECT count(*) FROM (SELECT DISTINCT {} FROM {table})", cols.join(", ")),
-        [],
-        |r| r.get(0),
-    )?;
+    let distinct: i64 =
+        db.query_row(&format!("SELECT count(*) FROM (SELECT DISTINCT {} FROM {table})", cols.join(", ")), [], |r| {
+            r.get(0)
+        })?;
     Ok(nulls == 0 && distinct as u64 == p.rows)
 }
 
@@ -134,12 +136,10 @@ pub fn catalog(sqlite: &Path, schema: &str) -> Result<Catalog> {
                 continue;
             }
             // … and comparable types on both sides.
-            let ty = |t: &TablePlan, c: &str| t.columns.iter().find(|x| x.name == c).map(|x| family(x.pg_type).to_string());
-            let types_ok = fk
-                .columns
-                .iter()
-                .zip(&fk.ref_columns)
-                .all(|(c, r)| ty(p, c).is_some() && ty(p, c) == ty(target, r));
+            let ty =
+                |t: &TablePlan, c: &str| t.columns.iter().find(|x| x.name == c).map(|x| family(x.pg_type).to_string());
+            let types_ok =
+                fk.columns.iter().zip(&fk.ref_columns).all(|(c, r)| ty(p, c).is_some() && ty(p, c) == ty(target, r));
             if !types_ok {
                 continue;
             }

@@ -119,7 +119,10 @@ mod tests {
 
     #[test]
     fn string_literals_keep_their_case() {
-        assert_eq!(normalize("SELECT name FROM head WHERE name = 'Bob'", None).unwrap(), "SELECT name FROM head WHERE name = 'Bob'");
+        assert_eq!(
+            normalize("SELECT name FROM head WHERE name = 'Bob'", None).unwrap(),
+            "SELECT name FROM head WHERE name = 'Bob'"
+        );
     }
 
     #[test]

@@ -21,7 +21,8 @@ fn export_merges_a_peft_adapter_into_a_loadable_gguf() {
     let e = common::EMBD;
     weights.insert((0, Target::Q), (common::weights((2, e), 1, 0.1), common::weights((e, 2), 2, 0.3)));
     weights.insert((1, Target::Up), (common::weights((2, e), 3, 0.1), common::weights((common::FFN, 2), 4, 0.3)));
-    let adapter = Adapter { config: LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0 }, base_model: "test/tiny".into(), weights };
+    let adapter =
+        Adapter { config: LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0 }, base_model: "test/tiny".into(), weights };
     let adapter_dir = dir.join("adapter");
     adapter.save(&adapter_dir, &Layout { arch: "llama".into(), n_head: 4, n_kv_head: 2 }).unwrap();
 

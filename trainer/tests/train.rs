@@ -9,7 +9,11 @@ fn model() -> PathBuf {
     let p = std::env::var_os("COPILOT_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("/var/lib/copilot/models/smollm2-135m-instruct-q4_1.gguf"));
-    assert!(p.is_file(), "test model {} is missing: run scripts/fetch-model --tiny (or set COPILOT_TEST_MODEL)", p.display());
+    assert!(
+        p.is_file(),
+        "test model {} is missing: run scripts/fetch-model --tiny (or set COPILOT_TEST_MODEL)",
+        p.display()
+    );
     p
 }
 
@@ -101,7 +105,8 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
 
     // 12 rows, 2 epochs, 3 a step: 8 steps; checkpoints every 2.
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(straight.join("training_summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(straight.join("training_summary.json")).unwrap()).unwrap();
     assert_eq!(summary["steps"], 8);
     assert_eq!(summary["train_rows"], 12);
     assert!(summary["tokens_seen"].as_u64().unwrap() > 0);
@@ -109,7 +114,8 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     assert!(summary["peak_rss_bytes"].as_u64().unwrap() > 100_000_000, "the model alone is > 100 MB");
     assert_eq!(summary["lr_schedule"]["peak"], 1e-3);
     assert!(summary["hardware"]["cpu"].is_string());
-    let (first, last) = (summary["train_loss_first"].as_f64().unwrap(), summary["train_loss_last10_mean"].as_f64().unwrap());
+    let (first, last) =
+        (summary["train_loss_first"].as_f64().unwrap(), summary["train_loss_last10_mean"].as_f64().unwrap());
     assert!(last < first, "training lowered the loss: {first} → {last}");
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(straight.join("adapter/adapter_config.json")).unwrap()).unwrap();
@@ -155,7 +161,14 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
     let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
     assert!(card.starts_with("---\n"), "YAML front matter");
-    for want in ["base_model: \"HuggingFaceTB/SmolLM2-135M-Instruct\"", "datasets:\n- \"test/rows\"", "license: ", "copilot.ask(", "hf upload", "| training rows | 12 |"] {
+    for want in [
+        "base_model: \"HuggingFaceTB/SmolLM2-135M-Instruct\"",
+        "datasets:\n- \"test/rows\"",
+        "license: ",
+        "copilot.ask(",
+        "hf upload",
+        "| training rows | 12 |",
+    ] {
         assert!(card.contains(want), "model card lacks {want:?}:\n{card}");
     }
 }
@@ -177,7 +190,14 @@ fn bad_recipes_are_refused_before_any_work() {
         let run = trainer(&["train", "--config", r.to_str().unwrap()]);
         assert_eq!(run.status.code(), Some(1), "{what} accepted");
         let err = String::from_utf8_lossy(&run.stderr);
-        assert!(err.contains("recipe") || err.contains("learning_rate") || err.contains("target") || err.contains("base_mode") || err.contains("batch_size"), "{what}: {err}");
+        assert!(
+            err.contains("recipe")
+                || err.contains("learning_rate")
+                || err.contains("target")
+                || err.contains("base_mode")
+                || err.contains("batch_size"),
+            "{what}: {err}"
+        );
         assert!(!out.join("checkpoints").exists(), "{what}: nothing is written");
     }
     // --resume with nothing to resume from.

@@ -28,7 +28,9 @@ pub fn write_model(path: &std::path::Path) {
 /// default Qwen2.5 model).
 pub fn write_model_arch(path: &std::path::Path, arch: &str) {
     let q = |t: Tensor, dt: GgmlDType| QTensor::quantize(&t, dt).unwrap();
-    let ones = || QTensor::quantize(&Tensor::ones(EMBD, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap();
+    let ones = || {
+        QTensor::quantize(&Tensor::ones(EMBD, candle_core::DType::F32, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+    };
     let mut tensors: Vec<(String, QTensor)> = vec![
         ("token_embd.weight".into(), q(weights((VOCAB, EMBD), 1, 1.0), GgmlDType::Q4K)),
         ("output_norm.weight".into(), ones()),
@@ -47,7 +49,8 @@ pub fn write_model_arch(path: &std::path::Path, arch: &str) {
         tensors.push((format!("{p}.ffn_up.weight"), q(weights((FFN, EMBD), s + 6, 0.1), GgmlDType::Q4K)));
         tensors.push((format!("{p}.ffn_down.weight"), q(weights((EMBD, FFN), s + 7, 0.1), GgmlDType::Q6K)));
         if arch == "qwen2" {
-            for (i, (n, rows)) in [("attn_q", EMBD), ("attn_k", EMBD / 2), ("attn_v", EMBD / 2)].into_iter().enumerate() {
+            for (i, (n, rows)) in [("attn_q", EMBD), ("attn_k", EMBD / 2), ("attn_v", EMBD / 2)].into_iter().enumerate()
+            {
                 let b = weights((1, rows), s + 10 + i as u64, 0.5).flatten_all().unwrap();
                 tensors.push((format!("{p}.{n}.bias"), QTensor::quantize(&b, GgmlDType::F32).unwrap()));
             }
@@ -69,4 +72,3 @@ pub fn write_model_arch(path: &std::path::Path, arch: &str) {
     let mut f = std::fs::File::create(path).unwrap();
     gguf_file::write(&mut f, &meta, &tensors).unwrap();
 }
-

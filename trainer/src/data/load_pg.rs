@@ -76,7 +76,11 @@ fn canonical_int(s: &str) -> Option<i64> {
         && digits.bytes().all(|b| b.is_ascii_digit())
         && (digits == "0" || !digits.starts_with('0'))
         && s != "-0";
-    if canonical { s.parse().ok() } else { None }
+    if canonical {
+        s.parse().ok()
+    } else {
+        None
+    }
 }
 
 impl ValueSummary {
@@ -188,8 +192,7 @@ pub fn plan(db: &rusqlite::Connection) -> Result<Vec<TablePlan>> {
                 pg_type: pg_type(ty, s),
             })
             .collect();
-        let mut pk: Vec<(i64, String)> =
-            info.iter().filter(|c| c.2 > 0).map(|c| (c.2, c.0.to_lowercase())).collect();
+        let mut pk: Vec<(i64, String)> = info.iter().filter(|c| c.2 > 0).map(|c| (c.2, c.0.to_lowercase())).collect();
         pk.sort();
         // (id, seq, table, from, to)
         let fk_rows: Vec<(i64, i64, String, String, Option<String>)> = db
@@ -200,7 +203,8 @@ pub fn plan(db: &rusqlite::Connection) -> Result<Vec<TablePlan>> {
         let mut ids: Vec<i64> = fk_rows.iter().map(|f| f.0).collect();
         ids.dedup();
         for id in ids {
-            let mut parts: Vec<&(i64, i64, String, String, Option<String>)> = fk_rows.iter().filter(|f| f.0 == id).collect();
+            let mut parts: Vec<&(i64, i64, String, String, Option<String>)> =
+                fk_rows.iter().filter(|f| f.0 == id).collect();
             parts.sort_by_key(|f| f.1);
             foreign_keys.push(ForeignKeyPlan {
                 columns: parts.iter().map(|f| f.3.to_lowercase()).collect(),
@@ -241,7 +245,11 @@ fn copy_value(v: ValueRef<'_>, pg_type: &str, out: &mut Vec<u8>) {
             let s = if f.is_nan() {
                 "NaN".to_string()
             } else if f.is_infinite() {
-                if f > 0.0 { "Infinity".into() } else { "-Infinity".into() }
+                if f > 0.0 {
+                    "Infinity".into()
+                } else {
+                    "-Infinity".into()
+                }
             } else {
                 format!("{f:?}")
             };
@@ -295,16 +303,16 @@ pub fn load_one(
     let plans = plan(&db)?;
     let mut tx = pg.transaction()?;
     if create_schema {
-        let exists: bool = tx.query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])?.get(0);
+        let exists: bool =
+            tx.query_one("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)", &[&schema])?.get(0);
         if exists && !replace {
             bail!("schema {schema} already exists (use --replace to reload it)");
         }
         tx.batch_execute(&format!("DROP SCHEMA IF EXISTS {0} CASCADE; CREATE SCHEMA {0};", quote_ident(schema)))?;
     } else {
         for p in &plans {
-            let exists: bool = tx
-                .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(schema, &p.name)])?
-                .get(0);
+            let exists: bool =
+                tx.query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(schema, &p.name)])?.get(0);
             if exists && !replace {
                 bail!("table {} already exists (use --replace to reload it)", qualified(schema, &p.name));
             }
@@ -315,12 +323,8 @@ pub fn load_one(
     }
     let mut total_rows = 0u64;
     for p in &plans {
-        let cols = p
-            .columns
-            .iter()
-            .map(|c| format!("{} {}", quote_ident(&c.name), c.pg_type))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols =
+            p.columns.iter().map(|c| format!("{} {}", quote_ident(&c.name), c.pg_type)).collect::<Vec<_>>().join(", ");
         tx.batch_execute(&format!("CREATE TABLE {} ({cols})", qualified(schema, &p.name)))?;
         let names = p.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
         let mut writer = tx.copy_in(&format!("COPY {} ({names}) FROM STDIN", qualified(schema, &p.name)))?;
@@ -356,7 +360,10 @@ pub fn load_one(
             Err(e) => {
                 sp.rollback()?;
                 skipped += 1;
-                warn!("{schema}: skipped {what}: {}", e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string()));
+                warn!(
+                    "{schema}: skipped {what}: {}",
+                    e.as_db_error().map(|d| d.message().to_string()).unwrap_or(e.to_string())
+                );
             }
         }
         Ok(())
@@ -396,8 +403,11 @@ pub fn load_one(
         }
     }
     tx.commit()?;
-    pg.batch_execute(&format!("ANALYZE {}", plans.iter().map(|p| qualified(schema, &p.name)).collect::<Vec<_>>().join(", ")))
-        .ok();
+    pg.batch_execute(&format!(
+        "ANALYZE {}",
+        plans.iter().map(|p| qualified(schema, &p.name)).collect::<Vec<_>>().join(", ")
+    ))
+    .ok();
     Ok((plans.len(), total_rows, skipped))
 }
 
@@ -535,7 +545,8 @@ mod tests {
 
     #[test]
     fn plan_reads_keys_of_a_spider_database() {
-        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/spider/database/concert_singer/concert_singer.sqlite");
+        let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../shared/data/spider/database/concert_singer/concert_singer.sqlite");
         let db = rusqlite::Connection::open(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         let plans = plan(&db).unwrap();
         let names: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();

@@ -101,7 +101,12 @@ pub fn catalog_from_context(context: &str) -> Option<Catalog> {
             kind: RelationKind::Table,
             columns: columns
                 .iter()
-                .map(|c| Column { name: c.name.value.clone(), data_type: c.data_type.to_string(), not_null: false, comment: None })
+                .map(|c| Column {
+                    name: c.name.value.clone(),
+                    data_type: c.data_type.to_string(),
+                    not_null: false,
+                    comment: None,
+                })
                 .collect(),
             primary_key: Vec::new(),
             foreign_keys: Vec::new(),
@@ -130,7 +135,9 @@ pub fn prepare_row(row: &Row, text: &TextSide, max_tokens: usize, seen: &mut Has
     }
     let Some(catalog) = catalog_from_context(&row.context) else { return Ok(Outcome::Dropped("unparseable_context")) };
     let known = sqlnorm::known_names(&catalog);
-    let Some(sql) = sqlnorm::normalize(&row.answer, Some(&known)) else { return Ok(Outcome::Dropped("unparseable_sql")) };
+    let Some(sql) = sqlnorm::normalize(&row.answer, Some(&known)) else {
+        return Ok(Outcome::Dropped("unparseable_sql"));
+    };
     let Ok(checked) = gate::check(&sql) else { return Ok(Outcome::Dropped("not_a_query")) };
     if !gate::unknown_names(&checked, &catalog).is_empty() {
         return Ok(Outcome::Dropped("unknown_names"));
@@ -264,7 +271,10 @@ mod tests {
 
     #[test]
     fn contexts_parse_into_catalogs() {
-        let c = catalog_from_context("CREATE TABLE head (age INTEGER); CREATE TABLE department (name VARCHAR, budget VARCHAR)").unwrap();
+        let c = catalog_from_context(
+            "CREATE TABLE head (age INTEGER); CREATE TABLE department (name VARCHAR, budget VARCHAR)",
+        )
+        .unwrap();
         assert_eq!(c.tables.len(), 2);
         assert_eq!(c.tables[1].columns[1].name, "budget");
         assert!(catalog_from_context("SELECT 1").is_none());
@@ -315,7 +325,10 @@ mod tests {
         assert_eq!(go(row("q3", ctx, "DELETE FROM head"), 1024), "not_a_query");
         assert_eq!(go(row("q4", ctx, "SELECT salary FROM head"), 1024), "unknown_names");
         assert_eq!(go(row("q5", ctx, "SELECT name FROM head"), 20), "over_token_budget");
-        assert_eq!(go(row("Who is from California?", ctx, "SELECT name FROM head WHERE born_state = \"California\""), 1024), "kept");
+        assert_eq!(
+            go(row("Who is from California?", ctx, "SELECT name FROM head WHERE born_state = \"California\""), 1024),
+            "kept"
+        );
         assert_eq!(go(row("who is  from CALIFORNIA?", ctx, "SELECT name FROM head"), 1024), "duplicate_question");
     }
 
@@ -324,7 +337,9 @@ mod tests {
         let t = tiny();
         let ctx = "CREATE TABLE head (name VARCHAR, born_state VARCHAR)";
         let r = row("Who is from California?", ctx, "select NAME from head where born_state = \"California\";");
-        let Outcome::Kept(p, changed) = prepare_row(&r, &t, 1024, &mut HashSet::new()).unwrap() else { panic!("dropped") };
+        let Outcome::Kept(p, changed) = prepare_row(&r, &t, 1024, &mut HashSet::new()).unwrap() else {
+            panic!("dropped")
+        };
         assert!(changed);
         assert_eq!(p.answer, "SELECT name FROM head WHERE born_state = 'California'");
         assert_eq!(p.prompt, build_prompt(&t.template, ctx, "Who is from California?").unwrap().text());

@@ -38,10 +38,9 @@ pub fn read(path: &Path) -> Result<Vec<Row>> {
                     if line.trim().is_empty() {
                         continue;
                     }
-                    rows.push(
-                        serde_json::from_str(&line)
-                            .with_context(|| format!("{}:{}: not a {{question, context, answer}} row", path.display(), i + 1))?,
-                    );
+                    rows.push(serde_json::from_str(&line).with_context(|| {
+                        format!("{}:{}: not a {{question, context, answer}} row", path.display(), i + 1)
+                    })?);
                 }
                 Ok(rows)
             }
@@ -103,7 +102,12 @@ mod tests {
     use super::*;
 
     fn row(q: &str) -> Row {
-        Row { question: q.into(), context: "CREATE TABLE t (a INTEGER)".into(), answer: "SELECT a FROM t".into(), db_id: None }
+        Row {
+            question: q.into(),
+            context: "CREATE TABLE t (a INTEGER)".into(),
+            answer: "SELECT a FROM t".into(),
+            db_id: None,
+        }
     }
 
     #[test]
@@ -142,7 +146,11 @@ mod tests {
         let file = std::fs::File::create(&path).unwrap();
         let mut w = SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::builder().build())).unwrap();
         let mut rg = w.next_row_group().unwrap();
-        for vals in [["SELECT a FROM t", "SELECT b FROM t"], ["a?", "b?"], ["CREATE TABLE t (a INTEGER)", "CREATE TABLE t (b INTEGER)"]] {
+        for vals in [
+            ["SELECT a FROM t", "SELECT b FROM t"],
+            ["a?", "b?"],
+            ["CREATE TABLE t (a INTEGER)", "CREATE TABLE t (b INTEGER)"],
+        ] {
             let mut col = rg.next_column().unwrap().unwrap();
             let data: Vec<ByteArray> = vals.iter().map(|s| ByteArray::from(*s)).collect();
             col.typed::<ByteArrayType>().write_batch(&data, None, None).unwrap();

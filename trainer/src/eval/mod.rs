@@ -180,9 +180,9 @@ pub struct Report {
 
 /// The CPU's model name from /proc/cpuinfo.
 pub fn cpu_model() -> Option<String> {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
+        s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    })
 }
 
 pub fn machine() -> String {
@@ -203,7 +203,8 @@ pub fn load_avg() -> String {
 
 /// UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
 pub fn utc_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // Howard Hinnant's civil_from_days.
     let z = days + 719_468;
@@ -409,7 +410,9 @@ impl Asker for ExtensionAsker {
             Err(e) => a.ask_error = Some(pg_error(&e)),
         }
         a.latency_s = t0.elapsed().as_secs_f64();
-        if let Ok(r) = self.client.query_one("SELECT last_prompt_tokens::int8, last_decode_tok_s FROM copilot.status()", &[]) {
+        if let Ok(r) =
+            self.client.query_one("SELECT last_prompt_tokens::int8, last_decode_tok_s FROM copilot.status()", &[])
+        {
             a.prompt_tokens = r.get(0);
             a.decode_tok_s = r.get(1);
         }
@@ -513,7 +516,10 @@ fn select_questions(
         .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
         .filter(|e| args.dbs.is_empty() || args.dbs.contains(&e.db_id))
         .map(|e| {
-            let h = schemas.get(&e.db_id).and_then(|s| spider_match::parse(&e.query, s).ok()).map(|t| spider_match::hardness(&t));
+            let h = schemas
+                .get(&e.db_id)
+                .and_then(|s| spider_match::parse(&e.query, s).ok())
+                .map(|t| spider_match::hardness(&t));
             (e, h)
         })
         .collect();
@@ -593,10 +599,18 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut context_mismatches = Vec::new();
     let todo: Vec<&(Example, Option<Hardness>)> = items.iter().filter(|(e, _)| !asked.contains_key(&e.index)).collect();
     if let (Some(asker), false) = (asker.as_mut(), todo.is_empty()) {
-        info!("asking {} questions ({} already answered in {})", todo.len(), items.len() - todo.len(), asked_path.display());
+        info!(
+            "asking {} questions ({} already answered in {})",
+            todo.len(),
+            items.len() - todo.len(),
+            asked_path.display()
+        );
         let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&asked_path)?;
         let bar = ProgressBar::new(todo.len() as u64);
-        bar.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}").map_err(|e| anyhow!("{e}"))?);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
+                .map_err(|e| anyhow!("{e}"))?,
+        );
         let mut checked_ctx: HashSet<String> = HashSet::new();
         for (ex, _) in todo {
             let ctx = contexts.get(&ex.db_id)?.1.clone();
@@ -629,7 +643,11 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
     let summary = summarize(&records);
     let selection = if records.len() < items.len() {
-        format!("{selection}; {} of these {} answered so far (incomplete run: rerun the same command to resume)", records.len(), items.len())
+        format!(
+            "{selection}; {} of these {} answered so far (incomplete run: rerun the same command to resume)",
+            records.len(),
+            items.len()
+        )
     } else {
         selection
     };
@@ -686,7 +704,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 
 fn has_order_by(sql: &str) -> bool {
     use sqlparser::ast::Statement;
-    let parsed = sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, sql.trim().trim_end_matches(';'));
+    let parsed =
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, sql.trim().trim_end_matches(';'));
     matches!(parsed.as_deref(), Ok([Statement::Query(q)]) if q.order_by.is_some())
 }
 
@@ -762,10 +781,18 @@ pub fn score_one(
 
 pub fn summarize(records: &[Record]) -> Summary {
     let n = records.len();
-    let frac = |f: &dyn Fn(&Record) -> bool| if n == 0 { 0.0 } else { records.iter().filter(|r| f(r)).count() as f64 / n as f64 };
-    let mut lat: Vec<f64> = records.iter().filter(|r| r.ask_error.is_none() || r.prediction.is_some()).map(|r| r.latency_s).collect();
+    let frac = |f: &dyn Fn(&Record) -> bool| {
+        if n == 0 {
+            0.0
+        } else {
+            records.iter().filter(|r| f(r)).count() as f64 / n as f64
+        }
+    };
+    let mut lat: Vec<f64> =
+        records.iter().filter(|r| r.ask_error.is_none() || r.prediction.is_some()).map(|r| r.latency_s).collect();
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
-    let mut tps: Vec<f64> = records.iter().filter_map(|r| r.decode_tok_s).filter(|x| x.is_finite() && *x > 0.0).collect();
+    let mut tps: Vec<f64> =
+        records.iter().filter_map(|r| r.decode_tok_s).filter(|x| x.is_finite() && *x > 0.0).collect();
     tps.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     let mut pt: Vec<i64> = records.iter().filter_map(|r| r.prompt_tokens).collect();
     pt.sort_unstable();
@@ -824,7 +851,10 @@ mod tests {
         assert_eq!(a, stratified_sample(&items, 30, 42));
         assert_ne!(a, stratified_sample(&items, 30, 7));
         let count = |h: Hardness| a.iter().filter(|i| items[**i].1 == Some(h)).count();
-        assert_eq!((count(Hardness::Easy), count(Hardness::Medium), count(Hardness::Hard), count(Hardness::Extra)), (6, 15, 6, 3));
+        assert_eq!(
+            (count(Hardness::Easy), count(Hardness::Medium), count(Hardness::Hard), count(Hardness::Extra)),
+            (6, 15, 6, 3)
+        );
         assert!(a.windows(2).all(|w| w[0] < w[1]));
     }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 pub fn write(report: &Report, out: &Path) -> Result<()> {
     let json = out.join(format!("{}.json", report.run));
-    std::fs::write(&json, serde_json::to_string_pretty(report)?).with_context(|| format!("cannot write {}", json.display()))?;
+    std::fs::write(&json, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("cannot write {}", json.display()))?;
     std::fs::write(out.join(format!("{}.md", report.run)), markdown(report))?;
     let png = out.join(format!("{}.png", report.run));
     if let Err(e) = plot(report, &png) {
@@ -31,9 +32,19 @@ fn pct(x: f64) -> String {
 pub fn markdown(r: &Report) -> String {
     let s = &r.summary;
     let mut md = String::new();
-    let _ = writeln!(md, "# Eval `{}`: {} via {}\n", r.run, r.model, serde_json::to_string(&r.via).unwrap_or_default().trim_matches('"'));
+    let _ = writeln!(
+        md,
+        "# Eval `{}`: {} via {}\n",
+        r.run,
+        r.model,
+        serde_json::to_string(&r.via).unwrap_or_default().trim_matches('"')
+    );
     let _ = writeln!(md, "- Questions: {}", r.selection);
-    let _ = writeln!(md, "- Machine: {} (load average {} at start, {} at end)", r.machine, r.load_avg_start, r.load_avg_end);
+    let _ = writeln!(
+        md,
+        "- Machine: {} (load average {} at start, {} at end)",
+        r.machine, r.load_avg_start, r.load_avg_end
+    );
     let _ = writeln!(md, "- Started {}, wall time {:.0} s", r.started_utc, r.wall_s);
     if let Some(h) = &r.model_sha256 {
         let _ = writeln!(md, "- Model sha256: `{h}`");
@@ -61,7 +72,11 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(md, "| prompt tokens (p50) | {p} |");
     }
     if !r.context_mismatches.is_empty() {
-        let _ = writeln!(md, "\nContext through the extension differed from core's for: {}", r.context_mismatches.join(", "));
+        let _ = writeln!(
+            md,
+            "\nContext through the extension differed from core's for: {}",
+            r.context_mismatches.join(", ")
+        );
     }
     md
 }
@@ -128,15 +143,19 @@ pub fn plot(r: &Report, path: &Path) -> Result<()> {
     let ex_color = RGBColor(52, 101, 164);
     let em_color = RGBColor(204, 121, 56);
     chart
-        .draw_series(cats.iter().enumerate().map(|(i, c)| {
-            Rectangle::new([(i as f64 + 0.12, 0.0), (i as f64 + 0.5, 100.0 * c.2)], ex_color.filled())
-        }))?
+        .draw_series(
+            cats.iter().enumerate().map(|(i, c)| {
+                Rectangle::new([(i as f64 + 0.12, 0.0), (i as f64 + 0.5, 100.0 * c.2)], ex_color.filled())
+            }),
+        )?
         .label("execution accuracy")
         .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], ex_color.filled()));
     chart
-        .draw_series(cats.iter().enumerate().map(|(i, c)| {
-            Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.88, 100.0 * c.3)], em_color.filled())
-        }))?
+        .draw_series(
+            cats.iter().enumerate().map(|(i, c)| {
+                Rectangle::new([(i as f64 + 0.5, 0.0), (i as f64 + 0.88, 100.0 * c.3)], em_color.filled())
+            }),
+        )?
         .label("exact-set-match")
         .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], em_color.filled()));
     chart.draw_series(cats.iter().enumerate().map(|(i, c)| {

@@ -114,8 +114,7 @@ pub fn same_result(gold: &ResultSet, pred: &ResultSet, ordered: bool) -> bool {
     let mut used = vec![false; n];
     let mut tries = 0usize;
     search(0, &cand, &mut perm, &mut used, &mut tries, &|perm: &[usize]| {
-        let mut rows: Vec<Vec<Cell>> =
-            pred.rows.iter().map(|r| perm.iter().map(|&k| r[k].clone()).collect()).collect();
+        let mut rows: Vec<Vec<Cell>> = pred.rows.iter().map(|r| perm.iter().map(|&k| r[k].clone()).collect()).collect();
         if !ordered {
             rows.sort();
         }
@@ -156,7 +155,10 @@ mod tests {
     fn rs(rows: &[&[&str]]) -> ResultSet {
         ResultSet {
             columns: rows.first().map_or(0, |r| r.len()),
-            rows: rows.iter().map(|r| r.iter().map(|c| if *c == "NULL" { Cell::Null } else { Cell::from_text(c) }).collect()).collect(),
+            rows: rows
+                .iter()
+                .map(|r| r.iter().map(|c| if *c == "NULL" { Cell::Null } else { Cell::from_text(c) }).collect())
+                .collect(),
         }
     }
 

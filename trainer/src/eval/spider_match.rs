@@ -21,9 +21,9 @@
 
 use serde::Deserialize;
 use sqlparser::ast::{
-    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, JoinConstraint,
-    JoinOperator, LimitClause, ObjectName, ObjectNamePart, OrderByKind, Query, Select, SelectItem, SetExpr,
-    SetOperator, SetQuantifier, Statement, TableFactor, UnaryOperator, Value,
+    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, JoinConstraint, JoinOperator,
+    LimitClause, ObjectName, ObjectNamePart, OrderByKind, Query, Select, SelectItem, SetExpr, SetOperator,
+    SetQuantifier, Statement, TableFactor, UnaryOperator, Value,
 };
 use sqlparser::dialect::SQLiteDialect;
 use sqlparser::parser::Parser;
@@ -607,7 +607,9 @@ impl Ctx<'_> {
 
     fn conds_into(&self, e: &Expr, scope: &Scope, out: &mut Conds) -> Result<(), ParseError> {
         match e {
-            Expr::Nested(inner) if matches!(**inner, Expr::BinaryOp { op: BinaryOperator::And | BinaryOperator::Or, .. }) => {
+            Expr::Nested(inner)
+                if matches!(**inner, Expr::BinaryOp { op: BinaryOperator::And | BinaryOperator::Or, .. }) =>
+            {
                 self.conds_into(inner, scope, out)
             }
             Expr::BinaryOp { left, op: op @ (BinaryOperator::And | BinaryOperator::Or), right } => {
@@ -1089,7 +1091,9 @@ pub fn hardness(t: &SqlTree) -> Hardness {
         Hardness::Easy
     } else if (o <= 2 && c1 <= 1 && c2 == 0) || (c1 <= 2 && o < 2 && c2 == 0) {
         Hardness::Medium
-    } else if (o > 2 && c1 <= 2 && c2 == 0) || (c1 > 2 && c1 <= 3 && o <= 2 && c2 == 0) || (c1 <= 1 && o == 0 && c2 <= 1)
+    } else if (o > 2 && c1 <= 2 && c2 == 0)
+        || (c1 > 2 && c1 <= 3 && o <= 2 && c2 == 0)
+        || (c1 <= 1 && o == 0 && c2 <= 1)
     {
         Hardness::Hard
     } else {
@@ -1158,7 +1162,10 @@ mod tests {
             "SELECT name FROM singer ORDER BY age DESC LIMIT 1"
         ));
         assert!(!em("SELECT name FROM singer ORDER BY age DESC", "SELECT name FROM singer ORDER BY age DESC LIMIT 1"));
-        assert!(!em("SELECT name FROM singer ORDER BY age ASC LIMIT 1", "SELECT name FROM singer ORDER BY age DESC LIMIT 1"));
+        assert!(!em(
+            "SELECT name FROM singer ORDER BY age ASC LIMIT 1",
+            "SELECT name FROM singer ORDER BY age DESC LIMIT 1"
+        ));
     }
 
     #[test]
@@ -1221,13 +1228,19 @@ mod tests {
             Hardness::Extra
         );
         // a nested query with no other component → hard
-        assert_eq!(hard("SELECT name FROM stadium WHERE stadium_id NOT IN (SELECT stadium_id FROM concert)"), Hardness::Hard);
+        assert_eq!(
+            hard("SELECT name FROM stadium WHERE stadium_id NOT IN (SELECT stadium_id FROM concert)"),
+            Hardness::Hard
+        );
         // select of 2 columns with 2 aggregates (others = 2), no component1 → medium
         assert_eq!(hard("SELECT max(age), min(age) FROM singer"), Hardness::Medium);
         // others: 2 aggs, 2 select columns, 2 where conditions = 3; component1 = 1 → hard
         assert_eq!(hard("SELECT max(age), min(age) FROM singer WHERE country = 'a' AND age > 1"), Hardness::Hard);
         // intersect → nested 1 plus where (1): component1 1, others 0, nested 1 → hard
-        assert_eq!(hard("SELECT name FROM singer WHERE age > 30 INTERSECT SELECT name FROM singer WHERE age < 50"), Hardness::Hard);
+        assert_eq!(
+            hard("SELECT name FROM singer WHERE age > 30 INTERSECT SELECT name FROM singer WHERE age < 50"),
+            Hardness::Hard
+        );
     }
 }
 
@@ -1239,9 +1252,9 @@ mod spider_dev {
     use std::collections::HashMap;
 
     fn root() -> Option<std::path::PathBuf> {
-        let p = std::env::var("COPILOT_SPIDER").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/spider")
-        });
+        let p = std::env::var("COPILOT_SPIDER")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/spider"));
         p.join("dev.json").is_file().then_some(p)
     }
 
@@ -1251,9 +1264,12 @@ mod spider_dev {
             eprintln!("Spider files not found: skipped");
             return;
         };
-        let tables: Vec<SpiderTables> = serde_json::from_str(&std::fs::read_to_string(root.join("tables.json")).unwrap()).unwrap();
-        let schemas: HashMap<String, Schema> = tables.iter().map(|t| (t.db_id.clone(), Schema::from_spider(t))).collect();
-        let dev: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(root.join("dev.json")).unwrap()).unwrap();
+        let tables: Vec<SpiderTables> =
+            serde_json::from_str(&std::fs::read_to_string(root.join("tables.json")).unwrap()).unwrap();
+        let schemas: HashMap<String, Schema> =
+            tables.iter().map(|t| (t.db_id.clone(), Schema::from_spider(t))).collect();
+        let dev: Vec<serde_json::Value> =
+            serde_json::from_str(&std::fs::read_to_string(root.join("dev.json")).unwrap()).unwrap();
         let mut counts: HashMap<Hardness, usize> = HashMap::new();
         let mut failures = Vec::new();
         for q in &dev {
@@ -1269,7 +1285,8 @@ mod spider_dev {
         }
         assert!(failures.is_empty(), "{} gold queries do not parse:\n{}", failures.len(), failures.join("\n"));
         // Published Spider dev split by hardness: 248 easy, 446 medium, 174 hard, 166 extra (1034).
-        let got = [Hardness::Easy, Hardness::Medium, Hardness::Hard, Hardness::Extra].map(|h| counts.get(&h).copied().unwrap_or(0));
+        let got = [Hardness::Easy, Hardness::Medium, Hardness::Hard, Hardness::Extra]
+            .map(|h| counts.get(&h).copied().unwrap_or(0));
         assert_eq!(got, [248, 446, 174, 166]);
     }
 }

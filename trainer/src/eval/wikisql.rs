@@ -11,7 +11,9 @@
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use sqlparser::ast::{BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem, SetExpr, Statement, Value};
+use sqlparser::ast::{
+    BinaryOperator, Expr, FunctionArg, FunctionArgExpr, FunctionArguments, SelectItem, SetExpr, Statement, Value,
+};
 use sqlparser::dialect::GenericDialect;
 use sqlparser::parser::Parser;
 use std::collections::HashMap;
@@ -208,7 +210,9 @@ pub fn execute(lf: &LogicalForm, t: &WikiTable) -> Vec<String> {
                 let ord = compare(&cell(x, ty(*c)), &cond_value(v, ty(*c)));
                 matches!(
                     (op, ord),
-                    (0, Some(std::cmp::Ordering::Equal)) | (1, Some(std::cmp::Ordering::Greater)) | (2, Some(std::cmp::Ordering::Less))
+                    (0, Some(std::cmp::Ordering::Equal))
+                        | (1, Some(std::cmp::Ordering::Greater))
+                        | (2, Some(std::cmp::Ordering::Less))
                 )
             })
         })
@@ -233,7 +237,11 @@ pub fn execute(lf: &LogicalForm, t: &WikiTable) -> Vec<String> {
             let non_null: Vec<&Cv> = vals.iter().filter(|v| **v != Cv::Null).collect();
             let best = non_null.into_iter().reduce(|a, b| {
                 let o = compare(b, a).unwrap_or(std::cmp::Ordering::Equal);
-                if (agg == "MAX" && o.is_gt()) || (agg == "MIN" && o.is_lt()) { b } else { a }
+                if (agg == "MAX" && o.is_gt()) || (agg == "MIN" && o.is_lt()) {
+                    b
+                } else {
+                    a
+                }
             });
             vec![best.map(show).unwrap_or_else(|| "NULL".into())]
         }
@@ -258,7 +266,11 @@ pub struct WikiScores {
 }
 
 /// Score predicted SQL strings against gold examples.
-pub fn score(examples: &[WikiExample], tables: &HashMap<String, WikiTable>, predictions: &[Option<String>]) -> WikiScores {
+pub fn score(
+    examples: &[WikiExample],
+    tables: &HashMap<String, WikiTable>,
+    predictions: &[Option<String>],
+) -> WikiScores {
     let mut s = WikiScores { n: examples.len(), ..Default::default() };
     for (ex, pred) in examples.iter().zip(predictions) {
         let Some(t) = tables.get(&ex.table_id) else { continue };
@@ -298,12 +310,7 @@ pub fn run_files(data: &Path, tables: &Path, predictions: &Path) -> Result<WikiS
         sql: Option<String>,
     }
     let preds: Vec<Option<String>> = read_jsonl::<P>(predictions)?.into_iter().map(|p| p.sql).collect();
-    anyhow::ensure!(
-        preds.len() == examples.len(),
-        "{} predictions for {} examples",
-        preds.len(),
-        examples.len()
-    );
+    anyhow::ensure!(preds.len() == examples.len(), "{} predictions for {} examples", preds.len(), examples.len());
     Ok(score(&examples, &tables, &preds))
 }
 
@@ -335,7 +342,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(lf, LogicalForm { sel: 3, agg: 0, conds: vec![(5, 0, CondValue::Text("Butler CC (KS)".into()))] });
-        let lf = to_logical_form("SELECT COUNT(player) FROM t WHERE no > 20 AND nationality = 'United States'", &t.header).unwrap();
+        let lf =
+            to_logical_form("SELECT COUNT(player) FROM t WHERE no > 20 AND nationality = 'United States'", &t.header)
+                .unwrap();
         assert_eq!(lf.agg, 3);
         assert_eq!(lf.conds.len(), 2);
         assert!(to_logical_form("SELECT player FROM t ORDER BY no", &t.header).is_none());
@@ -345,8 +354,16 @@ mod tests {
 
     #[test]
     fn logical_form_accuracy_ignores_condition_order_and_value_case() {
-        let a = LogicalForm { sel: 0, agg: 0, conds: vec![(1, 1, CondValue::Num(20.0)), (2, 0, CondValue::Text("United States".into()))] };
-        let b = LogicalForm { sel: 0, agg: 0, conds: vec![(2, 0, CondValue::Text("united states".into())), (1, 1, CondValue::Num(20.0))] };
+        let a = LogicalForm {
+            sel: 0,
+            agg: 0,
+            conds: vec![(1, 1, CondValue::Num(20.0)), (2, 0, CondValue::Text("United States".into()))],
+        };
+        let b = LogicalForm {
+            sel: 0,
+            agg: 0,
+            conds: vec![(2, 0, CondValue::Text("united states".into())), (1, 1, CondValue::Num(20.0))],
+        };
         assert!(a.same_as(&b));
         let c = LogicalForm { sel: 0, agg: 3, ..b.clone() };
         assert!(!a.same_as(&c));
@@ -369,7 +386,8 @@ mod tests {
     fn scores_count_logical_form_and_execution_separately() {
         let t = table();
         let tables: HashMap<String, WikiTable> = [(t.id.clone(), t)].into_iter().collect();
-        let gold = |sel, agg, conds| WikiExample { table_id: "1-10015132-11".into(), sql: LogicalForm { sel, agg, conds } };
+        let gold =
+            |sel, agg, conds| WikiExample { table_id: "1-10015132-11".into(), sql: LogicalForm { sel, agg, conds } };
         let examples = vec![
             gold(0, 0, vec![(5, 0, CondValue::Text("Duke".into()))]),
             gold(1, 1, vec![]),
@@ -377,7 +395,7 @@ mod tests {
         ];
         let preds = vec![
             Some("SELECT player FROM t WHERE school_club_team = 'duke'".to_string()), // lf ✓ ex ✓
-            Some("SELECT no FROM t ORDER BY no DESC LIMIT 1".to_string()),           // no logical form
+            Some("SELECT no FROM t ORDER BY no DESC LIMIT 1".to_string()),            // no logical form
             Some("SELECT player FROM t WHERE years_in_toronto = '2002-03'".to_string()), // lf ✗ ex ✓
         ];
         let s = score(&examples, &tables, &preds);
@@ -391,11 +409,14 @@ mod tests {
         let t = serde_json::json!({"id": "1-1", "header": ["Player", "No."], "types": ["text", "real"],
                                    "rows": [["Ann", 1], ["Bob", 2]]});
         std::fs::write(dir.join("dev.tables.jsonl"), format!("{t}\n")).unwrap();
-        let ex = |sel: usize, agg: usize, conds: serde_json::Value| {
-            serde_json::json!({"phase": 1, "table_id": "1-1", "question": "q", "sql": {"sel": sel, "agg": agg, "conds": conds}})
-        };
-        std::fs::write(dir.join("dev.jsonl"), format!("{}\n{}\n", ex(0, 0, serde_json::json!([[1, 0, 2]])), ex(1, 1, serde_json::json!([])))).unwrap();
-        std::fs::write(dir.join("preds.jsonl"), "{\"sql\": \"SELECT player FROM t WHERE no = 2\"}\n{\"sql\": null}\n").unwrap();
+        let ex = |sel: usize, agg: usize, conds: serde_json::Value| serde_json::json!({"phase": 1, "table_id": "1-1", "question": "q", "sql": {"sel": sel, "agg": agg, "conds": conds}});
+        std::fs::write(
+            dir.join("dev.jsonl"),
+            format!("{}\n{}\n", ex(0, 0, serde_json::json!([[1, 0, 2]])), ex(1, 1, serde_json::json!([]))),
+        )
+        .unwrap();
+        std::fs::write(dir.join("preds.jsonl"), "{\"sql\": \"SELECT player FROM t WHERE no = 2\"}\n{\"sql\": null}\n")
+            .unwrap();
         let s = run_files(&dir.join("dev.jsonl"), &dir.join("dev.tables.jsonl"), &dir.join("preds.jsonl")).unwrap();
         assert_eq!((s.n, s.parsed, s.lf_correct, s.ex_correct), (2, 1, 1, 1));
         assert_eq!(s.lf_accuracy, 0.5);

@@ -102,8 +102,9 @@ pub fn read_examples(path: &Path, text: &TextSide, max_seq_len: usize) -> Result
         if line.trim().is_empty() {
             continue;
         }
-        let row: Row = serde_json::from_str(&line)
-            .with_context(|| format!("{}:{}: not a prepared row (run `copilot-trainer data prepare`)", path.display(), i + 1))?;
+        let row: Row = serde_json::from_str(&line).with_context(|| {
+            format!("{}:{}: not a prepared row (run `copilot-trainer data prepare`)", path.display(), i + 1)
+        })?;
         let mut tokens = text.encode(&row.prompt)?;
         let n_prompt = tokens.len();
         let completion = text.encode(&row.completion)?;
@@ -234,7 +235,14 @@ fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
     v
 }
 
-fn save_checkpoint(out: &Path, model: &TrainableModel, opt: &AdamW, state: &State, base_model: &str, keep: usize) -> Result<()> {
+fn save_checkpoint(
+    out: &Path,
+    model: &TrainableModel,
+    opt: &AdamW,
+    state: &State,
+    base_model: &str,
+    keep: usize,
+) -> Result<()> {
     let dir = out.join("checkpoints").join(format!("step-{:06}", state.step));
     let tmp = out.join("checkpoints").join(format!(".step-{:06}.part", state.step));
     let _ = std::fs::remove_dir_all(&tmp);
@@ -359,8 +367,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let t = &recipe.train;
     let bar = indicatif::ProgressBar::new(total_steps as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]")
-            .expect("a valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} steps  {msg}  [{elapsed_precise} < {eta_precise}]",
+        )
+        .expect("a valid template"),
     );
     bar.set_position(state.step as u64);
     let run_start = Instant::now();
@@ -372,7 +382,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             return Ok(false);
         }
         let v = mean_loss(model, &val)?;
-        let line = LogLine { step: state.step, loss: None, val_loss: Some(v), lr: None, grad_norm: None, tokens: None, step_s: None, tokens_per_s: None, elapsed_s: elapsed };
+        let line = LogLine {
+            step: state.step,
+            loss: None,
+            val_loss: Some(v),
+            lr: None,
+            grad_norm: None,
+            tokens: None,
+            step_s: None,
+            tokens_per_s: None,
+            elapsed_s: elapsed,
+        };
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
         state.history.push(line);
         if state.best_val.is_none_or(|b| v < b) {
@@ -399,7 +419,17 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let step_s = step_start.elapsed().as_secs_f64();
         let tps = tokens as f64 / step_s;
         let elapsed = wall_before + run_start.elapsed().as_secs_f64();
-        let line = LogLine { step: state.step, loss: Some(loss), val_loss: None, lr: Some(lr), grad_norm: Some(norm), tokens: Some(tokens), step_s: Some(step_s), tokens_per_s: Some(tps), elapsed_s: elapsed };
+        let line = LogLine {
+            step: state.step,
+            loss: Some(loss),
+            val_loss: None,
+            lr: Some(lr),
+            grad_norm: Some(norm),
+            tokens: Some(tokens),
+            step_s: Some(step_s),
+            tokens_per_s: Some(tps),
+            elapsed_s: elapsed,
+        };
         writeln!(log, "{}", serde_json::to_string(&line)?)?;
         state.history.push(line);
         bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s  lr {lr:.2e}"));
@@ -514,11 +544,19 @@ fn plot_loss(history: &[LogLine], path: &Path, title: &str) -> Result<()> {
         .x_label_area_size(45)
         .y_label_area_size(55)
         .build_cartesian_2d(0f64..xmax, 0f64..ymax)?;
-    chart.configure_mesh().x_desc("optimizer step").y_desc("loss (nats / completion token)").label_style(("sans-serif", 15)).draw()?;
+    chart
+        .configure_mesh()
+        .x_desc("optimizer step")
+        .y_desc("loss (nats / completion token)")
+        .label_style(("sans-serif", 15))
+        .draw()?;
     let light = RGBColor(150, 180, 220);
     let blue = RGBColor(52, 101, 164);
     let orange = RGBColor(204, 121, 56);
-    chart.draw_series(LineSeries::new(train.iter().copied(), light))?.label("train (step)").legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], light));
+    chart
+        .draw_series(LineSeries::new(train.iter().copied(), light))?
+        .label("train (step)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], light));
     chart
         .draw_series(LineSeries::new(smooth, blue.stroke_width(2)))?
         .label("train (mean of 10)")
@@ -529,7 +567,13 @@ fn plot_loss(history: &[LogLine], path: &Path, title: &str) -> Result<()> {
             .label("validation")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], orange.stroke_width(2)));
     }
-    chart.configure_series_labels().position(SeriesLabelPosition::UpperRight).background_style(WHITE.mix(0.8)).border_style(BLACK).label_font(("sans-serif", 14)).draw()?;
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
     root.present()?;
     Ok(())
 }

@@ -229,8 +229,9 @@ impl Recipe {
     }
 
     pub fn base_mode(&self) -> Result<BaseMode> {
-        BaseMode::parse(&self.model.base_mode)
-            .with_context(|| format!("model.base_mode \"{}\" is not one of quantized, quantized-exact, f32", self.model.base_mode))
+        BaseMode::parse(&self.model.base_mode).with_context(|| {
+            format!("model.base_mode \"{}\" is not one of quantized, quantized-exact, f32", self.model.base_mode)
+        })
     }
 
     pub fn lora_config(&self) -> LoraConfig {
@@ -259,7 +260,10 @@ mod tests {
 
     #[test]
     fn recipe_mistakes_are_refused() {
-        let good = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen2.5-coder-1.5b-spider-cpu.toml")).unwrap();
+        let good = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../recipes/qwen2.5-coder-1.5b-spider-cpu.toml"),
+        )
+        .unwrap();
         let parse = |t: &str| -> Result<Recipe> {
             let r: Recipe = toml::from_str(t)?;
             r.check()?;
