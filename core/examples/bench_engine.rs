@@ -9,8 +9,8 @@
 //! `cargo run --release -p copilot-core --example bench_engine -- MODEL.gguf [PROMPT] [GEN] [THREADS] [REPS]`
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use copilot_core::model::{Config, KvCache, Transformer};
-use copilot_core::runtime::configure_threads;
+use copilot_core::engine::model::{Config, KvCache, Transformer};
+use copilot_core::engine::runtime::configure_threads;
 use std::time::Instant;
 
 fn stats(xs: &[f64]) -> (f64, f64) {
@@ -28,7 +28,8 @@ fn main() {
     }
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (n_prompt, n_gen, threads, reps) = (arg(2, 342), arg(3, 64), arg(4, 2), arg(5, 3));
-    configure_threads(threads);
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { configure_threads(threads) };
     let t0 = Instant::now();
     let mut file = std::fs::File::open(&args[1]).expect("open model");
     let ct = gguf_file::Content::read(&mut file).expect("read GGUF");
@@ -64,7 +65,7 @@ fn main() {
         let t = Instant::now();
         for _ in 0..n_gen {
             let logits = model.forward(&[tok], &mut kv).expect("decode");
-            tok = copilot_core::model::argmax(&logits).expect("argmax");
+            tok = copilot_core::engine::model::argmax(&logits).expect("argmax");
         }
         if r > 0 {
             decode.push(n_gen as f64 / t.elapsed().as_secs_f64());

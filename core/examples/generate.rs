@@ -1,7 +1,7 @@
 //! Ask one question of a GGUF model over a schema file, from the command line, without PostgreSQL:
 //! `cargo run --release -p copilot-core --example generate -- MODEL.gguf SCHEMA.sql "question" [threads]`
-use copilot_core::backend::{Backend, GenerateRequest};
-use copilot_core::runtime::{configure_threads, LoadOptions, Runtime};
+use copilot_core::engine::backend::{Backend, GenerateRequest};
+use copilot_core::engine::runtime::{configure_threads, LoadOptions, Runtime};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -9,7 +9,8 @@ fn main() {
         eprintln!("usage: generate MODEL.gguf SCHEMA.sql QUESTION [THREADS]");
         std::process::exit(2);
     }
-    configure_threads(args.get(4).and_then(|t| t.parse().ok()).unwrap_or(2));
+    // SAFETY: first thing in main, before any thread exists.
+    unsafe { configure_threads(args.get(4).and_then(|t| t.parse().ok()).unwrap_or(2)) };
     let schema = std::fs::read_to_string(&args[2]).expect("read schema file");
     let mut rt = Runtime::load(std::path::Path::new(&args[1]), &LoadOptions::default()).expect("load model");
     eprintln!("loaded {} ({}) in {:.2}s", rt.info().path.display(), rt.info().arch, rt.info().load_s);

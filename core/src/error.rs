@@ -1,5 +1,5 @@
-//! Errors of the core crate. Each variant says what went wrong in words a user can act on; the extension maps
-//! them to SQLSTATEs at its boundary.
+//! Errors of the core crate. Each variant says what went wrong in words a user can act on, without naming any
+//! setting of the programs built on core (the extension adds its own hints when it maps them to SQLSTATEs).
 
 use thiserror::Error;
 
@@ -15,7 +15,7 @@ pub enum CoreError {
     #[error("chat template: {0}")]
     Template(String),
     /// The prompt does not fit in the model's context window.
-    #[error("prompt is {tokens} tokens, more than the {limit} this model allows (narrow copilot.schemas or use a model with a longer context)")]
+    #[error("prompt is {tokens} tokens, more than the {limit} this model allows")]
     PromptTooLong { tokens: usize, limit: usize },
     /// Inference failed inside candle.
     #[error("inference: {0}")]
@@ -28,8 +28,70 @@ pub enum CoreError {
     Source(String),
 }
 
+/// The kind of a [`CoreError`] without its text: what crosses a process or shared-memory boundary beside the
+/// message, so the far side can choose its response (a SQLSTATE, say) without parsing words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum ErrorKind {
+    Model = 1,
+    Tokenizer = 2,
+    Template = 3,
+    PromptTooLong = 4,
+    Inference = 5,
+    Cancelled = 6,
+    Source = 7,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 7] = [
+        ErrorKind::Model,
+        ErrorKind::Tokenizer,
+        ErrorKind::Template,
+        ErrorKind::PromptTooLong,
+        ErrorKind::Inference,
+        ErrorKind::Cancelled,
+        ErrorKind::Source,
+    ];
+}
+
+impl TryFrom<u32> for ErrorKind {
+    type Error = u32;
+
+    fn try_from(v: u32) -> Result<Self, u32> {
+        ErrorKind::ALL.into_iter().find(|k| *k as u32 == v).ok_or(v)
+    }
+}
+
+impl CoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::Model(_) => ErrorKind::Model,
+            CoreError::Tokenizer(_) => ErrorKind::Tokenizer,
+            CoreError::Template(_) => ErrorKind::Template,
+            CoreError::PromptTooLong { .. } => ErrorKind::PromptTooLong,
+            CoreError::Inference(_) => ErrorKind::Inference,
+            CoreError::Cancelled => ErrorKind::Cancelled,
+            CoreError::Source(_) => ErrorKind::Source,
+        }
+    }
+}
+
 impl From<candle_core::Error> for CoreError {
     fn from(e: candle_core::Error) -> Self {
         CoreError::Inference(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_round_trip_through_their_number() {
+        for k in ErrorKind::ALL {
+            assert_eq!(ErrorKind::try_from(k as u32), Ok(k));
+        }
+        assert_eq!(ErrorKind::try_from(0), Err(0));
+        assert_eq!(ErrorKind::try_from(99), Err(99));
     }
 }

@@ -1,33 +1,20 @@
-//! copilot-core: everything in copilot that does not need PostgreSQL.
+//! copilot-core: everything in copilot that does not need PostgreSQL, in three rooms.
 //!
-//! - [`schema`]: the schema model and its one-line `CREATE TABLE` rendering (the model's context);
-//! - [`prompt`]: chat-template prompts, laid out schema first, question last;
-//! - [`extract`]: one SQL statement out of what a model wrote;
-//! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
-//! - [`model`]: our transformer forward pass over candle ops, with a caller-owned KV state;
-//! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
-//! - [`runtime`]: candle quantized GGUF models (qwen2, llama/mistral) with greedy decoding and stop rules;
-//! - [`lora`], [`peft`], [`finetune`]: LoRA adapters over the frozen quantized base, their PEFT files, and the
-//!   differentiable forward pass the trainer fine-tunes them with;
-//! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
-//! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files.
+//! - [`sql`]: SQL text — the schema model and its one-line `CREATE TABLE` rendering, chat-template prompts,
+//!   extraction of one statement from what a model wrote, and the gate model SQL must pass before it runs;
+//! - [`engine`]: the model — our transformer forward pass and decode kernels over candle, the runtime with its
+//!   stop rules and schema-prefix KV cache, the tokenizer, model sources (`/path/model.gguf`, `hf:<repo>/<file>`)
+//!   and the [`engine::backend::Backend`] trait the extension's worker and the trainer's evaluator call;
+//! - [`tune`] (feature `train`): LoRA adapters over the frozen quantized base, their PEFT files, and the
+//!   differentiable forward pass the trainer fine-tunes them with.
+//!
+//! The PostgreSQL extension builds without `train` and without `hub` (no training code, no HTTP client).
 
-pub mod backend;
-pub mod decode;
+pub mod engine;
 pub mod error;
-pub mod extract;
-pub mod finetune;
-pub mod gate;
-pub mod kernels;
-pub mod lora;
-pub mod model;
-pub mod peft;
-pub mod prefix_cache;
-pub mod prompt;
-pub mod runtime;
-pub mod schema;
-pub mod source;
-pub mod tokenizer;
+pub mod sql;
+#[cfg(feature = "train")]
+pub mod tune;
 
-pub use backend::{Backend, GenerateRequest, Generation, StopReason};
+pub use engine::backend::{Backend, GenerateRequest, Generation, StopReason};
 pub use error::CoreError;

@@ -2,9 +2,9 @@
 //! formats, loads, and computes what base + adapter computes, within the error quantization itself makes.
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
-use copilot_core::lora::LoraConfig;
-use copilot_core::model::{Config, KvCache, Transformer};
-use copilot_core::peft::{merge_into_gguf, Adapter, Target};
+use copilot_core::engine::model::{Config, KvCache, Transformer};
+use copilot_core::tune::lora::LoraConfig;
+use copilot_core::tune::peft::{merge_into_gguf, Adapter, Target};
 use std::collections::BTreeMap;
 use std::path::Path;
 

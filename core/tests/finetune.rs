@@ -3,10 +3,10 @@
 //! learned to near-zero loss.
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, IndexOp, Tensor};
-use copilot_core::finetune::{learning_rate, AdamW, BaseMode, FinetuneOptions, TrainableModel};
-use copilot_core::lora::{LoraConfig, Rng};
-use copilot_core::model::{Config, KvCache, Transformer};
-use copilot_core::peft::{Adapter, Target};
+use copilot_core::engine::model::{Config, KvCache, Transformer};
+use copilot_core::tune::finetune::{learning_rate, AdamW, BaseMode, FinetuneOptions, TrainableModel};
+use copilot_core::tune::lora::{LoraConfig, Rng};
+use copilot_core::tune::peft::{Adapter, Target};
 
 mod common;
 

@@ -2,8 +2,8 @@
 //! Regenerate after an intended change with `UPDATE_GOLDEN=1 cargo test -p copilot-core --test golden`, then
 //! review the diff: these bytes are what the model sees.
 
-use copilot_core::prompt::{build_prompt, ChatTemplate};
-use copilot_core::schema::{Catalog, RenderOptions};
+use copilot_core::sql::prompt::{build_prompt, ChatTemplate};
+use copilot_core::sql::schema::{Catalog, RenderOptions};
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {

@@ -4,7 +4,7 @@
 //! and `qwen2` (NeoX RoPE, q/k/v biases) — run once on candle's ops and matmuls and once on ours.
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use copilot_core::model::{argmax, Config, KvCache, Transformer};
+use copilot_core::engine::model::{argmax, Config, KvCache, Transformer};
 
 mod common;
 use common::{write_model_arch, VOCAB};
@@ -20,7 +20,7 @@ fn load(path: &std::path::Path, own: bool) -> Transformer {
 
 #[test]
 fn decoding_with_our_kernels_matches_candles_matmul() {
-    if !copilot_core::kernels::simd_available() {
+    if !copilot_core::engine::kernels::simd_available() {
         eprintln!("no AVX2 on this CPU: the forward pass uses candle's matmul only, nothing to compare");
         return;
     }

@@ -2,9 +2,9 @@
 //! `scripts/fetch-model --tiny` puts it where these tests look; COPILOT_TEST_MODEL overrides the path.
 //! These tests fail, loudly, when the model is absent: a skipped inference test would prove nothing.
 
-use copilot_core::backend::{Backend, GenerateRequest, StopReason};
+use copilot_core::engine::backend::{Backend, GenerateRequest, StopReason};
+use copilot_core::engine::runtime::{LoadOptions, Runtime};
 use copilot_core::error::CoreError;
-use copilot_core::runtime::{LoadOptions, Runtime};
 use std::path::PathBuf;
 use std::sync::{Mutex, OnceLock};
 
@@ -114,7 +114,7 @@ fn chunked_prefill_matches_across_chunk_boundaries() {
     let ctx = (0..40).map(|i| format!("CREATE TABLE t{i} (id integer, name text);\n")).collect::<String>();
     let req = GenerateRequest { schema_context: ctx, question: "How many rows are in t7?".into(), max_new_tokens: 24 };
     let a = rt.generate(&req, &|| false).unwrap();
-    assert!(a.prompt_tokens > copilot_core::runtime::PREFILL_CHUNK);
+    assert!(a.prompt_tokens > copilot_core::engine::runtime::PREFILL_CHUNK);
     let b = rt.generate(&req, &|| false).unwrap();
     assert_eq!(a.text, b.text);
 }

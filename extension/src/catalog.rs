@@ -5,7 +5,8 @@
 //! visible, and foreign keys only when the referenced table is in scope too. One query builds the whole catalog as
 //! JSON, which deserializes straight into core's [`Catalog`].
 
-use copilot_core::schema::{Catalog, RenderOptions, Table};
+use crate::errors::CopilotError;
+use copilot_core::sql::schema::{Catalog, RenderOptions, Table};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
 
@@ -63,12 +64,12 @@ fn search_path_schemas() -> Vec<String> {
 }
 
 /// The context for the calling role: its catalog and the render options that go with it.
-pub fn load(configured: &[String]) -> Result<(Catalog, RenderOptions), pgrx::spi::Error> {
+pub fn load(configured: &[String]) -> Result<(Catalog, RenderOptions), CopilotError> {
     let search_path = search_path_schemas();
     let schemas: Vec<String> = if configured.is_empty() { search_path.clone() } else { configured.to_vec() };
     let json: Option<String> = Spi::get_one_with_args(CATALOG_SQL, &[DatumWithOid::from(schemas)])?;
     let tables: Vec<Table> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
-        .unwrap_or_else(|e| pgrx::error!("copilot: cannot read the catalog description: {e}"));
+        .map_err(|e| CopilotError::Catalog(format!("cannot read the catalog description: {e}")))?;
     let mut catalog = Catalog { tables };
     catalog.normalize();
     Ok((catalog, RenderOptions { unqualified_schemas: search_path, comments: true }))

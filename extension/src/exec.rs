@@ -1,7 +1,7 @@
 //! Running model SQL: `copilot.run_sql` and `copilot.run`.
 //!
 //! Layers, outermost first (see docs/safety.md when the adversarial suite lands):
-//! 1. the gate (`copilot_core::gate::check`): one query, no data-modifying parts, no deny-listed functions;
+//! 1. the gate (`copilot_core::sql::gate::check`): one query, no data-modifying parts, no deny-listed functions;
 //! 2. the text is wrapped as a subquery of our own `SELECT to_jsonb(q) … LIMIT n`, so PostgreSQL's own parser also
 //!    refuses several statements or a data-modifying CTE in that position;
 //! 3. an internal subtransaction that is **always rolled back**, with `transaction_read_only` on inside it and SPI
@@ -12,10 +12,9 @@
 //!    the caller's timer is restored afterwards;
 //! 5. the calling role's privileges and row-level security: the function is SECURITY INVOKER.
 
-use crate::api::raise;
+use crate::errors::{CopilotError, OrRaise};
 use crate::gucs;
-use copilot_core::gate::{self, Rejection};
-use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use copilot_core::sql::gate;
 use pgrx::pg_sys::panic::CaughtError;
 use pgrx::prelude::*;
 use std::ffi::c_int;
@@ -79,19 +78,11 @@ impl OuterTimer {
     }
 }
 
-fn gate_code(r: &Rejection) -> PgSqlErrorCode {
-    match r {
-        Rejection::Unparseable(_) | Rejection::Empty => PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-        Rejection::DeniedFunction(_) => PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-        _ => PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
-    }
-}
-
 /// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
 /// result was cut at `copilot.max_rows`.
-pub fn execute(sql: &str) -> (Vec<pgrx::JsonB>, bool) {
-    if let Err(r) = gate::check(sql) {
-        raise(gate_code(&r), format!("copilot: refused: {r}"), Some(format!("SQL: {sql}")), None);
+pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
+    if let Err(rejection) = gate::check(sql) {
+        return Err(CopilotError::Refused { rejection, sql: sql.to_string() });
     }
     let body = sql.trim().trim_end_matches(';');
     let max_rows = gucs::MAX_ROWS.get().max(0) as i64;
@@ -127,24 +118,27 @@ pub fn execute(sql: &str) -> (Vec<pgrx::JsonB>, bool) {
         })
         .expect("SPI select");
         outer.restore();
-        rows
+        Ok(rows)
     })
     .catch_others(|e| {
         outer.restore();
-        end_subxact();
         match e {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => {
-                let detail = match r.detail() {
-                    Some(d) => format!("{d}\nSQL: {sql}"),
-                    None => format!("SQL: {sql}"),
-                };
-                raise(r.sql_error_code(), r.message().to_string(), Some(detail), r.hint())
+            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => Err(CopilotError::Execution {
+                code: r.sql_error_code(),
+                message: r.message().to_string(),
+                detail: r.detail().map(str::to_string),
+                hint: r.hint().map(str::to_string),
+                sql: sql.to_string(),
+            }),
+            other => {
+                end_subxact();
+                other.rethrow()
             }
-            other => other.rethrow(),
         }
     })
     .execute();
     end_subxact();
+    let rows = rows?;
 
     let mut out: Vec<pgrx::JsonB> =
         rows.iter().map(|t| pgrx::JsonB(serde_json::from_str(t).unwrap_or(serde_json::Value::Null))).collect();
@@ -153,14 +147,14 @@ pub fn execute(sql: &str) -> (Vec<pgrx::JsonB>, bool) {
         out.truncate(max_rows as usize);
         pgrx::notice!("copilot: the result was cut at copilot.max_rows ({max_rows}) rows");
     }
-    (out, capped)
+    Ok((out, capped))
 }
 
 /// Run SQL (typically model SQL a user edited) through the gate, read-only, time- and row-bounded, as the caller.
 /// One JSON object per row, keyed by column name.
 #[pg_extern(strict, parallel_unsafe)]
 fn run_sql(sql: &str) -> SetOfIterator<'static, pgrx::JsonB> {
-    let (rows, _) = execute(sql);
+    let (rows, _) = execute(sql).or_raise();
     SetOfIterator::new(rows)
 }
 
@@ -169,16 +163,16 @@ fn run_sql(sql: &str) -> SetOfIterator<'static, pgrx::JsonB> {
 /// the second answer is run (PostgreSQL reports whatever is still wrong).
 #[pg_extern(strict, parallel_unsafe)]
 fn run(question: &str) -> SetOfIterator<'static, pgrx::JsonB> {
-    let (mut sql, catalog, context) = crate::api::ask_with_catalog(question);
+    let (mut sql, catalog, context) = crate::api::ask_with_catalog(question).or_raise();
     if let Ok(checked) = gate::check(&sql) {
         let unknown = gate::unknown_names(&checked, &catalog);
         if !unknown.is_empty() {
             let problems: Vec<String> = unknown.iter().map(|u| u.to_string()).collect();
             pgrx::debug1!("copilot: repairing {sql:?}: {}", problems.join("; "));
-            let repair = copilot_core::prompt::repair_question(question.trim(), &sql, &problems);
-            sql = crate::api::generate_sql(&context, &repair);
+            let repair = copilot_core::sql::prompt::repair_question(question.trim(), &sql, &problems);
+            sql = crate::api::generate_sql(&context, &repair).or_raise();
         }
     }
-    let (rows, _) = execute(&sql);
+    let (rows, _) = execute(&sql).or_raise();
     SetOfIterator::new(rows)
 }

@@ -2,10 +2,11 @@
 //!
 //! This crate is the PostgreSQL boundary only; everything that does not need PostgreSQL lives in `copilot-core`.
 //! - [`gucs`]: every setting;
+//! - [`errors`]: every error and its SQLSTATE, message, DETAIL and HINT;
 //! - [`shmem`]: the shared board (worker state + request slots) and its protocol;
 //! - [`worker`]: the background worker that owns the model;
 //! - [`catalog`]: the schema context, read through SPI as the calling role;
-//! - [`api`]: `copilot.ask`, `copilot.context`, `copilot.status`;
+//! - [`api`]: `copilot.ask`, `copilot.context`, `copilot.status`, `copilot.last_ask`;
 //! - [`exec`]: `copilot.run_sql` and `copilot.run`: gated, read-only, time- and row-bounded execution.
 //!
 //! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
@@ -16,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 mod api;
 mod catalog;
+mod errors;
 mod exec;
 pub mod gucs;
 mod shmem;

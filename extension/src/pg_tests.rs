@@ -17,7 +17,7 @@ mod tests {
     }
 
     fn parses(sql: &str) -> bool {
-        use copilot_core::extract::extract_sql;
+        use copilot_core::sql::extract::extract_sql;
         extract_sql(sql).as_deref() == Some(sql)
     }
 

@@ -4,8 +4,8 @@
 
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
-use copilot_core::model::Config;
-use copilot_core::peft::{merge_into_gguf, Adapter, Layout};
+use copilot_core::engine::model::Config;
+use copilot_core::tune::peft::{merge_into_gguf, Adapter, Layout};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -35,7 +35,7 @@ pub struct ExportArgs {
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
-    let base = copilot_core::source::resolve(&args.base, true)?;
+    let base = copilot_core::engine::source::resolve(&args.base, true)?;
     let mut f = std::fs::File::open(&base).with_context(|| format!("cannot open {}", base.display()))?;
     let ct =
         gguf_file::Content::read(&mut f).with_context(|| format!("{} is not a readable GGUF file", base.display()))?;

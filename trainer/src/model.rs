@@ -19,7 +19,7 @@ pub enum ModelCommand {
 pub fn run(cmd: ModelCommand) -> Result<()> {
     match cmd {
         ModelCommand::Fetch { reference, offline } => {
-            let path = copilot_core::source::resolve(&reference, !offline)?;
+            let path = copilot_core::engine::source::resolve(&reference, !offline)?;
             println!("{}", path.display());
             Ok(())
         }

@@ -9,7 +9,7 @@
 use crate::data::load_pg::{self, TablePlan};
 use crate::eval::spider_match::SpiderTables;
 use anyhow::{Context, Result};
-use copilot_core::schema::{Catalog, Column, ForeignKey, RelationKind, RenderOptions, Table};
+use copilot_core::sql::schema::{Catalog, Column, ForeignKey, RelationKind, RenderOptions, Table};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

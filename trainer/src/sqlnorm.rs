@@ -1,4 +1,5 @@
-//! SQL normalization, used by `data prepare` (the SQL we train on) and by `eval` (exact match).
+//! SQL normalization, used by `data prepare` (the SQL we train on) and by `eval` (exact match); and the catalog a
+//! `CREATE TABLE …` context declares (both check names against it).
 //!
 //! Rules, in order (documented in docs/evaluation.md):
 //! 1. Parse as one statement (SQLite dialect first — Spider and sql-create-context are written for SQLite — then
@@ -10,7 +11,8 @@
 //!
 //! `mask_values` additionally replaces every literal by `?` (the "no-values" exact match).
 
-use sqlparser::ast::{Expr, Ident, Statement, Value, VisitMut, VisitorMut};
+use copilot_core::sql::schema::{Catalog, Column, RelationKind, Table};
+use sqlparser::ast::{CreateTable, Expr, Ident, Statement, Value, VisitMut, VisitorMut};
 use sqlparser::dialect::{PostgreSqlDialect, SQLiteDialect};
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, Tokenizer, Word};
@@ -18,12 +20,45 @@ use std::collections::HashSet;
 use std::ops::ControlFlow;
 
 /// The lowercase table and column names of a catalog: the `known` set [`normalize`] takes.
-pub fn known_names(catalog: &copilot_core::schema::Catalog) -> HashSet<String> {
+pub fn known_names(catalog: &copilot_core::sql::schema::Catalog) -> HashSet<String> {
     catalog
         .tables
         .iter()
         .flat_map(|t| std::iter::once(t.name.to_lowercase()).chain(t.columns.iter().map(|c| c.name.to_lowercase())))
         .collect()
+}
+
+/// The tables and columns a `CREATE TABLE …` context declares.
+pub fn catalog_from_context(context: &str) -> Option<Catalog> {
+    let stmts = Parser::parse_sql(&SQLiteDialect {}, context).ok()?;
+    let mut tables = Vec::new();
+    for s in stmts {
+        let Statement::CreateTable(CreateTable { name, columns, .. }) = s else { return None };
+        let parts: Vec<String> = name.0.iter().map(|p| p.to_string().trim_matches('"').to_string()).collect();
+        let (schema, tname) = match parts.as_slice() {
+            [t] => (String::new(), t.clone()),
+            [s, t] => (s.clone(), t.clone()),
+            _ => return None,
+        };
+        tables.push(Table {
+            schema,
+            name: tname,
+            kind: RelationKind::Table,
+            columns: columns
+                .iter()
+                .map(|c| Column {
+                    name: c.name.value.clone(),
+                    data_type: c.data_type.to_string(),
+                    not_null: false,
+                    comment: None,
+                })
+                .collect(),
+            primary_key: Vec::new(),
+            foreign_keys: Vec::new(),
+            comment: None,
+        });
+    }
+    (!tables.is_empty()).then_some(Catalog { tables })
 }
 
 fn parse_one(sql: &str) -> Option<Statement> {
@@ -92,6 +127,18 @@ pub fn mask_values(sql: &str, known: Option<&HashSet<String>>) -> Option<String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contexts_parse_into_catalogs() {
+        let c = catalog_from_context(
+            "CREATE TABLE head (age INTEGER); CREATE TABLE department (name VARCHAR, budget VARCHAR)",
+        )
+        .unwrap();
+        assert_eq!(c.tables.len(), 2);
+        assert_eq!(c.tables[1].columns[1].name, "budget");
+        assert!(catalog_from_context("SELECT 1").is_none());
+        assert!(catalog_from_context("CREATE TABLE (").is_none());
+    }
 
     fn known() -> HashSet<String> {
         ["head", "name", "age", "born_state"].iter().map(|s| s.to_string()).collect()

@@ -2,9 +2,9 @@
 //! loads; a broken adapter is a clear error and writes nothing.
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
-use copilot_core::lora::LoraConfig;
-use copilot_core::model::{Config, KvCache, Transformer};
-use copilot_core::peft::{Adapter, Layout, Target};
+use copilot_core::engine::model::{Config, KvCache, Transformer};
+use copilot_core::tune::lora::LoraConfig;
+use copilot_core::tune::peft::{Adapter, Layout, Target};
 use std::collections::BTreeMap;
 use std::process::Command;
 

@@ -71,8 +71,11 @@ pub struct FromSpiderArgs {
     pub out: PathBuf,
 }
 
+/// Databases whose file is absent, with how many questions they lost.
+pub type Missing = Vec<(String, usize)>;
+
 /// Rows for every question whose database file exists; the others are counted and named.
-pub fn spider_rows(root: &Path, split: SpiderSplit) -> Result<(Vec<Row>, Vec<(String, usize)>)> {
+pub fn spider_rows(root: &Path, split: SpiderSplit) -> Result<(Vec<Row>, Missing)> {
     let examples = match split {
         SpiderSplit::Train => spider::load_train(root)?,
         SpiderSplit::Dev => spider::load_dev(root)?,

@@ -16,7 +16,7 @@
 
 use super::LoadPgArgs;
 use anyhow::{anyhow, bail, Context, Result};
-use copilot_core::schema::quote_ident;
+use copilot_core::sql::schema::quote_ident;
 use indicatif::{ProgressBar, ProgressStyle};
 use rusqlite::types::ValueRef;
 use std::io::Write;

@@ -10,17 +10,13 @@
 //! rows with the smallest sha256(seed:question␟context): identical on every machine and independent of row order.
 
 use super::rows::{self, Row};
-use crate::eval::seeded_key;
-use crate::sqlnorm;
+use crate::seed::seeded_key;
+use crate::sqlnorm::{self, catalog_from_context};
 use anyhow::{bail, Context, Result};
-use copilot_core::gate;
-use copilot_core::prompt::{build_prompt, ChatTemplate};
-use copilot_core::runtime::TextSide;
-use copilot_core::schema::{Catalog, Column, RelationKind, Table};
+use copilot_core::engine::runtime::TextSide;
+use copilot_core::sql::gate;
+use copilot_core::sql::prompt::{build_prompt, ChatTemplate};
 use serde::Serialize;
-use sqlparser::ast::{CreateTable, Statement};
-use sqlparser::dialect::SQLiteDialect;
-use sqlparser::parser::Parser;
 use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
@@ -81,39 +77,6 @@ pub struct DataReport {
     pub completion_tokens_max: usize,
     pub train_sha256: String,
     pub val_sha256: String,
-}
-
-/// The tables and columns a `CREATE TABLE …` context declares.
-pub fn catalog_from_context(context: &str) -> Option<Catalog> {
-    let stmts = Parser::parse_sql(&SQLiteDialect {}, context).ok()?;
-    let mut tables = Vec::new();
-    for s in stmts {
-        let Statement::CreateTable(CreateTable { name, columns, .. }) = s else { return None };
-        let parts: Vec<String> = name.0.iter().map(|p| p.to_string().trim_matches('"').to_string()).collect();
-        let (schema, tname) = match parts.as_slice() {
-            [t] => (String::new(), t.clone()),
-            [s, t] => (s.clone(), t.clone()),
-            _ => return None,
-        };
-        tables.push(Table {
-            schema,
-            name: tname,
-            kind: RelationKind::Table,
-            columns: columns
-                .iter()
-                .map(|c| Column {
-                    name: c.name.value.clone(),
-                    data_type: c.data_type.to_string(),
-                    not_null: false,
-                    comment: None,
-                })
-                .collect(),
-            primary_key: Vec::new(),
-            foreign_keys: Vec::new(),
-            comment: None,
-        });
-    }
-    (!tables.is_empty()).then_some(Catalog { tables })
 }
 
 /// The completion text for an answer: what the runtime's stop rules end on (`;`), then the fence and end of turn
@@ -250,8 +213,8 @@ pub fn run(args: &PrepareArgs) -> Result<()> {
     let vp = args.out.join("val.jsonl");
     rows::write_jsonl(&tp, &train)?;
     rows::write_jsonl(&vp, &val)?;
-    report.train_sha256 = copilot_core::source::sha256_file(&tp)?;
-    report.val_sha256 = copilot_core::source::sha256_file(&vp)?;
+    report.train_sha256 = copilot_core::engine::source::sha256_file(&tp)?;
+    report.val_sha256 = copilot_core::engine::source::sha256_file(&vp)?;
     std::fs::write(args.out.join("data_report.json"), serde_json::to_string_pretty(&report)?)?;
     println!(
         "{} rows in, {} kept ({} train, {} val), dropped {:?} → {}",
@@ -268,18 +231,6 @@ pub fn run(args: &PrepareArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn contexts_parse_into_catalogs() {
-        let c = catalog_from_context(
-            "CREATE TABLE head (age INTEGER); CREATE TABLE department (name VARCHAR, budget VARCHAR)",
-        )
-        .unwrap();
-        assert_eq!(c.tables.len(), 2);
-        assert_eq!(c.tables[1].columns[1].name, "budget");
-        assert!(catalog_from_context("SELECT 1").is_none());
-        assert!(catalog_from_context("CREATE TABLE (").is_none());
-    }
 
     #[test]
     fn split_is_seeded_stable_and_sized() {

@@ -19,10 +19,10 @@ pub mod recipe;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
-use copilot_core::finetune::{learning_rate, AdamW, FinetuneOptions, TrainableModel};
-use copilot_core::lora::Rng;
-use copilot_core::peft::Adapter;
-use copilot_core::runtime::TextSide;
+use copilot_core::engine::runtime::TextSide;
+use copilot_core::tune::finetune::{learning_rate, AdamW, FinetuneOptions, TrainableModel};
+use copilot_core::tune::lora::Rng;
+use copilot_core::tune::peft::Adapter;
 use recipe::Recipe;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -282,8 +282,9 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         n => n,
     };
-    copilot_core::runtime::configure_threads(threads);
-    let base = copilot_core::source::resolve(&recipe.model.base, true)?;
+    // SAFETY: nothing has started a thread yet in this command (the model and its pools come next).
+    unsafe { copilot_core::engine::runtime::configure_threads(threads) };
+    let base = copilot_core::engine::source::resolve(&recipe.model.base, true)?;
     let text = TextSide::load(&base)?;
     let (mut train, train_too_long) = read_examples(&recipe.data.train, &text, recipe.data.max_seq_len)?;
     if recipe.data.max_train_rows > 0 && train.len() > recipe.data.max_train_rows {
@@ -466,7 +467,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "recipe_file": args.config.display().to_string(),
         "base": base.display().to_string(),
         "hardware": {
-            "cpu": crate::eval::cpu_model().unwrap_or_else(|| "unknown".into()),
+            "cpu": crate::host::cpu_model().unwrap_or_else(|| "unknown".into()),
             "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             "gpu": null,
         },

@@ -1,9 +1,9 @@
 //! The training recipe: one TOML file says everything a run depends on, so a run is repeated by naming it.
 
 use anyhow::{bail, Context, Result};
-use copilot_core::finetune::BaseMode;
-use copilot_core::lora::LoraConfig;
-use copilot_core::peft::Target;
+use copilot_core::tune::finetune::BaseMode;
+use copilot_core::tune::lora::LoraConfig;
+use copilot_core::tune::peft::Target;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 

@@ -1,14 +1,14 @@
-//! The model as the trainer sees it: the same GGUF, the same architecture as [`crate::model`], run forward over a
+//! The model as the trainer sees it: the same GGUF, the same architecture as [`crate::engine::model`], run forward over a
 //! whole sequence with LoRA adapters on chosen projections, and differentiable back to those adapters.
 //!
-//! Why a second forward pass and not [`crate::model::Transformer`]: the inference pass is built for one thing —
+//! Why a second forward pass and not [`crate::engine::model::Transformer`]: the inference pass is built for one thing —
 //! speed of a single decode step — with our own kernels, candle's fused ops (RMSNorm, RoPE, softmax) and a KV
 //! cache. None of those fused ops has a backward pass in candle 0.11, and a training step needs every op between
 //! the loss and the adapters to have one. So this pass keeps exactly the same arithmetic (same weights, same
 //! rotary tables, same grouped-query layout, same epsilon; checked against the inference pass by a test) written
 //! with differentiable ops: RMSNorm and softmax composed from elementwise ops, RoPE as a multiply–add over the
 //! rotary tables, and each frozen projection kept quantized with a backward pass of its own
-//! ([`crate::lora::FrozenQMatMul`], the QLoRA setting: through a transposed Q8_0 copy, or exactly through the
+//! ([`crate::tune::lora::FrozenQMatMul`], the QLoRA setting: through a transposed Q8_0 copy, or exactly through the
 //! weight dequantized on the fly) or dequantized to f32 once at load ([`BaseMode::F32`]).
 //!
 //! Only the adapters' A and B are variables: the embedding table, norms, biases and base weights get no gradient,
@@ -16,9 +16,10 @@
 //! tokens only (the prompt is context, not a target), and only the positions that predict a completion token go
 //! through the vocabulary projection — for text-to-SQL prompts that is a tenth of the sequence.
 
-use crate::lora::{Frozen, LoraConfig, LoraLinear, Rng};
-use crate::model::{causal_mask, keep_freed_memory, rope_tables, Config, Embedding, Weights};
-use crate::peft::{Adapter, Layout, Target};
+use crate::engine::alloc::keep_freed_memory;
+use crate::engine::model::{causal_mask, rope_tables, Config, Embedding, Weights};
+use crate::tune::lora::{Frozen, LoraConfig, LoraLinear, Rng};
+use crate::tune::peft::{Adapter, Layout, Target};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 use std::collections::BTreeMap;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BaseMode {
     /// As stored in the GGUF (4-bit for Q4_K_M): QLoRA. The backward pass multiplies by a transposed Q8_0 copy of
-    /// each weight made at load (+1 byte per parameter; see [`crate::lora::FrozenQMatMul`]).
+    /// each weight made at load (+1 byte per parameter; see [`crate::tune::lora::FrozenQMatMul`]).
     Quantized,
     /// As stored, with the exact backward pass: each weight dequantized on the fly (slower, no extra memory).
     QuantizedExact,

@@ -7,7 +7,7 @@
 //! time was outside the weight products, most of it that overhead (the pool's second thread spinning meanwhile).
 //! These functions write into buffers the step reuses. They compute the same formulas as candle's ops (same
 //! epsilon, max-subtracted softmax, RoPE layouts); the sums run in another order, so results agree to float
-//! rounding, not bit for bit — [`crate::model`]'s tests hold the two paths together.
+//! rounding, not bit for bit — [`crate::engine::model`]'s tests hold the two paths together.
 
 /// Σ a·b over equal-length slices, in 8 independent lanes (the compiler vectorizes it; one accumulator would
 /// serialize every add).

@@ -10,7 +10,7 @@
 //! [`unknown_names`] reports tables and columns the statement uses that the schema context does not have, for one
 //! repair round trip with the model.
 
-use crate::schema::Catalog;
+use crate::sql::schema::Catalog;
 use sqlparser::ast::{
     Expr, Ident, ObjectName, Query, SelectItem, SetExpr, Statement, TableAlias, TableFactor, Visit, Visitor,
 };
@@ -402,7 +402,7 @@ pub fn unknown_names(checked: &Checked, catalog: &Catalog) -> Vec<UnknownName> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::schema::{Column, Table};
+    use crate::sql::schema::{Column, Table};
 
     fn rejects(sql: &str) -> Rejection {
         check(sql).expect_err(sql)

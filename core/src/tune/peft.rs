@@ -10,69 +10,13 @@
 //! way on the way in and back on the way out; A (one column per input) is untouched. qwen2 keeps Transformers'
 //! layout in GGUF, so nothing moves there. Adapters here are held in the GGUF layout.
 
-use crate::lora::LoraConfig;
+use crate::tune::lora::LoraConfig;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-/// The projections an adapter can target, named as PEFT's `target_modules` does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Target {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
-}
-
-impl Target {
-    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
-
-    /// PEFT / Transformers module name (`q_proj`, …).
-    pub fn peft_name(self) -> &'static str {
-        match self {
-            Target::Q => "q_proj",
-            Target::K => "k_proj",
-            Target::V => "v_proj",
-            Target::O => "o_proj",
-            Target::Gate => "gate_proj",
-            Target::Up => "up_proj",
-            Target::Down => "down_proj",
-        }
-    }
-
-    /// GGUF tensor stem (`attn_q`, …).
-    pub fn gguf_name(self) -> &'static str {
-        match self {
-            Target::Q => "attn_q",
-            Target::K => "attn_k",
-            Target::V => "attn_v",
-            Target::O => "attn_output",
-            Target::Gate => "ffn_gate",
-            Target::Up => "ffn_up",
-            Target::Down => "ffn_down",
-        }
-    }
-
-    fn parent(self) -> &'static str {
-        match self {
-            Target::Q | Target::K | Target::V | Target::O => "self_attn",
-            Target::Gate | Target::Up | Target::Down => "mlp",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Target> {
-        Target::ALL.into_iter().find(|t| t.peft_name() == name || t.gguf_name() == name)
-    }
-
-    /// PEFT's key prefix for this target in layer `layer`.
-    pub fn peft_key(self, layer: usize) -> String {
-        format!("base_model.model.model.layers.{layer}.{}.{}", self.parent(), self.peft_name())
-    }
-}
+pub use crate::engine::model::Target;
 
 /// What a model needs to place an adapter: its architecture (for the q/k row layout) and head counts.
 #[derive(Debug, Clone, PartialEq)]
@@ -288,7 +232,7 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
                     )));
                 }
                 used += 1;
-                crate::lora::merge(&qt, a, b, adapter.config.scale())?
+                crate::tune::lora::merge(&qt, a, b, adapter.config.scale())?
             }
             None => qt,
         };
@@ -330,7 +274,7 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lora::Rng;
+    use crate::tune::lora::Rng;
 
     fn t(shape: (usize, usize), seed: u64) -> Tensor {
         let mut rng = Rng::new(seed);

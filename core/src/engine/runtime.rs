@@ -8,17 +8,17 @@
 //! `cancel` callback is polled, so an abandoned request stops within one chunk.
 //!
 //! **Schema-prefix cache.** A prompt is prefilled in two parts: its schema prefix (system text + schema context,
-//! see [`crate::prompt`]) and then the question's tokens. The state after the prefix is kept in a
+//! see [`crate::sql::prompt`]) and then the question's tokens. The state after the prefix is kept in a
 //! [`PrefixCache`]; the next question over the same prefix starts from it. The split is the same whether the cache
 //! is on, off, hit or missed, so the computation — and the generated SQL, token for token — does not depend on the
 //! cache (a test checks it).
 
-use crate::backend::{Backend, GenerateRequest, Generation, StopReason};
+use crate::engine::backend::{Backend, GenerateRequest, Generation, StopReason};
+use crate::engine::model::{argmax, Config, KvCache, Transformer};
+use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
 use crate::error::CoreError;
-use crate::extract::{extract_sql, statement_end};
-use crate::model::{argmax, Config, KvCache, Transformer};
-use crate::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
-use crate::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
+use crate::sql::extract::{extract_sql, statement_end};
+use crate::sql::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -28,11 +28,15 @@ use tokenizers::Tokenizer;
 /// Tokens per prefill step: bounds the attention scratch memory and the latency of a cancel.
 pub const PREFILL_CHUNK: usize = 256;
 
-/// Set the number of CPU threads candle uses. It takes effect only before candle's first operation in this process
-/// (its thread pools are created once), so call it first thing on the inference thread.
-pub fn configure_threads(threads: usize) {
+/// Set the number of CPU threads candle uses (its barrier pool reads `CANDLE_NUM_THREADS`, rayon
+/// `RAYON_NUM_THREADS`, when they are first built).
+///
+/// # Safety
+/// This writes the process environment. Call it while the process has a single thread — before spawning any
+/// thread, in particular the one that will run the model — so that nothing reads the environment meanwhile
+/// (glibc's `setenv` is not thread-safe; Rust 2024 makes `set_var` unsafe for that reason).
+pub unsafe fn configure_threads(threads: usize) {
     if threads > 0 {
-        // Read by candle's pool builders (CANDLE_NUM_THREADS for its barrier pool, RAYON_NUM_THREADS for rayon).
         std::env::set_var("CANDLE_NUM_THREADS", threads.to_string());
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
@@ -101,7 +105,7 @@ impl TextSide {
     }
 
     fn from_content(path: &Path, ct: &gguf_file::Content) -> Result<TextSide, CoreError> {
-        let tokenizer = crate::tokenizer::load(path, ct)?;
+        let tokenizer = crate::engine::tokenizer::load(path, ct)?;
         let token_text = |id: Option<u32>| -> String { id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default() };
         let bos = token_text(md_u32(ct, "tokenizer.ggml.bos_token_id"));
         let eos_id = md_u32(ct, "tokenizer.ggml.eos_token_id");

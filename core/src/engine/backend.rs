@@ -1,14 +1,14 @@
 //! The generation backend: what the extension's worker and the trainer's evaluator call.
 //!
 //! A backend turns (schema context, question) into model output and the SQL extracted from it. The candle runtime
-//! ([`crate::runtime::Runtime`]) is the one we ship; the trait keeps room for another engine behind the same calls.
+//! ([`crate::engine::runtime::Runtime`]) is the one we ship; the trait keeps room for another engine behind the same calls.
 
 use crate::error::CoreError;
 
 /// One question to answer.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// The rendered schema context ([`crate::schema::Catalog::render`]).
+    /// The rendered schema context ([`crate::sql::schema::Catalog::render`]).
     pub schema_context: String,
     pub question: String,
     pub max_new_tokens: usize,

@@ -244,47 +244,51 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q4k(row: &[u8], a: &[Q8K]) -> f32 {
         debug_assert!(row.len() >= a.len() * Q4K_BYTES);
-        let m4 = _mm256_set1_epi8(0x0F);
-        // Byte shuffles that turn the 16 unpacked scale/min bytes (in both 128-bit lanes) into 16-bit lanes:
-        // `spread(j)` repeats scale j in all 16 lanes; `MINS` lays out min0,min0,min1,min1,… (one per bsum).
-        let spread = |j: i8| _mm256_set1_epi16(j as i16 | (0x80u16 as i16) << 8);
-        let sc_idx = [spread(0), spread(1), spread(2), spread(3), spread(4), spread(5), spread(6), spread(7)];
-        let z = -128i8; // 0x80: shuffle writes a zero byte
-        #[rustfmt::skip]
-        let mins_idx = _mm256_setr_epi8(
-            8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z,
-            12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15, z,
-        );
-        let mut acc = _mm256_setzero_ps();
-        for (i, y) in a.iter().enumerate() {
-            let b = &row[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
-            let d = y.d * f16_at(b, 0);
-            let dmin = y.d * f16_at(b, 2);
-            let sm = q4k_scales_mins(&b[4..16]);
-            let sm = _mm256_broadcastsi128_si256(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-            let qs = b.as_ptr().add(16);
-            let ys = y.qs.as_ptr();
-            let mut isum = _mm256_setzero_si256();
-            for j in 0..4 {
-                let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                let lo = _mm256_and_si256(q, m4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
-                let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
-                // u8 × i8 pairs → i16 (|·| ≤ 2·15·127), then × the sub-block scale and pairwise → i32.
-                let slo = _mm256_shuffle_epi8(sm, sc_idx[2 * j]);
-                let shi = _mm256_shuffle_epi8(sm, sc_idx[2 * j + 1]);
-                let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), slo);
-                let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), shi);
-                isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
+        // SAFETY: the caller guarantees AVX2/FMA and that `row` holds `a.len()` blocks of Q4K_BYTES bytes, so
+        // every load below (block i of the row, the 256 quants and 16 sums of activation block i) is in bounds.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            // Byte shuffles that turn the 16 unpacked scale/min bytes (in both 128-bit lanes) into 16-bit lanes:
+            // `spread(j)` repeats scale j in all 16 lanes; `MINS` lays out min0,min0,min1,min1,… (one per bsum).
+            let spread = |j: i8| _mm256_set1_epi16(j as i16 | (0x80u16 as i16) << 8);
+            let sc_idx = [spread(0), spread(1), spread(2), spread(3), spread(4), spread(5), spread(6), spread(7)];
+            let z = -128i8; // 0x80: shuffle writes a zero byte
+            #[rustfmt::skip]
+            let mins_idx = _mm256_setr_epi8(
+                8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z,
+                12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15, z,
+            );
+            let mut acc = _mm256_setzero_ps();
+            for (i, y) in a.iter().enumerate() {
+                let b = &row[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
+                let d = y.d * f16_at(b, 0);
+                let dmin = y.d * f16_at(b, 2);
+                let sm = q4k_scales_mins(&b[4..16]);
+                let sm = _mm256_broadcastsi128_si256(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
+                let qs = b.as_ptr().add(16);
+                let ys = y.qs.as_ptr();
+                let mut isum = _mm256_setzero_si256();
+                for j in 0..4 {
+                    let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
+                    let lo = _mm256_and_si256(q, m4);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                    let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
+                    let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
+                    // u8 × i8 pairs → i16 (|·| ≤ 2·15·127), then × the sub-block scale and pairwise → i32.
+                    let slo = _mm256_shuffle_epi8(sm, sc_idx[2 * j]);
+                    let shi = _mm256_shuffle_epi8(sm, sc_idx[2 * j + 1]);
+                    let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), slo);
+                    let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), shi);
+                    isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
+                }
+                // The mins: Σ_j min_j · (sum of the activations of sub-block j), from the 16-value sums.
+                let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                let msum = _mm256_madd_epi16(bs, _mm256_shuffle_epi8(sm, mins_idx));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
+                acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc);
             }
-            // The mins: Σ_j min_j · (sum of the activations of sub-block j), from the 16-value sums.
-            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let msum = _mm256_madd_epi16(bs, _mm256_shuffle_epi8(sm, mins_idx));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
-            acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc);
+            hsum(acc)
         }
-        hsum(acc)
     }
 
     /// # Safety
@@ -292,45 +296,50 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_q6k(row: &[u8], a: &[Q8K]) -> f32 {
         debug_assert!(row.len() >= a.len() * Q6K_BYTES);
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m30 = _mm256_set1_epi8(0x30);
-        let mut acc = _mm256_setzero_ps();
-        // Byte shuffles that spread scales s, s+1 over 8 lanes each, for the 8 scale pairs of a block.
-        let pair = |s: i8| _mm_set_epi8(s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s, s, s, s, s, s, s, s);
-        let idx = [pair(0), pair(2), pair(4), pair(6), pair(8), pair(10), pair(12), pair(14)];
-        for (i, y) in a.iter().enumerate() {
-            let b = &row[i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
-            let p = b.as_ptr();
-            let d = y.d * f16_at(b, 208);
-            let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
-            // Quants are stored +32: Σ sc·(q−32)·y = Σ sc·q·y − 32·Σ sc·bsum.
-            let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-            let corr = _mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc));
-            let mut isum = _mm256_setzero_si256();
-            let ys = y.qs.as_ptr();
-            for h in 0..2 {
-                let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
-                let ql1 = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
-                let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
-                let q = [
-                    _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                    _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                        _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                    ),
-                ];
-                for (k, q) in q.iter().enumerate() {
-                    let yk = _mm256_loadu_si256(ys.add(128 * h + 32 * k) as *const __m256i);
-                    let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx[4 * h + k]));
-                    isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yk), s));
+        // SAFETY: the caller guarantees AVX2/FMA and that `row` holds `a.len()` blocks of Q6K_BYTES bytes, so
+        // every load below (block i of the row, the 256 quants and 16 sums of activation block i) is in bounds.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m30 = _mm256_set1_epi8(0x30);
+            let mut acc = _mm256_setzero_ps();
+            // Byte shuffles that spread scales s, s+1 over 8 lanes each, for the 8 scale pairs of a block.
+            let pair =
+                |s: i8| _mm_set_epi8(s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s, s, s, s, s, s, s, s);
+            let idx = [pair(0), pair(2), pair(4), pair(6), pair(8), pair(10), pair(12), pair(14)];
+            for (i, y) in a.iter().enumerate() {
+                let b = &row[i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
+                let p = b.as_ptr();
+                let d = y.d * f16_at(b, 208);
+                let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
+                // Quants are stored +32: Σ sc·(q−32)·y = Σ sc·q·y − 32·Σ sc·bsum.
+                let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
+                let corr = _mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc));
+                let mut isum = _mm256_setzero_si256();
+                let ys = y.qs.as_ptr();
+                for h in 0..2 {
+                    let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
+                    let q = [
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
+                        ),
+                    ];
+                    for (k, q) in q.iter().enumerate() {
+                        let yk = _mm256_loadu_si256(ys.add(128 * h + 32 * k) as *const __m256i);
+                        let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx[4 * h + k]));
+                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yk), s));
+                    }
                 }
+                let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(corr, 5));
+                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
             }
-            let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(corr, 5));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
+            hsum(acc)
         }
-        hsum(acc)
     }
 }
 

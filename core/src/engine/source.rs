@@ -20,7 +20,7 @@ impl ModelRef {
     pub fn parse(spec: &str) -> Result<ModelRef, CoreError> {
         let spec = spec.trim();
         if spec.is_empty() {
-            return Err(CoreError::Source("no model configured (set copilot.model)".into()));
+            return Err(CoreError::Source("no model configured".into()));
         }
         let Some(rest) = spec.strip_prefix("hf:") else {
             return Ok(ModelRef::Local(PathBuf::from(spec)));
@@ -58,24 +58,53 @@ fn check_file(p: &Path) -> Result<PathBuf, CoreError> {
     }
 }
 
-#[cfg(feature = "hub")]
-fn resolve_hub(repo: &str, file: &str, revision: Option<String>, allow_download: bool) -> Result<PathBuf, CoreError> {
-    use hf_hub::{Cache, Repo, RepoType};
-    let hub_repo = match &revision {
-        Some(rev) => Repo::with_revision(repo.to_string(), RepoType::Model, rev.clone()),
-        None => Repo::model(repo.to_string()),
+/// The Hugging Face cache directory, as every Hub client finds it: `$HF_HOME/hub`, else `~/.cache/huggingface/hub`.
+pub fn hub_cache_dir() -> Option<PathBuf> {
+    match std::env::var_os("HF_HOME") {
+        Some(home) => Some(PathBuf::from(home).join("hub")),
+        None => std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/huggingface/hub")),
+    }
+}
+
+/// `file` of `repo` at `revision` (default `main`) in the cache at `dir`, laid out as hf-hub and huggingface-cli
+/// lay it out: `models--<owner>--<repo>/refs/<revision>` holds a commit, whose files are under
+/// `snapshots/<commit>/`. A revision that is itself a commit is looked up under `snapshots/` directly. Read here
+/// without hf-hub so a build without the `hub` feature (the extension) resolves cached models too.
+pub fn hub_cached(dir: &Path, repo: &str, file: &str, revision: Option<&str>) -> Option<PathBuf> {
+    let root = dir.join(format!("models--{}", repo.replace('/', "--")));
+    let rev = revision.unwrap_or("main");
+    let commit = match std::fs::read_to_string(root.join("refs").join(rev)) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) => rev.to_string(),
     };
-    let cache = Cache::from_env();
-    if let Some(p) = cache.repo(hub_repo.clone()).get(file) {
+    if commit.is_empty() || commit.contains('/') || commit == ".." {
+        return None;
+    }
+    let p = root.join("snapshots").join(commit).join(file);
+    p.is_file().then_some(p)
+}
+
+fn resolve_hub(repo: &str, file: &str, revision: Option<String>, allow_download: bool) -> Result<PathBuf, CoreError> {
+    let dir = hub_cache_dir();
+    if let Some(p) = dir.as_deref().and_then(|d| hub_cached(d, repo, file, revision.as_deref())) {
         return check_file(&p);
     }
     if !allow_download {
+        let at = dir.map(|d| d.display().to_string()).unwrap_or_else(|| "(no HOME or HF_HOME)".into());
         return Err(CoreError::Source(format!(
-            "hf:{repo}/{file} is not in the Hugging Face cache at {} (fetch it with scripts/fetch-model, or set \
-             copilot.model to a file path)",
-            cache.path().display()
+            "hf:{repo}/{file} is not in the Hugging Face cache at {at}; download it first, or name the file by its path"
         )));
     }
+    download(repo, file, revision)
+}
+
+#[cfg(feature = "hub")]
+fn download(repo: &str, file: &str, revision: Option<String>) -> Result<PathBuf, CoreError> {
+    use hf_hub::{Repo, RepoType};
+    let hub_repo = match revision {
+        Some(rev) => Repo::with_revision(repo.to_string(), RepoType::Model, rev),
+        None => Repo::model(repo.to_string()),
+    };
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(true)
         .with_retries(1)
@@ -87,8 +116,8 @@ fn resolve_hub(repo: &str, file: &str, revision: Option<String>, allow_download:
 }
 
 #[cfg(not(feature = "hub"))]
-fn resolve_hub(repo: &str, file: &str, _rev: Option<String>, _dl: bool) -> Result<PathBuf, CoreError> {
-    Err(CoreError::Source(format!("hf:{repo}/{file}: this build has no Hub support (feature \"hub\")")))
+fn download(repo: &str, file: &str, _revision: Option<String>) -> Result<PathBuf, CoreError> {
+    Err(CoreError::Source(format!("hf:{repo}/{file}: this build cannot download from the Hub (feature \"hub\")")))
 }
 
 #[cfg(test)]
@@ -122,7 +151,6 @@ mod tests {
         assert!(e.contains("cannot open /nonexistent/model.gguf"), "{e}");
     }
 
-    #[cfg(feature = "hub")]
     #[test]
     fn hub_reference_resolves_from_a_local_cache_without_network() {
         // Lay out a cache the way hf-hub does: models--o--r/{refs/main, snapshots/<commit>/<file>}.
@@ -130,16 +158,28 @@ mod tests {
         let snap = dir.join("models--o--r/snapshots/abc123");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::create_dir_all(dir.join("models--o--r/refs")).unwrap();
-        std::fs::write(dir.join("models--o--r/refs/main"), "abc123").unwrap();
+        std::fs::write(dir.join("models--o--r/refs/main"), "abc123\n").unwrap();
         std::fs::write(snap.join("m.gguf"), b"GGUF").unwrap();
-        let cache = hf_hub::Cache::new(dir.clone());
-        let got = cache.repo(hf_hub::Repo::model("o/r".into())).get("m.gguf").unwrap();
-        assert_eq!(got, snap.join("m.gguf"));
-        // And a miss without download permission is a clear error, not a network call.
-        std::env::set_var("HF_HOME", &dir);
-        let e = resolve("hf:o/r/other.gguf", false).unwrap_err().to_string();
-        assert!(e.contains("not in the Hugging Face cache"), "{e}");
+        assert_eq!(hub_cached(&dir, "o/r", "m.gguf", None), Some(snap.join("m.gguf")));
+        // A commit as the revision, and misses: another file, another branch, a path-like revision.
+        assert_eq!(hub_cached(&dir, "o/r", "m.gguf", Some("abc123")), Some(snap.join("m.gguf")));
+        assert_eq!(hub_cached(&dir, "o/r", "other.gguf", None), None);
+        assert_eq!(hub_cached(&dir, "o/r", "m.gguf", Some("dev")), None);
+        assert_eq!(hub_cached(&dir, "o/r", "m.gguf", Some("..")), None);
+        // hf-hub's own reader finds the same file.
+        #[cfg(feature = "hub")]
+        {
+            let cache = hf_hub::Cache::new(dir.clone());
+            let got = cache.repo(hf_hub::Repo::model("o/r".into())).get("m.gguf");
+            assert_eq!(got, Some(snap.join("m.gguf")));
+        }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_cache_miss_without_download_permission_is_a_clear_error() {
+        let e = resolve("hf:copilot-test/none/missing.gguf", false).unwrap_err().to_string();
+        assert!(e.contains("not in the Hugging Face cache"), "{e}");
     }
 }
 

@@ -10,7 +10,7 @@
 //! - Entries are immutable snapshots ([`KvCache`] clones share tensors that are never written in place), so a hit
 //!   hands out a clone and the stored state stays valid for the next question.
 
-use crate::model::KvCache;
+use crate::engine::model::KvCache;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -146,7 +146,7 @@ pub fn shared_prefix_len(prefix_tokens: &[u32], full: &[u32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::KvCache;
+    use crate::engine::model::KvCache;
 
     fn kv_of(bytes_per_token: usize, tokens: usize) -> KvCache {
         KvCache::synthetic(bytes_per_token, tokens)

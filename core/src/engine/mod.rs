@@ -1,0 +1,22 @@
+//! The engine: a quantized GGUF model run on the CPU.
+//!
+//! - [`model`]: our transformer forward pass (configuration, weights, prompt pass, decoding step) with a
+//!   caller-owned KV state;
+//! - [`kernels`], [`decode`]: the decoding step's weight products (AVX2 over the GGUF blocks) and its per-token
+//!   arithmetic on plain vectors;
+//! - [`runtime`]: load, tokenize, prefill, greedy decoding with SQL stop rules;
+//! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
+//! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
+//! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
+//! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
+//! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
+
+pub mod alloc;
+pub mod backend;
+pub mod decode;
+pub mod kernels;
+pub mod model;
+pub mod prefix_cache;
+pub mod runtime;
+pub mod source;
+pub mod tokenizer;

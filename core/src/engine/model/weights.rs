@@ -1,0 +1,246 @@
+//! A model's weights as read from its GGUF file, and the quantized linear layer and embedding table built on them.
+
+use crate::engine::kernels;
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use std::io::{Read, Seek};
+use std::sync::Arc;
+
+use super::Config;
+
+/// The seven projections of a layer, with their names in GGUF files and in Transformers/PEFT (`target_modules`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Target {
+    pub const ALL: [Target; 7] = [Target::Q, Target::K, Target::V, Target::O, Target::Gate, Target::Up, Target::Down];
+
+    /// PEFT / Transformers module name (`q_proj`, …).
+    pub fn peft_name(self) -> &'static str {
+        match self {
+            Target::Q => "q_proj",
+            Target::K => "k_proj",
+            Target::V => "v_proj",
+            Target::O => "o_proj",
+            Target::Gate => "gate_proj",
+            Target::Up => "up_proj",
+            Target::Down => "down_proj",
+        }
+    }
+
+    /// GGUF tensor stem (`attn_q`, …).
+    pub fn gguf_name(self) -> &'static str {
+        match self {
+            Target::Q => "attn_q",
+            Target::K => "attn_k",
+            Target::V => "attn_v",
+            Target::O => "attn_output",
+            Target::Gate => "ffn_gate",
+            Target::Up => "ffn_up",
+            Target::Down => "ffn_down",
+        }
+    }
+
+    pub(crate) fn parent(self) -> &'static str {
+        match self {
+            Target::Q | Target::K | Target::V | Target::O => "self_attn",
+            Target::Gate | Target::Up | Target::Down => "mlp",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Target> {
+        Target::ALL.into_iter().find(|t| t.peft_name() == name || t.gguf_name() == name)
+    }
+
+    /// PEFT's key prefix for this target in layer `layer`.
+    pub fn peft_key(self, layer: usize) -> String {
+        format!("base_model.model.model.layers.{layer}.{}.{}", self.parent(), self.peft_name())
+    }
+}
+
+/// A quantized linear layer (`y = x · Wᵀ`). One row of activations (decoding) goes through our own kernels
+/// ([`crate::engine::kernels`]) when the weights are a format they cover; several rows (prefill) and other formats go
+/// through candle's quantized matmul. Both read the same weight bytes (the `QTensor` is shared, not copied).
+pub(super) struct Linear {
+    pub(super) mm: QMatMul,
+    pub(super) n: usize,
+    pub(super) k: usize,
+}
+
+impl Linear {
+    pub(super) fn new(qt: Arc<QTensor>) -> Result<Linear> {
+        let (n, k) = qt.shape().dims2()?;
+        Ok(Linear { mm: QMatMul::from_arc(qt)?, n, k })
+    }
+
+    /// The quantized weights and their format, when our decode kernels cover them.
+    fn raw(&self) -> Option<(&QTensor, kernels::Kind)> {
+        match &self.mm {
+            QMatMul::QTensor(qt) if self.k.is_multiple_of(kernels::QK_K) => {
+                kernels::Kind::from_ggml(qt.dtype()).map(|kind| (qt.as_ref(), kind))
+            }
+            _ => None,
+        }
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, own_kernels: bool) -> Result<Tensor> {
+        Ok(Linear::forward_many(&[self], x, own_kernels)?.remove(0))
+    }
+
+    /// The products of several layers that read the same input (q/k/v; gate/up). One row of activations on our
+    /// kernels is one pass over the thread pool for all of them; otherwise each goes through candle.
+    pub(super) fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
+        let k = layers[0].k;
+        if !(own_kernels && x.elem_count() == k && x.device().is_cpu() && Linear::kernels_cover(layers)) {
+            return layers.iter().map(|l| l.mm.forward(x)).collect();
+        }
+        let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let ys = Linear::matvec_many(layers, &xs)?;
+        layers
+            .iter()
+            .zip(ys)
+            .map(|(l, y)| {
+                let mut shape = x.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = l.n;
+                }
+                Tensor::from_vec(y, shape, x.device())
+            })
+            .collect()
+    }
+
+    /// True when our kernels can multiply every one of `layers` (formats they cover, same input width).
+    fn kernels_cover(layers: &[&Linear]) -> bool {
+        layers.iter().all(|l| l.raw().is_some() && l.k == layers[0].k)
+    }
+
+    /// `ys[i] = layers[i] · x` for one row `x` on the CPU: one pass of our kernels over the thread pool when they
+    /// cover every layer, else candle's matmul layer by layer.
+    pub(super) fn matvec_many(layers: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        let k = layers[0].k;
+        if !Linear::kernels_cover(layers) {
+            let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
+            return layers.iter().map(|l| l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()).collect();
+        }
+        let raw: Vec<_> = layers.iter().filter_map(|l| l.raw()).collect();
+        let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
+        let mats: Vec<kernels::Matrix> = layers
+            .iter()
+            .zip(&raw)
+            .zip(&data)
+            .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
+            .collect();
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        kernels::gemv_many(&mats, k, x, &mut outs);
+        Ok(ys)
+    }
+}
+
+/// The token embedding table. Kept in its quantized form where our kernels can dequantize single rows (the table
+/// is shared with the output projection when the model ties them, so it costs no memory of its own); other
+/// formats are dequantized to f32 once at load.
+pub(crate) enum Embedding {
+    Rows { qt: Arc<QTensor>, kind: kernels::Kind, dim: usize },
+    Dense(Tensor),
+}
+
+impl Embedding {
+    pub(crate) fn new(qt: Arc<QTensor>, device: &Device) -> Result<Embedding> {
+        let (_, dim) = qt.shape().dims2()?;
+        match kernels::Kind::from_ggml(qt.dtype()) {
+            Some(kind) if dim.is_multiple_of(kernels::QK_K) && device.is_cpu() => Ok(Embedding::Rows { qt, kind, dim }),
+            _ => Ok(Embedding::Dense(qt.dequantize(device)?)),
+        }
+    }
+
+    /// Rows of `tokens`, shape `(1, t, dim)`.
+    pub(crate) fn lookup(&self, tokens: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            Embedding::Dense(table) => table.index_select(&Tensor::new(tokens, device)?, 0)?.unsqueeze(0),
+            Embedding::Rows { qt, kind, dim } => {
+                let data = qt.data()?;
+                let rows = qt.shape().dims2()?.0;
+                let row_bytes = dim / kernels::QK_K * kind.block_bytes();
+                let mut out = vec![0f32; tokens.len() * dim];
+                for (&tok, y) in tokens.iter().zip(out.chunks_exact_mut(*dim)) {
+                    let r = tok as usize;
+                    if r >= rows {
+                        candle_core::bail!("token id {tok} is outside the vocabulary of {rows}");
+                    }
+                    kernels::dequantize_row(*kind, &data[r * row_bytes..(r + 1) * row_bytes], y);
+                }
+                Tensor::from_vec(out, (1, tokens.len(), *dim), device)
+            }
+        }
+    }
+}
+
+/// One layer's tensors as every loader of a GGUF model reads them: norms and optional q/k/v biases dequantized,
+/// the seven projection weights as stored, in [`Target::ALL`] order (q, k, v, o, gate, up, down).
+pub(crate) struct LayerWeights {
+    pub attn_norm: Tensor,
+    pub ffn_norm: Tensor,
+    pub bq: Option<Tensor>,
+    pub bk: Option<Tensor>,
+    pub bv: Option<Tensor>,
+    pub proj: [Arc<QTensor>; 7],
+}
+
+/// A model's tensors as read from its GGUF: the embedding table, the final norm, the vocabulary projection (the
+/// embedding table itself when the model ties them: one copy) and the layers. The inference pass
+/// ([`Transformer::from_gguf`]) and the training pass (`crate::tune::finetune`) both start from this.
+pub(crate) struct Weights {
+    pub token_embd: Arc<QTensor>,
+    pub norm: Tensor,
+    pub output: Arc<QTensor>,
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Weights {
+    pub(crate) fn read<R: Read + Seek>(
+        cfg: &Config,
+        ct: &gguf_file::Content,
+        reader: &mut R,
+        device: &Device,
+    ) -> Result<Weights> {
+        let mut get = |name: &str| ct.tensor(reader, name, device);
+        let token_embd = Arc::new(get("token_embd.weight")?);
+        let norm = get("output_norm.weight")?.dequantize(device)?;
+        let output = match ct.tensor_infos.contains_key("output.weight") {
+            true => Arc::new(get("output.weight")?),
+            // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table, read once.
+            false => token_embd.clone(),
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("blk.{i}");
+            let mut bias = |n: &str| -> Result<Option<Tensor>> {
+                let name = format!("{p}.{n}.bias");
+                match ct.tensor_infos.contains_key(&name) {
+                    true => Ok(Some(get(&name)?.dequantize(device)?)),
+                    false => Ok(None),
+                }
+            };
+            let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
+            let mut proj = Vec::with_capacity(7);
+            for t in Target::ALL {
+                proj.push(Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?));
+            }
+            let proj: [Arc<QTensor>; 7] =
+                proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
+            let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
+            let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
+            layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj });
+        }
+        Ok(Weights { token_embd, norm, output, layers })
+    }
+}

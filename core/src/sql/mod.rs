@@ -1,0 +1,11 @@
+//! SQL text: what the model is shown, and what is taken from its answer.
+//!
+//! - [`schema`]: the schema model and its one-line `CREATE TABLE` rendering (the model's context);
+//! - [`prompt`]: chat-template prompts, laid out schema first, question last;
+//! - [`extract`]: one SQL statement out of what a model wrote;
+//! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names).
+
+pub mod extract;
+pub mod gate;
+pub mod prompt;
+pub mod schema;

@@ -1,0 +1,205 @@
+//! Every error copilot raises, in one place: each kind's SQLSTATE, message, DETAIL and HINT.
+//!
+//! Code anywhere in the extension builds a [`CopilotError`] (or gets one from core, the gate or the worker) and
+//! calls [`CopilotError::raise`]; nothing else chooses a SQLSTATE. Setting names (`copilot.*`) appear here, in
+//! messages and hints, and never in core, whose errors the trainer's users see too.
+
+use crate::shmem::{Failure, WorkerState};
+use copilot_core::error::ErrorKind;
+use copilot_core::sql::gate::Rejection;
+use pgrx::pg_sys::errcodes::PgSqlErrorCode;
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::prelude::*;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CopilotError {
+    #[error("the question is empty")]
+    EmptyQuestion,
+    #[error("the question contains a NUL character")]
+    NulInQuestion,
+    #[error("the question is {chars} characters long, more than copilot.max_question_chars ({max})")]
+    QuestionTooLong { chars: usize, max: usize },
+    #[error("the model worker is not running: copilot is not in shared_preload_libraries")]
+    NotPreloaded,
+    #[error("cannot read the catalog: {0}")]
+    Catalog(String),
+    #[error("no tables you can SELECT from in {scope}")]
+    NoReadableTables { scope: String },
+    #[error("the schema context is {bytes} bytes, more than the {limit} a request can carry")]
+    ContextTooLarge { bytes: usize, limit: usize },
+    #[error("the model failed to load: {reason}")]
+    ModelFailed { reason: String, model: String },
+    #[error("the model worker is not running")]
+    WorkerNotRunning { state: WorkerState },
+    #[error("the model is still loading after copilot.request_timeout ({timeout_ms} ms)")]
+    StillLoading { timeout_ms: i32, model: String },
+    #[error("no free request slot within copilot.request_timeout ({timeout_ms} ms)")]
+    NoFreeSlot { timeout_ms: i32, slots: usize },
+    #[error("no answer within copilot.request_timeout ({timeout_ms} ms)")]
+    NoAnswer { timeout_ms: i32 },
+    #[error("the request was lost (the worker restarted)")]
+    RequestLost,
+    /// The worker (or the engine behind it) could not answer.
+    #[error("{message}")]
+    Worker { failure: Failure, message: String },
+    #[error("the model's answer contains no SQL query")]
+    NoSql { raw: String },
+    /// The gate refused SQL before anything executed it.
+    #[error("refused: {rejection}")]
+    Refused { rejection: Rejection, sql: String },
+    /// PostgreSQL refused or failed to run SQL we executed for the caller: its own error, with the SQL added.
+    #[error("{message}")]
+    Execution { code: PgSqlErrorCode, message: String, detail: Option<String>, hint: Option<String>, sql: String },
+}
+
+impl CopilotError {
+    pub fn sqlstate(&self) -> PgSqlErrorCode {
+        use CopilotError::*;
+        use PgSqlErrorCode::*;
+        match self {
+            EmptyQuestion | NulInQuestion => ERRCODE_INVALID_PARAMETER_VALUE,
+            QuestionTooLong { .. } | ContextTooLarge { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            NotPreloaded | ModelFailed { .. } | WorkerNotRunning { .. } | RequestLost => {
+                ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE
+            }
+            Catalog(_) => ERRCODE_INTERNAL_ERROR,
+            NoReadableTables { .. } => ERRCODE_UNDEFINED_TABLE,
+            StillLoading { .. } | NoFreeSlot { .. } | NoAnswer { .. } => ERRCODE_QUERY_CANCELED,
+            Worker { failure, .. } => match failure {
+                Failure::ModelUnavailable | Failure::WorkerRestarted => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                Failure::Engine(ErrorKind::PromptTooLong) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                Failure::Engine(ErrorKind::Model | ErrorKind::Source) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                Failure::Engine(ErrorKind::Cancelled) => ERRCODE_QUERY_CANCELED,
+                Failure::Engine(ErrorKind::Tokenizer | ErrorKind::Template | ErrorKind::Inference) => {
+                    ERRCODE_INTERNAL_ERROR
+                }
+            },
+            NoSql { .. } => ERRCODE_DATA_EXCEPTION,
+            Refused { rejection, .. } => match rejection {
+                Rejection::Unparseable(_) | Rejection::Empty => ERRCODE_SYNTAX_ERROR,
+                Rejection::DeniedFunction(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
+                Rejection::MultipleStatements(_)
+                | Rejection::NotAQuery(_)
+                | Rejection::DataModifyingCte
+                | Rejection::SelectInto
+                | Rejection::LockingClause => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            },
+            Execution { code, .. } => *code,
+        }
+    }
+
+    pub fn detail(&self) -> Option<String> {
+        use CopilotError::*;
+        match self {
+            ModelFailed { model, .. } | StillLoading { model, .. } => Some(format!("copilot.model = {model}")),
+            WorkerNotRunning { state } => Some(format!("worker state: {}", state.as_str())),
+            NoFreeSlot { slots, .. } => Some(format!("{slots} requests are already queued or running")),
+            NoSql { raw } => Some(format!("model output: {raw}")),
+            Refused { sql, .. } => Some(format!("SQL: {sql}")),
+            Execution { detail, sql, .. } => Some(match detail {
+                Some(d) => format!("{d}\nSQL: {sql}"),
+                None => format!("SQL: {sql}"),
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn hint(&self) -> Option<String> {
+        use CopilotError::*;
+        let h = match self {
+            QuestionTooLong { .. } => "Shorten the question or raise copilot.max_question_chars.",
+            NotPreloaded => "Add copilot to shared_preload_libraries in postgresql.conf and restart PostgreSQL.",
+            NoReadableTables { .. } => {
+                "Set search_path or copilot.schemas to the schemas holding your tables, and check your privileges."
+            }
+            ContextTooLarge { .. } => "Narrow copilot.schemas to the schemas the question is about.",
+            ModelFailed { .. } | Worker { failure: Failure::ModelUnavailable, .. } => {
+                "Fix copilot.model (a GGUF file path, or hf:<owner>/<repo>/<file> in the Hugging Face cache) and run \
+                 SELECT pg_reload_conf(); scripts/fetch-model downloads the default model."
+            }
+            WorkerNotRunning { .. } => {
+                "Check the server log for the copilot worker; it restarts automatically after a crash."
+            }
+            StillLoading { .. } => "Try again shortly, or raise copilot.request_timeout.",
+            NoAnswer { .. } => "The worker may be busy with other requests; see copilot.status().",
+            Worker { failure: Failure::Engine(ErrorKind::PromptTooLong), .. } => {
+                "Narrow copilot.schemas to the schemas the question is about, or use a model with a longer context \
+                 (copilot.model, copilot.max_context_tokens)."
+            }
+            NoSql { .. } => "Rephrase the question, naming the tables or columns it is about.",
+            Execution { hint, .. } => return hint.clone(),
+            _ => return None,
+        };
+        Some(h.to_string())
+    }
+
+    /// Raise this error as a PostgreSQL ERROR. Never returns.
+    pub fn raise(self) -> ! {
+        let message = match &self {
+            // PostgreSQL's own message stays as it wrote it.
+            CopilotError::Execution { message, .. } => message.clone(),
+            e => format!("copilot: {e}"),
+        };
+        let mut r = ErrorReport::new(self.sqlstate(), message, "copilot");
+        if let Some(d) = self.detail() {
+            r = r.set_detail(d);
+        }
+        if let Some(h) = self.hint() {
+            r = r.set_hint(h);
+        }
+        r.report(PgLogLevel::ERROR);
+        unreachable!("ERROR does not return")
+    }
+}
+
+impl From<pgrx::spi::Error> for CopilotError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        CopilotError::Catalog(e.to_string())
+    }
+}
+
+/// `Result::unwrap_or_raise`: the extension's functions end their error paths here.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T, CopilotError> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.raise())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_worker_failure_has_a_sqlstate_and_prompt_too_long_says_what_to_change() {
+        for k in ErrorKind::ALL {
+            let e = CopilotError::Worker { failure: Failure::Engine(k), message: "x".into() };
+            let _ = e.sqlstate();
+        }
+        let e = CopilotError::Worker {
+            failure: Failure::Engine(ErrorKind::PromptTooLong),
+            message: "prompt is 9000 tokens".into(),
+        };
+        assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED);
+        assert!(e.hint().unwrap().contains("copilot.schemas"));
+    }
+
+    #[test]
+    fn gate_refusals_keep_their_sqlstates_and_show_the_sql() {
+        let r = |rejection| CopilotError::Refused { rejection, sql: "DROP TABLE t".into() };
+        assert_eq!(
+            r(Rejection::NotAQuery("DROP".into())).sqlstate(),
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION
+        );
+        assert_eq!(
+            r(Rejection::DeniedFunction("pg_sleep".into())).sqlstate(),
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
+        );
+        assert_eq!(r(Rejection::Empty).sqlstate(), PgSqlErrorCode::ERRCODE_SYNTAX_ERROR);
+        assert_eq!(r(Rejection::Empty).detail().unwrap(), "SQL: DROP TABLE t");
+    }
+}

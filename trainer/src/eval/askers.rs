@@ -1,0 +1,193 @@
+//! Who answers the questions: the extension (`SELECT copilot.ask`), core's runtime in-process, or the gold SQL.
+
+use super::exec::pg_error;
+use super::{Asked, EvalArgs, Via};
+use crate::spider::Example;
+use crate::sqlnorm;
+use anyhow::{anyhow, Context, Result};
+use copilot_core::engine::backend::{Backend, GenerateRequest};
+use copilot_core::sql::schema::quote_ident;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tracing::warn;
+
+pub(super) fn read_asked(path: &Path) -> Result<HashMap<usize, Asked>> {
+    let mut out = HashMap::new();
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(out) };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Asked>(line) {
+            Ok(a) => {
+                out.insert(a.index, a);
+            }
+            // A line cut short by an interrupted run: ignore it, the question is asked again.
+            Err(e) => warn!("{}:{}: {e}", path.display(), i + 1),
+        }
+    }
+    Ok(out)
+}
+
+pub(super) trait Asker {
+    fn label(&self) -> String;
+    fn sha256(&mut self) -> Option<String>;
+    fn ask(&mut self, ex: &Example, context: &str) -> Asked;
+    fn context(&mut self, _db: &str) -> Option<String> {
+        None
+    }
+}
+
+struct ExtensionAsker {
+    client: postgres::Client,
+    current_db: String,
+}
+
+impl Asker for ExtensionAsker {
+    fn label(&self) -> String {
+        "copilot.model".into()
+    }
+    fn sha256(&mut self) -> Option<String> {
+        self.client
+            .query_one("SELECT model_sha256 FROM copilot.status()", &[])
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+    }
+    fn context(&mut self, db: &str) -> Option<String> {
+        self.use_db(db).ok()?;
+        self.client.query_one("SELECT copilot.context()", &[]).ok().map(|r| r.get(0))
+    }
+    fn ask(&mut self, ex: &Example, _context: &str) -> Asked {
+        let mut a = Asked {
+            index: ex.index,
+            prediction: None,
+            ask_error: None,
+            latency_s: 0.0,
+            prompt_tokens: None,
+            generated_tokens: None,
+            decode_tok_s: None,
+        };
+        if let Err(e) = self.use_db(&ex.db_id) {
+            a.ask_error = Some(e);
+            return a;
+        }
+        let t0 = Instant::now();
+        match self.client.query_one("SELECT copilot.ask($1)", &[&ex.question]) {
+            Ok(r) => a.prediction = Some(r.get(0)),
+            Err(e) => a.ask_error = Some(pg_error(&e)),
+        }
+        a.latency_s = t0.elapsed().as_secs_f64();
+        // This session's own request (copilot.status() shows the server's last answer, whoever asked it).
+        if let Ok(Some(r)) = self
+            .client
+            .query_opt("SELECT prompt_tokens::int8, generated_tokens::int8, decode_tok_s FROM copilot.last_ask()", &[])
+        {
+            a.prompt_tokens = r.get(0);
+            a.generated_tokens = r.get(1);
+            a.decode_tok_s = r.get(2);
+        }
+        a
+    }
+}
+
+impl ExtensionAsker {
+    fn use_db(&mut self, db: &str) -> Result<(), String> {
+        if self.current_db != db {
+            self.client
+                .batch_execute(&format!("SET search_path = {}", quote_ident(&db.to_lowercase())))
+                .map_err(|e| pg_error(&e))?;
+            self.current_db = db.to_string();
+        }
+        Ok(())
+    }
+}
+
+struct CoreAsker {
+    rt: copilot_core::engine::runtime::Runtime,
+    path: PathBuf,
+    max_new_tokens: usize,
+}
+
+impl Asker for CoreAsker {
+    fn label(&self) -> String {
+        self.path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+    fn sha256(&mut self) -> Option<String> {
+        copilot_core::engine::source::sha256_file(&self.path).ok()
+    }
+    fn ask(&mut self, ex: &Example, context: &str) -> Asked {
+        let req = GenerateRequest {
+            schema_context: context.to_string(),
+            question: ex.question.clone(),
+            max_new_tokens: self.max_new_tokens,
+        };
+        let t0 = Instant::now();
+        let out = self.rt.generate(&req, &|| false);
+        let latency_s = t0.elapsed().as_secs_f64();
+        match out {
+            Ok(g) => Asked {
+                index: ex.index,
+                ask_error: g.sql.is_none().then(|| format!("the model's answer contains no SQL query: {}", g.text)),
+                prediction: g.sql.clone(),
+                latency_s,
+                prompt_tokens: Some(g.prompt_tokens as i64),
+                generated_tokens: Some(g.generated_tokens as i64),
+                decode_tok_s: Some(g.decode_tok_s()),
+            },
+            Err(e) => Asked {
+                index: ex.index,
+                prediction: None,
+                ask_error: Some(e.to_string()),
+                latency_s,
+                prompt_tokens: None,
+                generated_tokens: None,
+                decode_tok_s: None,
+            },
+        }
+    }
+}
+
+struct GoldAsker;
+
+impl Asker for GoldAsker {
+    fn label(&self) -> String {
+        "gold".into()
+    }
+    fn sha256(&mut self) -> Option<String> {
+        None
+    }
+    fn ask(&mut self, ex: &Example, context: &str) -> Asked {
+        let known = sqlnorm::catalog_from_context(context).map(|c| sqlnorm::known_names(&c));
+        let prediction = sqlnorm::normalize(&ex.query, known.as_ref());
+        Asked {
+            index: ex.index,
+            ask_error: prediction.is_none().then(|| "gold does not parse".to_string()),
+            prediction,
+            latency_s: 0.0,
+            prompt_tokens: None,
+            generated_tokens: None,
+            decode_tok_s: None,
+        }
+    }
+}
+
+/// The asker `--via` names.
+pub(super) fn make_asker(args: &EvalArgs) -> Result<Box<dyn Asker>> {
+    Ok(match args.via {
+        Via::Extension => {
+            let client = postgres::Client::connect(&args.pg, postgres::NoTls)
+                .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
+            Box::new(ExtensionAsker { client, current_db: String::new() })
+        }
+        Via::Core => {
+            let path = args.model.clone().ok_or_else(|| anyhow!("--via core needs --model FILE"))?;
+            let path = copilot_core::engine::source::resolve(&path.to_string_lossy(), true)?;
+            // The same prefix cache as the extension's default (256 MB): answers do not depend on it, speed does.
+            let opts = copilot_core::engine::runtime::LoadOptions { max_context: 8192, prefix_cache_bytes: 256 << 20 };
+            let rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
+            Box::new(CoreAsker { rt, path, max_new_tokens: args.max_new_tokens })
+        }
+        Via::Gold => Box::new(GoldAsker),
+    })
+}
