@@ -158,7 +158,7 @@ mod tests {
         let snap = dir.join("models--o--r/snapshots/abc123");
         std::fs::create_dir_all(&snap).unwrap();
         std::fs::create_dir_all(dir.join("models--o--r/refs")).unwrap();
-        std::fs::write(dir.join("models--o--r/refs/main"), "abc123\n").unwrap();
+        std::fs::write(dir.join("models--o--r/refs/main"), "abc123").unwrap();
         std::fs::write(snap.join("m.gguf"), b"GGUF").unwrap();
         assert_eq!(hub_cached(&dir, "o/r", "m.gguf", None), Some(snap.join("m.gguf")));
         // A commit as the revision, and misses: another file, another branch, a path-like revision.
@@ -173,6 +173,9 @@ mod tests {
             let got = cache.repo(hf_hub::Repo::model("o/r".into())).get("m.gguf");
             assert_eq!(got, Some(snap.join("m.gguf")));
         }
+        // A ref written with a trailing newline (by hand, or another client) still resolves.
+        std::fs::write(dir.join("models--o--r/refs/main"), "abc123\n").unwrap();
+        assert_eq!(hub_cached(&dir, "o/r", "m.gguf", None), Some(snap.join("m.gguf")));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
