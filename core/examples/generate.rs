@@ -14,7 +14,12 @@ fn main() {
     let schema = std::fs::read_to_string(&args[2]).expect("read schema file");
     let mut rt = Runtime::load(std::path::Path::new(&args[1]), &LoadOptions::default()).expect("load model");
     eprintln!("loaded {} ({}) in {:.2}s", rt.info().path.display(), rt.info().arch, rt.info().load_s);
-    let req = GenerateRequest { schema_context: schema, question: args[3].clone(), max_new_tokens: 256 };
+    let req = GenerateRequest {
+        schema_context: schema,
+        question: args[3].clone(),
+        max_new_tokens: 256,
+        ..Default::default()
+    };
     let g = rt.generate(&req, &|| false).expect("generate");
     eprintln!(
         "prompt {} tok, prefill {:.2}s ({:.1} tok/s), {} new tok, decode {:.1} tok/s, stop {}",

@@ -4,7 +4,7 @@
 //! and `qwen2` (NeoX RoPE, q/k/v biases) — run once on candle's ops and matmuls and once on ours.
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
-use copilot_core::engine::model::{argmax, Config, KvCache, Transformer};
+use copilot_core::engine::model::{argmax, Config, KvCache, Rows, Transformer};
 
 mod common;
 use common::{write_model_arch, VOCAB};
@@ -97,5 +97,78 @@ fn preparing_the_weights_at_load_changes_no_logit() {
     let a = prepared.forward(&[17, 18, 19], &mut kv_a).unwrap().to_vec1::<f32>().unwrap();
     let b = lazy.forward(&[17, 18, 19], &mut kv_b).unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(a, b);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The multi-row pass (`Transformer::step_many`) is the primitive behind several candidates, speculative
+/// verification and several sessions decoded together: whatever shares a pass, each row must get exactly the
+/// logits it would get alone — bit for bit, so greedy decoding gives the same tokens batched or not.
+#[test]
+fn several_rows_in_one_pass_equal_one_row_at_a_time() {
+    let dir = std::env::temp_dir().join(format!("copilot-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for arch in ["llama", "qwen2"] {
+        let path = dir.join(format!("tiny-{arch}-rows.gguf"));
+        write_model_arch(&path, arch);
+        let m = load(&path, true);
+        let mut kv0 = KvCache::new();
+        m.forward(&[3, 141, 59, 26, 253, 58, 97], &mut kv0).unwrap();
+        // Three sequences continuing one prompt (candidates), four steps, different tokens each.
+        let mut single: Vec<KvCache> = vec![kv0.clone(); 3];
+        let mut batched: Vec<KvCache> = vec![kv0.clone(); 3];
+        for step in 0..4u32 {
+            let toks: Vec<[u32; 1]> = (0..3u32).map(|s| [(17 + 31 * s + 7 * step) % VOCAB as u32]).collect();
+            let want: Vec<Vec<f32>> = single
+                .iter_mut()
+                .zip(&toks)
+                .map(|(kv, t)| m.forward(t, kv).unwrap().to_vec1::<f32>().unwrap())
+                .collect();
+            let mut seqs: Vec<Rows> =
+                batched.iter_mut().zip(&toks).map(|(kv, t)| Rows { cache: kv, tokens: t }).collect();
+            let got = m.step_many(&mut seqs).unwrap();
+            assert_eq!(got, want, "{arch} step {step}: batched rows differ from single rows");
+        }
+        assert!(batched.iter().zip(&single).all(|(a, b)| a.len() == b.len()));
+        // Several positions of one sequence in one pass (a draft to verify): row j sees the rows before it.
+        let draft = [11u32, 12, 13];
+        let mut one_by_one = kv0.clone();
+        let want: Vec<Vec<f32>> =
+            draft.iter().map(|t| m.forward(&[*t], &mut one_by_one).unwrap().to_vec1::<f32>().unwrap()).collect();
+        let mut together = kv0.clone();
+        let got = m.step_many(&mut [Rows { cache: &mut together, tokens: &draft }]).unwrap();
+        assert_eq!(got, want, "{arch}: a multi-position pass differs from single steps");
+        // Mixed: a two-position row group beside a one-position one, after the above.
+        let (mut a1, mut b1) = (together.clone(), batched[0].clone());
+        let want_a: Vec<Vec<f32>> =
+            [5u32, 6].iter().map(|t| m.forward(&[*t], &mut a1).unwrap().to_vec1::<f32>().unwrap()).collect();
+        let want_b = m.forward(&[9], &mut b1).unwrap().to_vec1::<f32>().unwrap();
+        let (mut a2, mut b2) = (together.clone(), batched[0].clone());
+        let got = m
+            .step_many(&mut [Rows { cache: &mut a2, tokens: &[5, 6] }, Rows { cache: &mut b2, tokens: &[9] }])
+            .unwrap();
+        assert_eq!(got, vec![want_a[0].clone(), want_a[1].clone(), want_b]);
+        // A prompt pass after decoded positions folds them in: the same logits as on a cache built by prompts.
+        let mut folded = a2.clone();
+        let mut fresh = KvCache::new();
+        let all: Vec<u32> = [3u32, 141, 59, 26, 253, 58, 97, 11, 12, 13, 5, 6].to_vec();
+        m.forward(&all, &mut fresh).unwrap();
+        let x = m.forward(&[40, 41], &mut folded).unwrap().to_vec1::<f32>().unwrap();
+        let y = m.forward(&[40, 41], &mut fresh).unwrap().to_vec1::<f32>().unwrap();
+        let scale = y.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let diff = x.iter().zip(&y).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        // K/V written by decoding steps (our kernels) vs by a prompt pass (candle): float order differs slightly.
+        assert!(diff <= 0.02 * scale, "{arch}: folded tail {diff} of {scale}");
+        // A bad token anywhere fails the whole pass and leaves every state as it was.
+        let (mut p, mut q) = (b2.clone(), a2.clone());
+        let (lp, lq) = (p.len(), q.len());
+        let bad = [VOCAB as u32];
+        assert!(m
+            .step_many(&mut [Rows { cache: &mut p, tokens: &[1] }, Rows { cache: &mut q, tokens: &bad }])
+            .is_err());
+        assert_eq!((p.len(), q.len()), (lp, lq));
+        let again = m.forward(&[1], &mut p).unwrap().to_vec1::<f32>().unwrap();
+        let mut ref_p = b2.clone();
+        assert_eq!(again, m.forward(&[1], &mut ref_p).unwrap().to_vec1::<f32>().unwrap());
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

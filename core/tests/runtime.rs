@@ -30,7 +30,7 @@ const CONTEXT: &str =
     "CREATE TABLE singer (singer_id integer, name text, country text, age integer, PRIMARY KEY (singer_id));\n";
 
 fn request(q: &str, max_new_tokens: usize) -> GenerateRequest {
-    GenerateRequest { schema_context: CONTEXT.into(), question: q.into(), max_new_tokens }
+    GenerateRequest { schema_context: CONTEXT.into(), question: q.into(), max_new_tokens, ..Default::default() }
 }
 
 #[test]
@@ -99,7 +99,7 @@ fn cancel_stops_generation() {
 fn prompt_longer_than_the_context_is_refused() {
     let mut rt = runtime().lock().unwrap();
     let huge = "CREATE TABLE t (a integer);\n".repeat(2000);
-    let req = GenerateRequest { schema_context: huge, question: "x".into(), max_new_tokens: 16 };
+    let req = GenerateRequest { schema_context: huge, question: "x".into(), max_new_tokens: 16, ..Default::default() };
     match rt.generate(&req, &|| false) {
         Err(CoreError::PromptTooLong { tokens, limit }) => assert!(tokens > limit),
         other => panic!("expected PromptTooLong, got {other:?}"),
@@ -112,7 +112,12 @@ fn chunked_prefill_matches_across_chunk_boundaries() {
     // (the KV cache is reset at position 0 and rebuilt chunk by chunk).
     let mut rt = runtime().lock().unwrap();
     let ctx = (0..40).map(|i| format!("CREATE TABLE t{i} (id integer, name text);\n")).collect::<String>();
-    let req = GenerateRequest { schema_context: ctx, question: "How many rows are in t7?".into(), max_new_tokens: 24 };
+    let req = GenerateRequest {
+        schema_context: ctx,
+        question: "How many rows are in t7?".into(),
+        max_new_tokens: 24,
+        ..Default::default()
+    };
     let a = rt.generate(&req, &|| false).unwrap();
     assert!(a.prompt_tokens > copilot_core::engine::runtime::PREFILL_CHUNK);
     let b = rt.generate(&req, &|| false).unwrap();
@@ -167,7 +172,7 @@ fn our_forward_pass_matches_candles_reference_model() {
 }
 
 fn schema_request(schema: &str, q: &str) -> GenerateRequest {
-    GenerateRequest { schema_context: schema.into(), question: q.into(), max_new_tokens: 24 }
+    GenerateRequest { schema_context: schema.into(), question: q.into(), max_new_tokens: 24, ..Default::default() }
 }
 
 const QUESTIONS: [&str; 5] = [
@@ -243,4 +248,43 @@ fn a_cancelled_prefix_leaves_no_entry() {
     assert!(matches!(err, CoreError::Cancelled));
     assert_eq!(rt.prefix_cache_stats().entries, 0);
     rt.set_prefix_cache_bytes(0);
+}
+
+#[test]
+fn several_candidates_keep_the_greedy_answer_and_are_reproducible() {
+    use copilot_core::engine::backend::Sampling;
+    let mut rt = runtime().lock().unwrap();
+    let one = request("List the names of singers from France.", 32);
+    let mut four = one.clone();
+    four.sampling = Sampling { candidates: 4, ..Sampling::default() };
+    let g1 = rt.generate(&one, &|| false).unwrap();
+    let g4 = rt.generate(&four, &|| false).unwrap();
+    // The first candidate is the greedy answer, decoded in the same pass as the others.
+    assert_eq!((g4.text.as_str(), g4.stop), (g1.text.as_str(), g1.stop));
+    assert!(g1.samples.is_empty());
+    assert_eq!(g4.samples.len(), 3);
+    // Seeded from the prompt: the same request draws the same candidates; another question draws others.
+    let again = rt.generate(&four, &|| false).unwrap();
+    assert_eq!(again.samples, g4.samples);
+    assert!(g4.samples.iter().any(|c| c.text != g4.text), "sampling at 0.7 should not always repeat the greedy answer");
+    // Every candidate's tokens were decoded (end-of-turn tokens are chosen, not decoded).
+    let all: usize = g4.generated_tokens + g4.samples.iter().map(|c| c.generated_tokens).sum::<usize>();
+    assert!(g4.decoded_rows <= all && g4.decoded_rows + 4 >= all, "{} rows for {all} tokens", g4.decoded_rows);
+}
+
+#[test]
+fn a_repair_turn_continues_the_conversation() {
+    use copilot_core::engine::backend::Exchange;
+    use copilot_core::sql::prompt::repair_message;
+    let mut rt = runtime().lock().unwrap();
+    let mut req = request(&repair_message("ERROR:  column \"singer_name\" does not exist"), 24);
+    req.history =
+        vec![Exchange { question: "List the singer names.".into(), answer: "SELECT singer_name FROM singer".into() }];
+    let (tokens, prefix) = rt.prompt_tokens(&req).unwrap();
+    let (single, single_prefix) = rt.prompt_tokens(&request("List the singer names.", 24)).unwrap();
+    // The schema prefix (and so its cache entry) is the one a plain question has; the conversation follows it.
+    assert_eq!(prefix, single_prefix);
+    assert_eq!(tokens[..prefix], single[..prefix]);
+    assert!(tokens.len() > single.len() + 10);
+    assert!(rt.generate(&req, &|| false).is_ok());
 }

@@ -9,6 +9,7 @@
 use crate::errors::{CopilotError, OrRaise};
 use crate::shmem::{Latch, Metrics, Owner, Poll, Readiness, Ticket, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
+use copilot_core::engine::backend::{Candidate, GenerateRequest};
 use copilot_core::sql::schema::Catalog;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -87,7 +88,7 @@ impl Drop for Claim {
     }
 }
 
-fn ensure_preloaded() -> Result<(), CopilotError> {
+pub(crate) fn ensure_preloaded() -> Result<(), CopilotError> {
     match crate::preloaded() {
         true => Ok(()),
         false => Err(CopilotError::NotPreloaded),
@@ -116,17 +117,11 @@ fn wait_until_ready(deadline: Instant, timeout_ms: i32) -> Result<(), CopilotErr
     }
 }
 
-fn claim_slot(
-    context: &str,
-    question: &str,
-    max_new_tokens: u32,
-    deadline: Instant,
-    timeout_ms: i32,
-) -> Result<Claim, CopilotError> {
+fn claim_slot(context: &str, payload: &str, deadline: Instant, timeout_ms: i32) -> Result<Claim, CopilotError> {
     register_exit_hook();
     let owner = Owner { pid: my_pid(), latch: Latch::mine() };
     loop {
-        let claimed = BOARD.exclusive().claim(owner, context, question, max_new_tokens);
+        let claimed = BOARD.exclusive().claim(owner, context, payload);
         if let Some((ticket, worker)) = claimed {
             worker.set();
             return Ok(Claim(ticket));
@@ -139,9 +134,9 @@ fn claim_slot(
 }
 
 /// Build the caller's context, or say why there is nothing to show the model.
-fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
+pub(crate) fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
     let configured = gucs::schemas();
-    let (catalog, opts) = catalog::load(&configured)?;
+    let (catalog, opts) = catalog::load(&configured, gucs::VALUE_HINTS.get().max(0) as usize)?;
     if catalog.is_empty() {
         let scope = if configured.is_empty() {
             "the search_path".to_string()
@@ -154,23 +149,18 @@ fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
     Ok((catalog, text))
 }
 
-/// Turn a natural-language question into one SQL query over the tables the caller can read.
+/// Turn a natural-language question into one SQL query over the tables the caller can read: several candidate
+/// answers, each checked against the caller's database (gate, then planned as the caller), repaired from
+/// PostgreSQL's own errors when none plans, chosen by their results — or a refusal when none can answer.
 #[pg_extern(strict, parallel_unsafe)]
 fn ask(question: &str) -> String {
-    ask_with_catalog(question).or_raise().0
+    let q = validate_question(question).or_raise();
+    ensure_preloaded().or_raise();
+    let (catalog, context) = context_for_caller().or_raise();
+    crate::pipeline::answer(q, &catalog, &context, &[]).or_raise().sql
 }
 
-/// `copilot.ask`'s work, also returning the catalog and context the answer was generated from (for the gate's name
-/// check and the repair round trip in `copilot.run`).
-pub(crate) fn ask_with_catalog(question: &str) -> Result<(String, Catalog, String), CopilotError> {
-    let q = validate_question(question)?;
-    ensure_preloaded()?;
-    let (catalog, context) = context_for_caller()?;
-    let sql = generate_sql(&context, q)?;
-    Ok((sql, catalog, context))
-}
-
-fn validate_question(question: &str) -> Result<&str, CopilotError> {
+pub(crate) fn validate_question(question: &str) -> Result<&str, CopilotError> {
     let max = gucs::MAX_QUESTION_CHARS.get().max(1) as usize;
     let q = question.trim();
     if q.is_empty() {
@@ -186,27 +176,29 @@ fn validate_question(question: &str) -> Result<&str, CopilotError> {
     Ok(q)
 }
 
-/// Send (context, question) to the worker and wait for the SQL. The question is not validated here: callers
-/// validate what users typed; `copilot.run`'s repair question is ours.
-pub(crate) fn generate_sql(context: &str, q: &str) -> Result<String, CopilotError> {
-    if context.len() + q.len() > INPUT_BYTES {
+/// Send a request (the caller's schema context, then the conversation) to the worker and wait for its candidates,
+/// the greedy one first.
+pub(crate) fn generate(context: &str, req: &GenerateRequest) -> Result<(Vec<Candidate>, Metrics), CopilotError> {
+    let payload = serde_json::to_string(&GenerateRequest { schema_context: String::new(), ..req.clone() })
+        .map_err(|e| CopilotError::Catalog(format!("cannot encode the request: {e}")))?;
+    if context.len() + payload.len() > INPUT_BYTES {
         return Err(CopilotError::ContextTooLarge { bytes: context.len(), limit: INPUT_BYTES });
     }
     let timeout_ms = gucs::REQUEST_TIMEOUT_MS.get();
     let deadline = Instant::now() + Duration::from_millis(timeout_ms.max(1) as u64);
     wait_until_ready(deadline, timeout_ms)?;
-    let max_new = gucs::MAX_NEW_TOKENS.get().max(1) as u32;
-    let claim = claim_slot(context, q, max_new, deadline, timeout_ms)?;
+    let claim = claim_slot(context, &payload, deadline, timeout_ms)?;
     loop {
         let poll = BOARD.share().poll(claim.0);
         match poll {
-            Poll::Answered { sql, raw, metrics } => {
+            Poll::Answered { answer, metrics } => {
                 claim.release();
                 LAST_ASK.set(Some(metrics));
-                if sql.trim().is_empty() {
-                    return Err(CopilotError::NoSql { raw });
-                }
-                return Ok(sql);
+                let candidates: Vec<Candidate> = serde_json::from_str(&answer).map_err(|e| CopilotError::Worker {
+                    failure: crate::shmem::Failure::Engine(copilot_core::error::ErrorKind::Inference),
+                    message: format!("the worker's answer is malformed: {e}"),
+                })?;
+                return Ok((candidates, metrics));
             }
             Poll::Failed(failure, message) => {
                 claim.release();
@@ -286,6 +278,7 @@ fn status() -> TableIterator<
         name!(prefix_cache_hits, i64),
         name!(prefix_cache_misses, i64),
         name!(prefix_cache_evictions, i64),
+        name!(answers, pgrx::JsonB),
     ),
 > {
     ensure_preloaded().or_raise();
@@ -318,6 +311,46 @@ fn status() -> TableIterator<
         c.hits as i64,
         c.misses as i64,
         c.evictions as i64,
+        pgrx::JsonB(answers_json(&s.pipeline)),
     );
     TableIterator::once(row)
+}
+
+/// The answer pipeline's counters as `copilot.status()` shows them.
+fn answers_json(p: &crate::shmem::PipelineCounts) -> serde_json::Value {
+    let ratio = |a: u64, b: u64| if b == 0 { serde_json::Value::Null } else { serde_json::json!(a as f64 / b as f64) };
+    serde_json::json!({
+        "asks": p.asks,
+        "candidates": p.candidates,
+        "planned_first_try": p.planned_first_try,
+        "planned_first_try_rate": ratio(p.planned_first_try, p.candidates),
+        "repairs": p.repairs,
+        "repaired": p.repaired,
+        "votes": p.votes,
+        "mean_vote_margin": ratio(p.margin_sum, p.votes),
+        "refusals": p.refusals,
+    })
+}
+
+/// `copilot.ask` with its working shown: the SQL it would return (NULL when it would refuse) and, for every
+/// candidate, what the model wrote, why it did or did not plan, its vote group and row count, the repairs made, and
+/// why the winner won. For debugging answers; it never raises for a refusal.
+#[pg_extern(strict, parallel_unsafe)]
+fn ask_verbose(question: &str) -> pgrx::JsonB {
+    let q = validate_question(question).or_raise();
+    ensure_preloaded().or_raise();
+    let (catalog, context) = context_for_caller().or_raise();
+    let (sql, report) = match crate::pipeline::answer(q, &catalog, &context, &[]) {
+        Ok(a) => (Some(a.sql), a.report),
+        Err(CopilotError::CannotAnswer { report, .. }) => (None, *report),
+        Err(CopilotError::NoSql { raw }) => {
+            let mut v = serde_json::json!({ "sql": null, "decision": "no SQL", "model_output": raw });
+            v["question"] = serde_json::json!(q);
+            return pgrx::JsonB(v);
+        }
+        Err(e) => e.raise(),
+    };
+    let mut v = serde_json::to_value(&report).unwrap_or_default();
+    v["sql"] = serde_json::json!(sql);
+    pgrx::JsonB(v)
 }

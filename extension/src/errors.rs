@@ -45,6 +45,9 @@ pub enum CopilotError {
     Worker { failure: Failure, message: String },
     #[error("the model's answer contains no SQL query")]
     NoSql { raw: String },
+    /// No answer the model wrote can run on the caller's database (after repair), or it wrote none.
+    #[error("cannot answer this question from the tables you can read: {why}")]
+    CannotAnswer { why: String, tables: Vec<String>, tried: Vec<String>, report: Box<crate::pipeline::Report> },
     /// The gate refused SQL before anything executed it.
     #[error("refused: {rejection}")]
     Refused { rejection: Rejection, sql: String },
@@ -76,6 +79,7 @@ impl CopilotError {
                 }
             },
             NoSql { .. } => ERRCODE_DATA_EXCEPTION,
+            CannotAnswer { .. } => ERRCODE_NO_DATA_FOUND,
             Refused { rejection, .. } => match rejection {
                 Rejection::Unparseable(_) | Rejection::Empty => ERRCODE_SYNTAX_ERROR,
                 Rejection::DeniedFunction(_) => ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -96,6 +100,13 @@ impl CopilotError {
             WorkerNotRunning { state } => Some(format!("worker state: {}", state.as_str())),
             NoFreeSlot { slots, .. } => Some(format!("{slots} requests are already queued or running")),
             NoSql { raw } => Some(format!("model output: {raw}")),
+            CannotAnswer { tables, tried, .. } => {
+                let mut d = format!("tables you can read: {}", tables.join(", "));
+                for t in tried.iter().take(4) {
+                    d.push_str(&format!("\ntried: {t}"));
+                }
+                Some(d)
+            }
             Refused { sql, .. } => Some(format!("SQL: {sql}")),
             Execution { detail, sql, .. } => Some(match detail {
                 Some(d) => format!("{d}\nSQL: {sql}"),
@@ -128,6 +139,10 @@ impl CopilotError {
                  (copilot.model, copilot.max_context_tokens)."
             }
             NoSql { .. } => "Rephrase the question, naming the tables or columns it is about.",
+            CannotAnswer { .. } => {
+                "Rephrase the question with the names of the tables or columns it is about, or check copilot.schemas \
+                 and your privileges; copilot.ask_verbose() shows every answer tried."
+            }
             Execution { hint, .. } => return hint.clone(),
             _ => return None,
         };

@@ -78,18 +78,16 @@ impl OuterTimer {
     }
 }
 
-/// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
-/// result was cut at `copilot.max_rows`.
-pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
-    if let Err(rejection) = gate::check(sql) {
-        return Err(CopilotError::Refused { rejection, sql: sql.to_string() });
-    }
-    let body = sql.trim().trim_end_matches(';');
-    let max_rows = gucs::MAX_ROWS.get().max(0) as i64;
-    // The newline keeps a trailing `-- comment` in the model's SQL from swallowing our closing parenthesis.
-    let wrapped = format!("SELECT to_jsonb(q)::text FROM (\n{body}\n) AS q LIMIT {}", max_rows + 1);
-    let timeout_ms = gucs::STATEMENT_TIMEOUT_MS.get();
+/// The statement's text without a trailing `;`, ready to be wrapped as a subquery of ours.
+fn body(sql: &str) -> &str {
+    sql.trim().trim_end_matches(';')
+}
 
+/// Run `query` (text lines of a one-column SQL of ours) read-only in an internal subtransaction that is always
+/// rolled back, under a statement timer of `timeout_ms` (or the caller's remaining statement time, if shorter),
+/// as the caller. A PostgreSQL error comes back as [`CopilotError::Execution`] with `sql` in its DETAIL; the
+/// caller's transaction, timer and mode are as they were either way.
+fn read_only(query: &str, timeout_ms: i32, sql: &str) -> Result<Vec<String>, CopilotError> {
     // SAFETY: saving the caller's memory context and resource owner on the main thread, to restore them after the
     // internal subtransaction as PL/Python and PL/Perl do around BeginInternalSubTransaction.
     let (ctx, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -112,7 +110,7 @@ pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
         Spi::run("SELECT set_config('transaction_read_only', 'on', true)").expect("set transaction_read_only");
         outer.arm(timeout_ms);
         let rows: Vec<String> = Spi::connect(|c| {
-            c.select(wrapped.as_str(), None, &[])?
+            c.select(query, None, &[])?
                 .map(|row| row.get::<String>(1).map(|v| v.unwrap_or_default()))
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -138,8 +136,19 @@ pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
     })
     .execute();
     end_subxact();
-    let rows = rows?;
+    rows
+}
 
+/// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
+/// result was cut at `copilot.max_rows`.
+pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
+    if let Err(rejection) = gate::check(sql) {
+        return Err(CopilotError::Refused { rejection, sql: sql.to_string() });
+    }
+    let max_rows = gucs::MAX_ROWS.get().max(0) as i64;
+    // The newline keeps a trailing `-- comment` in the model's SQL from swallowing our closing parenthesis.
+    let wrapped = format!("SELECT to_jsonb(q)::text FROM (\n{}\n) AS q LIMIT {}", body(sql), max_rows + 1);
+    let rows = read_only(&wrapped, gucs::STATEMENT_TIMEOUT_MS.get(), sql)?;
     let mut out: Vec<pgrx::JsonB> =
         rows.iter().map(|t| pgrx::JsonB(serde_json::from_str(t).unwrap_or(serde_json::Value::Null))).collect();
     let capped = out.len() as i64 > max_rows;
@@ -150,6 +159,48 @@ pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
     Ok((out, capped))
 }
 
+/// Plan `sql` (already through the gate) as the caller, exactly as [`execute`] would run it, without reading any
+/// data: `EXPLAIN (COSTS OFF)` in the same rolled-back, read-only subtransaction. Returns the plan's text.
+pub fn plan(sql: &str) -> Result<String, CopilotError> {
+    let wrapped = format!("EXPLAIN (COSTS OFF) SELECT q::text FROM (\n{}\n) AS q", body(sql));
+    Ok(read_only(&wrapped, gucs::STATEMENT_TIMEOUT_MS.get(), sql)?.join("\n"))
+}
+
+/// The result of `sql` (already through the gate) as the caller sees it, run read-only under `timeout_ms` and cut
+/// at `max_rows` + 1 rows: each row as its column values in PostgreSQL's text form (column order kept).
+pub fn result_rows(sql: &str, timeout_ms: i32, max_rows: usize) -> Result<Vec<Vec<Option<String>>>, CopilotError> {
+    let wrapped = format!("SELECT q::text FROM (\n{}\n) AS q LIMIT {}", body(sql), max_rows + 1);
+    Ok(read_only(&wrapped, timeout_ms, sql)?.iter().map(|r| record_fields(r)).collect())
+}
+
+/// The fields of a record in PostgreSQL's text form: `(1,"a b",,"x""y")` → `1`, `a b`, NULL, `x"y`. An unquoted
+/// empty field is NULL; a quoted one is a string (possibly empty); `""` inside quotes and `\` escape.
+pub fn record_fields(text: &str) -> Vec<Option<String>> {
+    let inner = text.strip_prefix('(').and_then(|t| t.strip_suffix(')')).unwrap_or(text);
+    let mut out = Vec::new();
+    let mut field = String::new();
+    let (mut quoted, mut in_quotes) = (false, false);
+    let mut chars = inner.chars().peekable();
+    while let Some(c) = chars.next() {
+        match (c, in_quotes) {
+            ('"', true) if chars.peek() == Some(&'"') => {
+                chars.next();
+                field.push('"');
+            }
+            ('"', true) => in_quotes = false,
+            ('"', false) => (in_quotes, quoted) = (true, true),
+            ('\\', _) => field.extend(chars.next()),
+            (',', false) => {
+                out.push((quoted || !field.is_empty()).then(|| std::mem::take(&mut field)));
+                quoted = false;
+            }
+            (c, _) => field.push(c),
+        }
+    }
+    out.push((quoted || !field.is_empty()).then_some(field));
+    out
+}
+
 /// Run SQL (typically model SQL a user edited) through the gate, read-only, time- and row-bounded, as the caller.
 /// One JSON object per row, keyed by column name.
 #[pg_extern(strict, parallel_unsafe)]
@@ -158,21 +209,31 @@ fn run_sql(sql: &str) -> SetOfIterator<'static, pgrx::JsonB> {
     SetOfIterator::new(rows)
 }
 
-/// Ask the model (see `copilot.ask`) and run its SQL as `copilot.run_sql` does. When the answer names tables or
-/// columns the schema context does not have, the model is asked once more with those problems spelled out, and
-/// the second answer is run (PostgreSQL reports whatever is still wrong).
+/// Ask the model as `copilot.ask` does (candidates checked against the database, repaired, voted) and run the
+/// chosen SQL as `copilot.run_sql` does.
 #[pg_extern(strict, parallel_unsafe)]
 fn run(question: &str) -> SetOfIterator<'static, pgrx::JsonB> {
-    let (mut sql, catalog, context) = crate::api::ask_with_catalog(question).or_raise();
-    if let Ok(checked) = gate::check(&sql) {
-        let unknown = gate::unknown_names(&checked, &catalog);
-        if !unknown.is_empty() {
-            let problems: Vec<String> = unknown.iter().map(|u| u.to_string()).collect();
-            pgrx::debug1!("copilot: repairing {sql:?}: {}", problems.join("; "));
-            let repair = copilot_core::sql::prompt::repair_question(question.trim(), &sql, &problems);
-            sql = crate::api::generate_sql(&context, &repair).or_raise();
-        }
-    }
-    let (rows, _) = execute(&sql).or_raise();
+    let q = crate::api::validate_question(question).or_raise();
+    crate::api::ensure_preloaded().or_raise();
+    let (catalog, context) = crate::api::context_for_caller().or_raise();
+    let answered = crate::pipeline::answer(q, &catalog, &context, &[]).or_raise();
+    let (rows, _) = execute(&answered.sql).or_raise();
     SetOfIterator::new(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::record_fields;
+
+    #[test]
+    fn record_text_splits_into_fields() {
+        let f = |s: &str| record_fields(s);
+        assert_eq!(f("(1,abc)"), vec![Some("1".into()), Some("abc".into())]);
+        assert_eq!(
+            f(r#"(1,"a, b",,"x""y","")"#),
+            vec![Some("1".into()), Some("a, b".into()), None, Some("x\"y".into()), Some(String::new())]
+        );
+        assert_eq!(f(r#"("back\\slash")"#), vec![Some("back\\slash".into())]);
+        assert_eq!(f("(42)"), vec![Some("42".into())]);
+    }
 }

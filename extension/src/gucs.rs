@@ -12,6 +12,10 @@
 //! | `copilot.request_timeout` | USERSET | 120 s | how long `ask` waits for the worker (queueing + loading + generating) |
 //! | `copilot.statement_timeout` | USERSET | 5 s | time limit for executing SQL in `run` / `run_sql` |
 //! | `copilot.max_rows` | USERSET | 1000 | most rows `run` / `run_sql` return (a NOTICE says when cut) |
+//! | `copilot.candidates` | USERSET | 4 | answers decoded together per question (1 = greedy only) and chosen by their results |
+//! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
+//! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
+//! | `copilot.value_hints` | USERSET | 6 | example values shown per categorical column (0 = none) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
 //! postmaster starts it again with the new model.
@@ -33,6 +37,10 @@ pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 pub static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
+pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
+pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
 
 /// Register the settings. PGC_POSTMASTER ones can only be defined while shared_preload_libraries is processed;
 /// in a backend that loads the library later (not preloaded) they are left out: no worker reads them there.
@@ -61,6 +69,7 @@ pub fn register(preloading: bool) {
         register_postmaster_gucs();
     }
     register_session_gucs();
+    register_answer_gucs();
 }
 
 fn register_postmaster_gucs() {
@@ -142,6 +151,50 @@ fn register_session_gucs() {
         &MAX_ROWS,
         0,
         i32::MAX,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+}
+
+fn register_answer_gucs() {
+    GucRegistry::define_int_guc(
+        c"copilot.candidates",
+        c"Answers the model writes per question (the first greedy, the others sampled), decoded together.",
+        c"Each candidate that PostgreSQL can plan is run read-only (copilot.vote_timeout) and the answers are grouped by \
+          their results; the largest group wins, ties go to the greedy answer. 1 = the greedy answer only.",
+        &CANDIDATES,
+        1,
+        16,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.repair_attempts",
+        c"How many times an answer PostgreSQL cannot plan is sent back to the model with the error.",
+        c"0 turns repair off: an answer that does not plan is then reported as the question being unanswerable.",
+        &REPAIR_ATTEMPTS,
+        0,
+        8,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.vote_timeout",
+        c"Time limit for running one candidate answer read-only to compare its result with the others'.",
+        c"0 compares the candidates' plans instead of their results (nothing is executed by copilot.ask).",
+        &VOTE_TIMEOUT_MS,
+        0,
+        600_000,
+        GucContext::Userset,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.value_hints",
+        c"Example values shown to the model per categorical column (from pg_stats, enum labels, CHECK constraints).",
+        c"Only columns the caller may read, of tables that have been analyzed. 0 shows none.",
+        &VALUE_HINTS,
+        0,
+        50,
         GucContext::Userset,
         GucFlags::default(),
     );

@@ -7,6 +7,8 @@
 //! - [`worker`]: the background worker that owns the model;
 //! - [`catalog`]: the schema context, read through SPI as the calling role;
 //! - [`api`]: `copilot.ask`, `copilot.context`, `copilot.status`, `copilot.last_ask`;
+//! - [`pipeline`]: what `ask` does between question and SQL: candidates, planning as the caller, repair, vote,
+//!   refusal;
 //! - [`exec`]: `copilot.run_sql` and `copilot.run`: gated, read-only, time- and row-bounded execution.
 //!
 //! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
@@ -20,6 +22,7 @@ mod catalog;
 mod errors;
 mod exec;
 pub mod gucs;
+mod pipeline;
 mod shmem;
 mod worker;
 

@@ -33,7 +33,8 @@ use pgrx::PgLwLock;
 pub const SLOTS: usize = 8;
 /// Schema context plus question.
 pub const INPUT_BYTES: usize = 64 * 1024;
-pub const OUTPUT_BYTES: usize = 8 * 1024;
+/// The answer: every candidate's text and SQL, as JSON.
+pub const OUTPUT_BYTES: usize = 32 * 1024;
 pub const MESSAGE_BYTES: usize = 1024;
 
 /// A `PGPROC` latch's address (0: none), as published on the board.
@@ -204,6 +205,9 @@ pub struct Metrics {
     pub prefix_cache_hit: bool,
     pub latency_ms: f64,
     pub decode_tok_s: f64,
+    /// Candidates decoded together, and the tokens decoded across all of them.
+    pub candidates: u32,
+    pub decoded_rows: u32,
 }
 
 #[derive(Clone, Copy)]
@@ -213,15 +217,12 @@ struct Slot {
     ticket: u64,
     owner_pid: i32,
     owner_latch: Latch,
-    max_new_tokens: u32,
-    /// `input` holds the schema context, then the question: `context_len` splits them.
+    /// `input` holds the schema context, then the rest of the request (JSON): `context_len` splits them.
     context_len: u32,
     input: Text<INPUT_BYTES>,
     failure: u32,
-    /// The SQL on success, the reason on failure.
+    /// The answer (JSON) on success, the reason on failure.
     result: Text<OUTPUT_BYTES>,
-    /// What the model wrote (for the "no SQL" error's DETAIL).
-    raw: Text<OUTPUT_BYTES>,
     metrics: Metrics,
 }
 
@@ -244,7 +245,7 @@ impl Slot {
         &input[..(self.context_len as usize).min(input.len())]
     }
 
-    fn question(&self) -> &str {
+    fn payload(&self) -> &str {
         let input = self.input.get();
         &input[(self.context_len as usize).min(input.len())..]
     }
@@ -282,6 +283,25 @@ impl From<copilot_core::engine::prefix_cache::CacheStats> for PrefixCacheCounter
     }
 }
 
+/// What the answer pipeline did, summed over every `ask` (see `crate::pipeline`).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+#[repr(C)]
+pub struct PipelineCounts {
+    pub asks: u64,
+    /// Candidates decoded (first try).
+    pub candidates: u64,
+    /// Of those, how many planned as the caller on the first try.
+    pub planned_first_try: u64,
+    /// Repair round trips, and asks a repair turned into an answer.
+    pub repairs: u64,
+    pub repaired: u64,
+    /// Asks decided by a vote among several groups, and the sum of their winning margins.
+    pub votes: u64,
+    pub margin_sum: u64,
+    /// Asks refused as unanswerable.
+    pub refusals: u64,
+}
+
 /// One request on the board, as its owner (or the worker running it) names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
@@ -301,8 +321,7 @@ pub struct Owner {
 pub enum Poll {
     Waiting,
     Answered {
-        sql: String,
-        raw: String,
+        answer: String,
         metrics: Metrics,
     },
     Failed(Failure, String),
@@ -315,13 +334,12 @@ pub enum Poll {
 pub struct Taken {
     pub ticket: Ticket,
     pub context: String,
-    pub question: String,
-    pub max_new_tokens: usize,
+    pub payload: String,
 }
 
 /// How a request the worker ran ended.
 pub enum Outcome<'a> {
-    Answered { sql: &'a str, raw: &'a str, metrics: Metrics },
+    Answered { answer: &'a str, metrics: Metrics },
     Failed(Failure, &'a str),
     Cancelled,
 }
@@ -354,6 +372,7 @@ pub struct Status {
     /// The last answer served (to any session), if any.
     pub last: Option<Metrics>,
     pub prefix_cache: PrefixCacheCounters,
+    pub pipeline: PipelineCounts,
 }
 
 /// Whether the worker can take requests.
@@ -392,6 +411,7 @@ pub struct Board {
     cancelled: u64,
     last: Metrics,
     prefix_cache: PrefixCacheCounters,
+    pipeline: PipelineCounts,
     slots: [Slot; SLOTS],
 }
 
@@ -494,15 +514,10 @@ impl Board {
         self.model.get().to_string()
     }
 
-    /// Take a free slot for a request; `None` when all are busy. The caller wakes the returned worker latch.
-    /// `context` + `question` must fit in [`INPUT_BYTES`] (checked by the caller, which can say so properly).
-    pub fn claim(
-        &mut self,
-        owner: Owner,
-        context: &str,
-        question: &str,
-        max_new_tokens: u32,
-    ) -> Option<(Ticket, Latch)> {
+    /// Take a free slot for a request (the schema context, then the rest of it as `payload`); `None` when all are
+    /// busy. The caller wakes the returned worker latch. Both must fit in [`INPUT_BYTES`] (checked by the caller,
+    /// which can say so properly).
+    pub fn claim(&mut self, owner: Owner, context: &str, payload: &str) -> Option<(Ticket, Latch)> {
         let slot = (0..SLOTS).find(|&i| self.slots[i].state() == SlotState::Free)?;
         self.next_ticket += 1;
         let ticket = Ticket { slot, ticket: self.next_ticket };
@@ -510,12 +525,10 @@ impl Board {
         s.ticket = ticket.ticket;
         s.owner_pid = owner.pid;
         s.owner_latch = owner.latch;
-        s.max_new_tokens = max_new_tokens;
-        s.input.set(&format!("{context}{question}"));
+        s.input.set(&format!("{context}{payload}"));
         s.context_len = context.len() as u32;
         s.failure = 0;
         s.result.clear();
-        s.raw.clear();
         s.metrics = Metrics::default();
         s.set_state(SlotState::Pending);
         Some((ticket, self.worker_latch))
@@ -527,9 +540,7 @@ impl Board {
             return Poll::Lost;
         }
         match s.state() {
-            SlotState::Done => {
-                Poll::Answered { sql: s.result.get().to_string(), raw: s.raw.get().to_string(), metrics: s.metrics }
-            }
+            SlotState::Done => Poll::Answered { answer: s.result.get().to_string(), metrics: s.metrics },
             SlotState::Failed => Poll::Failed(
                 Failure::try_from(s.failure).unwrap_or(Failure::Engine(ErrorKind::Inference)),
                 s.result.get().to_string(),
@@ -593,8 +604,7 @@ impl Board {
         Some(Taken {
             ticket: Ticket { slot: i, ticket: s.ticket },
             context: s.context().to_string(),
-            question: s.question().to_string(),
-            max_new_tokens: s.max_new_tokens as usize,
+            payload: s.payload().to_string(),
         })
     }
 
@@ -606,10 +616,9 @@ impl Board {
             return None;
         }
         match (s.state(), outcome) {
-            (SlotState::Running, Outcome::Answered { sql, raw, metrics }) => {
+            (SlotState::Running, Outcome::Answered { answer, metrics }) => {
                 s.failure = 0;
-                s.result.set(sql);
-                s.raw.set(raw);
+                s.result.set(answer);
                 s.metrics = metrics;
                 s.set_state(SlotState::Done);
                 self.served += 1;
@@ -664,6 +673,18 @@ impl Board {
         out
     }
 
+    pub fn count_pipeline(&mut self, c: PipelineCounts) {
+        let p = &mut self.pipeline;
+        p.asks += c.asks;
+        p.candidates += c.candidates;
+        p.planned_first_try += c.planned_first_try;
+        p.repairs += c.repairs;
+        p.repaired += c.repaired;
+        p.votes += c.votes;
+        p.margin_sum += c.margin_sum;
+        p.refusals += c.refusals;
+    }
+
     pub fn set_prefix_cache(&mut self, c: PrefixCacheCounters) {
         self.prefix_cache = c;
     }
@@ -685,6 +706,7 @@ impl Board {
             queue_depth: self.queue_depth(),
             last: (self.served > 0).then_some(self.last),
             prefix_cache: self.prefix_cache,
+            pipeline: self.pipeline,
         }
     }
 }
@@ -712,7 +734,7 @@ mod tests {
     }
 
     fn answered<'a>(sql: &'a str) -> Outcome<'a> {
-        Outcome::Answered { sql, raw: sql, metrics: Metrics { prompt_tokens: 7, ..Default::default() } }
+        Outcome::Answered { answer: sql, metrics: Metrics { prompt_tokens: 7, ..Default::default() } }
     }
 
     #[test]
@@ -732,18 +754,15 @@ mod tests {
     #[test]
     fn a_request_goes_round_trip_and_frees_its_slot() {
         let mut b = board();
-        let (t, worker) = b.claim(owner(7), "CREATE TABLE t (a int);", "how many?", 64).unwrap();
+        let (t, worker) = b.claim(owner(7), "CREATE TABLE t (a int);", "how many?").unwrap();
         assert_eq!(worker, Latch(1));
         assert_eq!(b.poll(t), Poll::Waiting);
         let job = b.next_pending().unwrap();
-        assert_eq!(
-            (job.context.as_str(), job.question.as_str(), job.max_new_tokens),
-            ("CREATE TABLE t (a int);", "how many?", 64)
-        );
+        assert_eq!((job.context.as_str(), job.payload.as_str()), ("CREATE TABLE t (a int);", "how many?"));
         assert!(b.next_pending().is_none(), "one request, taken once");
         assert_eq!(b.finish(job.ticket, answered("SELECT 1")), Some(owner(7).latch));
         match b.poll(t) {
-            Poll::Answered { sql, metrics, .. } => assert_eq!((sql.as_str(), metrics.prompt_tokens), ("SELECT 1", 7)),
+            Poll::Answered { answer, metrics } => assert_eq!((answer.as_str(), metrics.prompt_tokens), ("SELECT 1", 7)),
             p => panic!("{p:?}"),
         }
         b.release(t);
@@ -756,14 +775,14 @@ mod tests {
     #[test]
     fn pending_requests_are_served_by_ticket_and_slots_run_out() {
         let mut b = board();
-        let tickets: Vec<Ticket> = (0..SLOTS as i32).map(|i| b.claim(owner(10 + i), "", "q", 8).unwrap().0).collect();
-        assert!(b.claim(owner(99), "", "q", 8).is_none(), "all {SLOTS} slots busy");
+        let tickets: Vec<Ticket> = (0..SLOTS as i32).map(|i| b.claim(owner(10 + i), "", "q").unwrap().0).collect();
+        assert!(b.claim(owner(99), "", "q").is_none(), "all {SLOTS} slots busy");
         // Free slot 0 and reuse it: the newcomer's ticket is the largest, so it is served last.
         let first = b.next_pending().unwrap();
         assert_eq!(first.ticket, tickets[0]);
         b.finish(first.ticket, answered("SELECT 1"));
         b.release(tickets[0]);
-        let late = b.claim(owner(50), "", "late", 8).unwrap().0;
+        let late = b.claim(owner(50), "", "late").unwrap().0;
         let order: Vec<Ticket> = std::iter::from_fn(|| {
             let j = b.next_pending()?;
             b.finish(j.ticket, Outcome::Cancelled);
@@ -778,12 +797,12 @@ mod tests {
     #[test]
     fn a_stale_ticket_touches_nothing() {
         let mut b = board();
-        let (t, _) = b.claim(owner(7), "", "q", 8).unwrap();
+        let (t, _) = b.claim(owner(7), "", "q").unwrap();
         assert!(b.abandon(t).is_some());
         let r = b.reap(None, |_, _| true);
         assert_eq!(r, Reaped::default());
         // The slot is free and reused by someone else: the old ticket can neither read nor free it.
-        let (t2, _) = b.claim(owner(8), "", "other", 8).unwrap();
+        let (t2, _) = b.claim(owner(8), "", "other").unwrap();
         assert_eq!(t2.slot, t.slot);
         assert_eq!(b.poll(t), Poll::Lost);
         assert!(b.abandon(t).is_none());
@@ -797,7 +816,7 @@ mod tests {
     #[test]
     fn abandoning_a_running_request_cancels_it_and_counts_it() {
         let mut b = board();
-        let (t, _) = b.claim(owner(7), "", "q", 8).unwrap();
+        let (t, _) = b.claim(owner(7), "", "q").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(b.abandon(t), Some(Latch(1)), "the worker is woken");
         let r = b.reap(Some(j.ticket), |_, _| true);
@@ -806,14 +825,14 @@ mod tests {
         // The generation ends (cancelled or not): nobody is woken, the slot is free, one cancel counted.
         assert!(b.finish(j.ticket, answered("SELECT 1")).is_none());
         assert_eq!((b.status().cancelled, b.status().served), (1, 0));
-        assert!(b.claim(owner(8), "", "q", 8).is_some());
+        assert!(b.claim(owner(8), "", "q").is_some());
     }
 
     #[test]
     fn an_exiting_backend_abandons_all_its_requests() {
         let mut b = board();
-        let (a, _) = b.claim(owner(7), "", "q1", 8).unwrap();
-        let (other, _) = b.claim(owner(8), "", "q2", 8).unwrap();
+        let (a, _) = b.claim(owner(7), "", "q1").unwrap();
+        let (other, _) = b.claim(owner(8), "", "q2").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(j.ticket, a);
         assert_eq!(b.abandon_owner(7), Some(Latch(1)));
@@ -827,9 +846,9 @@ mod tests {
     #[test]
     fn the_slots_of_owners_that_are_gone_are_reclaimed() {
         let mut b = board();
-        let (gone_running, _) = b.claim(owner(7), "", "q1", 8).unwrap();
-        let (gone_pending, _) = b.claim(owner(8), "", "q2", 8).unwrap();
-        let (alive, _) = b.claim(owner(9), "", "q3", 8).unwrap();
+        let (gone_running, _) = b.claim(owner(7), "", "q1").unwrap();
+        let (gone_pending, _) = b.claim(owner(8), "", "q2").unwrap();
+        let (alive, _) = b.claim(owner(9), "", "q3").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(j.ticket, gone_running);
         let r = b.reap(Some(j.ticket), |pid, _| pid == 9);
@@ -844,8 +863,8 @@ mod tests {
     #[test]
     fn a_failed_model_fails_pending_requests_and_a_restart_fails_running_ones() {
         let mut b = board();
-        let (pending, _) = b.claim(owner(7), "", "q1", 8).unwrap();
-        let (running, _) = b.claim(owner(8), "", "q2", 8).unwrap();
+        let (pending, _) = b.claim(owner(7), "", "q1").unwrap();
+        let (running, _) = b.claim(owner(8), "", "q2").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(j.ticket, pending);
         // The worker restarts while `pending` runs: it fails with WorkerRestarted and its owner is woken.

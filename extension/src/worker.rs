@@ -19,6 +19,7 @@ use crate::shmem::{Failure, Latch, Metrics, Outcome, Ticket, BOARD};
 use copilot_core::engine::backend::{Backend, GenerateRequest};
 use copilot_core::engine::prefix_cache::CacheStats;
 use copilot_core::engine::runtime::{LoadOptions, Runtime};
+use copilot_core::error::ErrorKind;
 use copilot_core::CoreError;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
@@ -207,21 +208,29 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
         reaped.wake.into_iter().for_each(Latch::set);
         if running.is_none() {
             if let Some(taken) = b.next_pending() {
-                let cancel = Arc::new(AtomicBool::new(false));
-                let job = Job {
-                    ticket: taken.ticket,
-                    req: GenerateRequest {
-                        schema_context: taken.context,
-                        question: taken.question,
-                        max_new_tokens: taken.max_new_tokens,
-                    },
-                    cancel: cancel.clone(),
-                    prefix_cache_bytes: gucs::prefix_cache_bytes(),
-                };
-                running = Some((taken.ticket, cancel));
-                if job_tx.send(job).is_err() {
-                    // The inference side is gone; the next round fails what is queued.
-                    b.worker_failed("the inference thread stopped");
+                match serde_json::from_str::<GenerateRequest>(&taken.payload) {
+                    Ok(mut req) => {
+                        req.schema_context = taken.context;
+                        let cancel = Arc::new(AtomicBool::new(false));
+                        let job = Job {
+                            ticket: taken.ticket,
+                            req,
+                            cancel: cancel.clone(),
+                            prefix_cache_bytes: gucs::prefix_cache_bytes(),
+                        };
+                        running = Some((taken.ticket, cancel));
+                        if job_tx.send(job).is_err() {
+                            // The inference side is gone; the next round fails what is queued.
+                            b.worker_failed("the inference thread stopped");
+                        }
+                    }
+                    Err(e) => {
+                        let why = format!("malformed request: {e}");
+                        let failed = Outcome::Failed(Failure::Engine(ErrorKind::Inference), &why);
+                        if let Some(owner) = b.finish(taken.ticket, failed) {
+                            owner.set();
+                        }
+                    }
                 }
             }
         }
@@ -250,20 +259,24 @@ fn handle_event(ev: Event, running: &mut Option<(Ticket, Arc<AtomicBool>)>) {
             }
             let mut b = BOARD.exclusive();
             b.set_prefix_cache(cache.into());
-            let message;
+            let (answer, message);
             let outcome = match &outcome {
-                Ok(g) => Outcome::Answered {
-                    sql: g.sql.as_deref().unwrap_or(""),
-                    raw: &g.text,
-                    metrics: Metrics {
-                        prompt_tokens: g.prompt_tokens as u32,
-                        generated_tokens: g.generated_tokens as u32,
-                        prefix_tokens: g.prefix_tokens as u32,
-                        prefix_cache_hit: g.prefix_cache_hit,
-                        latency_ms: elapsed_ms,
-                        decode_tok_s: g.decode_tok_s(),
-                    },
-                },
+                Ok(g) => {
+                    answer = serde_json::to_string(&g.candidates()).unwrap_or_else(|_| "[]".into());
+                    Outcome::Answered {
+                        answer: &answer,
+                        metrics: Metrics {
+                            prompt_tokens: g.prompt_tokens as u32,
+                            generated_tokens: g.generated_tokens as u32,
+                            prefix_tokens: g.prefix_tokens as u32,
+                            prefix_cache_hit: g.prefix_cache_hit,
+                            latency_ms: elapsed_ms,
+                            decode_tok_s: g.decode_tok_s(),
+                            candidates: 1 + g.samples.len() as u32,
+                            decoded_rows: g.decoded_rows as u32,
+                        },
+                    }
+                }
                 Err(CoreError::Cancelled) => Outcome::Cancelled,
                 Err(e) => {
                     message = e.to_string();

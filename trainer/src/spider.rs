@@ -162,6 +162,7 @@ pub fn catalog(sqlite: &Path, schema: &str) -> Result<Catalog> {
                     data_type: c.pg_type.to_string(),
                     not_null: pk.contains(&c.name),
                     comment: None,
+                    ..Default::default()
                 })
                 .collect(),
             primary_key: pk,

@@ -51,6 +51,7 @@ pub fn catalog_from_context(context: &str) -> Option<Catalog> {
                     data_type: c.data_type.to_string(),
                     not_null: false,
                     comment: None,
+                    ..Default::default()
                 })
                 .collect(),
             primary_key: Vec::new(),

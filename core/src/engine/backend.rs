@@ -4,18 +4,52 @@
 //! ([`crate::engine::runtime::Runtime`]) is the one we ship; the trait keeps room for another engine behind the same calls.
 
 use crate::error::CoreError;
+use serde::{Deserialize, Serialize};
+
+/// An earlier turn of a conversation: what the user said and the SQL the assistant answered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exchange {
+    pub question: String,
+    pub answer: String,
+}
+
+/// How many answers to decode for one request, and how the ones after the first are drawn.
+///
+/// The first candidate is always the greedy answer (what a request with one candidate gets). The others are
+/// sampled from the model's distribution — the `top_k` most likely tokens, at `temperature` — with a generator
+/// seeded from the prompt and `seed`, so the same request gives the same candidates every time. All candidates
+/// continue the same prompt state and are decoded together, one pass over the weights per step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Sampling {
+    pub candidates: usize,
+    pub temperature: f32,
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { candidates: 1, temperature: 0.7, top_k: 40, seed: 0 }
+    }
+}
 
 /// One question to answer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct GenerateRequest {
     /// The rendered schema context ([`crate::sql::schema::Catalog::render`]).
     pub schema_context: String,
+    /// Earlier turns of the same conversation, oldest first (a follow-up question, or a repair: the answer that
+    /// failed and, as the question, what was wrong with it).
+    #[serde(default)]
+    pub history: Vec<Exchange>,
     pub question: String,
     pub max_new_tokens: usize,
+    #[serde(default)]
+    pub sampling: Sampling,
 }
 
 /// Why decoding stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopReason {
     /// The model's end-of-turn / end-of-text token.
     Eos,
@@ -38,7 +72,16 @@ impl StopReason {
     }
 }
 
-/// What a backend produced for one request.
+/// A sampled answer (see [`Sampling`]): what the model wrote and the SQL in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub text: String,
+    pub sql: Option<String>,
+    pub generated_tokens: usize,
+}
+
+/// What a backend produced for one request: the greedy answer, and the sampled candidates when more than one was
+/// asked for.
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// What the model wrote, after the assistant primer.
@@ -54,9 +97,20 @@ pub struct Generation {
     pub prefix_tokens: usize,
     /// True when the prefix's state came from the prefix cache instead of being computed.
     pub prefix_cache_hit: bool,
+    /// The sampled candidates after the greedy one (empty with one candidate).
+    pub samples: Vec<Candidate>,
+    /// Rows decoded in all (every candidate's tokens), for throughput accounting.
+    pub decoded_rows: usize,
 }
 
 impl Generation {
+    /// Every candidate, the greedy answer first.
+    pub fn candidates(&self) -> Vec<Candidate> {
+        let greedy =
+            Candidate { text: self.text.clone(), sql: self.sql.clone(), generated_tokens: self.generated_tokens };
+        std::iter::once(greedy).chain(self.samples.iter().cloned()).collect()
+    }
+
     /// Decode speed in tokens per second (the first token comes from prefill and is not counted).
     pub fn decode_tok_s(&self) -> f64 {
         if self.decode_s > 0.0 && self.generated_tokens > 1 {

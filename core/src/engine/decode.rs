@@ -65,31 +65,79 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// Attention of one query position for the query heads `heads` (each `d` wide, contiguous in `q` and `out`),
-/// whose K/V head is `kv_of(h)`. `k`, `v`: rows of `d` for positions `0..len` of K/V head `g` start at
-/// `g * len * d` (the cache layout `(n_kv_head, len, d)`); every position is visible (the query is the last one).
-/// `scores` is scratch of at least `len`.
-#[allow(clippy::too_many_arguments)]
+/// The K/V rows of one layer as plain slices: a base laid out `(n_kv, base_len, d)` (each head's positions
+/// contiguous, as a prompt pass writes them) followed by a tail laid out `(t, n_kv, d)` (token-major, as decoding
+/// appends). Position `j` of K/V head `g` is in the base when `j < base_len`, else in the tail.
+pub struct KvView<'a> {
+    pub base_k: &'a [f32],
+    pub base_v: &'a [f32],
+    pub base_len: usize,
+    pub tail_k: &'a [f32],
+    pub tail_v: &'a [f32],
+    pub n_kv: usize,
+    pub d: usize,
+}
+
+impl KvView<'_> {
+    /// Positions stored.
+    pub fn len(&self) -> usize {
+        self.base_len + self.tail_k.len() / (self.n_kv * self.d)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[inline]
+    fn offset(&self, g: usize, j: usize) -> (bool, usize) {
+        match j < self.base_len {
+            true => (true, (g * self.base_len + j) * self.d),
+            false => (false, ((j - self.base_len) * self.n_kv + g) * self.d),
+        }
+    }
+
+    #[inline]
+    pub fn k_row(&self, g: usize, j: usize) -> &[f32] {
+        let (base, o) = self.offset(g, j);
+        if base {
+            &self.base_k[o..o + self.d]
+        } else {
+            &self.tail_k[o..o + self.d]
+        }
+    }
+
+    #[inline]
+    pub fn v_row(&self, g: usize, j: usize) -> &[f32] {
+        let (base, o) = self.offset(g, j);
+        if base {
+            &self.base_v[o..o + self.d]
+        } else {
+            &self.tail_v[o..o + self.d]
+        }
+    }
+}
+
+/// Attention of one query position for the query heads `heads` (each `d` wide, contiguous in `q` and `out`) over
+/// the first `len` positions of `kv` (the query's own position is the last of them); query head `h` reads K/V
+/// head `h / n_rep`. `scores` is scratch of at least `len`.
 pub fn attend_one(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    kv: &KvView,
     len: usize,
-    d: usize,
     n_rep: usize,
     heads: std::ops::Range<usize>,
     out: &mut [f32],
     scores: &mut [f32],
 ) {
+    let d = kv.d;
     let scale = 1.0 / (d as f32).sqrt();
     for (hi, h) in heads.enumerate() {
         let g = h / n_rep;
-        let (kh, vh) = (&k[g * len * d..(g + 1) * len * d], &v[g * len * d..(g + 1) * len * d]);
         let qh = &q[h * d..(h + 1) * d];
         let s = &mut scores[..len];
         let mut max = f32::NEG_INFINITY;
         for (j, s) in s.iter_mut().enumerate() {
-            *s = dot(qh, &kh[j * d..(j + 1) * d]) * scale;
+            *s = dot(qh, kv.k_row(g, j)) * scale;
             max = max.max(*s);
         }
         let mut z = 0f32;
@@ -100,7 +148,7 @@ pub fn attend_one(
         let o = &mut out[hi * d..(hi + 1) * d];
         o.fill(0.0);
         for (j, &p) in s.iter().enumerate() {
-            axpy(o, p / z, &vh[j * d..(j + 1) * d]);
+            axpy(o, p / z, kv.v_row(g, j));
         }
     }
 }
@@ -163,7 +211,8 @@ mod tests {
         let q = [2.0f32, 0.0, 0.0, 0.0];
         let mut out = [0f32; 4];
         let mut scores = [0f32; 3];
-        attend_one(&q, &k, &v, len, d, 2, 0..2, &mut out, &mut scores);
+        let kv = KvView { base_k: &k, base_v: &v, base_len: len, tail_k: &[], tail_v: &[], n_kv: 1, d };
+        attend_one(&q, &kv, len, 2, 0..2, &mut out, &mut scores);
         let s = 2.0 / 2f32.sqrt();
         let e = [s.exp(), 1.0, s.exp()];
         let z: f32 = e.iter().sum();
@@ -171,5 +220,14 @@ mod tests {
         assert!((out[0] - want0[0]).abs() < 1e-5 && (out[1] - want0[1]).abs() < 1e-5, "{out:?}");
         // A zero query attends uniformly: the plain mean of V.
         assert!((out[2] - 5.0).abs() < 1e-5 && (out[3] - 5.0).abs() < 1e-5, "{out:?}");
+        // The same positions split between a base and a token-major tail give the same result, and a shorter
+        // `len` hides the later positions.
+        let split =
+            KvView { base_k: &k[..2], base_v: &v[..2], base_len: 1, tail_k: &k[2..], tail_v: &v[2..], n_kv: 1, d };
+        let mut out2 = [0f32; 4];
+        attend_one(&q, &split, len, 2, 0..2, &mut out2, &mut scores);
+        assert_eq!(out, out2);
+        attend_one(&q, &split, 1, 2, 0..2, &mut out2, &mut scores);
+        assert_eq!(&out2[2..], &[10.0, 0.0], "only position 0 visible");
     }
 }

@@ -363,7 +363,7 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     }
 }
 
-/// One weight matrix for [`gemv_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF).
+/// One weight matrix for [`gemm_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub kind: Kind,
@@ -384,33 +384,49 @@ const ROWS_PER_ITEM: usize = 16;
 
 /// `y = W · x` for `W` of `n` rows × `k` columns stored as `kind` blocks in `w`.
 pub fn gemv(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
-    gemv_many(&[Matrix { kind, w, n }], k, x, &mut [y]);
+    gemm_many(&[Matrix { kind, w, n }], k, &[x], &mut [y]);
 }
 
-/// `ys[i] = mats[i] · x` for matrices that share the input `x` (k columns each): q/k/v, or gate/up. The input is
-/// quantized once and all rows go to candle's CPU thread pool (the one its own matmuls use, so the two never
-/// compete) in one hand-out, so a layer pays for one barrier instead of one per matrix.
+/// `ys[i] = mats[i] · x` for matrices that share the input `x` (k columns each): q/k/v, or gate/up.
 pub fn gemv_many(mats: &[Matrix], k: usize, x: &[f32], ys: &mut [&mut [f32]]) {
+    gemm_many(mats, k, &[x], ys);
+}
+
+/// Several rows of activations through matrices that share them: `ys[i][r * n_i + j] = mats[i].row(j) · xs[r]`.
+///
+/// Decoding is bound by memory bandwidth: every weight is read once per pass, whatever the number of rows. Here
+/// each weight row is read once and multiplied with every input row while it is in the L1 cache (a Q4_K row of
+/// the default model is 0.9–5 KB), so R rows cost about one pass over the weights plus R times the arithmetic —
+/// the primitive behind several candidates, speculative verification and several sessions decoded together.
+/// Each input row is quantized once; all rows of all matrices go to candle's CPU thread pool (the one its own
+/// matmuls use, so the two never compete) in one hand-out, so a layer pays for one barrier. Every output element
+/// is the same dot product as with one row, so results do not depend on how many rows share the pass.
+pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]) {
     assert_eq!(k % QK_K, 0, "k = {k} is not a multiple of {QK_K}");
-    assert_eq!(x.len(), k);
+    assert!(xs.iter().all(|x| x.len() == k), "every input row must have {k} columns");
     assert_eq!(mats.len(), ys.len());
-    // Work items: each matrix's rows in groups of ROWS_PER_ITEM; `first[i]` is matrix i's first item.
+    let rows = xs.len();
+    // Work items: each matrix's weight rows in groups of ROWS_PER_ITEM; `first[i]` is matrix i's first item.
     let mut first = Vec::with_capacity(mats.len() + 1);
     first.push(0);
     for (m, y) in mats.iter().zip(ys.iter()) {
-        assert_eq!(y.len(), m.n);
+        assert_eq!(y.len(), m.n * rows);
         let row_bytes = k / QK_K * m.kind.block_bytes();
         assert!(m.w.len() >= m.n * row_bytes, "weights of {} bytes for {}×{k}", m.w.len(), m.n);
         first.push(first.last().unwrap() + m.n.div_ceil(ROWS_PER_ITEM));
     }
     let total = *first.last().unwrap();
     thread_local! {
-        static ACT: std::cell::RefCell<Vec<Q8K>> = const { std::cell::RefCell::new(Vec::new()) };
+        static ACT: std::cell::RefCell<Vec<Vec<Q8K>>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     ACT.with(|act| {
         let mut act = act.borrow_mut();
-        quantize_q8k(x, &mut act);
-        let act: &[Q8K] = &act;
+        let have = act.len();
+        act.resize_with(rows.max(have), Vec::new);
+        for (a, x) in act.iter_mut().zip(xs) {
+            quantize_q8k(x, a);
+        }
+        let act: &[Vec<Q8K>] = &act[..rows];
         let simd = simd_available();
         let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
         let outs = &outs;
@@ -422,9 +438,13 @@ pub fn gemv_many(mats: &[Matrix], k: usize, x: &[f32], ys: &mut [&mut [f32]]) {
                 let row_bytes = k / QK_K * m.kind.block_bytes();
                 let start = (item - first[mi]) * ROWS_PER_ITEM;
                 for r in start..(start + ROWS_PER_ITEM).min(m.n) {
-                    let v = dot(m.kind, &m.w[r * row_bytes..(r + 1) * row_bytes], act, simd);
-                    // SAFETY: r < m.n = ys[mi].len(), and row r of matrix mi belongs to this item alone (see `Outs`).
-                    unsafe { *outs.0[mi].add(r) = v };
+                    let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
+                    for (j, a) in act.iter().enumerate() {
+                        let v = dot(m.kind, w, a, simd);
+                        // SAFETY: j * m.n + r < rows * m.n = ys[mi].len(), and weight row r of matrix mi (for every
+                        // input row) belongs to this item alone (see `Outs`).
+                        unsafe { *outs.0[mi].add(j * m.n + r) = v };
+                    }
                 }
             }
         });
@@ -582,6 +602,25 @@ mod tests {
             let mut want = vec![0f32; m.n];
             gemv(m.kind, m.w, m.n, k, &x, &mut want);
             assert_eq!(got, &want);
+        }
+    }
+
+    #[test]
+    fn several_rows_give_exactly_what_each_row_gives_alone() {
+        let k = 512;
+        let (q4, _) = quantized(GgmlDType::Q4K, 37, k, 21);
+        let (q6, _) = quantized(GgmlDType::Q6K, 19, k, 22);
+        let mats = [Matrix { kind: Kind::Q4K, w: &q4, n: 37 }, Matrix { kind: Kind::Q6K, w: &q6, n: 19 }];
+        let xs: Vec<Vec<f32>> = (0..5).map(|r| activations(k, 30 + r)).collect();
+        let rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let (mut a, mut b) = (vec![f32::NAN; 37 * 5], vec![f32::NAN; 19 * 5]);
+        gemm_many(&mats, k, &rows, &mut [&mut a, &mut b]);
+        for (r, x) in xs.iter().enumerate() {
+            let (mut ya, mut yb) = (vec![0f32; 37], vec![0f32; 19]);
+            gemv_many(&mats, k, x, &mut [&mut ya, &mut yb]);
+            // Bit for bit: batching must not change an answer.
+            assert_eq!(&a[r * 37..(r + 1) * 37], ya.as_slice(), "row {r}, Q4_K");
+            assert_eq!(&b[r * 19..(r + 1) * 19], yb.as_slice(), "row {r}, Q6_K");
         }
     }
 

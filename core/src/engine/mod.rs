@@ -8,6 +8,7 @@
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
+//! - [`sample`]: greedy and seeded top-k choice of the next token;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
 
@@ -18,5 +19,6 @@ pub mod kernels;
 pub mod model;
 pub mod prefix_cache;
 pub mod runtime;
+pub mod sample;
 pub mod source;
 pub mod tokenizer;

@@ -13,12 +13,13 @@
 //! is on, off, hit or missed, so the computation — and the generated SQL, token for token — does not depend on the
 //! cache (a test checks it).
 
-use crate::engine::backend::{Backend, GenerateRequest, Generation, StopReason};
-use crate::engine::model::{argmax, Config, KvCache, Transformer};
+use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, Sampling, StopReason};
+use crate::engine::model::{Config, KvCache, Rows, Transformer};
 use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
+use crate::engine::sample::{argmax, prompt_seed, sample_top_k, Rng};
 use crate::error::CoreError;
 use crate::sql::extract::{extract_sql, statement_end};
-use crate::sql::prompt::{build_prompt, ChatTemplate, Prompt, ASSISTANT_PRIMER};
+use crate::sql::prompt::{build_conversation, ChatTemplate, Prompt, ASSISTANT_PRIMER};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -199,9 +200,9 @@ impl Runtime {
         self.tokenizer.decode(ids, true).map_err(|e| CoreError::Tokenizer(e.to_string()))
     }
 
-    /// Render the prompt for a request with this model's chat template.
+    /// Render the prompt for a request (its conversation so far, then its question) with this model's template.
     pub fn prompt(&self, req: &GenerateRequest) -> Result<Prompt, CoreError> {
-        build_prompt(&self.template, &req.schema_context, &req.question)
+        build_conversation(&self.template, &req.schema_context, &req.history, &req.question)
     }
 
     /// The logits after `tokens` from an empty state (for tests and tools).
@@ -267,16 +268,19 @@ impl Runtime {
         max_new_tokens: usize,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
-        self.generate_with_prefix(prompt, 0, max_new_tokens, cancel)
+        self.generate_with_prefix(prompt, 0, max_new_tokens, &Sampling::default(), cancel)
     }
 
-    /// Greedy decoding where `prompt[..prefix_len]` is the schema prefix: its state comes from (or goes to) the
-    /// prefix cache, and only the rest is prefilled.
+    /// Decoding where `prompt[..prefix_len]` is the schema prefix: its state comes from (or goes to) the prefix
+    /// cache, and only the rest is prefilled. `sampling.candidates` answers continue that one prompt state: the
+    /// first greedy, the others sampled, all decoded together (one pass over the weights per step for every
+    /// candidate still going; see [`Transformer::step_many`]).
     pub fn generate_with_prefix(
         &mut self,
         prompt: &[u32],
         prefix_len: usize,
         max_new_tokens: usize,
+        sampling: &Sampling,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
         if prompt.is_empty() {
@@ -291,51 +295,113 @@ impl Runtime {
         let prefix_len = prefix_len.min(prompt.len() - 1);
         let t0 = Instant::now();
         let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
-        let mut logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?;
+        let logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let mut ids: Vec<u32> = Vec::with_capacity(max_new_tokens);
-        let mut text = String::new();
-        let mut stop = StopReason::Length;
+        let mut rows = self.decode_rows(kv, logits, prompt, max_new_tokens, sampling, cancel)?;
+        let decode_s = t1.elapsed().as_secs_f64();
+        let decoded_rows = rows.iter().map(|r| r.ids.len()).sum();
+        let samples = rows
+            .drain(1..)
+            .map(|r| {
+                let generated_tokens = r.generated_tokens();
+                Candidate { sql: extract_sql(&format!("{ASSISTANT_PRIMER}{}", r.text)), text: r.text, generated_tokens }
+            })
+            .collect();
+        let greedy = rows.pop().expect("one row at least");
+        Ok(Generation {
+            sql: extract_sql(&format!("{ASSISTANT_PRIMER}{}", greedy.text)),
+            generated_tokens: greedy.generated_tokens(),
+            stop: greedy.stop.unwrap_or(StopReason::Length),
+            text: greedy.text,
+            prompt_tokens: prompt.len(),
+            prefill_s,
+            decode_s,
+            prefix_tokens: prefix_len,
+            prefix_cache_hit: cache_hit,
+            samples,
+            decoded_rows,
+        })
+    }
+
+    /// Decode `sampling.candidates` rows from one prompt state and its last logits until each stops.
+    fn decode_rows(
+        &self,
+        kv: KvCache,
+        logits: Vec<f32>,
+        prompt: &[u32],
+        max_new_tokens: usize,
+        sampling: &Sampling,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Vec<Row>, CoreError> {
+        let n = sampling.candidates.max(1);
+        let seed = prompt_seed(prompt) ^ sampling.seed;
+        let mut rows: Vec<Row> = (0..n)
+            .map(|i| Row {
+                kv: kv.clone(),
+                logits: logits.clone(),
+                ids: Vec::new(),
+                text: String::new(),
+                stop: None,
+                rng: (i > 0).then(|| Rng::new(seed, i as u64)),
+            })
+            .collect();
+        drop((kv, logits));
+        let mut scratch = Vec::new();
         for step in 0..max_new_tokens {
             if cancel() {
                 return Err(CoreError::Cancelled);
             }
-            let next = argmax(&logits)?;
-            if self.stop_ids.contains(&next) {
-                stop = StopReason::Eos;
-                break;
+            let mut next: Vec<(usize, [u32; 1])> = Vec::with_capacity(n);
+            for (i, r) in rows.iter_mut().enumerate().filter(|(_, r)| r.stop.is_none()) {
+                let t = match &mut r.rng {
+                    None => argmax(&r.logits),
+                    Some(rng) => sample_top_k(&r.logits, sampling.temperature, sampling.top_k, rng, &mut scratch),
+                };
+                if self.stop_ids.contains(&t) {
+                    r.stop = Some(StopReason::Eos);
+                    continue;
+                }
+                r.ids.push(t);
+                r.text = self.decode(&r.ids)?;
+                if let Some(p) = r.text.find("```") {
+                    r.text.truncate(p);
+                    r.stop = Some(StopReason::Fence);
+                } else if let Some(end) = statement_end(&r.text) {
+                    r.text.truncate(end + 1);
+                    r.stop = Some(StopReason::StatementEnd);
+                } else if step + 1 == max_new_tokens {
+                    r.stop = Some(StopReason::Length);
+                } else {
+                    next.push((i, [t]));
+                }
             }
-            ids.push(next);
-            text = self.decode(&ids)?;
-            if let Some(p) = text.find("```") {
-                text.truncate(p);
-                stop = StopReason::Fence;
-                break;
-            }
-            if let Some(end) = statement_end(&text) {
-                text.truncate(end + 1);
-                stop = StopReason::StatementEnd;
-                break;
-            }
-            if step + 1 < max_new_tokens {
-                logits = self.model.forward(&[next], &mut kv)?;
+            match next.as_slice() {
+                [] => break,
+                // One row: the single-token pass (what greedy decoding of one candidate has always run).
+                [(i, t)] => {
+                    let r = &mut rows[*i];
+                    r.logits = self.model.forward(t, &mut r.kv)?.to_vec1::<f32>()?;
+                }
+                _ => {
+                    let mut going: Vec<&mut Row> = rows
+                        .iter_mut()
+                        .enumerate()
+                        .filter(|(i, _)| next.iter().any(|(j, _)| j == i))
+                        .map(|(_, r)| r)
+                        .collect();
+                    let mut seqs: Vec<Rows> =
+                        going.iter_mut().zip(&next).map(|(r, (_, t))| Rows { cache: &mut r.kv, tokens: t }).collect();
+                    let logits = self.model.step_many(&mut seqs)?;
+                    drop(seqs);
+                    for (r, l) in going.into_iter().zip(logits) {
+                        r.logits = l;
+                    }
+                }
             }
         }
-        let decode_s = t1.elapsed().as_secs_f64();
-        let sql = extract_sql(&format!("{ASSISTANT_PRIMER}{text}"));
-        Ok(Generation {
-            text,
-            sql,
-            prompt_tokens: prompt.len(),
-            generated_tokens: ids.len() + usize::from(stop == StopReason::Eos),
-            prefill_s,
-            decode_s,
-            stop,
-            prefix_tokens: prefix_len,
-            prefix_cache_hit: cache_hit,
-        })
+        Ok(rows)
     }
 
     /// The prompt tokens for a request and the length of its schema prefix within them.
@@ -348,9 +414,27 @@ impl Runtime {
     }
 }
 
+/// One candidate being decoded.
+struct Row {
+    kv: KvCache,
+    logits: Vec<f32>,
+    ids: Vec<u32>,
+    text: String,
+    stop: Option<StopReason>,
+    /// `None` for the greedy row.
+    rng: Option<Rng>,
+}
+
+impl Row {
+    /// Tokens the model produced, the end-of-turn token included.
+    fn generated_tokens(&self) -> usize {
+        self.ids.len() + usize::from(self.stop == Some(StopReason::Eos))
+    }
+}
+
 impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
-        self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, cancel)
+        self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, cancel)
     }
 }

@@ -484,7 +484,7 @@ mod tests {
     }
 
     fn catalog() -> Catalog {
-        let col = |n: &str| Column { name: n.into(), data_type: "integer".into(), not_null: false, comment: None };
+        let col = |n: &str| Column { name: n.into(), data_type: "integer".into(), ..Default::default() };
         Catalog {
             tables: vec![Table {
                 schema: "public".into(),

@@ -8,6 +8,7 @@
 //! system text and schema context — comes first, the question last. [`Prompt::prefix`] is the longest head of the
 //! rendered text that does not depend on the question; [`Prompt::suffix`] starts with the question.
 
+use crate::engine::backend::Exchange;
 use crate::error::CoreError;
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 
@@ -102,16 +103,51 @@ pub fn user_message(schema_context: &str, question: &str) -> String {
 }
 
 /// Build the prompt for one question over one schema context.
+pub fn build_prompt(template: &ChatTemplate, schema_context: &str, question: &str) -> Result<Prompt, CoreError> {
+    build_conversation(template, schema_context, &[], question)
+}
+
+/// An assistant turn as the model writes one: the SQL in a fenced block, ended by `;` (what the stop rules and
+/// the training completions end on).
+pub fn answer_block(sql: &str) -> String {
+    format!("{ASSISTANT_PRIMER}{};\n```", sql.trim().trim_end_matches(';').trim_end())
+}
+
+/// Build the prompt for `question` after the earlier turns `history` (oldest first) of one conversation over one
+/// schema context: the first user turn carries the schema and the first question, each earlier answer is an
+/// assistant turn, and `question` is the last user turn. The prefix (system text and schema) is the same as for a
+/// single question, so the schema-prefix cache serves conversations too.
 ///
 /// Templates that refuse a system turn (Mistral-Instruct v0.1 raises "Conversation roles must alternate") get the
 /// system text folded into the first user turn, as Mistral's own documentation does.
-pub fn build_prompt(template: &ChatTemplate, schema_context: &str, question: &str) -> Result<Prompt, CoreError> {
+pub fn build_conversation(
+    template: &ChatTemplate,
+    schema_context: &str,
+    history: &[Exchange],
+    question: &str,
+) -> Result<Prompt, CoreError> {
+    let first = history.first().map_or(question, |e| e.question.as_str());
     let user = user_message(schema_context, QUESTION_SENTINEL);
-    let rendered = match template.render(&[("system", SYSTEM_TEXT), ("user", &user)]) {
+    let answers: Vec<String> = history.iter().map(|e| answer_block(&e.answer)).collect();
+    let mut turns: Vec<(&str, &str)> = Vec::with_capacity(2 * history.len() + 1);
+    for (i, (e, a)) in history.iter().zip(&answers).enumerate() {
+        if i > 0 {
+            turns.push(("user", e.question.trim()));
+        }
+        turns.push(("assistant", a));
+    }
+    if !history.is_empty() {
+        turns.push(("user", question.trim()));
+    }
+    let mut messages = vec![("system", SYSTEM_TEXT), ("user", user.as_str())];
+    messages.extend_from_slice(&turns);
+    let rendered = match template.render(&messages) {
         Ok(r) => r,
         Err(_) => {
             let merged = format!("{SYSTEM_TEXT}\n\n{user}");
-            template.render(&[("user", &merged)])?
+            let mut folded = vec![("user", merged.as_str())];
+            folded.extend_from_slice(&turns);
+            template.render(&folded)?
         }
     };
     let mut parts = rendered.splitn(2, QUESTION_SENTINEL);
@@ -121,16 +157,16 @@ pub fn build_prompt(template: &ChatTemplate, schema_context: &str, question: &st
     if rest.contains(QUESTION_SENTINEL) {
         return Err(CoreError::Template("the chat template repeats the user's message".into()));
     }
-    Ok(Prompt { prefix, suffix: format!("{}{}{}", question.trim(), rest, ASSISTANT_PRIMER) })
+    Ok(Prompt { prefix, suffix: format!("{}{}{}", first.trim(), rest, ASSISTANT_PRIMER) })
 }
 
-/// The question for one repair round trip: the user's question, the model's previous SQL, and what is wrong with it
-/// (unknown tables or columns, from the gate). Sent through the same prompt as any question.
-pub fn repair_question(question: &str, previous_sql: &str, problems: &[String]) -> String {
+/// The last user turn of a repair: what went wrong when PostgreSQL planned the previous answer (its own words:
+/// message, DETAIL, HINT, the text near the error position), and what to do.
+pub fn repair_message(error: &str) -> String {
     format!(
-        "{question}\nA previous answer was:\n{previous_sql}\nIt is wrong: {}. Use only the tables and columns in the \
+        "PostgreSQL cannot run that query:\n{}\nWrite a corrected query. Use only the tables and columns in the \
          schema above.",
-        problems.join("; ")
+        error.trim()
     )
 }
 
@@ -139,16 +175,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn repair_question_carries_the_previous_sql_and_problems() {
-        let q = repair_question(
-            "How many singers?",
-            "SELECT count(*) FROM singers",
-            &["table singers does not exist".into(), "column nme does not exist".into()],
-        );
+    fn a_conversation_keeps_the_prefix_and_puts_each_turn_in_order() {
+        let t = ChatTemplate::chatml();
+        let single = build_prompt(&t, "CREATE TABLE t (a integer);", "how many rows?").unwrap();
+        let history = [Exchange { question: "how many rows?".into(), answer: "SELECT count(*) FROM tt;".into() }];
+        let p = build_conversation(
+            &t,
+            "CREATE TABLE t (a integer);",
+            &history,
+            &repair_message("ERROR:  relation \"tt\" does not exist"),
+        )
+        .unwrap();
+        assert_eq!(p.prefix, single.prefix, "the schema prefix (and its cache entry) is shared");
         assert_eq!(
-            q,
-            "How many singers?\nA previous answer was:\nSELECT count(*) FROM singers\nIt is wrong: table singers does \
-             not exist; column nme does not exist. Use only the tables and columns in the schema above."
+            p.suffix,
+            "how many rows?<|im_end|>\n<|im_start|>assistant\n```sql\nSELECT count(*) FROM tt;\n```<|im_end|>\n\
+             <|im_start|>user\nPostgreSQL cannot run that query:\nERROR:  relation \"tt\" does not exist\nWrite a \
+             corrected query. Use only the tables and columns in the schema above.<|im_end|>\n<|im_start|>assistant\n```sql\n"
         );
     }
 

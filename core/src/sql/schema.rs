@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
 
 /// One column of a table or view.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Column {
     pub name: String,
     /// The type as the database spells it (`integer`, `character varying(40)`, `text`, …).
@@ -20,6 +20,13 @@ pub struct Column {
     pub not_null: bool,
     #[serde(default)]
     pub comment: Option<String>,
+    /// Values the column holds, to show the model how they are written (`'France'`, not `'france'`): the most
+    /// common ones from the statistics, or every allowed one (enum labels, a CHECK list).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    /// True when `values` lists every value the column may hold (enum, CHECK), false for examples.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub values_complete: bool,
 }
 
 /// A foreign key: `columns` of this table reference `ref_columns` of `ref_table` (in `ref_schema`).
@@ -256,11 +263,20 @@ impl Catalog {
                 if c.not_null && !t.primary_key.iter().any(|k| k == &c.name) {
                     p.push_str(" NOT NULL");
                 }
+                let mut notes: Vec<String> = Vec::new();
                 if opts.comments {
                     if let Some(cm) = c.comment.as_deref().filter(|c| !c.trim().is_empty()) {
-                        // A block comment keeps the statement on one line.
-                        let _ = write!(p, " /* {} */", one_line(cm).replace("*/", "* /"));
+                        notes.push(one_line(cm));
                     }
+                }
+                if !c.values.is_empty() {
+                    let vals: Vec<String> = c.values.iter().map(|v| quote_literal(&one_line(v))).collect();
+                    let lead = if c.values_complete { "one of" } else { "e.g." };
+                    notes.push(format!("{lead} {}", vals.join(", ")));
+                }
+                if !notes.is_empty() {
+                    // A block comment keeps the statement on one line.
+                    let _ = write!(p, " /* {} */", notes.join("; ").replace("*/", "* /"));
                 }
                 parts.push(p);
             }
@@ -289,6 +305,31 @@ impl Catalog {
     }
 }
 
+/// A rendered context without its value hints (`/* e.g. … */`, `/* one of … */`, or those parts of a comment),
+/// for comparing contexts whose statistics differ.
+pub fn without_value_hints(context: &str) -> String {
+    let mut out = String::with_capacity(context.len());
+    let mut rest = context;
+    while let Some(start) = rest.find(" /* ") {
+        let Some(len) = rest[start..].find(" */") else { break };
+        out.push_str(&rest[..start]);
+        let inner = &rest[start + 4..start + len];
+        let kept: Vec<&str> =
+            inner.split("; ").filter(|p| !p.starts_with("e.g. '") && !p.starts_with("one of '")).collect();
+        if !kept.is_empty() {
+            out.push_str(&format!(" /* {} */", kept.join("; ")));
+        }
+        rest = &rest[start + len + 3..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// A string literal as PostgreSQL writes one: `'it''s'`.
+pub fn quote_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
 fn ident_list(cols: &[String]) -> String {
     cols.iter().map(|c| quote_ident(c)).collect::<Vec<_>>().join(", ")
 }
@@ -302,7 +343,7 @@ mod tests {
     use super::*;
 
     fn col(n: &str, t: &str) -> Column {
-        Column { name: n.into(), data_type: t.into(), not_null: false, comment: None }
+        Column { name: n.into(), data_type: t.into(), ..Default::default() }
     }
 
     #[test]
@@ -360,6 +401,7 @@ mod tests {
                 data_type: "integer".into(),
                 not_null: true,
                 comment: Some("units\nsold */ DROP".into()),
+                ..Default::default()
             }],
             primary_key: vec![],
             foreign_keys: vec![],
@@ -370,5 +412,40 @@ mod tests {
             out,
             "-- sales.\"Order Items\": line one line two\nCREATE VIEW sales.\"Order Items\" (qty integer NOT NULL /* units sold * / DROP */);\n"
         );
+    }
+
+    #[test]
+    fn value_hints_are_quoted_literals_beside_the_column() {
+        let t = Table {
+            schema: "public".into(),
+            name: "singer".into(),
+            kind: RelationKind::Table,
+            columns: vec![
+                Column {
+                    name: "country".into(),
+                    data_type: "text".into(),
+                    values: vec!["Netherlands".into(), "United States".into(), "O'Brien\nLand".into()],
+                    ..Default::default()
+                },
+                Column {
+                    name: "status".into(),
+                    data_type: "mood".into(),
+                    comment: Some("how they feel".into()),
+                    values: vec!["sad".into(), "ok".into()],
+                    values_complete: true,
+                    ..Default::default()
+                },
+            ],
+            primary_key: vec![],
+            foreign_keys: vec![],
+            comment: None,
+        };
+        let out = Catalog { tables: vec![t] }.render(&RenderOptions::default());
+        assert_eq!(
+            out,
+            "CREATE TABLE singer (country text /* e.g. 'Netherlands', 'United States', 'O''Brien Land' */, status mood \
+             /* how they feel; one of 'sad', 'ok' */);\n"
+        );
+        assert_eq!(without_value_hints(&out), "CREATE TABLE singer (country text, status mood /* how they feel */);\n");
     }
 }

@@ -56,7 +56,9 @@ impl Asker for ExtensionAsker {
     }
     fn context(&mut self, db: &str) -> Option<String> {
         self.use_db(db).ok()?;
-        self.client.query_one("SELECT copilot.context()", &[]).ok().map(|r| r.get(0))
+        // Value hints come from the database's statistics, which training contexts do not carry: compare the rest.
+        let ctx: String = self.client.query_one("SELECT copilot.context()", &[]).ok()?.get(0);
+        Some(copilot_core::sql::schema::without_value_hints(&ctx))
     }
     fn ask(&mut self, ex: &Example, _context: &str) -> Asked {
         let mut a = Asked {
@@ -67,14 +69,40 @@ impl Asker for ExtensionAsker {
             prompt_tokens: None,
             generated_tokens: None,
             decode_tok_s: None,
+            pipeline: None,
         };
         if let Err(e) = self.use_db(&ex.db_id) {
             a.ask_error = Some(e);
             return a;
         }
         let t0 = Instant::now();
-        match self.client.query_one("SELECT copilot.ask($1)", &[&ex.question]) {
-            Ok(r) => a.prediction = Some(r.get(0)),
+        match self.client.query_one("SELECT copilot.ask_verbose($1)::text", &[&ex.question]) {
+            Ok(r) => {
+                let v: serde_json::Value = serde_json::from_str(&r.get::<_, String>(0)).unwrap_or_default();
+                a.prediction = v["sql"].as_str().map(str::to_string);
+                let n = |k: &str| v[k].as_u64().unwrap_or(0) as usize;
+                let cands = v["candidates"].as_array().cloned().unwrap_or_default();
+                let first: Vec<&serde_json::Value> =
+                    cands.iter().filter(|c| !c["source"].as_str().unwrap_or("").starts_with("repair")).collect();
+                let p = super::Pipeline {
+                    candidates: first.len(),
+                    planned: first.iter().filter(|c| c["error"].is_null()).count(),
+                    repairs: n("repairs"),
+                    decision: v["decision"].as_str().unwrap_or("").to_string(),
+                    margin: n("margin"),
+                    refused: !v["refused"].is_null(),
+                };
+                if a.prediction.is_none() {
+                    a.ask_error = Some(match (&v["refused"], &v["model_output"]) {
+                        (serde_json::Value::String(why), _) => format!("refused: {why}"),
+                        (_, serde_json::Value::String(out)) => {
+                            format!("the model's answer contains no SQL query: {out}")
+                        }
+                        _ => format!("no answer: {v}"),
+                    });
+                }
+                a.pipeline = Some(p);
+            }
             Err(e) => a.ask_error = Some(pg_error(&e)),
         }
         a.latency_s = t0.elapsed().as_secs_f64();
@@ -121,6 +149,7 @@ impl Asker for CoreAsker {
             schema_context: context.to_string(),
             question: ex.question.clone(),
             max_new_tokens: self.max_new_tokens,
+            ..Default::default()
         };
         let t0 = Instant::now();
         let out = self.rt.generate(&req, &|| false);
@@ -134,6 +163,7 @@ impl Asker for CoreAsker {
                 prompt_tokens: Some(g.prompt_tokens as i64),
                 generated_tokens: Some(g.generated_tokens as i64),
                 decode_tok_s: Some(g.decode_tok_s()),
+                pipeline: None,
             },
             Err(e) => Asked {
                 index: ex.index,
@@ -143,6 +173,7 @@ impl Asker for CoreAsker {
                 prompt_tokens: None,
                 generated_tokens: None,
                 decode_tok_s: None,
+                pipeline: None,
             },
         }
     }
@@ -168,6 +199,7 @@ impl Asker for GoldAsker {
             prompt_tokens: None,
             generated_tokens: None,
             decode_tok_s: None,
+            pipeline: None,
         }
     }
 }
@@ -178,7 +210,15 @@ pub(super) fn make_asker(args: &EvalArgs) -> Result<Box<dyn Asker>> {
         Via::Extension => {
             let client = postgres::Client::connect(&args.pg, postgres::NoTls)
                 .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
-            Box::new(ExtensionAsker { client, current_db: String::new() })
+            let mut asker = ExtensionAsker { client, current_db: String::new() };
+            for s in &args.settings {
+                let (name, value) = s.split_once('=').ok_or_else(|| anyhow!("--set {s}: expected NAME=VALUE"))?;
+                asker
+                    .client
+                    .execute("SELECT set_config($1, $2, false)", &[&name.trim(), &value.trim()])
+                    .with_context(|| format!("--set {s}"))?;
+            }
+            Box::new(asker)
         }
         Via::Core => {
             let path = args.model.clone().ok_or_else(|| anyhow!("--via core needs --model FILE"))?;

@@ -92,6 +92,21 @@ pub struct EvalArgs {
     /// Do not ask anything: score what the asked file holds.
     #[arg(long)]
     pub score_only: bool,
+    /// `--via extension`: a setting for the asking session, `name=value` (repeat), e.g. `copilot.candidates=1`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub settings: Vec<String>,
+}
+
+/// What `copilot.ask_verbose` reported about how an answer was chosen (extension route).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Pipeline {
+    /// Candidates decoded on the first try, and how many of them planned.
+    pub candidates: usize,
+    pub planned: usize,
+    pub repairs: usize,
+    pub decision: String,
+    pub margin: usize,
+    pub refused: bool,
 }
 
 /// What asking produced for one question (one line of `<run>.asked.jsonl`).
@@ -104,6 +119,8 @@ pub struct Asked {
     pub prompt_tokens: Option<i64>,
     pub generated_tokens: Option<i64>,
     pub decode_tok_s: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
 }
 
 /// One scored question.
@@ -128,6 +145,8 @@ pub struct Record {
     pub exec_error: Option<String>,
     pub gold_rows: Option<usize>,
     pub pred_rows: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -153,6 +172,18 @@ pub struct Summary {
     pub decode_tok_s_p50: Option<f64>,
     pub prompt_tokens_p50: Option<i64>,
     pub by_hardness: BTreeMap<String, Bucket>,
+    /// Answer pipeline (extension route): asks that needed a repair, of those how many were answered, asks decided
+    /// by a vote among several result groups and their mean margin, and refusals.
+    #[serde(default)]
+    pub repaired_asks: usize,
+    #[serde(default)]
+    pub repaired_answered: usize,
+    #[serde(default)]
+    pub voted: usize,
+    #[serde(default)]
+    pub mean_vote_margin: Option<f64>,
+    #[serde(default)]
+    pub refusals: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -63,6 +63,16 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "| valid SQL (one read-only query that parses) | {}% |", pct(s.valid_sql));
     let _ = writeln!(md, "| schema adherence (every table/column exists) | {}% |", pct(s.schema_ok));
     let _ = writeln!(md, "| no answer (ask error) | {} |", s.ask_errors);
+    if s.repaired_asks + s.voted + s.refusals > 0 {
+        let _ = writeln!(
+            md,
+            "| asks repaired from PostgreSQL's errors (answered after repair) | {} ({}) |",
+            s.repaired_asks, s.repaired_answered
+        );
+        let margin = s.mean_vote_margin.map_or("–".into(), |m| format!("{m:.2}"));
+        let _ = writeln!(md, "| asks decided by a vote among several results (mean margin) | {} ({margin}) |", s.voted);
+        let _ = writeln!(md, "| refused as unanswerable | {} |", s.refusals);
+    }
     let _ = writeln!(md, "| prediction failed to execute | {} |", s.exec_errors);
     let _ = writeln!(md, "| latency p50 / p95 | {:.2} s / {:.2} s |", s.latency_p50_s, s.latency_p95_s);
     if let Some(t) = s.decode_tok_s_p50 {

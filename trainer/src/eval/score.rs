@@ -57,6 +57,7 @@ pub fn score_one(
         exec_error: None,
         gold_rows: None,
         pred_rows: None,
+        pipeline: a.pipeline.clone(),
     };
     let gold_rs = sqlite.run(&ex.db_id, &ex.query, timeout);
     if let Ok(g) = &gold_rs {
@@ -97,6 +98,7 @@ pub fn score_one(
 
 pub fn summarize(records: &[Record]) -> Summary {
     let n = records.len();
+    let pipes = || records.iter().filter_map(|r| r.pipeline.as_ref());
     let frac = |f: &dyn Fn(&Record) -> bool| {
         if n == 0 {
             0.0
@@ -143,6 +145,17 @@ pub fn summarize(records: &[Record]) -> Summary {
         decode_tok_s_p50: (!tps.is_empty()).then(|| percentile(&tps, 50.0)),
         prompt_tokens_p50: (!pt.is_empty()).then(|| pt[(pt.len() - 1) / 2]),
         by_hardness,
+        repaired_asks: pipes().filter(|p| p.repairs > 0).count(),
+        repaired_answered: records
+            .iter()
+            .filter(|r| r.pipeline.as_ref().is_some_and(|p| p.repairs > 0) && r.prediction.is_some())
+            .count(),
+        voted: pipes().filter(|p| p.decision.starts_with("largest") || p.decision.starts_with("plan")).count(),
+        mean_vote_margin: {
+            let m: Vec<usize> = pipes().filter(|p| p.decision.starts_with("largest")).map(|p| p.margin).collect();
+            (!m.is_empty()).then(|| m.iter().sum::<usize>() as f64 / m.len() as f64)
+        },
+        refusals: pipes().filter(|p| p.refused).count(),
     }
 }
 

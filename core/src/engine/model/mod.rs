@@ -24,12 +24,15 @@
 //! biases; tied output embeddings. Mixture-of-experts and partial rotary dimensions are refused at load.
 
 mod config;
+mod kv;
 mod prefill;
 mod step;
 mod weights;
 
 pub use config::Config;
+pub use kv::KvCache;
 pub(crate) use prefill::causal_mask;
+pub use step::Rows;
 pub use weights::Target;
 pub(crate) use weights::{Embedding, LayerWeights, Weights};
 
@@ -63,41 +66,6 @@ struct LayerVectors {
     bq: Option<Vec<f32>>,
     bk: Option<Vec<f32>>,
     bv: Option<Vec<f32>>,
-}
-
-/// The attention state after some tokens: per layer, K and V of shape `(1, n_kv_head, len, head_dim)`.
-#[derive(Clone, Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new() -> KvCache {
-        KvCache::default()
-    }
-
-    /// Tokens seen so far: the position the next token takes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// A state of `tokens` positions holding `bytes_per_token` bytes each (one layer of zeros), for cache tests.
-    #[cfg(test)]
-    pub(crate) fn synthetic(bytes_per_token: usize, tokens: usize) -> KvCache {
-        let d = bytes_per_token / 8;
-        let z = Tensor::zeros((1, 1, tokens, d), DType::F32, &Device::Cpu).expect("zeros");
-        KvCache { layers: vec![(z.clone(), z)], len: tokens }
-    }
-
-    /// Memory held by the state, in bytes.
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()).sum()
-    }
 }
 
 /// A loaded model: immutable weights; the caller owns the [`KvCache`].

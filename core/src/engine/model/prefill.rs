@@ -1,5 +1,6 @@
 //! The prompt pass: several tokens at once over candle's tensor ops and tiled quantized matmul.
 
+use super::kv::LayerKv;
 use super::{KvCache, Layer, Transformer};
 use crate::engine::model::weights::Linear;
 use candle_core::{Device, IndexOp, Result, Tensor};
@@ -32,8 +33,12 @@ impl Transformer {
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
-            let (attn, kv) = self.attention(layer, &h, cache.layers.get(i), mask.as_ref(), &cos, &sin)?;
-            layers.push(kv);
+            let prev = match cache.layers.get(i) {
+                Some(l) => l.full(self.cfg.n_kv_head, self.cfg.head_dim, device)?,
+                None => None,
+            };
+            let (attn, (k, v)) = self.attention(layer, &h, prev.as_ref(), mask.as_ref(), &cos, &sin)?;
+            layers.push(LayerKv::from_base(k, v)?);
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, self.own_kernels)?;

@@ -1,95 +1,173 @@
 //! The decoding step: one token on plain vectors — our kernels for the weight products, [`crate::engine::decode`]
 //! for the rest.
 
+use super::kv::LayerKv;
 use super::{KvCache, Transformer};
+use crate::engine::decode::KvView;
 use crate::engine::model::weights::Linear;
 use crate::engine::{decode, kernels};
 use candle_core::{IndexOp, Result, Tensor};
 
+/// One sequence's share of a multi-row pass: its state, and the tokens to run at positions `cache.len()..`.
+pub struct Rows<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+}
+
 impl Transformer {
-    /// One token at position `cache.len()` (decoding), computed on plain vectors: our kernels for the weight
-    /// products ([`Linear::matvec_many`]) and [`crate::engine::decode`] for the rest, instead of some thirty candle ops
-    /// per layer. The K/V cache keeps its tensor form `(1, n_kv_head, len, d)` so prefill and the prefix cache
-    /// read it unchanged; appending one position copies each layer's cache once, as `Tensor::cat` would.
+    /// One token at position `cache.len()` (decoding): [`Transformer::step_many`] with one row.
     pub(super) fn step(&self, token: u32, cache: &mut KvCache) -> Result<Tensor> {
+        let mut logits = self.step_many(&mut [Rows { cache, tokens: &[token] }])?;
+        Tensor::from_vec(logits.pop().expect("one row"), self.output.n, &self.device)
+    }
+
+    /// Several rows through one pass over the weights, computed on plain vectors: our kernels for the weight
+    /// products ([`Linear::matmul_rows`], every weight read once for all rows) and [`crate::engine::decode`] for
+    /// the rest. Rows may be the next token of several sequences (candidates, sessions) or several positions of
+    /// one (a draft to verify): a row attends to its sequence's state and to the rows of its sequence before it.
+    /// Returns the logits of every row, in order. Each row's arithmetic is the same as in a pass of its own, so
+    /// results do not depend on what shares the pass. On an error every state is left as it was.
+    pub fn step_many(&self, seqs: &mut [Rows<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.cfg;
-        let (d, pos, eps) = (c.head_dim, cache.len, c.rms_eps as f32);
-        let (n_rep, len) = (c.n_head / c.n_kv_head, cache.len + 1);
-        let mut x = self.embed.lookup(&[token], &self.device)?.flatten_all()?.to_vec1::<f32>()?;
-        let cos = self.cos.i(pos)?.to_vec1::<f32>()?;
-        let sin = self.sin.i(pos)?.to_vec1::<f32>()?;
-        let mut h = vec![0f32; c.n_embd];
-        let mut attn = vec![0f32; c.n_head * d];
-        // The new cache is built aside and replaces the old one only when every layer is done, so an error leaves
-        // `cache` as it was.
-        let mut layers = Vec::with_capacity(self.layers.len());
+        let (d, n_kv) = (c.head_dim, c.n_kv_head);
+        let n_rep = c.n_head / n_kv;
+        // Every row: (sequence, position), sequences' rows in position order.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut tokens: Vec<u32> = Vec::new();
+        for (si, s) in seqs.iter().enumerate() {
+            for (j, &t) in s.tokens.iter().enumerate() {
+                rows.push((si, s.cache.len + j));
+                tokens.push(t);
+            }
+        }
+        if rows.is_empty() {
+            candle_core::bail!("a pass needs at least one token");
+        }
+        if let Some(&(_, p)) = rows.iter().find(|(_, p)| *p >= self.max_positions) {
+            candle_core::bail!(
+                "position {} is past the {} positions this model was loaded for",
+                p + 1,
+                self.max_positions
+            );
+        }
+        let n = rows.len();
+        let embedded = self.embed.lookup(&tokens, &self.device)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut xs: Vec<Vec<f32>> = embedded.chunks_exact(c.n_embd).map(|r| r.to_vec()).collect();
+        let rope: Vec<(Vec<f32>, Vec<f32>)> = rows
+            .iter()
+            .map(|&(_, p)| Ok((self.cos.i(p)?.to_vec1::<f32>()?, self.sin.i(p)?.to_vec1::<f32>()?)))
+            .collect::<Result<_>>()?;
+        // Where each sequence's tail stood, so a failed pass can be undone.
+        let n_layers = self.layers.len();
+        for s in seqs.iter_mut() {
+            if s.cache.layers.is_empty() {
+                s.cache.layers = vec![LayerKv::default(); n_layers];
+            }
+        }
+        let before: Vec<usize> = seqs.iter().map(|s| s.cache.layers[0].tail_len(n_kv, d)).collect();
+        let result = self.rows_pass(seqs, &rows, &mut xs, &rope, n_rep);
+        match result {
+            Ok(logits) => {
+                for s in seqs.iter_mut() {
+                    s.cache.len += s.tokens.len();
+                }
+                debug_assert_eq!(logits.len(), n);
+                Ok(logits)
+            }
+            Err(e) => {
+                for (s, &t) in seqs.iter_mut().zip(&before) {
+                    s.cache.layers.iter_mut().for_each(|l| l.truncate_tail(t, n_kv, d));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn rows_pass(
+        &self,
+        seqs: &mut [Rows<'_>],
+        rows: &[(usize, usize)],
+        xs: &mut [Vec<f32>],
+        rope: &[(Vec<f32>, Vec<f32>)],
+        n_rep: usize,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = &self.cfg;
+        let (d, eps, n_kv) = (c.head_dim, c.rms_eps as f32, c.n_kv_head);
+        let n = rows.len();
+        let mut hs = vec![vec![0f32; c.n_embd]; n];
+        let mut attn = vec![vec![0f32; c.n_head * d]; n];
         for (i, layer) in self.layers.iter().enumerate() {
-            decode::rms_norm(&x, &layer.v.attn_norm, eps, &mut h);
-            let mut qkv = Linear::matvec_many(&[&layer.wq, &layer.wk, &layer.wv], &h)?;
-            for (y, b) in qkv.iter_mut().zip([&layer.v.bq, &layer.v.bk, &layer.v.bv]) {
+            for (h, x) in hs.iter_mut().zip(xs.iter()) {
+                decode::rms_norm(x, &layer.v.attn_norm, eps, h);
+            }
+            let h_rows: Vec<&[f32]> = hs.iter().map(|h| h.as_slice()).collect();
+            let mut qkv = Linear::matmul_rows(&[&layer.wq, &layer.wk, &layer.wv], &h_rows)?;
+            let widths = [c.n_head * d, n_kv * d, n_kv * d];
+            for ((y, b), w) in qkv.iter_mut().zip([&layer.v.bq, &layer.v.bk, &layer.v.bv]).zip(widths) {
                 if let Some(b) = b {
-                    y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+                    y.chunks_exact_mut(w).for_each(|y| y.iter_mut().zip(b).for_each(|(y, b)| *y += b));
                 }
             }
             let [mut q, mut k, v] =
                 <[Vec<f32>; 3]>::try_from(qkv).map_err(|_| candle_core::Error::Msg("q/k/v".into()))?;
-            decode::rope(&mut q, &cos, &sin, c.rope_neox);
-            decode::rope(&mut k, &cos, &sin, c.rope_neox);
-            // The layer's cache with this position appended, laid out (n_kv_head, len, d).
-            let (k_all, v_all) = match cache.layers.get(i) {
-                None => (k, v),
-                Some((pk, pv)) => (append_position(pk, &k, c.n_kv_head, d)?, append_position(pv, &v, c.n_kv_head, d)?),
-            };
-            attend_heads(&q, &k_all, &v_all, len, d, n_rep, c.n_head, &mut attn);
-            let shape = (1, c.n_kv_head, len, d);
-            layers.push((Tensor::from_vec(k_all, shape, &self.device)?, Tensor::from_vec(v_all, shape, &self.device)?));
-            let o = Linear::matvec_many(&[&layer.wo], &attn)?;
-            x.iter_mut().zip(&o[0]).for_each(|(x, o)| *x += o);
-            decode::rms_norm(&x, &layer.v.ffn_norm, eps, &mut h);
-            let mut gu = Linear::matvec_many(&[&layer.gate, &layer.up], &h)?;
+            for (r, (cos, sin)) in rope.iter().enumerate() {
+                decode::rope(&mut q[r * widths[0]..(r + 1) * widths[0]], cos, sin, c.rope_neox);
+                decode::rope(&mut k[r * widths[1]..(r + 1) * widths[1]], cos, sin, c.rope_neox);
+            }
+            // Append every row's K/V to its sequence (rows of a sequence are in position order), then attend.
+            for (r, &(si, _)) in rows.iter().enumerate() {
+                let kr = &k[r * widths[1]..(r + 1) * widths[1]];
+                let vr = &v[r * widths[1]..(r + 1) * widths[1]];
+                seqs[si].cache.layers[i].push(kr, vr);
+            }
+            for (r, &(si, pos)) in rows.iter().enumerate() {
+                let qr = &q[r * widths[0]..(r + 1) * widths[0]];
+                seqs[si].cache.layers[i].with_view(n_kv, d, |kv| {
+                    attend_heads(qr, kv, pos + 1, n_rep, c.n_head, &mut attn[r]);
+                })?;
+            }
+            let a_rows: Vec<&[f32]> = attn.iter().map(|a| a.as_slice()).collect();
+            let o = Linear::matmul_rows(&[&layer.wo], &a_rows)?;
+            for (r, x) in xs.iter_mut().enumerate() {
+                x.iter_mut().zip(&o[0][r * c.n_embd..(r + 1) * c.n_embd]).for_each(|(x, o)| *x += o);
+            }
+            for (h, x) in hs.iter_mut().zip(xs.iter()) {
+                decode::rms_norm(x, &layer.v.ffn_norm, eps, h);
+            }
+            let h_rows: Vec<&[f32]> = hs.iter().map(|h| h.as_slice()).collect();
+            let mut gu = Linear::matmul_rows(&[&layer.gate, &layer.up], &h_rows)?;
             let up = gu.pop().expect("two products");
             let mut g = gu.pop().expect("two products");
-            decode::swiglu(&mut g, &up);
-            let down = Linear::matvec_many(&[&layer.down], &g)?;
-            x.iter_mut().zip(&down[0]).for_each(|(x, y)| *x += y);
+            let ff = layer.up.n;
+            for (g, u) in g.chunks_exact_mut(ff).zip(up.chunks_exact(ff)) {
+                decode::swiglu(g, u);
+            }
+            let g_rows: Vec<&[f32]> = g.chunks_exact(ff).collect();
+            let down = Linear::matmul_rows(&[&layer.down], &g_rows)?;
+            for (r, x) in xs.iter_mut().enumerate() {
+                x.iter_mut().zip(&down[0][r * c.n_embd..(r + 1) * c.n_embd]).for_each(|(x, y)| *x += y);
+            }
         }
-        decode::rms_norm(&x.clone(), &self.norm_v, eps, &mut x);
-        let logits = Linear::matvec_many(&[&self.output], &x)?.pop().expect("one product");
-        let logits = Tensor::from_vec(logits, self.output.n, &self.device)?;
-        cache.layers = layers;
-        cache.len += 1;
-        Ok(logits)
+        for x in xs.iter_mut() {
+            decode::rms_norm(&x.clone(), &self.norm_v, eps, x);
+        }
+        let x_rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let logits = Linear::matmul_rows(&[&self.output], &x_rows)?.pop().expect("one product");
+        Ok(logits.chunks_exact(self.output.n).map(|l| l.to_vec()).collect())
     }
-}
-
-/// `cache` (a contiguous `(1, n_kv, len, d)` f32 tensor on the CPU) with one more position, `new` (`n_kv × d`),
-/// as a flat `(n_kv, len + 1, d)` vector.
-fn append_position(cache: &Tensor, new: &[f32], n_kv: usize, d: usize) -> Result<Vec<f32>> {
-    let (storage, layout) = cache.storage_and_layout();
-    let old = match (&*storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(cpu), Some((a, b))) => &cpu.as_slice::<f32>()?[a..b],
-        _ => candle_core::bail!("the K/V cache is not a contiguous f32 tensor on the CPU"),
-    };
-    let len = old.len() / (n_kv * d);
-    let mut out = Vec::with_capacity(n_kv * (len + 1) * d);
-    for (g, row) in new.chunks_exact(d).enumerate() {
-        out.extend_from_slice(&old[g * len * d..(g + 1) * len * d]);
-        out.extend_from_slice(row);
-    }
-    Ok(out)
 }
 
 /// Positions × heads below which one decoding step's attention runs on the calling thread: under it the hand-out
 /// to the pool costs more than the arithmetic.
 const PARALLEL_ATTENTION: usize = 4096;
 
-/// Attention of one query position, all `n_head` heads of `q` into `out`, over `len` cached positions of `k`, `v`
-/// (`(n_kv_head, len, d)`); the heads are shared out over candle's CPU thread pool when the context is long.
-#[allow(clippy::too_many_arguments)]
-fn attend_heads(q: &[f32], k: &[f32], v: &[f32], len: usize, d: usize, n_rep: usize, n_head: usize, out: &mut [f32]) {
+/// Attention of one query position, all `n_head` heads of `q` into `out`, over the first `len` positions of `kv`;
+/// the heads are shared out over candle's CPU thread pool when the context is long.
+fn attend_heads(q: &[f32], kv: &KvView, len: usize, n_rep: usize, n_head: usize, out: &mut [f32]) {
+    let d = kv.d;
     if len * n_head < PARALLEL_ATTENTION {
         let mut scores = vec![0f32; len];
-        decode::attend_one(q, k, v, len, d, n_rep, 0..n_head, out, &mut scores);
+        decode::attend_one(q, kv, len, n_rep, 0..n_head, out, &mut scores);
         return;
     }
     // Each head range is handed to exactly one thread by `execute_chunked` and writes only its own heads' floats:
@@ -101,7 +179,7 @@ fn attend_heads(q: &[f32], k: &[f32], v: &[f32], len: usize, d: usize, n_rep: us
         // SAFETY: heads `heads` own floats `heads.start * d .. heads.end * d` of `out` alone, and `out` outlives
         // the pool call.
         let o = unsafe { std::slice::from_raw_parts_mut(dst.0[0].add(heads.start * d), heads.len() * d) };
-        decode::attend_one(q, k, v, len, d, n_rep, heads, o, &mut scores);
+        decode::attend_one(q, kv, len, n_rep, heads, o, &mut scores);
     });
 }
 
@@ -122,24 +200,13 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (1, n_kv, len, d), &dev).unwrap();
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut out = vec![f32::NAN; n_head * d];
-            attend_heads(&flat(&q), &flat(&k), &flat(&v), len, d, n_head / n_kv, n_head, &mut out);
+            let (kf, vf) = (flat(&k), flat(&v));
+            let kv = KvView { base_k: &kf, base_v: &vf, base_len: len, tail_k: &[], tail_v: &[], n_kv, d };
+            attend_heads(&flat(&q), &kv, len, n_head / n_kv, n_head, &mut out);
             let want = naive_attention(&q, &k, &v, len - 1);
             let err = out.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
             assert!(err < 1e-4, "heads {n_head}/{n_kv}, {len} positions: max error {err}");
             assert_eq!(len * n_head >= PARALLEL_ATTENTION, len >= 400, "the cases must cover both branches");
         }
-    }
-
-    #[test]
-    fn appending_a_position_keeps_each_head_contiguous() {
-        let (n_kv, d) = (2, 3);
-        let old = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, n_kv, 2, d)).unwrap();
-        let out = append_position(&old, &[100.0, 101.0, 102.0, 200.0, 201.0, 202.0], n_kv, d).unwrap();
-        let want =
-            [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 102.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 200.0, 201.0, 202.0];
-        assert_eq!(out, want);
-        // A non-contiguous view is refused rather than read in the wrong order.
-        let view = old.transpose(2, 3).unwrap();
-        assert!(append_position(&view, &[0.0; 6], n_kv, d).is_err());
     }
 }

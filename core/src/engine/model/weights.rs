@@ -122,13 +122,26 @@ impl Linear {
         layers.iter().all(|l| l.raw().is_some() && l.k == layers[0].k)
     }
 
-    /// `ys[i] = layers[i] · x` for one row `x` on the CPU: one pass of our kernels over the thread pool when they
-    /// cover every layer, else candle's matmul layer by layer.
+    /// `ys[i] = layers[i] · x` for one row `x` on the CPU (see [`Linear::matmul_rows`]).
     pub(super) fn matvec_many(layers: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
+        Linear::matmul_rows(layers, &[x])
+    }
+
+    /// `ys[i][r * n_i .. (r + 1) * n_i] = layers[i] · xs[r]` for rows on the CPU: our kernels in one pass over
+    /// the weights for all rows when they cover every layer ([`kernels::gemm_many`]), else candle's matmul one row
+    /// at a time — either way each row gets exactly the products it would get alone, so batching rows never
+    /// changes a result.
+    pub(super) fn matmul_rows(layers: &[&Linear], xs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         let k = layers[0].k;
         if !Linear::kernels_cover(layers) {
-            let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
-            return layers.iter().map(|l| l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()).collect();
+            let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| Vec::with_capacity(l.n * xs.len())).collect();
+            for x in xs {
+                let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
+                for (l, y) in layers.iter().zip(ys.iter_mut()) {
+                    y.extend(l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+                }
+            }
+            return Ok(ys);
         }
         let raw: Vec<_> = layers.iter().filter_map(|l| l.raw()).collect();
         let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
@@ -138,9 +151,9 @@ impl Linear {
             .zip(&data)
             .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
             .collect();
-        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n]).collect();
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n * xs.len()]).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-        kernels::gemv_many(&mats, k, x, &mut outs);
+        kernels::gemm_many(&mats, k, xs, &mut outs);
         Ok(ys)
     }
 }

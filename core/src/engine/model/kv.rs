@@ -1,0 +1,184 @@
+//! The attention state after some tokens, owned by the caller.
+//!
+//! Per layer, K and V live in two parts:
+//! - a **base**, `(1, n_kv_head, len, head_dim)` tensors written once by a prompt pass and never changed: cloning
+//!   a state shares them (candle tensors are reference-counted), so a cached schema prefix, or one prompt that
+//!   several candidates continue, is stored once;
+//! - a **tail** the decoding step appends to in place, token-major (`(t, n_kv_head, head_dim)`): a decoded token
+//!   costs one write of its K/V, not a copy of the whole layer (which, with eight candidates on a 300-token
+//!   prompt, would move more bytes than the weights).
+//!
+//! A prompt pass over a state with a tail folds the tail into a new base first ([`LayerKv::full`]).
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::engine::decode::KvView;
+
+#[derive(Clone, Default)]
+pub(crate) struct LayerKv {
+    base: Option<(Tensor, Tensor)>,
+    base_len: usize,
+    tail_k: Vec<f32>,
+    tail_v: Vec<f32>,
+}
+
+/// The floats of a contiguous f32 CPU tensor.
+fn floats(t: &Tensor) -> Result<impl std::ops::Deref<Target = candle_core::Storage> + '_> {
+    let (storage, layout) = t.storage_and_layout();
+    match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(_), Some((0, _))) if t.dtype() == DType::F32 => {}
+        _ => candle_core::bail!("the K/V cache is not a contiguous f32 tensor on the CPU"),
+    }
+    Ok(storage)
+}
+
+fn slice(storage: &candle_core::Storage) -> Result<&[f32]> {
+    match storage {
+        candle_core::Storage::Cpu(cpu) => cpu.as_slice::<f32>(),
+        _ => candle_core::bail!("the K/V cache is not on the CPU"),
+    }
+}
+
+impl LayerKv {
+    pub(crate) fn from_base(k: Tensor, v: Tensor) -> Result<LayerKv> {
+        let (_, _, len, _) = k.dims4()?;
+        Ok(LayerKv { base: Some((k, v)), base_len: len, tail_k: Vec::new(), tail_v: Vec::new() })
+    }
+
+    /// K and V as `(1, n_kv, len, d)` tensors (the base, with the tail folded in when there is one), for a prompt
+    /// pass to extend. `None` for a layer that has seen nothing.
+    pub(crate) fn full(&self, n_kv: usize, d: usize, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+        let t = self.tail_k.len() / (n_kv * d);
+        if t == 0 {
+            return Ok(self.base.clone());
+        }
+        let tail = |x: &[f32]| Tensor::from_slice(x, (1, t, n_kv, d), device)?.transpose(1, 2)?.contiguous();
+        let (tk, tv) = (tail(&self.tail_k)?, tail(&self.tail_v)?);
+        Ok(Some(match &self.base {
+            Some((k, v)) => (Tensor::cat(&[k, &tk], 2)?, Tensor::cat(&[v, &tv], 2)?),
+            None => (tk, tv),
+        }))
+    }
+
+    /// Positions stored in the tail.
+    pub(crate) fn tail_len(&self, n_kv: usize, d: usize) -> usize {
+        self.tail_k.len() / (n_kv * d)
+    }
+
+    /// Append one position's K and V (each `n_kv × d`).
+    pub(crate) fn push(&mut self, k: &[f32], v: &[f32]) {
+        self.tail_k.extend_from_slice(k);
+        self.tail_v.extend_from_slice(v);
+    }
+
+    /// Drop tail positions past `positions` (undo of [`LayerKv::push`]).
+    pub(crate) fn truncate_tail(&mut self, positions: usize, n_kv: usize, d: usize) {
+        self.tail_k.truncate(positions * n_kv * d);
+        self.tail_v.truncate(positions * n_kv * d);
+    }
+
+    /// Run `f` on a plain-slice view of every stored position.
+    pub(crate) fn with_view<R>(&self, n_kv: usize, d: usize, f: impl FnOnce(&KvView) -> R) -> Result<R> {
+        let base = match &self.base {
+            Some((k, v)) => Some((floats(k)?, floats(v)?)),
+            None => None,
+        };
+        let (base_k, base_v) = match &base {
+            Some((k, v)) => (slice(k)?, slice(v)?),
+            None => (&[][..], &[][..]),
+        };
+        let view = KvView {
+            base_k: &base_k[..self.base_len * n_kv * d],
+            base_v: &base_v[..self.base_len * n_kv * d],
+            base_len: self.base_len,
+            tail_k: &self.tail_k,
+            tail_v: &self.tail_v,
+            n_kv,
+            d,
+        };
+        Ok(f(&view))
+    }
+
+    fn bytes(&self) -> usize {
+        let base = self.base.as_ref().map_or(0, |(k, v)| (k.elem_count() + v.elem_count()) * 4);
+        base + (self.tail_k.len() + self.tail_v.len()) * 4
+    }
+}
+
+/// The attention state after some tokens (see the module documentation).
+#[derive(Clone, Default)]
+pub struct KvCache {
+    pub(crate) layers: Vec<LayerKv>,
+    pub(crate) len: usize,
+}
+
+impl KvCache {
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Tokens seen so far: the position the next token takes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// A state of `tokens` positions holding `bytes_per_token` bytes each (one layer of zeros), for cache tests.
+    #[cfg(test)]
+    pub(crate) fn synthetic(bytes_per_token: usize, tokens: usize) -> KvCache {
+        let d = bytes_per_token / 8;
+        let z = Tensor::zeros((1, 1, tokens, d), DType::F32, &Device::Cpu).expect("zeros");
+        KvCache { layers: vec![LayerKv::from_base(z.clone(), z).expect("4 dims")], len: tokens }
+    }
+
+    /// Memory held by the state, in bytes (a base shared with other states is counted in each).
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerKv::bytes).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_folds_into_the_base_in_position_order() {
+        let (n_kv, d) = (2, 3);
+        // Base: 2 positions, laid out (n_kv, len, d): head 0 = 0..6, head 1 = 6..12.
+        let base = Tensor::arange(0f32, 12.0, &Device::Cpu).unwrap().reshape((1, n_kv, 2, d)).unwrap();
+        let mut l = LayerKv::from_base(base.clone(), (base * 10.0).unwrap()).unwrap();
+        // Two decoded positions, token-major: (head 0, head 1) each.
+        l.push(&[100.0, 101.0, 102.0, 200.0, 201.0, 202.0], &[0.0; 6]);
+        l.push(&[110.0, 111.0, 112.0, 210.0, 211.0, 212.0], &[0.0; 6]);
+        assert_eq!(l.tail_len(n_kv, d), 2);
+        let (k, _) = l.full(n_kv, d, &Device::Cpu).unwrap().unwrap();
+        let want = [
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 102.0, 110.0, 111.0, 112.0, // head 0
+            6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 200.0, 201.0, 202.0, 210.0, 211.0, 212.0, // head 1
+        ];
+        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        // The view reads the same rows without folding.
+        l.with_view(n_kv, d, |v| {
+            assert_eq!(v.k_row(1, 1), &[9.0, 10.0, 11.0]);
+            assert_eq!(v.k_row(1, 3), &[210.0, 211.0, 212.0]);
+            assert_eq!(v.k_row(0, 2), &[100.0, 101.0, 102.0]);
+        })
+        .unwrap();
+        l.truncate_tail(1, n_kv, d);
+        assert_eq!(l.tail_len(n_kv, d), 1);
+    }
+
+    #[test]
+    fn cloning_shares_the_base_and_copies_only_the_tail() {
+        let base = Tensor::zeros((1, 1, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let a = KvCache { layers: vec![LayerKv::from_base(base.clone(), base).unwrap()], len: 4 };
+        let mut b = a.clone();
+        b.layers[0].push(&[1.0, 2.0], &[3.0, 4.0]);
+        b.len += 1;
+        assert_eq!(a.layers[0].tail_len(1, 2), 0, "a continuation never changes the state it started from");
+        assert_eq!((a.bytes(), b.bytes()), (64, 80));
+    }
+}

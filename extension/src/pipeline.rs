@@ -1,0 +1,338 @@
+//! What `copilot.ask` does between the question and the SQL it returns: every answer is checked against the
+//! caller's database before anyone sees it.
+//!
+//! 1. **Candidates**: the worker decodes `copilot.candidates` answers to the question together (the first greedy,
+//!    the others sampled with a seed taken from the prompt, so the same question gives the same answer).
+//! 2. **Check**: each distinct SQL passes the gate and is planned as the caller (`EXPLAIN` in a rolled-back,
+//!    read-only subtransaction under the statement timer; no data is read). PostgreSQL is the judge of names and
+//!    types.
+//! 3. **Repair**: when no candidate plans, the greedy answer goes back to the model as a continuation of the same
+//!    conversation — the SQL it wrote, then PostgreSQL's message, DETAIL and HINT — up to
+//!    `copilot.repair_attempts` times. The schema prefix is shared, so the prefix cache makes this cheap.
+//! 4. **Vote**: the candidates that plan are run read-only as the caller (time-bounded by `copilot.vote_timeout`,
+//!    row-bounded) and grouped by equal results (a multiset of rows, column order free); the largest group wins,
+//!    ties go to the group holding the earliest candidate (the greedy one first). When nothing can be run (a zero
+//!    timeout, or every run failed), candidates are grouped by equal plans instead.
+//! 5. **Refusal**: when nothing plans after repair, `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002)
+//!    naming what failed and what tables exist, instead of handing back SQL that cannot run. (A model that wrote
+//!    no SQL at all is `NoSql`, 22000, with what it wrote in DETAIL.)
+//!
+//! Everything is recorded in a [`Report`] (`copilot.ask_verbose`) and counted on the board (`copilot.status()`).
+
+use crate::errors::CopilotError;
+use crate::exec;
+use crate::gucs;
+use crate::shmem::{PipelineCounts, BOARD};
+use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest, Sampling};
+use copilot_core::sql::gate;
+use copilot_core::sql::prompt::repair_message;
+use copilot_core::sql::schema::Catalog;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+/// Rows a candidate may return when it runs for the vote; past this its result counts as "this many or more".
+const VOTE_ROWS: usize = 1000;
+
+/// What happened to one candidate.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tried {
+    /// `greedy`, `sample N`, or `repair N`.
+    pub source: String,
+    /// What the model wrote.
+    pub text: String,
+    pub sql: Option<String>,
+    /// `null` when it planned; otherwise why not (the gate's or PostgreSQL's words, with the SQLSTATE).
+    pub error: Option<String>,
+    /// The vote group it fell in, if it was run or compared.
+    pub group: Option<usize>,
+    /// Rows it returned when run for the vote (`VOTE_ROWS + 1` means "more").
+    pub rows: Option<usize>,
+    #[serde(skip)]
+    plan: Option<String>,
+}
+
+/// The whole story of one answer, for `copilot.ask_verbose`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub question: String,
+    pub candidates: Vec<Tried>,
+    pub repairs: usize,
+    /// How the winner was chosen: `only candidate`, `largest result group`, `tie, earliest candidate`,
+    /// `plan agreement`, or why nothing was returned.
+    pub decision: String,
+    /// The winning group's size minus the runner-up's (0 with a single group or a tie).
+    pub margin: usize,
+    pub groups: Vec<Vec<usize>>,
+    pub winner: Option<usize>,
+    pub refused: Option<String>,
+}
+
+/// The SQL `ask` returns, and how it was chosen.
+pub struct Answered {
+    pub sql: String,
+    pub report: Report,
+}
+
+fn describe(e: &CopilotError) -> String {
+    match e {
+        CopilotError::Execution { message, detail, hint, .. } => {
+            let mut s = format!("ERROR:  {message}");
+            if let Some(d) = detail {
+                s.push_str(&format!("\nDETAIL:  {d}"));
+            }
+            if let Some(h) = hint {
+                s.push_str(&format!("\nHINT:  {h}"));
+            }
+            s
+        }
+        e => format!("ERROR:  {e}"),
+    }
+}
+
+/// Gate, then plan as the caller. `Ok(plan text)` or the reason, in words for the model and the report.
+fn check(sql: &str, catalog: &Catalog) -> Result<String, String> {
+    let checked = gate::check(sql).map_err(|r| format!("ERROR:  the query is not allowed: {r}"))?;
+    exec::plan(sql).map_err(|e| {
+        let mut why = describe(&e);
+        // The gate's own reading of unknown names, when PostgreSQL's message does not already say it.
+        let unknown: Vec<String> = gate::unknown_names(&checked, catalog).iter().map(|u| u.to_string()).collect();
+        if !unknown.is_empty() && !why.contains("does not exist") {
+            why.push_str(&format!("\nAlso: {}.", unknown.join("; ")));
+        }
+        why
+    })
+}
+
+fn tried(source: String, c: &Candidate) -> Tried {
+    Tried { source, text: c.text.clone(), sql: c.sql.clone(), error: None, group: None, rows: None, plan: None }
+}
+
+/// Check every candidate (each distinct SQL once).
+fn check_all(list: &mut [Tried], catalog: &Catalog) {
+    let mut seen: BTreeMap<String, Result<String, String>> = BTreeMap::new();
+    for t in list.iter_mut() {
+        let Some(sql) = t.sql.clone() else {
+            t.error = Some("the model wrote no SQL".into());
+            continue;
+        };
+        let r = seen.entry(sql.trim().to_string()).or_insert_with(|| check(&sql, catalog)).clone();
+        match r {
+            Ok(plan) => t.plan = Some(plan),
+            Err(why) => t.error = Some(why),
+        }
+    }
+}
+
+/// Rows as PostgreSQL writes their values (NULL as `None`).
+type Rows = Vec<Vec<Option<String>>>;
+
+/// A result as a vote key: every row's values sorted (column order free), rows sorted (a multiset).
+fn result_key(rows: &[Vec<Option<String>>]) -> Rows {
+    let mut rows: Rows = rows
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            r.sort();
+            r
+        })
+        .collect();
+    rows.sort();
+    rows
+}
+
+/// Group the candidates that planned (indexes into `list`) by equal results — or equal plans when nothing could be
+/// run — and pick the winner. Returns (winner, decision, margin, groups).
+fn vote(list: &mut [Tried], timeout_ms: i32) -> (usize, String, usize, Vec<Vec<usize>>) {
+    let planned: Vec<usize> = (0..list.len()).filter(|&i| list[i].plan.is_some()).collect();
+    if planned.len() == 1 {
+        return (planned[0], "only candidate".into(), 0, vec![planned]);
+    }
+    let mut by_result: Vec<(Rows, Vec<usize>)> = Vec::new();
+    if timeout_ms > 0 {
+        let mut runs: BTreeMap<String, Option<(Rows, usize)>> = BTreeMap::new();
+        for &i in &planned {
+            let sql = list[i].sql.clone().unwrap_or_default();
+            let run = runs
+                .entry(sql.trim().to_string())
+                .or_insert_with(|| {
+                    exec::result_rows(&sql, timeout_ms, VOTE_ROWS).ok().map(|r| (result_key(&r), r.len()))
+                })
+                .clone();
+            if let Some((key, n)) = run {
+                list[i].rows = Some(n);
+                match by_result.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, members)) => members.push(i),
+                    None => by_result.push((key, vec![i])),
+                }
+            }
+        }
+    }
+    let (groups, how): (Vec<Vec<usize>>, &str) = if by_result.is_empty() {
+        // Nothing could be run: agree on plans instead.
+        let mut by_plan: Vec<(String, Vec<usize>)> = Vec::new();
+        for &i in &planned {
+            let plan = list[i].plan.clone().unwrap_or_default();
+            match by_plan.iter_mut().find(|(p, _)| *p == plan) {
+                Some((_, members)) => members.push(i),
+                None => by_plan.push((plan, vec![i])),
+            }
+        }
+        (by_plan.into_iter().map(|(_, m)| m).collect(), "plan agreement")
+    } else {
+        (by_result.into_iter().map(|(_, m)| m).collect(), "largest result group")
+    };
+    for (g, members) in groups.iter().enumerate() {
+        for &i in members {
+            list[i].group = Some(g);
+        }
+    }
+    // Largest group; among equals, the one holding the earliest candidate (members are in candidate order).
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), groups[g][0]));
+    let best = order[0];
+    let runner_up = order.get(1).map_or(0, |&g| groups[g].len());
+    let margin = groups[best].len() - runner_up;
+    let decision = if order.len() > 1 && margin == 0 { format!("{how}, tie: earliest candidate") } else { how.into() };
+    (groups[best][0], decision, margin, groups)
+}
+
+/// Answer `question` (after the conversation `history`) over the caller's `catalog`, rendered as `context`.
+pub fn answer(
+    question: &str,
+    catalog: &Catalog,
+    context: &str,
+    history: &[Exchange],
+) -> Result<Answered, CopilotError> {
+    let k = gucs::CANDIDATES.get().max(1) as usize;
+    let max_new_tokens = gucs::MAX_NEW_TOKENS.get().max(1) as usize;
+    let req = GenerateRequest {
+        schema_context: String::new(),
+        history: history.to_vec(),
+        question: question.to_string(),
+        max_new_tokens,
+        sampling: Sampling { candidates: k, ..Sampling::default() },
+    };
+    let (candidates, _) = crate::api::generate(context, &req)?;
+    let mut list: Vec<Tried> = candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| tried(if i == 0 { "greedy".into() } else { format!("sample {i}") }, c))
+        .collect();
+    check_all(&mut list, catalog);
+    let mut report = Report { question: question.to_string(), ..Report::default() };
+
+    // Repair the greedy answer while nothing plans.
+    let attempts = gucs::REPAIR_ATTEMPTS.get().max(0) as usize;
+    let mut conversation = history.to_vec();
+    let mut last = 0;
+    let mut ask = question.to_string();
+    while !list.iter().any(|t| t.plan.is_some()) && report.repairs < attempts {
+        let (Some(sql), Some(error)) = (list[last].sql.clone(), list[last].error.clone()) else { break };
+        conversation.push(Exchange { question: ask.clone(), answer: sql });
+        ask = repair_message(&error);
+        let repair = GenerateRequest {
+            history: conversation.clone(),
+            question: ask.clone(),
+            sampling: Sampling { candidates: 1, ..Sampling::default() },
+            ..req.clone()
+        };
+        let (fixed, _) = crate::api::generate(context, &repair)?;
+        report.repairs += 1;
+        let mut t = tried(format!("repair {}", report.repairs), &fixed[0]);
+        check_all(std::slice::from_mut(&mut t), catalog);
+        list.push(t);
+        last = list.len() - 1;
+    }
+
+    let planned = list.iter().filter(|t| t.plan.is_some()).count();
+    if planned == 0 && list.iter().all(|t| t.sql.is_none()) {
+        report.decision = "no SQL".into();
+        report.candidates = list.clone();
+        count(&report, k);
+        return Err(CopilotError::NoSql { raw: list[0].text.clone() });
+    }
+    if planned == 0 {
+        let why = "none of the answers the model wrote can run on this database".to_string();
+        report.decision = "refused".into();
+        report.refused = Some(why.clone());
+        report.candidates = list.clone();
+        count(&report, k);
+        return Err(CopilotError::CannotAnswer {
+            why,
+            tables: catalog.tables.iter().map(|t| t.name.clone()).collect(),
+            tried: list.iter().filter_map(|t| Some(format!("{} → {}", t.sql.as_ref()?, t.error.as_ref()?))).collect(),
+            report: Box::new(report),
+        });
+    }
+    let (winner, decision, margin, groups) = vote(&mut list, gucs::VOTE_TIMEOUT_MS.get());
+    report.winner = Some(winner);
+    report.decision = decision;
+    report.margin = margin;
+    report.groups = groups;
+    let sql = list[winner].sql.clone().unwrap_or_default();
+    report.candidates = list;
+    count(&report, k);
+    Ok(Answered { sql, report })
+}
+
+/// Add this answer to the board's counters (`copilot.status()`).
+fn count(report: &Report, k: usize) {
+    let c = PipelineCounts {
+        asks: 1,
+        candidates: k as u64,
+        planned_first_try: report.candidates.iter().take(k).filter(|t| t.plan.is_some()).count() as u64,
+        repairs: report.repairs as u64,
+        repaired: u64::from(report.repairs > 0 && report.winner.is_some()),
+        votes: u64::from(report.groups.len() > 1),
+        margin_sum: report.margin as u64,
+        refusals: u64::from(report.refused.is_some()),
+    };
+    BOARD.exclusive().count_pipeline(c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(i: usize, planned: bool) -> Tried {
+        Tried {
+            source: format!("c{i}"),
+            text: String::new(),
+            sql: Some(format!("SELECT {i}")),
+            error: (!planned).then(|| "ERROR:  no".into()),
+            group: None,
+            rows: None,
+            plan: planned.then(|| format!("plan {}", i % 2)),
+        }
+    }
+
+    #[test]
+    fn result_keys_ignore_column_and_row_order() {
+        let a = vec![vec![Some("1".into()), Some("x".into())], vec![Some("2".into()), None]];
+        let b = vec![vec![None, Some("2".into())], vec![Some("x".into()), Some("1".into())]];
+        assert_eq!(result_key(&a), result_key(&b));
+        let c = vec![vec![Some("1".into()), Some("x".into())]];
+        assert_ne!(result_key(&a), result_key(&c), "a multiset: row counts matter");
+    }
+
+    #[test]
+    fn without_execution_plans_are_compared_and_ties_go_to_the_earliest() {
+        // Candidates 0 and 2 plan alike ("plan 0"), 1 and 3 alike ("plan 1"): a tie between two groups of two.
+        let mut list: Vec<Tried> = (0..4).map(|i| t(i, true)).collect();
+        let (w, decision, margin, groups) = vote(&mut list, 0);
+        assert_eq!((w, margin), (0, 0));
+        assert!(decision.contains("tie"), "{decision}");
+        assert_eq!(groups, vec![vec![0, 2], vec![1, 3]]);
+        // With candidate 0 failing, the plan-1 group (1, 3) outnumbers (2): it wins by one.
+        let mut list: Vec<Tried> = (0..4).map(|i| t(i, i != 0)).collect();
+        let (w, decision, margin, _) = vote(&mut list, 0);
+        assert_eq!((w, margin, decision.as_str()), (1, 1, "plan agreement"));
+        assert_eq!(list[0].group, None, "a candidate that did not plan takes no part");
+    }
+
+    #[test]
+    fn a_single_planned_candidate_wins_alone() {
+        let mut list: Vec<Tried> = (0..3).map(|i| t(i, i == 2)).collect();
+        assert_eq!(vote(&mut list, 1000).0, 2);
+    }
+}
