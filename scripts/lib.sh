@@ -123,3 +123,14 @@ trainer() {
   fi
   "$bin" "$@"
 }
+
+# machine_json: the machine a benchmark ran on, as a JSON object (CPU model, cores, memory, load average now).
+machine_json() {
+  python3 - <<'PY'
+import json, os
+cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), 'unknown')
+mem = int(open('/proc/meminfo').readline().split()[1]) / 1048576
+print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1),
+                  "load_avg": open('/proc/loadavg').read().split()[:3]}))
+PY
+}

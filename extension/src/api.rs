@@ -9,7 +9,7 @@
 use crate::errors::{CopilotError, OrRaise};
 use crate::shmem::{Latch, Metrics, Owner, Poll, Readiness, Ticket, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
-use copilot_core::engine::backend::{Candidate, GenerateRequest};
+use copilot_core::engine::backend::{Answer, GenerateRequest};
 use copilot_core::sql::schema::Catalog;
 use pgrx::prelude::*;
 use std::cell::Cell;
@@ -178,7 +178,7 @@ pub(crate) fn validate_question(question: &str) -> Result<&str, CopilotError> {
 
 /// Send a request (the caller's schema context, then the conversation) to the worker and wait for its candidates,
 /// the greedy one first.
-pub(crate) fn generate(context: &str, req: &GenerateRequest) -> Result<(Vec<Candidate>, Metrics), CopilotError> {
+pub(crate) fn generate(context: &str, req: &GenerateRequest) -> Result<(Answer, Metrics), CopilotError> {
     let payload = serde_json::to_string(&GenerateRequest { schema_context: String::new(), ..req.clone() })
         .map_err(|e| CopilotError::Catalog(format!("cannot encode the request: {e}")))?;
     if context.len() + payload.len() > INPUT_BYTES {
@@ -194,11 +194,11 @@ pub(crate) fn generate(context: &str, req: &GenerateRequest) -> Result<(Vec<Cand
             Poll::Answered { answer, metrics } => {
                 claim.release();
                 LAST_ASK.set(Some(metrics));
-                let candidates: Vec<Candidate> = serde_json::from_str(&answer).map_err(|e| CopilotError::Worker {
+                let answer: Answer = serde_json::from_str(&answer).map_err(|e| CopilotError::Worker {
                     failure: crate::shmem::Failure::Engine(copilot_core::error::ErrorKind::Inference),
                     message: format!("the worker's answer is malformed: {e}"),
                 })?;
-                return Ok((candidates, metrics));
+                return Ok((answer, metrics));
             }
             Poll::Failed(failure, message) => {
                 claim.release();

@@ -16,6 +16,7 @@
 //! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
 //! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
 //! | `copilot.value_hints` | USERSET | 6 | example values shown per categorical column (0 = none) |
+//! | `copilot.refusal_threshold` | USERSET | 0.9 | refuse when the model's P(the schema cannot answer) reaches this (1 = never ask) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
 //! postmaster starts it again with the new model.
@@ -41,6 +42,7 @@ pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
 pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
+pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.9);
 
 /// Register the settings. PGC_POSTMASTER ones can only be defined while shared_preload_libraries is processed;
 /// in a backend that loads the library later (not preloaded) they are left out: no worker reads them there.
@@ -157,6 +159,18 @@ fn register_session_gucs() {
 }
 
 fn register_answer_gucs() {
+    GucRegistry::define_float_guc(
+        c"copilot.refusal_threshold",
+        c"Refuse a question when the model's probability that the schema cannot answer it reaches this value.",
+        c"Before answering, the model is asked whether the tables the caller can read can answer the question (its \
+          yes/no probability, on the same cached schema prefix). 1 turns the check off; answers that PostgreSQL \
+          cannot plan even after repair are refused either way.",
+        &REFUSAL_THRESHOLD,
+        0.0,
+        1.0,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"copilot.candidates",
         c"Answers the model writes per question (the first greedy, the others sampled), decoded together.",

@@ -13,9 +13,11 @@
 //!    row-bounded) and grouped by equal results (a multiset of rows, column order free); the largest group wins,
 //!    ties go to the group holding the earliest candidate (the greedy one first). When nothing can be run (a zero
 //!    timeout, or every run failed), candidates are grouped by equal plans instead.
-//! 5. **Refusal**: when nothing plans after repair, `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002)
-//!    naming what failed and what tables exist, instead of handing back SQL that cannot run. (A model that wrote
-//!    no SQL at all is `NoSql`, 22000, with what it wrote in DETAIL.)
+//! 5. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
+//!    instead of handing back SQL, when the model — asked in the same request, on the same cached schema prefix,
+//!    whether these tables can answer the question — says no with a probability of at least
+//!    `copilot.refusal_threshold`, or when nothing plans after repair. (A model that wrote no SQL at all is
+//!    `NoSql`, 22000, with what it wrote in DETAIL.)
 //!
 //! Everything is recorded in a [`Report`] (`copilot.ask_verbose`) and counted on the board (`copilot.status()`).
 
@@ -65,6 +67,8 @@ pub struct Report {
     pub groups: Vec<Vec<usize>>,
     pub winner: Option<usize>,
     pub refused: Option<String>,
+    /// The model's probability that the schema cannot answer the question, when it was asked.
+    pub p_unanswerable: Option<f32>,
 }
 
 /// The SQL `ask` returns, and how it was chosen.
@@ -205,21 +209,32 @@ pub fn answer(
 ) -> Result<Answered, CopilotError> {
     let k = gucs::CANDIDATES.get().max(1) as usize;
     let max_new_tokens = gucs::MAX_NEW_TOKENS.get().max(1) as usize;
+    let threshold = gucs::REFUSAL_THRESHOLD.get();
     let req = GenerateRequest {
         schema_context: String::new(),
         history: history.to_vec(),
         question: question.to_string(),
         max_new_tokens,
         sampling: Sampling { candidates: k, ..Sampling::default() },
+        judge: threshold < 1.0 && history.is_empty(),
     };
-    let (candidates, _) = crate::api::generate(context, &req)?;
-    let mut list: Vec<Tried> = candidates
+    let (answer, _) = crate::api::generate(context, &req)?;
+    let mut list: Vec<Tried> = answer
+        .candidates
         .iter()
         .enumerate()
         .map(|(i, c)| tried(if i == 0 { "greedy".into() } else { format!("sample {i}") }, c))
         .collect();
+    let mut report =
+        Report { question: question.to_string(), p_unanswerable: answer.p_unanswerable, ..Report::default() };
+    if let Some(p) = answer.p_unanswerable.filter(|p| f64::from(*p) >= threshold) {
+        let why = format!(
+            "asked whether these tables can answer it, the model says no (p = {p:.2}, copilot.refusal_threshold = \
+             {threshold})"
+        );
+        return Err(refuse(report, list, why, catalog, k));
+    }
     check_all(&mut list, catalog);
-    let mut report = Report { question: question.to_string(), ..Report::default() };
 
     // Repair the greedy answer while nothing plans.
     let attempts = gucs::REPAIR_ATTEMPTS.get().max(0) as usize;
@@ -234,11 +249,13 @@ pub fn answer(
             history: conversation.clone(),
             question: ask.clone(),
             sampling: Sampling { candidates: 1, ..Sampling::default() },
+            judge: false,
             ..req.clone()
         };
         let (fixed, _) = crate::api::generate(context, &repair)?;
         report.repairs += 1;
-        let mut t = tried(format!("repair {}", report.repairs), &fixed[0]);
+        let Some(first) = fixed.candidates.first() else { break };
+        let mut t = tried(format!("repair {}", report.repairs), first);
         check_all(std::slice::from_mut(&mut t), catalog);
         list.push(t);
         last = list.len() - 1;
@@ -253,16 +270,7 @@ pub fn answer(
     }
     if planned == 0 {
         let why = "none of the answers the model wrote can run on this database".to_string();
-        report.decision = "refused".into();
-        report.refused = Some(why.clone());
-        report.candidates = list.clone();
-        count(&report, k);
-        return Err(CopilotError::CannotAnswer {
-            why,
-            tables: catalog.tables.iter().map(|t| t.name.clone()).collect(),
-            tried: list.iter().filter_map(|t| Some(format!("{} → {}", t.sql.as_ref()?, t.error.as_ref()?))).collect(),
-            report: Box::new(report),
-        });
+        return Err(refuse(report, list, why, catalog, k));
     }
     let (winner, decision, margin, groups) = vote(&mut list, gucs::VOTE_TIMEOUT_MS.get());
     report.winner = Some(winner);
@@ -273,6 +281,21 @@ pub fn answer(
     report.candidates = list;
     count(&report, k);
     Ok(Answered { sql, report })
+}
+
+/// The refusal error, with the report (and the board's counters) saying why.
+fn refuse(mut report: Report, list: Vec<Tried>, why: String, catalog: &Catalog, k: usize) -> CopilotError {
+    report.decision = "refused".into();
+    report.refused = Some(why.clone());
+    let tried = list.iter().filter_map(|t| Some(format!("{} → {}", t.sql.as_ref()?, t.error.as_ref()?))).collect();
+    report.candidates = list;
+    count(&report, k);
+    CopilotError::CannotAnswer {
+        why,
+        tables: catalog.tables.iter().map(|t| t.name.clone()).collect(),
+        tried,
+        report: Box::new(report),
+    }
 }
 
 /// Add this answer to the board's counters (`copilot.status()`).

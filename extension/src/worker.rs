@@ -262,7 +262,7 @@ fn handle_event(ev: Event, running: &mut Option<(Ticket, Arc<AtomicBool>)>) {
             let (answer, message);
             let outcome = match &outcome {
                 Ok(g) => {
-                    answer = serde_json::to_string(&g.candidates()).unwrap_or_else(|_| "[]".into());
+                    answer = serde_json::to_string(&g.answer()).unwrap_or_else(|_| "{}".into());
                     Outcome::Answered {
                         answer: &answer,
                         metrics: Metrics {

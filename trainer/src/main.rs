@@ -35,6 +35,12 @@ enum Command {
     /// Evaluate a model on Spider through the extension or core's runtime (execution accuracy, exact-set-match,
     /// hardness, latency) → reports/eval/<run>.{json,md,png}.
     Eval(eval::EvalArgs),
+    /// How often copilot.ask refuses questions it cannot answer: Spider dev questions asked against databases that
+    /// lack their tables → reports/eval/<run>.{json,md}.
+    EvalRefusal(eval::refusal::RefusalArgs),
+    /// Calibrate copilot.refusal_threshold on Spider train: the model's P(unanswerable) on answerable and
+    /// unanswerable train questions, refusal shares by threshold → reports/eval/judge_calibration.json.
+    EvalJudge(eval::refusal::JudgeArgs),
     /// WikiSQL logical-form and execution accuracy of predicted SQL (official dev.jsonl + dev.tables.jsonl).
     EvalWikisql {
         #[arg(long)]
@@ -66,6 +72,8 @@ fn main() {
         Command::Data { command } => data::run(command),
         Command::Model { command } => model::run(command),
         Command::Eval(args) => eval::run(&args),
+        Command::EvalRefusal(args) => eval::refusal::run(&args),
+        Command::EvalJudge(args) => eval::refusal::calibrate(&args),
         Command::Export(args) => export::run(&args),
         Command::Train(args) => train::run(&args),
         Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)

@@ -46,6 +46,9 @@ pub struct GenerateRequest {
     pub max_new_tokens: usize,
     #[serde(default)]
     pub sampling: Sampling,
+    /// Also ask the model whether the schema can answer the question at all ([`Generation::p_unanswerable`]).
+    #[serde(default)]
+    pub judge: bool,
 }
 
 /// Why decoding stopped.
@@ -101,6 +104,17 @@ pub struct Generation {
     pub samples: Vec<Candidate>,
     /// Rows decoded in all (every candidate's tokens), for throughput accounting.
     pub decoded_rows: usize,
+    /// With `judge`: the model's probability that the question cannot be answered from the schema.
+    pub p_unanswerable: Option<f32>,
+}
+
+/// What crosses from the engine to the extension for one request: every candidate (the greedy one first) and the
+/// judge's verdict when it was asked for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Answer {
+    pub candidates: Vec<Candidate>,
+    #[serde(default)]
+    pub p_unanswerable: Option<f32>,
 }
 
 impl Generation {
@@ -109,6 +123,11 @@ impl Generation {
         let greedy =
             Candidate { text: self.text.clone(), sql: self.sql.clone(), generated_tokens: self.generated_tokens };
         std::iter::once(greedy).chain(self.samples.iter().cloned()).collect()
+    }
+
+    /// What crosses to the extension: the candidates and the judge's verdict.
+    pub fn answer(&self) -> Answer {
+        Answer { candidates: self.candidates(), p_unanswerable: self.p_unanswerable }
     }
 
     /// Decode speed in tokens per second (the first token comes from prefill and is not counted).

@@ -19,7 +19,7 @@ use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, Pre
 use crate::engine::sample::{argmax, prompt_seed, sample_top_k, Rng};
 use crate::error::CoreError;
 use crate::sql::extract::{extract_sql, statement_end};
-use crate::sql::prompt::{build_conversation, ChatTemplate, Prompt, ASSISTANT_PRIMER};
+use crate::sql::prompt::{build_conversation, build_judge, ChatTemplate, Prompt, ASSISTANT_PRIMER};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -322,6 +322,7 @@ impl Runtime {
             prefix_cache_hit: cache_hit,
             samples,
             decoded_rows,
+            p_unanswerable: None,
         })
     }
 
@@ -432,9 +433,48 @@ impl Row {
     }
 }
 
+impl Runtime {
+    /// The model's probability that `req`'s question cannot be answered from its schema: asked (after the same,
+    /// cached, schema prefix) whether it can be, P(no) over the single-token spellings of yes and no.
+    pub fn p_unanswerable(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<f32, CoreError> {
+        let prompt = build_judge(&self.template, &req.schema_context, &req.question)?;
+        let full = self.encode(&prompt.text())?;
+        let head = self.encode(&prompt.prefix)?;
+        let prefix_len = shared_prefix_len(&head, &full).min(full.len().saturating_sub(1));
+        if full.len() + 1 > self.max_context {
+            return Err(CoreError::PromptTooLong { tokens: full.len(), limit: self.max_context.saturating_sub(1) });
+        }
+        let (mut kv, _) = self.prefix_state(&full, prefix_len, cancel)?;
+        let logits = self.prefill(&full[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
+        let ids = |words: &[&str]| -> Vec<u32> {
+            let mut v: Vec<u32> = words
+                .iter()
+                .filter_map(|w| match self.encode(w).ok()?.as_slice() {
+                    [id] => Some(*id),
+                    _ => None,
+                })
+                .collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        let (yes, no) = (ids(&["yes", "Yes", "YES", " yes", " Yes"]), ids(&["no", "No", "NO", " no", " No"]));
+        if yes.is_empty() || no.is_empty() {
+            return Err(CoreError::Tokenizer("yes/no are not single tokens in this vocabulary".into()));
+        }
+        let max = yes.iter().chain(&no).map(|&i| logits[i as usize]).fold(f32::NEG_INFINITY, f32::max);
+        let mass = |ids: &[u32]| ids.iter().map(|&i| ((logits[i as usize] - max) as f64).exp()).sum::<f64>();
+        let (y, n) = (mass(&yes), mass(&no));
+        Ok((n / (y + n)) as f32)
+    }
+}
+
 impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        let p = if req.judge { Some(self.p_unanswerable(req, cancel)?) } else { None };
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
-        self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, cancel)
+        let mut g = self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, cancel)?;
+        g.p_unanswerable = p;
+        Ok(g)
     }
 }

@@ -160,6 +160,20 @@ pub fn build_conversation(
     Ok(Prompt { prefix, suffix: format!("{}{}{}", first.trim(), rest, ASSISTANT_PRIMER) })
 }
 
+/// What the model is asked, after the question, to judge whether the schema can answer it (see
+/// [`build_judge`]).
+pub const JUDGE_TEXT: &str = "Before any SQL: can this question be answered with a query over only the tables and \
+columns in the schema above? Reply with yes or no.";
+
+/// The prompt that asks the model whether `question` can be answered from the schema: the same schema prefix as
+/// the answer's (so the prefix cache serves both), the question with [`JUDGE_TEXT`], and the assistant's turn
+/// opened without the SQL primer, so the next token is the model's yes or no.
+pub fn build_judge(template: &ChatTemplate, schema_context: &str, question: &str) -> Result<Prompt, CoreError> {
+    let mut p = build_conversation(template, schema_context, &[], &format!("{}\n\n{JUDGE_TEXT}", question.trim()))?;
+    p.suffix.truncate(p.suffix.len() - ASSISTANT_PRIMER.len());
+    Ok(p)
+}
+
 /// The last user turn of a repair: what went wrong when PostgreSQL planned the previous answer (its own words:
 /// message, DETAIL, HINT, the text near the error position), and what to do.
 pub fn repair_message(error: &str) -> String {

@@ -15,6 +15,7 @@ pub mod wikisql;
 
 mod askers;
 mod exec;
+pub mod refusal;
 mod run;
 mod score;
 
