@@ -63,6 +63,9 @@ pub mod pg_test {
             concat!("copilot.model = '", env!("COPILOT_TEST_MODEL_PATH"), "'"),
             "copilot.threads = 2",
             "copilot.max_new_tokens = 48",
+            // The tiny model is no SQL model: one candidate, no yes/no verdict (tests/sql covers the pipeline).
+            "copilot.candidates = 1",
+            "copilot.refusal_threshold = 1",
         ]
     }
 }

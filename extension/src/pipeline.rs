@@ -6,12 +6,14 @@
 //! 2. **Check**: each distinct SQL passes the gate and is planned as the caller (`EXPLAIN` in a rolled-back,
 //!    read-only subtransaction under the statement timer; no data is read). PostgreSQL is the judge of names and
 //!    types.
-//! 3. **Repair**: when no candidate plans, the greedy answer goes back to the model as a continuation of the same
-//!    conversation — the SQL it wrote, then PostgreSQL's message, DETAIL and HINT — up to
-//!    `copilot.repair_attempts` times. The schema prefix is shared, so the prefix cache makes this cheap.
+//! 3. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
+//!    goes back to the model as a continuation of the same conversation — the SQL it wrote, then PostgreSQL's
+//!    message, DETAIL and HINT, and the schema's names closest to a missing one — up to `copilot.repair_attempts`
+//!    times. The schema prefix is shared, so the prefix cache makes this cheap.
 //! 4. **Vote**: the candidates that plan are run read-only as the caller (time-bounded by `copilot.vote_timeout`,
 //!    row-bounded) and grouped by equal results (a multiset of rows, column order free); the largest group wins,
-//!    ties go to the group holding the earliest candidate (the greedy one first). When nothing can be run (a zero
+//!    ties go to a group with rows over an empty one, then to the group holding the earliest candidate (the greedy
+//!    one first). When nothing can be run (a zero
 //!    timeout, or every run failed), candidates are grouped by equal plans instead.
 //! 5. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
 //!    instead of handing back SQL, when the model — asked in the same request, on the same cached schema prefix,
@@ -29,6 +31,7 @@ use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest, Sampli
 use copilot_core::sql::gate;
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::Catalog;
+use copilot_core::sql::suggest::similar_names;
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -98,6 +101,9 @@ fn check(sql: &str, catalog: &Catalog) -> Result<String, String> {
     let checked = gate::check(sql).map_err(|r| format!("ERROR:  the query is not allowed: {r}"))?;
     exec::plan(sql).map_err(|e| {
         let mut why = describe(&e);
+        if let Some(s) = similar_names(&why, catalog) {
+            why.push_str(&format!("\n{s}"));
+        }
         // The gate's own reading of unknown names, when PostgreSQL's message does not already say it.
         let unknown: Vec<String> = gate::unknown_names(&checked, catalog).iter().map(|u| u.to_string()).collect();
         if !unknown.is_empty() && !why.contains("does not exist") {
@@ -190,9 +196,11 @@ fn vote(list: &mut [Tried], timeout_ms: i32) -> (usize, String, usize, Vec<Vec<u
             list[i].group = Some(g);
         }
     }
-    // Largest group; among equals, the one holding the earliest candidate (members are in candidate order).
+    // Largest group; among equals, one whose result has rows before an empty one (a question is asked of data
+    // that answers it), then the one holding the earliest candidate (members are in candidate order).
+    let empty = |g: &Vec<usize>| list[g[0]].rows == Some(0);
     let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), groups[g][0]));
+    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), empty(&groups[g]), groups[g][0]));
     let best = order[0];
     let runner_up = order.get(1).map_or(0, |&g| groups[g].len());
     let margin = groups[best].len() - runner_up;
@@ -239,7 +247,11 @@ pub fn answer(
     // Repair the greedy answer while nothing plans.
     let attempts = gucs::REPAIR_ATTEMPTS.get().max(0) as usize;
     let mut conversation = history.to_vec();
-    let mut last = 0;
+    // The answer to repair: one PostgreSQL already says how to fix (a HINT), else the greedy one.
+    let mut last = list
+        .iter()
+        .position(|t| t.sql.is_some() && t.error.as_deref().is_some_and(|e| e.contains("HINT:")))
+        .unwrap_or(0);
     let mut ask = question.to_string();
     while !list.iter().any(|t| t.plan.is_some()) && report.repairs < attempts {
         let (Some(sql), Some(error)) = (list[last].sql.clone(), list[last].error.clone()) else { break };

@@ -19,6 +19,7 @@ use crate::shmem::{Failure, Latch, Metrics, Outcome, Ticket, BOARD};
 use copilot_core::engine::backend::{Backend, GenerateRequest};
 use copilot_core::engine::prefix_cache::CacheStats;
 use copilot_core::engine::runtime::{LoadOptions, Runtime};
+use copilot_core::engine::scripted::Scripted;
 use copilot_core::error::ErrorKind;
 use copilot_core::CoreError;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
@@ -88,27 +89,70 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// What the inference thread serves: a model, or (`script:<path>`) a scripted backend for tests.
+enum Engine {
+    Model(Box<Runtime>),
+    Script(Scripted),
+}
+
+impl Engine {
+    fn load(spec: &str, opts: &LoadOptions) -> Result<(Engine, String, u64, f64), CoreError> {
+        if let Some(path) = spec.strip_prefix("script:") {
+            let t0 = Instant::now();
+            let s = Scripted::load(std::path::Path::new(path))?;
+            return Ok((Engine::Script(s), "script".into(), 0, t0.elapsed().as_secs_f64()));
+        }
+        let path = copilot_core::engine::source::resolve(spec, false)?;
+        let rt = Runtime::load(&path, opts)?;
+        let info = rt.info();
+        let (arch, bytes, load_s) = (info.arch.clone(), info.file_bytes, info.load_s);
+        Ok((Engine::Model(Box::new(rt)), arch, bytes, load_s))
+    }
+
+    fn file(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Engine::Model(rt) => Some(rt.info().path.clone()),
+            Engine::Script(_) => None,
+        }
+    }
+
+    fn generate(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<copilot_core::Generation, CoreError> {
+        match self {
+            Engine::Model(rt) => {
+                rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
+                rt.generate(&job.req, cancel)
+            }
+            Engine::Script(s) => s.generate(&job.req, cancel),
+        }
+    }
+
+    fn cache_stats(&self) -> CacheStats {
+        match self {
+            Engine::Model(rt) => rt.prefix_cache_stats(),
+            Engine::Script(_) => CacheStats::default(),
+        }
+    }
+}
+
 fn inference_thread(spec: String, max_context: usize, jobs: Receiver<Job>, events: Sender<Event>) {
     // The prefix cache's bound comes with every job (set before it runs), so a reload can change it.
     let opts = LoadOptions { max_context, ..Default::default() };
     // A panic while loading (a malformed file candle trips over) is reported with its message, like one while
     // answering.
-    let loaded = std::panic::catch_unwind(|| {
-        copilot_core::engine::source::resolve(&spec, false)
-            .and_then(|path| Runtime::load(&path, &opts).map(|rt| (rt, path)))
-    })
-    .unwrap_or_else(|p| Err(CoreError::Model(format!("loading panicked: {}", panic_message(p.as_ref())))));
-    let mut rt = match loaded {
-        Ok((rt, path)) => {
-            let info = rt.info();
-            let _ = events.send(Event::Loaded { arch: info.arch.clone(), bytes: info.file_bytes, load_s: info.load_s });
-            let ev = events.clone();
-            let _ = spawn_masked("copilot-sha256", move || {
-                if let Ok(h) = copilot_core::engine::source::sha256_file(&path) {
-                    let _ = ev.send(Event::Checksum(h));
-                }
-            });
-            rt
+    let loaded = std::panic::catch_unwind(|| Engine::load(&spec, &opts))
+        .unwrap_or_else(|p| Err(CoreError::Model(format!("loading panicked: {}", panic_message(p.as_ref())))));
+    let mut engine = match loaded {
+        Ok((engine, arch, bytes, load_s)) => {
+            let _ = events.send(Event::Loaded { arch, bytes, load_s });
+            if let Some(path) = engine.file() {
+                let ev = events.clone();
+                let _ = spawn_masked("copilot-sha256", move || {
+                    if let Ok(h) = copilot_core::engine::source::sha256_file(&path) {
+                        let _ = ev.send(Event::Checksum(h));
+                    }
+                });
+            }
+            engine
         }
         Err(e) => {
             let _ = events.send(Event::LoadFailed(e.to_string()));
@@ -117,14 +161,13 @@ fn inference_thread(spec: String, max_context: usize, jobs: Receiver<Job>, event
     };
     while let Ok(job) = jobs.recv() {
         let t0 = Instant::now();
-        rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
         let cancel = job.cancel.clone();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            rt.generate(&job.req, &|| cancel.load(Ordering::Relaxed))
+            engine.generate(&job, &|| cancel.load(Ordering::Relaxed))
         }))
         .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))));
         let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let cache = rt.prefix_cache_stats();
+        let cache = engine.cache_stats();
         if events.send(Event::Finished { ticket: job.ticket, outcome, elapsed_ms, cache }).is_err() {
             return;
         }

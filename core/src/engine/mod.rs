@@ -9,6 +9,7 @@
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
 //! - [`sample`]: greedy and seeded top-k choice of the next token;
+//! - [`scripted`]: answers from a JSON file instead of a model, for testing what surrounds the model;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
 
@@ -20,5 +21,6 @@ pub mod model;
 pub mod prefix_cache;
 pub mod runtime;
 pub mod sample;
+pub mod scripted;
 pub mod source;
 pub mod tokenizer;

@@ -3,9 +3,11 @@
 //! - [`schema`]: the schema model and its one-line `CREATE TABLE` rendering (the model's context);
 //! - [`prompt`]: chat-template prompts, laid out schema first, question last;
 //! - [`extract`]: one SQL statement out of what a model wrote;
-//! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names).
+//! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
+//! - [`suggest`]: the schema names closest to one PostgreSQL says does not exist, for repairs.
 
 pub mod extract;
 pub mod gate;
 pub mod prompt;
 pub mod schema;
+pub mod suggest;

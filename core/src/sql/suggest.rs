@@ -1,0 +1,136 @@
+//! Names the model may have meant: when PostgreSQL says a column or table does not exist, the closest names the
+//! schema does have. PostgreSQL's own HINT covers only a column that exists under another alias of the query; a
+//! small model that wrote `air_date` for `original_air_date`, or `singers` for `singer`, needs the real name put in
+//! front of it, or its repair repeats the mistake.
+
+use crate::sql::schema::Catalog;
+
+/// What PostgreSQL's message says is missing: `column "x" does not exist`, `column t.x does not exist`,
+/// `relation "x" does not exist` (the name without quotes or qualifier), and whether it is a table.
+pub fn missing_name(message: &str) -> Option<(String, bool)> {
+    let rest = message.trim_start_matches("ERROR:").trim();
+    let (is_table, rest) = if let Some(r) = rest.strip_prefix("column ") {
+        (false, r)
+    } else if let Some(r) = rest.strip_prefix("relation ") {
+        (true, r)
+    } else {
+        return None;
+    };
+    let name = rest.split(" does not exist").next()?.trim().trim_matches('"');
+    let name = name.rsplit('.').next()?.trim_matches('"');
+    (!name.is_empty()).then(|| (name.to_lowercase(), is_table))
+}
+
+/// Levenshtein distance over characters.
+fn distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb)).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// How close `have` is to the `missing` name: lower is closer, `None` when not close at all. A name that contains
+/// the other (`air_date` / `original_air_date`), shares a word (`name` / `song_name`), or is a few edits away.
+fn closeness(missing: &str, have: &str) -> Option<usize> {
+    let have = have.to_lowercase();
+    if have == missing {
+        return Some(0);
+    }
+    let d = distance(missing, &have);
+    if have.contains(missing) || missing.contains(have.as_str()) {
+        return Some(1 + d);
+    }
+    let words = |s: &str| s.split('_').filter(|w| w.len() > 2).map(str::to_string).collect::<Vec<_>>();
+    let (mw, hw) = (words(missing), words(&have));
+    if mw.iter().any(|w| hw.contains(w)) {
+        return Some(20 + d);
+    }
+    (d <= 2.max(missing.len() / 4)).then_some(40 + d)
+}
+
+/// A sentence naming up to three schema names close to what PostgreSQL said is missing, or `None`.
+pub fn similar_names(message: &str, catalog: &Catalog) -> Option<String> {
+    let (missing, is_table) = missing_name(message)?;
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for t in &catalog.tables {
+        if is_table {
+            if let Some(c) = closeness(&missing, &t.name) {
+                found.push((c, t.name.clone()));
+            }
+        } else {
+            for col in &t.columns {
+                if let Some(c) = closeness(&missing, &col.name) {
+                    found.push((c, format!("{}.{}", t.name, col.name)));
+                }
+            }
+        }
+    }
+    found.sort();
+    found.dedup_by(|a, b| a.1 == b.1);
+    let names: Vec<String> = found.into_iter().take(3).map(|(_, n)| n).collect();
+    if names.is_empty() {
+        return None;
+    }
+    let what = if is_table { "Tables" } else { "Columns" };
+    Some(format!("{what} with similar names in the schema: {}.", names.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::schema::{Column, Table};
+
+    fn catalog() -> Catalog {
+        let t = |name: &str, cols: &[&str]| Table {
+            schema: String::new(),
+            name: name.into(),
+            kind: Default::default(),
+            columns: cols
+                .iter()
+                .map(|c| Column { name: c.to_string(), data_type: "text".into(), ..Default::default() })
+                .collect(),
+            primary_key: vec![],
+            foreign_keys: vec![],
+            comment: None,
+        };
+        Catalog {
+            tables: vec![
+                t("cartoon", &["id", "title", "directed_by", "original_air_date"]),
+                t("singer", &["singer_id", "name", "song_name", "country"]),
+            ],
+        }
+    }
+
+    #[test]
+    fn postgres_messages_name_what_is_missing() {
+        assert_eq!(missing_name("ERROR:  column \"air_date\" does not exist"), Some(("air_date".into(), false)));
+        assert_eq!(missing_name("column t2.Name does not exist"), Some(("name".into(), false)));
+        assert_eq!(missing_name("ERROR:  relation \"singers\" does not exist"), Some(("singers".into(), true)));
+        assert_eq!(missing_name("ERROR:  syntax error at or near \"FROM\""), None);
+    }
+
+    #[test]
+    fn close_names_are_offered_closest_first() {
+        let c = catalog();
+        assert_eq!(
+            similar_names("ERROR:  column \"air_date\" does not exist", &c).unwrap(),
+            "Columns with similar names in the schema: cartoon.original_air_date."
+        );
+        assert_eq!(
+            similar_names("ERROR:  relation \"singers\" does not exist", &c).unwrap(),
+            "Tables with similar names in the schema: singer."
+        );
+        let s = similar_names("ERROR:  column \"singer_name\" does not exist", &c).unwrap();
+        assert!(
+            s.starts_with("Columns with similar names in the schema: singer.singer_id") || s.contains("singer.name"),
+            "{s}"
+        );
+        assert_eq!(similar_names("ERROR:  column \"zzz\" does not exist", &c), None);
+    }
+}
