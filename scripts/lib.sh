@@ -49,11 +49,22 @@ stop_our_clusters() {
   done
 }
 
-# install_extension [--release]: build and install copilot into the system PostgreSQL 15.
+# install_engine [--release]: build copilot-engine (the process the model runs in) and put it beside the
+# extension's library, where the worker looks for it.
+install_engine() {
+  local profile=debug flag=()
+  [ "${1:-}" = --release ] && { profile=release; flag=(--release); }
+  say "building and installing copilot-engine ${1:-}"
+  (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-core --bin copilot-engine --no-default-features --features remote)
+  install -m 755 "$COPILOT_ROOT/target/$profile/copilot-engine" "$("$PG_CONFIG" --pkglibdir)/copilot-engine"
+}
+
+# install_extension [--release]: build and install copilot (and its engine) into the system PostgreSQL 15.
 install_extension() {
   stop_our_clusters
   say "building and installing the copilot extension $*"
   (cd "$COPILOT_ROOT/extension" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" 2>&1 | grep -vE '^\s+(Compiling|Checking|Downloaded|Downloading)' >&2)
+  install_engine "$@"
 }
 
 # start_cluster DIR PORT MODEL [extra postgresql.conf lines...]: a fresh cluster owned by postgres, with copilot

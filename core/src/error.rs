@@ -26,6 +26,24 @@ pub enum CoreError {
     /// A model reference could not be resolved to a local file.
     #[error("model source: {0}")]
     Source(String),
+    /// A remote inference server could not answer (see [`RemoteFailure`]).
+    #[error("remote engine: {message}")]
+    Remote { failure: RemoteFailure, message: String },
+}
+
+/// How a remote inference server failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RemoteFailure {
+    /// No connection (refused, DNS, TLS).
+    Unreachable,
+    /// It answered 4xx: the request, the key or the model name is wrong (not retried).
+    Rejected,
+    /// It answered 5xx (retried, then given up).
+    ServerError,
+    /// Its answer is not the OpenAI-compatible JSON expected.
+    Malformed,
+    /// It did not answer within the time allowed.
+    Timeout,
 }
 
 /// The kind of a [`CoreError`] without its text: what crosses a process or shared-memory boundary beside the
@@ -40,10 +58,15 @@ pub enum ErrorKind {
     Inference = 5,
     Cancelled = 6,
     Source = 7,
+    RemoteUnreachable = 8,
+    RemoteRejected = 9,
+    RemoteServerError = 10,
+    RemoteMalformed = 11,
+    RemoteTimeout = 12,
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::Model,
         ErrorKind::Tokenizer,
         ErrorKind::Template,
@@ -51,6 +74,11 @@ impl ErrorKind {
         ErrorKind::Inference,
         ErrorKind::Cancelled,
         ErrorKind::Source,
+        ErrorKind::RemoteUnreachable,
+        ErrorKind::RemoteRejected,
+        ErrorKind::RemoteServerError,
+        ErrorKind::RemoteMalformed,
+        ErrorKind::RemoteTimeout,
     ];
 }
 
@@ -72,6 +100,13 @@ impl CoreError {
             CoreError::Inference(_) => ErrorKind::Inference,
             CoreError::Cancelled => ErrorKind::Cancelled,
             CoreError::Source(_) => ErrorKind::Source,
+            CoreError::Remote { failure, .. } => match failure {
+                RemoteFailure::Unreachable => ErrorKind::RemoteUnreachable,
+                RemoteFailure::Rejected => ErrorKind::RemoteRejected,
+                RemoteFailure::ServerError => ErrorKind::RemoteServerError,
+                RemoteFailure::Malformed => ErrorKind::RemoteMalformed,
+                RemoteFailure::Timeout => ErrorKind::RemoteTimeout,
+            },
         }
     }
 }

@@ -71,12 +71,20 @@ impl CopilotError {
             StillLoading { .. } | NoFreeSlot { .. } | NoAnswer { .. } => ERRCODE_QUERY_CANCELED,
             Worker { failure, .. } => match failure {
                 Failure::ModelUnavailable | Failure::WorkerRestarted => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                // Outside PostgreSQL and not the caller's doing: the engine process died and is being restarted.
+                Failure::EngineRestarted => ERRCODE_SYSTEM_ERROR,
                 Failure::Engine(ErrorKind::PromptTooLong) => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
                 Failure::Engine(ErrorKind::Model | ErrorKind::Source) => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                 Failure::Engine(ErrorKind::Cancelled) => ERRCODE_QUERY_CANCELED,
                 Failure::Engine(ErrorKind::Tokenizer | ErrorKind::Template | ErrorKind::Inference) => {
                     ERRCODE_INTERNAL_ERROR
                 }
+                // A remote inference server, as a client of it sees each failure.
+                Failure::Engine(ErrorKind::RemoteUnreachable) => ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,
+                Failure::Engine(ErrorKind::RemoteRejected) => ERRCODE_SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,
+                Failure::Engine(ErrorKind::RemoteServerError) => ERRCODE_CONNECTION_FAILURE,
+                Failure::Engine(ErrorKind::RemoteMalformed) => ERRCODE_PROTOCOL_VIOLATION,
+                Failure::Engine(ErrorKind::RemoteTimeout) => ERRCODE_QUERY_CANCELED,
             },
             NoSql { .. } => ERRCODE_DATA_EXCEPTION,
             CannotAnswer { .. } => ERRCODE_NO_DATA_FOUND,
@@ -127,12 +135,17 @@ impl CopilotError {
             ContextTooLarge { .. } => "Narrow copilot.schemas to the schemas the question is about.",
             ModelFailed { .. } | Worker { failure: Failure::ModelUnavailable, .. } => {
                 "Fix copilot.model (a GGUF file path, or hf:<owner>/<repo>/<file> in the Hugging Face cache) and run \
-                 SELECT pg_reload_conf(); scripts/fetch-model downloads the default model."
+                 SELECT pg_reload_conf(); scripts/fetch-model downloads the default model. A model over the engine's \
+                 memory limit needs a larger copilot.engine_memory_mb."
             }
             WorkerNotRunning { .. } => {
                 "Check the server log for the copilot worker; it restarts automatically after a crash."
             }
             StillLoading { .. } => "Try again shortly, or raise copilot.request_timeout.",
+            Worker { failure: Failure::EngineRestarted, .. } => {
+                "The model's engine process is restarted automatically; ask again in a few seconds. The server log \
+                 has the reason."
+            }
             NoAnswer { .. } => "The worker may be busy with other requests; see copilot.status().",
             Worker { failure: Failure::Engine(ErrorKind::PromptTooLong), .. } => {
                 "Narrow copilot.schemas to the schemas the question is about, or use a model with a longer context \

@@ -16,6 +16,13 @@
 //! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
 //! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
 //! | `copilot.value_hints` | USERSET | 6 | example values shown per categorical column (0 = none) |
+//! | `copilot.backend` | SIGHUP | local | `local` (copilot.model, run by copilot-engine) or `openai` (a remote server) |
+//! | `copilot.endpoint` | SIGHUP | '' | `openai`: the API's base URL, e.g. `http://10.0.0.5:8080/v1` |
+//! | `copilot.remote_model` | SIGHUP | '' | `openai`: the model name the server knows |
+//! | `copilot.api_key_file` | SIGHUP, superuser | '' | `openai`: a file holding the API key (read by the engine only) |
+//! | `copilot.remote_timeout` | SIGHUP | 60 s | `openai`: connect and reply time limit per request |
+//! | `copilot.engine_memory_mb` | SIGHUP | 0 | address-space limit of the engine process (0 = none); applies at its next start |
+//! | `copilot.engine_path` | SIGHUP | '' = `copilot-engine` beside the library | the engine binary |
 //! | `copilot.refusal_threshold` | USERSET | 0.9 | refuse when the model's P(the schema cannot answer) reaches this (1 = never ask) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
@@ -43,6 +50,13 @@ pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
 pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.9);
+pub static ENGINE_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
+pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static REMOTE_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static REMOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(60_000);
+pub static ENGINE_PATH: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 
 /// Register the settings. PGC_POSTMASTER ones can only be defined while shared_preload_libraries is processed;
 /// in a backend that loads the library later (not preloaded) they are left out: no worker reads them there.
@@ -66,6 +80,68 @@ pub fn register(preloading: bool) {
         1 << 20,
         GucContext::Sighup,
         GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.engine_memory_mb",
+        c"Address space the engine process may use, in megabytes (0 = no limit).",
+        c"Enforced with RLIMIT_AS on the engine process; a model that needs more is refused when it loads, with how \
+          much it needs. Takes effect when the engine next starts (a change of copilot.model, or a restart).",
+        &ENGINE_MEMORY_MB,
+        0,
+        1 << 24,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.backend",
+        c"Where answers are generated: local (copilot.model, in the copilot-engine process) or openai.",
+        c"openai sends the same conversation to an OpenAI-compatible server (vLLM, llama.cpp's server, Ollama) at \
+          copilot.endpoint; the rest of copilot (context, checks, repair, vote) is the same.",
+        &BACKEND,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.endpoint",
+        c"The OpenAI-compatible API's base URL, e.g. http://10.0.0.5:8080/v1 (copilot.backend = openai).",
+        c"",
+        &ENDPOINT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.remote_model",
+        c"The model name the remote server knows (copilot.backend = openai).",
+        c"",
+        &REMOTE_MODEL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.api_key_file",
+        c"A file holding the remote server's API key (copilot.backend = openai).",
+        c"Read by the engine process only; the key appears in no setting, status, log or error.",
+        &API_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.remote_timeout",
+        c"Time limit to connect to the remote server and to receive each reply.",
+        c"",
+        &REMOTE_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.engine_path",
+        c"The copilot-engine binary the worker runs the model in.",
+        c"Empty means copilot-engine in PostgreSQL's library directory, where the extension installs it.",
+        &ENGINE_PATH,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     if preloading {
         register_postmaster_gucs();
@@ -217,6 +293,43 @@ fn register_answer_gucs() {
 /// The prefix cache bound in bytes.
 pub fn prefix_cache_bytes() -> usize {
     PREFIX_CACHE_MB.get().max(0) as usize * 1024 * 1024
+}
+
+fn text(g: &GucSetting<Option<CString>>) -> String {
+    g.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// What the engine process serves, as the settings say now; a change restarts it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineSpec {
+    Local { model: String },
+    OpenAi { endpoint: String, model: String, key_file: String, timeout_ms: i32 },
+}
+
+impl EngineSpec {
+    pub fn current() -> EngineSpec {
+        match text(&BACKEND).trim() {
+            "openai" => EngineSpec::OpenAi {
+                endpoint: text(&ENDPOINT),
+                model: text(&REMOTE_MODEL),
+                key_file: text(&API_KEY_FILE),
+                timeout_ms: REMOTE_TIMEOUT_MS.get(),
+            },
+            _ => EngineSpec::Local { model: model() },
+        }
+    }
+
+    /// How `copilot.status()` names it (never the key).
+    pub fn describe(&self) -> String {
+        match self {
+            EngineSpec::Local { model } => model.clone(),
+            EngineSpec::OpenAi { endpoint, model, .. } => format!("openai:{model} at {endpoint}"),
+        }
+    }
+}
+
+pub fn engine_path() -> String {
+    ENGINE_PATH.get().map(|c| c.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 pub fn model() -> String {

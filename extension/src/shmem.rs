@@ -136,17 +136,21 @@ pub enum Failure {
     ModelUnavailable,
     /// The worker restarted while the request was queued or running.
     WorkerRestarted,
+    /// The engine process died or stopped answering while the request was queued or running (it is restarted).
+    EngineRestarted,
 }
 
 impl Failure {
     const MODEL_UNAVAILABLE: u32 = 1000;
     const WORKER_RESTARTED: u32 = 1001;
+    const ENGINE_RESTARTED: u32 = 1002;
 
     fn code(self) -> u32 {
         match self {
             Failure::Engine(k) => k as u32,
             Failure::ModelUnavailable => Failure::MODEL_UNAVAILABLE,
             Failure::WorkerRestarted => Failure::WORKER_RESTARTED,
+            Failure::EngineRestarted => Failure::ENGINE_RESTARTED,
         }
     }
 }
@@ -158,6 +162,7 @@ impl TryFrom<u32> for Failure {
         match v {
             Failure::MODEL_UNAVAILABLE => Ok(Failure::ModelUnavailable),
             Failure::WORKER_RESTARTED => Ok(Failure::WorkerRestarted),
+            Failure::ENGINE_RESTARTED => Ok(Failure::EngineRestarted),
             v => ErrorKind::try_from(v).map(Failure::Engine),
         }
     }
@@ -477,6 +482,26 @@ impl Board {
         self.load_ms = load_ms;
     }
 
+    /// The engine process died or was killed for not answering: every request queued or running fails (its
+    /// session is woken through the returned latches) and the worker is loading again.
+    pub fn engine_lost(&mut self, reason: &str) -> Vec<Latch> {
+        let mut wake = Vec::new();
+        for s in self.slots.iter_mut() {
+            match s.state() {
+                SlotState::Pending | SlotState::Running => {
+                    self.failed += 1;
+                    wake.push(s.fail(Failure::EngineRestarted, reason));
+                }
+                SlotState::Abandoned => s.set_state(SlotState::Free),
+                _ => {}
+            }
+        }
+        self.set_worker_state(WorkerState::Loading);
+        self.message.set(reason);
+        self.model_sha256.clear();
+        wake
+    }
+
     /// The model cannot be served (load failed, or the inference side stopped). Pending requests are failed by the
     /// next [`Board::reap`].
     pub fn worker_failed(&mut self, reason: &str) {
@@ -745,7 +770,12 @@ mod tests {
         assert_eq!(SlotState::try_from(6), Err(6));
         assert_eq!(WorkerState::try_from(2), Ok(WorkerState::Ready));
         assert_eq!(WorkerState::try_from(9), Err(9));
-        for f in [Failure::ModelUnavailable, Failure::WorkerRestarted, Failure::Engine(ErrorKind::PromptTooLong)] {
+        for f in [
+            Failure::ModelUnavailable,
+            Failure::WorkerRestarted,
+            Failure::EngineRestarted,
+            Failure::Engine(ErrorKind::PromptTooLong),
+        ] {
             assert_eq!(Failure::try_from(f.code()), Ok(f));
         }
         assert!(Failure::try_from(0).is_err());
@@ -878,6 +908,25 @@ mod tests {
         assert_eq!(r.wake, vec![owner(8).latch]);
         assert_eq!(b.poll(running), Poll::Failed(Failure::ModelUnavailable, "no such file".into()));
         assert!(b.next_pending().is_none(), "nothing runs on a failed worker");
+    }
+
+    #[test]
+    fn a_lost_engine_fails_every_waiting_request_and_loads_again() {
+        let mut b = board();
+        let (running, _) = b.claim(owner(7), "", "q1").unwrap();
+        let (pending, _) = b.claim(owner(8), "", "q2").unwrap();
+        let j = b.next_pending().unwrap();
+        assert_eq!(j.ticket, running);
+        let wake = b.engine_lost("the engine process was killed (signal 9); restarting it");
+        assert_eq!(wake, vec![owner(7).latch, owner(8).latch]);
+        for t in [running, pending] {
+            assert!(matches!(b.poll(t), Poll::Failed(Failure::EngineRestarted, ref m) if m.contains("signal 9")));
+        }
+        assert!(matches!(b.readiness(), Readiness::Waiting { state: WorkerState::Loading, .. }));
+        assert!(b.next_pending().is_none());
+        // A late `Finished` from the dead engine for the failed request changes nothing.
+        assert!(b.finish(j.ticket, answered("SELECT 1")).is_none());
+        assert!(matches!(b.poll(running), Poll::Failed(Failure::EngineRestarted, _)));
     }
 
     #[test]

@@ -1,35 +1,40 @@
-//! The background worker that owns the model.
+//! The background worker: it serves the board and supervises the engine process that runs the model.
+//!
+//! The model runs in `copilot-engine`, a process of its own started here (fork and exec, with `PR_SET_PDEATHSIG`
+//! so it never outlives the worker, and an address-space limit of `copilot.engine_memory_mb`). PostgreSQL's
+//! postmaster never sees it: a segfault in a kernel, an out-of-memory kill or a `kill -9` ends that process only,
+//! and no backend of the database is disconnected. The worker reads the engine's events (frames on its stdout) on
+//! a thread, writes jobs and cancels to its stdin, and restarts it when it dies — or when it stops sending its
+//! heartbeat for [`ENGINE_SILENCE`] (a hang, a `SIGSTOP`) — failing the requests it held with a SQLSTATE that
+//! says so (58000).
 //!
 //! Threads and who may touch what:
 //! - the worker's **main thread** is the only one that calls into PostgreSQL (latches, the board's LWLock, GUCs,
-//!   logging). It moves requests from the board to the inference thread and results back, and turns abandoned
-//!   requests into cancel flags;
-//! - the **inference thread** owns the [`Runtime`] and never calls PostgreSQL. It is created with every signal
-//!   blocked, so candle's rayon and barrier pools (created lazily from it) inherit a full mask and PostgreSQL's
-//!   signal handlers only ever run on the main thread;
-//! - a **checksum thread** (same mask) computes the model file's sha256 for `copilot.status()` without delaying
-//!   the first answer.
+//!   logging);
+//! - the **engine reader** thread only turns frames from the engine's stdout into channel messages. It is created
+//!   with every signal blocked, so PostgreSQL's handlers only ever run on the main thread.
 //!
-//! A change of `copilot.model` (SIGHUP) makes the worker exit with status 1; the postmaster restarts it after
-//! [`RESTART_SECS`] with the new setting. A model that fails to load leaves the worker running in state `failed`
-//! with the reason, so sessions get that reason instead of a timeout.
+//! A change of `copilot.model` (SIGHUP) restarts the engine with the new model; the worker stays. A model that
+//! fails to load leaves the worker in state `failed` with the reason, so sessions get that reason at once.
 
-use crate::gucs;
-use crate::shmem::{Failure, Latch, Metrics, Outcome, Ticket, BOARD};
-use copilot_core::engine::backend::{Backend, GenerateRequest};
-use copilot_core::engine::prefix_cache::CacheStats;
-use copilot_core::engine::runtime::{LoadOptions, Runtime};
-use copilot_core::engine::scripted::Scripted;
+use crate::gucs::{self, EngineSpec};
+use crate::shmem::{Failure, Latch, Metrics, Outcome, PrefixCacheCounters, Ticket, BOARD};
+use copilot_core::engine::backend::GenerateRequest;
+use copilot_core::engine::serve::{wire, Command, Event, Job};
 use copilot_core::error::ErrorKind;
-use copilot_core::CoreError;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Stdio};
+use std::sync::mpsc::{channel, Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 pub const RESTART_SECS: u64 = 1;
+
+/// How long the engine may say nothing (it sends a heartbeat every 250 ms, busy or not) before it is deemed hung,
+/// killed and restarted.
+pub const ENGINE_SILENCE: Duration = Duration::from_secs(3);
 
 pub fn register() {
     BackgroundWorkerBuilder::new("copilot model worker")
@@ -39,30 +44,6 @@ pub fn register() {
         .enable_shmem_access(None)
         .set_restart_time(Some(Duration::from_secs(RESTART_SECS)))
         .load();
-}
-
-struct Job {
-    ticket: Ticket,
-    req: GenerateRequest,
-    cancel: Arc<AtomicBool>,
-    /// `copilot.prefix_cache_mb` as the main thread read it when dispatching (a reload changes it between jobs).
-    prefix_cache_bytes: usize,
-}
-
-enum Event {
-    Loaded {
-        arch: String,
-        bytes: u64,
-        load_s: f64,
-    },
-    LoadFailed(String),
-    Checksum(String),
-    Finished {
-        ticket: Ticket,
-        outcome: Result<copilot_core::Generation, CoreError>,
-        elapsed_ms: f64,
-        cache: CacheStats,
-    },
 }
 
 /// Spawn a thread with every signal blocked (the mask is inherited by any thread it creates).
@@ -81,137 +62,161 @@ fn spawn_masked<F: FnOnce() + Send + 'static>(name: &str, f: F) -> std::io::Resu
     }
 }
 
-/// The text a panic carried, if any.
-fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".into())
+/// What the reader thread passes on.
+enum Incoming {
+    Event(Event),
+    /// The engine's stdout ended or carried garbage: the process is gone or broken.
+    Gone(String),
 }
 
-/// What the inference thread serves: a model, or (`script:<path>`) a scripted backend for tests.
-enum Engine {
-    Model(Box<Runtime>),
-    Script(Scripted),
+/// The running engine process and the worker's view of it.
+struct EngineProc {
+    child: Child,
+    stdin: ChildStdin,
+    incoming: Receiver<Incoming>,
+    last_heard: Instant,
+    started: Instant,
 }
 
-impl Engine {
-    fn load(spec: &str, opts: &LoadOptions) -> Result<(Engine, String, u64, f64), CoreError> {
-        if let Some(path) = spec.strip_prefix("script:") {
-            let t0 = Instant::now();
-            let s = Scripted::load(std::path::Path::new(path))?;
-            return Ok((Engine::Script(s), "script".into(), 0, t0.elapsed().as_secs_f64()));
-        }
-        let path = copilot_core::engine::source::resolve(spec, false)?;
-        let rt = Runtime::load(&path, opts)?;
-        let info = rt.info();
-        let (arch, bytes, load_s) = (info.arch.clone(), info.file_bytes, info.load_s);
-        Ok((Engine::Model(Box::new(rt)), arch, bytes, load_s))
+/// The engine binary: `copilot.engine_path`, else `copilot-engine` beside the extension's library.
+fn engine_path() -> std::path::PathBuf {
+    let configured = gucs::engine_path();
+    if !configured.is_empty() {
+        return configured.into();
     }
+    // SAFETY: pkglib_path is a NUL-terminated C string PostgreSQL sets once at process start (MAXPGPATH bytes).
+    let dir = unsafe { std::ffi::CStr::from_ptr(std::ptr::addr_of!(pg_sys::pkglib_path).cast::<std::ffi::c_char>()) };
+    std::path::Path::new(&*dir.to_string_lossy()).join("copilot-engine")
+}
 
-    fn file(&self) -> Option<std::path::PathBuf> {
-        match self {
-            Engine::Model(rt) => Some(rt.info().path.clone()),
-            Engine::Script(_) => None,
+fn spawn_engine(
+    spec: &EngineSpec,
+    threads: usize,
+    max_context: usize,
+    memory_mb: usize,
+) -> std::io::Result<EngineProc> {
+    let path = engine_path();
+    let mut cmd = std::process::Command::new(&path);
+    match spec {
+        EngineSpec::Local { model } => {
+            cmd.arg("--model").arg(model);
         }
-    }
-
-    fn generate(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<copilot_core::Generation, CoreError> {
-        match self {
-            Engine::Model(rt) => {
-                rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
-                rt.generate(&job.req, cancel)
+        EngineSpec::OpenAi { endpoint, model, key_file, timeout_ms } => {
+            cmd.args(["--backend", "openai", "--endpoint", endpoint, "--remote-model", model]);
+            cmd.arg("--timeout-ms").arg(timeout_ms.to_string());
+            if !key_file.is_empty() {
+                cmd.arg("--api-key-file").arg(key_file);
             }
-            Engine::Script(s) => s.generate(&job.req, cancel),
         }
     }
-
-    fn cache_stats(&self) -> CacheStats {
-        match self {
-            Engine::Model(rt) => rt.prefix_cache_stats(),
-            Engine::Script(_) => CacheStats::default(),
-        }
-    }
-}
-
-fn inference_thread(spec: String, max_context: usize, jobs: Receiver<Job>, events: Sender<Event>) {
-    // The prefix cache's bound comes with every job (set before it runs), so a reload can change it.
-    let opts = LoadOptions { max_context, ..Default::default() };
-    // A panic while loading (a malformed file candle trips over) is reported with its message, like one while
-    // answering.
-    let loaded = std::panic::catch_unwind(|| Engine::load(&spec, &opts))
-        .unwrap_or_else(|p| Err(CoreError::Model(format!("loading panicked: {}", panic_message(p.as_ref())))));
-    let mut engine = match loaded {
-        Ok((engine, arch, bytes, load_s)) => {
-            let _ = events.send(Event::Loaded { arch, bytes, load_s });
-            if let Some(path) = engine.file() {
-                let ev = events.clone();
-                let _ = spawn_masked("copilot-sha256", move || {
-                    if let Ok(h) = copilot_core::engine::source::sha256_file(&path) {
-                        let _ = ev.send(Event::Checksum(h));
-                    }
-                });
+    cmd.arg("--threads").arg(threads.to_string());
+    cmd.arg("--max-context").arg(max_context.to_string());
+    cmd.arg("--memory-mb").arg(memory_mb.to_string());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // The engine is not a PostgreSQL process: it gets the caller's environment minus what would change how it runs
+    // (RUST_BACKTRACE would only lengthen its log lines).
+    cmd.env_remove("RUST_BACKTRACE");
+    // SAFETY: the closure runs in the forked child before exec and calls only async-signal-safe functions
+    // (sigemptyset, sigprocmask, prctl, getppid, _exit), touching nothing of the parent's heap.
+    unsafe {
+        cmd.pre_exec(|| {
+            // PostgreSQL blocks signals around some calls; the engine starts with none blocked.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // Die with the worker, whatever the reason it goes.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 || libc::getppid() == 1 {
+                libc::_exit(1);
             }
-            engine
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start the engine {}: {e}", path.display())))?;
+    let stdin = child.stdin.take().expect("piped stdin");
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let (tx, incoming) = channel();
+    spawn_masked("copilot-engine-reader", move || loop {
+        match wire::read::<_, Event>(&mut stdout) {
+            Ok(ev) => {
+                if tx.send(Incoming::Event(ev)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Incoming::Gone(e.to_string()));
+                return;
+            }
         }
-        Err(e) => {
-            let _ = events.send(Event::LoadFailed(e.to_string()));
-            return;
-        }
-    };
-    while let Ok(job) = jobs.recv() {
-        let t0 = Instant::now();
-        let cancel = job.cancel.clone();
-        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.generate(&job, &|| cancel.load(Ordering::Relaxed))
-        }))
-        .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))));
-        let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let cache = engine.cache_stats();
-        if events.send(Event::Finished { ticket: job.ticket, outcome, elapsed_ms, cache }).is_err() {
-            return;
+    })?;
+    Ok(EngineProc { child, stdin, incoming, last_heard: Instant::now(), started: Instant::now() })
+}
+
+impl EngineProc {
+    fn send(&mut self, c: &Command) -> bool {
+        wire::write(&mut self.stdin, c).is_ok()
+    }
+
+    /// Kill (SIGKILL) and reap; what happened to it, in words.
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        match self.child.wait() {
+            Ok(status) => describe_exit(status),
+            Err(e) => format!("could not be waited for ({e})"),
         }
     }
 }
 
-/// Ask the inference thread to stop the running generation, if any (it polls the flag between tokens).
-fn cancel(running: &Option<(Ticket, Arc<AtomicBool>)>) {
-    if let Some((_, flag)) = running {
-        flag.store(true, Ordering::Relaxed);
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exited with status {c}"),
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        _ => "ended".into(),
     }
+}
+
+/// What the worker keeps about the job the engine is running.
+struct Running {
+    ticket: Ticket,
+    id: u64,
+    cancelled: bool,
 }
 
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let spec = gucs::model();
+    let mut spec = EngineSpec::current();
     let threads = gucs::THREADS.get().max(1) as usize;
     let max_context = gucs::MAX_CONTEXT_TOKENS.get().max(1) as usize;
     // SAFETY: MyProcPid is set once at process start and only read here, on the main thread.
     let pid = unsafe { pg_sys::MyProcPid };
-    let wake = BOARD.exclusive().worker_start(pid, Latch::mine(), &spec, threads as u32);
+    let wake = BOARD.exclusive().worker_start(pid, Latch::mine(), &spec.describe(), threads as u32);
     wake.into_iter().for_each(Latch::set);
-    log!("copilot worker: loading model {spec} with {threads} thread(s)");
-    // candle sizes its thread pools from these variables when it first builds them (on the inference thread).
-    // Set here, before this process has any thread but its main one.
-    // SAFETY: the worker is single-threaded at this point (the inference thread is spawned below), so no other
-    // thread can read the environment while it changes.
-    unsafe { copilot_core::engine::runtime::configure_threads(threads) };
 
-    let (job_tx, job_rx) = channel::<Job>();
-    let (ev_tx, ev_rx) = channel::<Event>();
-    let spawned = {
-        let spec = spec.clone();
-        spawn_masked("copilot-inference", move || inference_thread(spec, max_context, job_rx, ev_tx))
-    };
-    if let Err(e) = spawned {
-        BOARD.exclusive().worker_failed(&format!("cannot start the inference thread: {e}"));
-    }
-
-    let mut running: Option<(Ticket, Arc<AtomicBool>)> = None;
+    let mut engine: Option<EngineProc> = None;
+    let mut running: Option<Running> = None;
+    let mut next_id = 0u64;
+    // Restarts: after a quick death, wait longer before the next try (1 s, 2 s, 4 s … 30 s).
+    let mut backoff = Duration::from_secs(0);
+    let mut restart_at = Instant::now();
     loop {
-        let timeout = if running.is_some() { Duration::from_millis(2) } else { Duration::from_millis(200) };
+        if engine.is_none() && Instant::now() >= restart_at {
+            let memory_mb = gucs::ENGINE_MEMORY_MB.get().max(0) as usize;
+            log!("copilot worker: starting the engine for {} with {threads} thread(s)", spec.describe());
+            match spawn_engine(&spec, threads, max_context, memory_mb) {
+                Ok(e) => engine = Some(e),
+                Err(e) => {
+                    BOARD.exclusive().worker_failed(&e.to_string());
+                    warning!("copilot worker: {e}");
+                    backoff = (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                    restart_at = Instant::now() + backoff;
+                }
+            }
+        }
+        let timeout = if running.is_some() { Duration::from_millis(2) } else { Duration::from_millis(100) };
         if !BackgroundWorker::wait_latch(Some(timeout)) {
             break;
         }
@@ -219,58 +224,97 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
             // SAFETY: reloading the configuration file on SIGHUP is what every background worker does, on its main
             // thread, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-            if gucs::model() != spec {
-                log!("copilot worker: copilot.model changed to {}; restarting to load it", gucs::model());
-                cancel(&running);
-                BOARD.exclusive().worker_exit(false);
-                // SAFETY: a background worker exits with proc_exit; status 1 asks the postmaster to restart it.
-                unsafe { pg_sys::proc_exit(1) };
+            if EngineSpec::current() != spec {
+                spec = EngineSpec::current();
+                log!("copilot worker: the engine's settings changed ({}); restarting it", spec.describe());
+                if let Some(e) = engine.take() {
+                    let _ = e.kill();
+                }
+                running = None;
+                let wake = {
+                    let mut b = BOARD.exclusive();
+                    let wake = b.engine_lost("the engine's settings changed; it restarted with the new ones");
+                    b.worker_start(pid, Latch::mine(), &spec.describe(), threads as u32);
+                    wake
+                };
+                wake.into_iter().for_each(Latch::set);
+                backoff = Duration::from_secs(0);
+                restart_at = Instant::now();
+                continue;
             }
         }
 
-        // Results and state changes from the inference side.
-        loop {
-            match ev_rx.try_recv() {
-                Ok(ev) => handle_event(ev, &mut running),
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    // The inference thread ended: either the model failed to load (state already failed) or it
-                    // died. Either way nothing more will be answered.
-                    BOARD.exclusive().worker_failed("the inference thread stopped");
-                    running = None;
-                    break;
+        // Events from the engine; its death or silence.
+        let mut lost: Option<String> = None;
+        if let Some(e) = engine.as_mut() {
+            loop {
+                match e.incoming.try_recv() {
+                    Ok(Incoming::Event(ev)) => {
+                        e.last_heard = Instant::now();
+                        handle_event(ev, &mut running);
+                    }
+                    Ok(Incoming::Gone(why)) => {
+                        lost = Some(why);
+                        break;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        lost = Some("its reader stopped".into());
+                        break;
+                    }
                 }
             }
+            if lost.is_none() && e.last_heard.elapsed() > ENGINE_SILENCE {
+                lost = Some(format!("stopped answering (nothing for {} s)", ENGINE_SILENCE.as_secs()));
+            }
+        }
+        if let Some(why) = lost {
+            let e = engine.take().expect("an engine to lose");
+            let quick = e.started.elapsed() < Duration::from_secs(5);
+            let how = e.kill();
+            let reason = format!("the copilot engine process {why} and {how}; it is being restarted");
+            warning!("copilot worker: {reason}");
+            running = None;
+            let wake = BOARD.exclusive().engine_lost(&reason);
+            wake.into_iter().for_each(Latch::set);
+            backoff = if quick {
+                (backoff * 2).clamp(Duration::from_secs(1), Duration::from_secs(30))
+            } else {
+                Duration::ZERO
+            };
+            restart_at = Instant::now() + backoff;
+            continue;
         }
 
+        let Some(e) = engine.as_mut() else { continue };
         let mut b = BOARD.exclusive();
-        let reaped = b.reap(running.as_ref().map(|r| r.0), |pid, latch| latch.owned_by(pid));
-        if reaped.cancel_running {
-            cancel(&running);
-        }
+        let reaped = b.reap(running.as_ref().map(|r| r.ticket), |pid, latch| latch.owned_by(pid));
         reaped.wake.into_iter().for_each(Latch::set);
+        if reaped.cancel_running {
+            if let Some(r) = running.as_mut().filter(|r| !r.cancelled) {
+                r.cancelled = true;
+                let id = r.id;
+                drop(b);
+                e.send(&Command::Cancel(id));
+                continue;
+            }
+        }
         if running.is_none() {
             if let Some(taken) = b.next_pending() {
+                drop(b);
                 match serde_json::from_str::<GenerateRequest>(&taken.payload) {
                     Ok(mut req) => {
                         req.schema_context = taken.context;
-                        let cancel = Arc::new(AtomicBool::new(false));
-                        let job = Job {
-                            ticket: taken.ticket,
-                            req,
-                            cancel: cancel.clone(),
-                            prefix_cache_bytes: gucs::prefix_cache_bytes(),
-                        };
-                        running = Some((taken.ticket, cancel));
-                        if job_tx.send(job).is_err() {
-                            // The inference side is gone; the next round fails what is queued.
-                            b.worker_failed("the inference thread stopped");
-                        }
+                        next_id += 1;
+                        let job = Job { id: next_id, req, prefix_cache_bytes: gucs::prefix_cache_bytes() };
+                        running = Some(Running { ticket: taken.ticket, id: next_id, cancelled: false });
+                        // A failed write means the engine is gone: its reader reports it next round.
+                        e.send(&Command::Run(job));
                     }
-                    Err(e) => {
-                        let why = format!("malformed request: {e}");
+                    Err(err) => {
+                        let why = format!("malformed request: {err}");
                         let failed = Outcome::Failed(Failure::Engine(ErrorKind::Inference), &why);
-                        if let Some(owner) = b.finish(taken.ticket, failed) {
+                        if let Some(owner) = BOARD.exclusive().finish(taken.ticket, failed) {
                             owner.set();
                         }
                     }
@@ -279,54 +323,61 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
         }
     }
 
-    // SIGTERM or postmaster death: stop generating, unpublish ourselves.
-    cancel(&running);
+    // SIGTERM or postmaster death: stop the engine, unpublish ourselves.
+    if let Some(mut e) = engine.take() {
+        let _ = e.send(&Command::Shutdown);
+        let _ = e.stdin.flush();
+        let _ = e.kill();
+    }
     BOARD.exclusive().worker_exit(true);
     log!("copilot worker: stopped");
 }
 
-fn handle_event(ev: Event, running: &mut Option<(Ticket, Arc<AtomicBool>)>) {
+fn handle_event(ev: Event, running: &mut Option<Running>) {
     match ev {
-        Event::Loaded { arch, bytes, load_s } => {
-            BOARD.exclusive().worker_loaded(&arch, bytes, load_s * 1000.0);
-            log!("copilot worker: model ready ({arch}, {bytes} bytes, loaded in {load_s:.2} s)");
+        Event::Heartbeat => {}
+        Event::Loaded(l) => {
+            BOARD.exclusive().worker_loaded(&l.arch, l.file_bytes, l.load_s * 1000.0);
+            log!("copilot worker: model ready ({}, {} bytes, loaded in {:.2} s)", l.arch, l.file_bytes, l.load_s);
         }
         Event::LoadFailed(reason) => {
             BOARD.exclusive().worker_failed(&reason);
             warning!("copilot worker: cannot load the model: {reason}");
         }
         Event::Checksum(h) => BOARD.exclusive().set_model_sha256(&h),
-        Event::Finished { ticket, outcome, elapsed_ms, cache } => {
-            if running.as_ref().is_some_and(|r| r.0 == ticket) {
-                *running = None;
-            }
+        Event::Finished { id, outcome, elapsed_ms, cache } => {
+            let Some(r) = running.take_if(|r| r.id == id) else { return };
             let mut b = BOARD.exclusive();
-            b.set_prefix_cache(cache.into());
-            let (answer, message);
+            b.set_prefix_cache(PrefixCacheCounters {
+                entries: cache.entries,
+                bytes: cache.bytes,
+                limit_bytes: cache.limit_bytes,
+                hits: cache.hits,
+                misses: cache.misses,
+                evictions: cache.evictions,
+            });
+            let answer;
             let outcome = match &outcome {
-                Ok(g) => {
-                    answer = serde_json::to_string(&g.answer()).unwrap_or_else(|_| "{}".into());
+                Ok(done) => {
+                    answer = serde_json::to_string(&done.answer).unwrap_or_else(|_| "{}".into());
                     Outcome::Answered {
                         answer: &answer,
                         metrics: Metrics {
-                            prompt_tokens: g.prompt_tokens as u32,
-                            generated_tokens: g.generated_tokens as u32,
-                            prefix_tokens: g.prefix_tokens as u32,
-                            prefix_cache_hit: g.prefix_cache_hit,
+                            prompt_tokens: done.prompt_tokens as u32,
+                            generated_tokens: done.generated_tokens as u32,
+                            prefix_tokens: done.prefix_tokens as u32,
+                            prefix_cache_hit: done.prefix_cache_hit,
                             latency_ms: elapsed_ms,
-                            decode_tok_s: g.decode_tok_s(),
-                            candidates: 1 + g.samples.len() as u32,
-                            decoded_rows: g.decoded_rows as u32,
+                            decode_tok_s: done.decode_tok_s,
+                            candidates: done.candidates as u32,
+                            decoded_rows: done.decoded_rows as u32,
                         },
                     }
                 }
-                Err(CoreError::Cancelled) => Outcome::Cancelled,
-                Err(e) => {
-                    message = e.to_string();
-                    Outcome::Failed(Failure::Engine(e.kind()), &message)
-                }
+                Err(f) if f.kind() == ErrorKind::Cancelled => Outcome::Cancelled,
+                Err(f) => Outcome::Failed(Failure::Engine(f.kind()), &f.message),
             };
-            if let Some(owner) = b.finish(ticket, outcome) {
+            if let Some(owner) = b.finish(r.ticket, outcome) {
                 owner.set();
             }
         }

@@ -41,6 +41,9 @@ enum Command {
     /// Calibrate copilot.refusal_threshold on Spider train: the model's P(unanswerable) on answerable and
     /// unanswerable train questions, refusal shares by threshold → reports/eval/judge_calibration.json.
     EvalJudge(eval::refusal::JudgeArgs),
+    /// Eval reports side by side (EX, gained/lost against a baseline with McNemar p, latency, pipeline counts)
+    /// → <out>.{json,md}.
+    EvalCompare(eval::compare::CompareArgs),
     /// WikiSQL logical-form and execution accuracy of predicted SQL (official dev.jsonl + dev.tables.jsonl).
     EvalWikisql {
         #[arg(long)]
@@ -74,6 +77,7 @@ fn main() {
         Command::Eval(args) => eval::run(&args),
         Command::EvalRefusal(args) => eval::refusal::run(&args),
         Command::EvalJudge(args) => eval::refusal::calibrate(&args),
+        Command::EvalCompare(args) => eval::compare::run(&args),
         Command::Export(args) => export::run(&args),
         Command::Train(args) => train::run(&args),
         Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)

@@ -53,6 +53,37 @@ pub fn load_dev(root: &Path) -> Result<Vec<Example>> {
         .collect())
 }
 
+#[derive(Deserialize)]
+struct SynRow {
+    db_id: String,
+    #[serde(rename = "SpiderQuestion")]
+    question: String,
+    #[serde(rename = "SpiderSynQuestion")]
+    syn_question: String,
+    query: String,
+}
+
+/// Spider-Syn's dev questions (`spider-syn/dev.json`): Spider dev with schema words replaced by synonyms, in the
+/// same order as `dev.json` (so indexes, databases and gold SQL line up; checked against `dev.json`).
+pub fn load_dev_syn(root: &Path) -> Result<Vec<Example>> {
+    let rows: Vec<SynRow> = read_json(&root.join("spider-syn/dev.json"))?;
+    let dev = load_dev(root)?;
+    anyhow::ensure!(rows.len() == dev.len(), "spider-syn/dev.json has {} rows, dev.json {}", rows.len(), dev.len());
+    rows.into_iter()
+        .zip(dev)
+        .enumerate()
+        .map(|(index, (r, d))| {
+            anyhow::ensure!(
+                r.db_id == d.db_id && r.question.trim() == d.question.trim(),
+                "spider-syn/dev.json row {index} is not dev.json's ({} / {})",
+                r.question,
+                d.question
+            );
+            Ok(Example { index, db_id: r.db_id, question: r.syn_question, query: r.query })
+        })
+        .collect()
+}
+
 /// Spider train (`spider-syn/train_spider.json`, 7000 questions, field `SpiderQuestion`).
 pub fn load_train(root: &Path) -> Result<Vec<Example>> {
     let rows: Vec<TrainRow> = read_json(&root.join("spider-syn/train_spider.json"))?;

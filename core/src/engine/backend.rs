@@ -110,7 +110,7 @@ pub struct Generation {
 
 /// What crosses from the engine to the extension for one request: every candidate (the greedy one first) and the
 /// judge's verdict when it was asked for.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Answer {
     pub candidates: Vec<Candidate>,
     #[serde(default)]

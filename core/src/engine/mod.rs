@@ -9,7 +9,9 @@
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
 //! - [`sample`]: greedy and seeded top-k choice of the next token;
+//! - `remote` (feature `remote`): an OpenAI-compatible inference server instead of a local model;
 //! - [`scripted`]: answers from a JSON file instead of a model, for testing what surrounds the model;
+//! - [`serve`]: the engine as a service (jobs in, events out) and the framing of its process boundary;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
 
@@ -19,8 +21,11 @@ pub mod decode;
 pub mod kernels;
 pub mod model;
 pub mod prefix_cache;
+#[cfg(feature = "remote")]
+pub mod remote;
 pub mod runtime;
 pub mod sample;
 pub mod scripted;
+pub mod serve;
 pub mod source;
 pub mod tokenizer;

@@ -19,7 +19,7 @@ use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, Pre
 use crate::engine::sample::{argmax, prompt_seed, sample_top_k, Rng};
 use crate::error::CoreError;
 use crate::sql::extract::{extract_sql, statement_end};
-use crate::sql::prompt::{build_conversation, build_judge, ChatTemplate, Prompt, ASSISTANT_PRIMER};
+use crate::sql::prompt::{build_conversation, build_judge_with, ChatTemplate, Prompt, ASSISTANT_PRIMER, JUDGE_TEXT};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -66,6 +66,15 @@ pub struct LoadOptions {
     pub max_context: usize,
     /// Bound on the schema-prefix KV cache, in bytes (0 = no cache).
     pub prefix_cache_bytes: usize,
+    /// Memory the process may use, in bytes (0 = no limit): a model that would need more is refused before any
+    /// tensor is read, with how much it needs, rather than failing halfway or inviting the OOM killer.
+    pub memory_limit_bytes: u64,
+}
+
+/// What loading a model file of `file_bytes` needs: the weights as read, candle's tiled copy of the layer weights
+/// for prompts (about as large again), and working memory.
+pub fn memory_needed(file_bytes: u64) -> u64 {
+    2 * file_bytes + (256 << 20)
 }
 
 /// A loaded model with its tokenizer and chat template.
@@ -138,6 +147,14 @@ impl Runtime {
         let mut file =
             std::fs::File::open(path).map_err(|e| CoreError::Model(format!("cannot open {}: {e}", path.display())))?;
         let file_bytes = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if opts.memory_limit_bytes > 0 && memory_needed(file_bytes) > opts.memory_limit_bytes {
+            return Err(CoreError::Model(format!(
+                "{} needs about {} MB of memory, more than the engine's limit of {} MB",
+                path.display(),
+                memory_needed(file_bytes) >> 20,
+                opts.memory_limit_bytes >> 20
+            )));
+        }
         let ct = gguf_file::Content::read(&mut file)
             .map_err(|e| CoreError::Model(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         // Architecture, shapes and context length, or why this model cannot run, before any tensor is read.
@@ -437,7 +454,17 @@ impl Runtime {
     /// The model's probability that `req`'s question cannot be answered from its schema: asked (after the same,
     /// cached, schema prefix) whether it can be, P(no) over the single-token spellings of yes and no.
     pub fn p_unanswerable(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<f32, CoreError> {
-        let prompt = build_judge(&self.template, &req.schema_context, &req.question)?;
+        self.p_unanswerable_with(req, JUDGE_TEXT, cancel)
+    }
+
+    /// [`Runtime::p_unanswerable`] with another wording of the judge's question (calibration experiments).
+    pub fn p_unanswerable_with(
+        &mut self,
+        req: &GenerateRequest,
+        judge_text: &str,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<f32, CoreError> {
+        let prompt = build_judge_with(&self.template, &req.schema_context, &req.question, judge_text)?;
         let full = self.encode(&prompt.text())?;
         let head = self.encode(&prompt.prefix)?;
         let prefix_len = shared_prefix_len(&head, &full).min(full.len().saturating_sub(1));

@@ -169,7 +169,17 @@ columns in the schema above? Reply with yes or no.";
 /// the answer's (so the prefix cache serves both), the question with [`JUDGE_TEXT`], and the assistant's turn
 /// opened without the SQL primer, so the next token is the model's yes or no.
 pub fn build_judge(template: &ChatTemplate, schema_context: &str, question: &str) -> Result<Prompt, CoreError> {
-    let mut p = build_conversation(template, schema_context, &[], &format!("{}\n\n{JUDGE_TEXT}", question.trim()))?;
+    build_judge_with(template, schema_context, question, JUDGE_TEXT)
+}
+
+/// [`build_judge`] with another wording of the judge's question (for calibration experiments).
+pub fn build_judge_with(
+    template: &ChatTemplate,
+    schema_context: &str,
+    question: &str,
+    judge_text: &str,
+) -> Result<Prompt, CoreError> {
+    let mut p = build_conversation(template, schema_context, &[], &format!("{}\n\n{judge_text}", question.trim()))?;
     p.suffix.truncate(p.suffix.len() - ASSISTANT_PRIMER.len());
     Ok(p)
 }

@@ -224,7 +224,11 @@ pub(super) fn make_asker(args: &EvalArgs) -> Result<Box<dyn Asker>> {
             let path = args.model.clone().ok_or_else(|| anyhow!("--via core needs --model FILE"))?;
             let path = copilot_core::engine::source::resolve(&path.to_string_lossy(), true)?;
             // The same prefix cache as the extension's default (256 MB): answers do not depend on it, speed does.
-            let opts = copilot_core::engine::runtime::LoadOptions { max_context: 8192, prefix_cache_bytes: 256 << 20 };
+            let opts = copilot_core::engine::runtime::LoadOptions {
+                max_context: 8192,
+                prefix_cache_bytes: 256 << 20,
+                ..Default::default()
+            };
             let rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
             Box::new(CoreAsker { rt, path, max_new_tokens: args.max_new_tokens })
         }

@@ -14,6 +14,7 @@ pub mod spider_match;
 pub mod wikisql;
 
 mod askers;
+pub mod compare;
 mod exec;
 pub mod refusal;
 mod run;
@@ -41,6 +42,8 @@ pub enum Via {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
     Dev,
+    /// Spider-Syn's paraphrases of the dev questions (synonyms for schema words), same databases and gold.
+    DevSyn,
     Train,
 }
 

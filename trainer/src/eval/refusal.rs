@@ -241,6 +241,26 @@ pub struct JudgeArgs {
     /// Output: a JSON report.
     #[arg(long, default_value = "reports/eval/judge_calibration.json")]
     pub out: PathBuf,
+    /// Another wording of the judge's question (default: the one the extension asks).
+    #[arg(long)]
+    pub judge_text: Option<String>,
+}
+
+/// The probability that an unanswerable question scores above an answerable one (ties count half).
+fn auc(answerable: &[f32], unanswerable: &[f32]) -> f64 {
+    let mut wins = 0.0;
+    for u in unanswerable {
+        for a in answerable {
+            wins += if u > a {
+                1.0
+            } else if u == a {
+                0.5
+            } else {
+                0.0
+            };
+        }
+    }
+    wins / (answerable.len() * unanswerable.len()).max(1) as f64
 }
 
 /// `copilot-trainer eval-judge`: the model's P(unanswerable) on Spider **train** questions asked against their own
@@ -262,13 +282,18 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
     answerable.sort_by_key(|e| seeded_key(args.seed ^ 1, &e.index.to_string()));
     answerable.truncate(args.n);
     let path = copilot_core::engine::source::resolve(&args.model.to_string_lossy(), true)?;
-    let opts = copilot_core::engine::runtime::LoadOptions { max_context: 8192, prefix_cache_bytes: 256 << 20 };
+    let opts = copilot_core::engine::runtime::LoadOptions {
+        max_context: 8192,
+        prefix_cache_bytes: 256 << 20,
+        ..Default::default()
+    };
     let mut rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
     let mut contexts = spider::Contexts::new(&args.spider);
     let mut judge = |e: &spider::Example, db: &str| -> Result<f32> {
         let ctx = contexts.get(db)?.1.clone();
         let req = GenerateRequest { schema_context: ctx, question: e.question.clone(), ..Default::default() };
-        Ok(rt.p_unanswerable(&req, &|| false)?)
+        let text = args.judge_text.as_deref().unwrap_or(copilot_core::sql::prompt::JUDGE_TEXT);
+        Ok(rt.p_unanswerable_with(&req, text, &|| false)?)
     };
     let mut p_ans = Vec::new();
     for e in &answerable {
@@ -293,6 +318,8 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
         "machine": machine(),
         "wall_s": t0.elapsed().as_secs_f64(),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "judge_text": args.judge_text.as_deref().unwrap_or(copilot_core::sql::prompt::JUDGE_TEXT),
+        "auc": auc(&p_ans, &p_un),
         "thresholds": thresholds,
         "p_answerable": p_ans,
         "p_unanswerable": p_un,
@@ -301,6 +328,7 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
+    println!("AUC {:.3}", report["auc"]);
     for t in report["thresholds"].as_array().into_iter().flatten() {
         println!("{t}");
     }

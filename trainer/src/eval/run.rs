@@ -61,6 +61,7 @@ type Selected = Vec<(Example, Option<Hardness>)>;
 fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Result<(Selected, String)> {
     let all = match args.split {
         Split::Dev => spider::load_dev(&args.spider)?,
+        Split::DevSyn => spider::load_dev_syn(&args.spider)?,
         Split::Train => spider::load_train(&args.spider)?,
     };
     let total = all.len();
@@ -79,6 +80,7 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
     let executable = items.len();
     let split = match args.split {
         Split::Dev => "dev",
+        Split::DevSyn => "dev (Spider-Syn paraphrases)",
         Split::Train => "train",
     };
     let mut desc = format!("Spider {split}: {executable} executable questions (of {total})");

@@ -1,0 +1,404 @@
+//! The engine as a service: a loaded model (or a scripted backend) that takes jobs and reports events, the same
+//! whether it runs on a thread of the caller or in a process of its own (`copilot-engine`, which PostgreSQL's
+//! worker starts and supervises so that a crash of the model never reaches the database).
+//!
+//! [`Engine::load`] loads what a model reference names (a GGUF path, `hf:…`, or `script:<rules.json>`), with any
+//! panic caught and reported with its message. [`serve`] runs jobs one at a time in arrival order from a channel
+//! of [`Command`]s and sends [`Event`]s back; a job's cancel flag is checked between prefill chunks and tokens.
+//! [`wire`] is the framing both ends of the process boundary speak.
+
+use crate::engine::backend::{Answer, Backend, GenerateRequest};
+use crate::engine::prefix_cache::CacheStats;
+use crate::engine::runtime::{LoadOptions, Runtime};
+use crate::engine::scripted::Scripted;
+use crate::error::{CoreError, ErrorKind};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// What the engine serves: a model, or (`script:<path>`) a scripted backend for tests.
+pub enum Engine {
+    Model(Box<Runtime>),
+    Script(Scripted),
+    #[cfg(feature = "remote")]
+    Remote(crate::engine::remote::OpenAi),
+}
+
+/// Where the engine's answers come from: what `spec` names, or a remote server.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Spec(String),
+    #[cfg(feature = "remote")]
+    Remote(crate::engine::remote::RemoteConfig),
+}
+
+/// What is known once an engine has loaded.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Loaded {
+    pub arch: String,
+    pub file_bytes: u64,
+    pub load_s: f64,
+    /// The model file, for its checksum (none for a script).
+    pub path: Option<std::path::PathBuf>,
+}
+
+/// The text a panic carried, if any.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+impl Engine {
+    /// Load what `spec` names. A panic while loading (a malformed file candle trips over) is an error with its
+    /// message, like any other.
+    pub fn load(source: &Source, opts: &LoadOptions) -> Result<(Engine, Loaded), CoreError> {
+        match source {
+            Source::Spec(spec) => std::panic::catch_unwind(|| Engine::load_inner(spec, opts))
+                .unwrap_or_else(|p| Err(CoreError::Model(format!("loading panicked: {}", panic_message(p.as_ref()))))),
+            #[cfg(feature = "remote")]
+            Source::Remote(cfg) => {
+                let loaded = Loaded { arch: "openai".into(), file_bytes: 0, load_s: 0.0, path: None };
+                Ok((Engine::Remote(crate::engine::remote::OpenAi::new(cfg.clone())), loaded))
+            }
+        }
+    }
+
+    fn load_inner(spec: &str, opts: &LoadOptions) -> Result<(Engine, Loaded), CoreError> {
+        if let Some(path) = spec.strip_prefix("script:") {
+            let t0 = Instant::now();
+            let s = Scripted::load(std::path::Path::new(path))?;
+            let loaded =
+                Loaded { arch: "script".into(), file_bytes: 0, load_s: t0.elapsed().as_secs_f64(), path: None };
+            return Ok((Engine::Script(s), loaded));
+        }
+        let path = crate::engine::source::resolve(spec, false)?;
+        let rt = Runtime::load(&path, opts)?;
+        let info = rt.info();
+        let loaded =
+            Loaded { arch: info.arch.clone(), file_bytes: info.file_bytes, load_s: info.load_s, path: Some(path) };
+        Ok((Engine::Model(Box::new(rt)), loaded))
+    }
+
+    /// Answer one job; a panic is an error with its message.
+    pub fn run(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<crate::Generation, CoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            Engine::Model(rt) => {
+                rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
+                rt.generate(&job.req, cancel)
+            }
+            Engine::Script(s) => s.generate(&job.req, cancel),
+            #[cfg(feature = "remote")]
+            Engine::Remote(r) => r.generate(&job.req, cancel),
+        }))
+        .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))))
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        match self {
+            Engine::Model(rt) => rt.prefix_cache_stats(),
+            _ => CacheStats::default(),
+        }
+    }
+}
+
+/// One request to answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub req: GenerateRequest,
+    /// The prefix cache's bound for this job (a reload of the server's settings changes it between jobs).
+    pub prefix_cache_bytes: usize,
+}
+
+/// What the engine is told.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    Run(Job),
+    /// Stop working on a job (queued or running); it ends with `Finished` and `Err(Cancelled)`.
+    Cancel(u64),
+    Shutdown,
+}
+
+/// What a finished job produced, as it crosses back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Done {
+    pub answer: Answer,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prefix_tokens: usize,
+    pub prefix_cache_hit: bool,
+    pub decode_tok_s: f64,
+    pub candidates: usize,
+    pub decoded_rows: usize,
+}
+
+impl From<&crate::Generation> for Done {
+    fn from(g: &crate::Generation) -> Done {
+        Done {
+            answer: g.answer(),
+            prompt_tokens: g.prompt_tokens,
+            generated_tokens: g.generated_tokens,
+            prefix_tokens: g.prefix_tokens,
+            prefix_cache_hit: g.prefix_cache_hit,
+            decode_tok_s: g.decode_tok_s(),
+            candidates: 1 + g.samples.len(),
+            decoded_rows: g.decoded_rows,
+        }
+    }
+}
+
+/// A failure as it crosses back: its kind (for the SQLSTATE) and its words.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Failed {
+    pub kind: u32,
+    pub message: String,
+}
+
+impl Failed {
+    pub fn kind(&self) -> ErrorKind {
+        ErrorKind::try_from(self.kind).unwrap_or(ErrorKind::Inference)
+    }
+}
+
+impl From<&CoreError> for Failed {
+    fn from(e: &CoreError) -> Failed {
+        Failed { kind: e.kind() as u32, message: e.to_string() }
+    }
+}
+
+/// What the engine reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Event {
+    Loaded(Loaded),
+    LoadFailed(String),
+    Checksum(String),
+    Finished {
+        id: u64,
+        outcome: Result<Done, Failed>,
+        elapsed_ms: f64,
+        cache: CacheCounters,
+    },
+    /// Sent while the engine is alive (every `HEARTBEAT`), so a supervisor can tell a hung engine from a busy one.
+    Heartbeat,
+}
+
+/// The prefix cache's counters, as they cross.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CacheCounters {
+    pub entries: u64,
+    pub bytes: u64,
+    pub limit_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+impl From<CacheStats> for CacheCounters {
+    fn from(s: CacheStats) -> Self {
+        CacheCounters {
+            entries: s.entries as u64,
+            bytes: s.bytes as u64,
+            limit_bytes: s.limit_bytes as u64,
+            hits: s.hits,
+            misses: s.misses,
+            evictions: s.evictions,
+        }
+    }
+}
+
+/// How often a live engine says so.
+pub const HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Load `spec`, report it, then answer jobs until `Shutdown` or until the command channel closes. Commands are read
+/// on the calling thread's behalf by `commands`; a `Cancel` for the running job sets its flag at once (a reader
+/// feeds `commands` while a job runs, see [`serve_split`]).
+pub fn serve(source: &Source, opts: &LoadOptions, commands: Receiver<Command>, events: Sender<Event>) {
+    let cancels: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>> = Arc::default();
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::channel::<Job>();
+    let c2 = cancels.clone();
+    // Route commands: runs to the queue, cancels to the flags (so a cancel reaches a running job).
+    let router = std::thread::Builder::new().name("copilot-engine-commands".into()).spawn(move || {
+        while let Ok(c) = commands.recv() {
+            match c {
+                Command::Run(job) => {
+                    c2.lock().unwrap_or_else(|p| p.into_inner()).insert(job.id, Arc::new(AtomicBool::new(false)));
+                    if jobs_tx.send(job).is_err() {
+                        break;
+                    }
+                }
+                Command::Cancel(id) => {
+                    if let Some(f) = c2.lock().unwrap_or_else(|p| p.into_inner()).get(&id) {
+                        f.store(true, Ordering::Relaxed);
+                    }
+                }
+                Command::Shutdown => break,
+            }
+        }
+    });
+    serve_split(source, opts, jobs_rx, &cancels, &events);
+    drop(router);
+}
+
+/// The job loop of [`serve`]: jobs in order, each with the cancel flag the router keeps for it.
+fn serve_split(
+    source: &Source,
+    opts: &LoadOptions,
+    jobs: Receiver<Job>,
+    cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    events: &Sender<Event>,
+) {
+    let mut engine = match Engine::load(source, opts) {
+        Ok((engine, loaded)) => {
+            let path = loaded.path.clone();
+            let _ = events.send(Event::Loaded(loaded));
+            if let Some(path) = path {
+                let ev = events.clone();
+                let _ = std::thread::Builder::new().name("copilot-sha256".into()).spawn(move || {
+                    if let Ok(h) = crate::engine::source::sha256_file(&path) {
+                        let _ = ev.send(Event::Checksum(h));
+                    }
+                });
+            }
+            engine
+        }
+        Err(e) => {
+            let _ = events.send(Event::LoadFailed(e.to_string()));
+            return;
+        }
+    };
+    while let Ok(job) = jobs.recv() {
+        let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id).cloned().unwrap_or_default();
+        let t0 = Instant::now();
+        let outcome = engine.run(&job, &|| flag.load(Ordering::Relaxed));
+        cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
+        let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let outcome = outcome.as_ref().map(Done::from).map_err(Failed::from);
+        let cache = engine.cache_stats().into();
+        if events.send(Event::Finished { id: job.id, outcome, elapsed_ms, cache }).is_err() {
+            return;
+        }
+    }
+}
+
+/// The framing on the engine's pipes: each message is a 4-byte little-endian length and that many bytes of JSON.
+/// A reader refuses frames larger than [`wire::MAX_FRAME`] and anything that is not one whole message.
+pub mod wire {
+    use std::io::{Read, Write};
+
+    /// The largest frame either side accepts (a request carries a schema context of at most 64 KiB; answers are
+    /// smaller).
+    pub const MAX_FRAME: usize = 4 << 20;
+
+    #[derive(Debug, thiserror::Error)]
+    pub enum WireError {
+        #[error("the other side closed the pipe")]
+        Closed,
+        #[error("frame of {0} bytes is larger than {MAX_FRAME}")]
+        TooLarge(usize),
+        #[error("malformed message: {0}")]
+        Malformed(String),
+        #[error("i/o: {0}")]
+        Io(#[from] std::io::Error),
+    }
+
+    pub fn write<W: Write, T: serde::Serialize>(w: &mut W, msg: &T) -> Result<(), WireError> {
+        let body = serde_json::to_vec(msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+        if body.len() > MAX_FRAME {
+            return Err(WireError::TooLarge(body.len()));
+        }
+        w.write_all(&(body.len() as u32).to_le_bytes())?;
+        w.write_all(&body)?;
+        w.flush()?;
+        Ok(())
+    }
+
+    /// Decode one frame's body.
+    pub fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, WireError> {
+        serde_json::from_slice(body).map_err(|e| WireError::Malformed(e.to_string()))
+    }
+
+    pub fn read<R: Read, T: serde::de::DeserializeOwned>(r: &mut R) -> Result<T, WireError> {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(WireError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+        let n = u32::from_le_bytes(len) as usize;
+        if n > MAX_FRAME {
+            return Err(WireError::TooLarge(n));
+        }
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => WireError::Closed,
+            _ => WireError::Io(e),
+        })?;
+        decode(&body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(dir: &std::path::Path) -> String {
+        let p = dir.join("rules.json");
+        std::fs::write(&p, r#"{"rules": [{"match": "", "answers": ["SELECT 1", "SELECT 2"]}]}"#).unwrap();
+        format!("script:{}", p.display())
+    }
+
+    #[test]
+    fn jobs_are_answered_in_order_and_a_cancel_reaches_its_job() {
+        let dir = std::env::temp_dir().join(format!("copilot-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ctx, crx) = std::sync::mpsc::channel();
+        let (etx, erx) = std::sync::mpsc::channel();
+        let spec = Source::Spec(script(&dir));
+        let h = std::thread::spawn(move || serve(&spec, &LoadOptions::default(), crx, etx));
+        assert!(matches!(erx.recv().unwrap(), Event::Loaded(Loaded { ref arch, .. }) if arch == "script"));
+        let job =
+            |id| Job { id, req: GenerateRequest { question: "q".into(), ..Default::default() }, prefix_cache_bytes: 0 };
+        ctx.send(Command::Run(job(1))).unwrap();
+        ctx.send(Command::Run(job(2))).unwrap();
+        let mut done = Vec::new();
+        while done.len() < 2 {
+            if let Event::Finished { id, outcome, .. } = erx.recv().unwrap() {
+                done.push((id, outcome.unwrap().answer.candidates[0].sql.clone()));
+            }
+        }
+        assert_eq!(done, vec![(1, Some("SELECT 1".to_string())), (2, Some("SELECT 1".to_string()))]);
+        ctx.send(Command::Shutdown).unwrap();
+        drop(ctx);
+        h.join().unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn a_model_that_cannot_load_is_reported() {
+        let (_ctx, crx) = std::sync::mpsc::channel();
+        let (etx, erx) = std::sync::mpsc::channel();
+        serve(&Source::Spec("/nonexistent/model.gguf".into()), &LoadOptions::default(), crx, etx);
+        assert!(matches!(erx.recv().unwrap(), Event::LoadFailed(m) if m.contains("/nonexistent/model.gguf")));
+    }
+
+    #[test]
+    fn frames_round_trip_and_bad_frames_are_refused() {
+        let mut buf = Vec::new();
+        wire::write(&mut buf, &Command::Cancel(7)).unwrap();
+        let back: Command = wire::read(&mut buf.as_slice()).unwrap();
+        assert!(matches!(back, Command::Cancel(7)));
+        // Truncated, oversized, garbage, empty.
+        assert!(matches!(wire::read::<_, Command>(&mut &buf[..buf.len() - 1]), Err(wire::WireError::Closed)));
+        let huge = ((wire::MAX_FRAME + 1) as u32).to_le_bytes();
+        assert!(matches!(wire::read::<_, Command>(&mut &huge[..]), Err(wire::WireError::TooLarge(_))));
+        let mut junk = 3u32.to_le_bytes().to_vec();
+        junk.extend_from_slice(b"{{{");
+        assert!(matches!(wire::read::<_, Command>(&mut junk.as_slice()), Err(wire::WireError::Malformed(_))));
+        assert!(matches!(wire::read::<_, Command>(&mut &[][..]), Err(wire::WireError::Closed)));
+    }
+}
