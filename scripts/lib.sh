@@ -145,3 +145,36 @@ print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1
                   "load_avg": open('/proc/loadavg').read().split()[:3]}))
 PY
 }
+
+# llama.cpp, built from the sources vendored in the llama-cpp-python sdist, fetched by pip by package name.
+LLAMA_PY_VERSION=0.3.36
+LLAMA_PY_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+LLAMA_DIR=${COPILOT_LLAMACPP_DIR:-/var/lib/copilot/llama.cpp}
+LLAMA_SRC=$LLAMA_DIR/src/vendor/llama.cpp
+
+# ensure_llamacpp TARGET…: build llama.cpp's cmake targets (llama-bench, llama-server) once, for the same ISA our
+# engine is built for (x86-64-v3: AVX2, FMA, F16C). GGML_NATIVE=ON would follow the CPU's advertised flags, and
+# some VMs advertise AVX-512/AMX they do not grant (the binary then dies with SIGILL). Binaries: $LLAMA_SRC/build/bin.
+ensure_llamacpp() {
+  local missing=()
+  for t in "$@"; do [ -x "$LLAMA_SRC/build/bin/$t" ] || missing+=("$t"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v cmake >/dev/null || { say "installing cmake"; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
+  mkdir -p "$LLAMA_DIR"
+  local tarball=$LLAMA_DIR/llama_cpp_python-$LLAMA_PY_VERSION.tar.gz
+  if [ ! -f "$tarball" ]; then
+    say "fetching the llama-cpp-python $LLAMA_PY_VERSION sdist (llama.cpp's sources) with pip"
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$LLAMA_DIR" "llama-cpp-python==$LLAMA_PY_VERSION"
+  fi
+  echo "$LLAMA_PY_SHA256  $tarball" | sha256sum -c --quiet
+  if [ ! -f "$LLAMA_SRC/CMakeLists.txt" ]; then
+    rm -rf "$LLAMA_DIR/src" && mkdir -p "$LLAMA_DIR/src"
+    tar xzf "$tarball" -C "$LLAMA_DIR/src" --strip-components=1
+  fi
+  say "building llama.cpp ${missing[*]} (x86-64-v3: AVX2 FMA F16C; a few minutes)"
+  (cd "$LLAMA_SRC" &&
+    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+      -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+      -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null &&
+    cmake --build build -j"$(nproc)" --target "${missing[@]}" >/dev/null)
+}

@@ -142,7 +142,7 @@ fn read_only(query: &str, timeout_ms: i32, sql: &str) -> Result<Vec<String>, Cop
 /// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
 /// result was cut at `copilot.max_rows`.
 pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
-    if let Err(rejection) = gate::check(sql) {
+    if let Err(rejection) = gate::check(sql).map(|_| ()).and_then(|_| crate::pg_gate::check(sql)) {
         return Err(CopilotError::Refused { rejection, sql: sql.to_string() });
     }
     let max_rows = gucs::MAX_ROWS.get().max(0) as i64;

@@ -23,7 +23,8 @@
 //! | `copilot.remote_timeout` | SIGHUP | 60 s | `openai`: connect and reply time limit per request |
 //! | `copilot.engine_memory_mb` | SIGHUP | 0 | address-space limit of the engine process (0 = none); applies at its next start |
 //! | `copilot.engine_path` | SIGHUP | '' = `copilot-engine` beside the library | the engine binary |
-//! | `copilot.refusal_threshold` | USERSET | 0.9 | refuse when the model's P(the schema cannot answer) reaches this (1 = never ask) |
+//! | `copilot.grounding_threshold` | USERSET | 0.1 | a question whose words the schema speaks of no more than this share of is checked with the model |
+//! | `copilot.refusal_threshold` | USERSET | 0.2 | such a question is refused when the model's P(the schema cannot answer) reaches this (1 = never) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
 //! postmaster starts it again with the new model.
@@ -49,7 +50,8 @@ pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
 pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
-pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.9);
+pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.2);
+pub static GROUNDING_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.1);
 pub static ENGINE_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
 pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -236,11 +238,23 @@ fn register_session_gucs() {
 
 fn register_answer_gucs() {
     GucRegistry::define_float_guc(
+        c"copilot.grounding_threshold",
+        c"Questions whose content words the schema speaks of no more than this share of are checked for refusal.",
+        c"The share of the question's words (not stopwords, numbers or quoted values) that match a table or column \
+          name, comment or example value. At or below it, the model is asked whether the tables can answer the \
+          question (copilot.refusal_threshold). 0 checks only questions with no such word.",
+        &GROUNDING_THRESHOLD,
+        0.0,
+        1.0,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
         c"copilot.refusal_threshold",
-        c"Refuse a question when the model's probability that the schema cannot answer it reaches this value.",
-        c"Before answering, the model is asked whether the tables the caller can read can answer the question (its \
-          yes/no probability, on the same cached schema prefix). 1 turns the check off; answers that PostgreSQL \
-          cannot plan even after repair are refused either way.",
+        c"Refuse a poorly grounded question when the model's probability that the schema cannot answer it reaches this.",
+        c"Asked, in the same request, on the same cached schema prefix, only for questions at or below \
+          copilot.grounding_threshold. 1 turns the check off; answers that PostgreSQL cannot plan even after repair \
+          are refused either way. The defaults were chosen on Spider train (docs/evaluation.md).",
         &REFUSAL_THRESHOLD,
         0.0,
         1.0,

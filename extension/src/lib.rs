@@ -9,6 +9,7 @@
 //! - [`api`]: `copilot.ask`, `copilot.context`, `copilot.status`, `copilot.last_ask`;
 //! - [`pipeline`]: what `ask` does between question and SQL: candidates, planning as the caller, repair, vote,
 //!   refusal;
+//! - [`pg_gate`]: the gate's rules checked again on PostgreSQL's own parse tree;
 //! - [`exec`]: `copilot.run_sql` and `copilot.run`: gated, read-only, time- and row-bounded execution.
 //!
 //! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
@@ -22,6 +23,7 @@ mod catalog;
 mod errors;
 mod exec;
 pub mod gucs;
+mod pg_gate;
 mod pipeline;
 mod shmem;
 mod worker;

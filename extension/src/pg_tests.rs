@@ -199,4 +199,34 @@ mod tests {
         assert_eq!(ro.as_deref(), Some("off"));
         Spi::run("INSERT INTO singer VALUES (3, 'New', 'France', 40)").unwrap();
     }
+
+    #[pg_test]
+    fn postgres_own_parser_applies_the_gates_rules() {
+        use copilot_core::sql::gate::Rejection;
+        let check = crate::pg_gate::check;
+        for ok in [
+            "SELECT 1",
+            "VALUES (1), (2)",
+            "SELECT 1 UNION SELECT 2",
+            "WITH x AS (SELECT 1 AS a) SELECT a FROM x",
+            "SELECT * FROM generate_series(1, 3)",
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'pg_%'",
+        ] {
+            assert_eq!(check(ok), Ok(()), "{ok}");
+        }
+        let denied = |name: &str| Err(Rejection::DeniedFunction(name.into()));
+        assert_eq!(check("SELECT 1; SELECT 2"), Err(Rejection::MultipleStatements(2)));
+        assert_eq!(check("  "), Err(Rejection::Empty));
+        assert!(matches!(check("DELETE FROM t"), Err(Rejection::NotAQuery(_))));
+        assert_eq!(check("WITH x AS (DELETE FROM t RETURNING *) SELECT * FROM x"), Err(Rejection::DataModifyingCte));
+        assert_eq!(check("SELECT * FROM t FOR UPDATE"), Err(Rejection::LockingClause));
+        assert_eq!(check("SELECT 1 AS a INTO newtable"), Err(Rejection::SelectInto));
+        assert_eq!(check("SELECT lo_import('/etc/passwd')"), denied("lo_import"));
+        assert_eq!(check("SELECT (SELECT PG_CATALOG.Pg_Read_File('x'))"), denied("pg_read_file"));
+        assert_eq!(check("SELECT * FROM pg_ls_dir('.')"), denied("pg_ls_dir"));
+        assert_eq!(check("SELECT 1 WHERE EXISTS (SELECT pg_terminate_backend(1))"), denied("pg_terminate_backend"));
+        assert!(matches!(check("SELEC 1"), Err(Rejection::Unparseable(m)) if m.contains("syntax error")));
+        // The session goes on after a caught syntax error.
+        assert_eq!(Spi::get_one::<i32>("SELECT 41 + 1").unwrap(), Some(42));
+    }
 }

@@ -16,9 +16,10 @@
 //!    one first). When nothing can be run (a zero
 //!    timeout, or every run failed), candidates are grouped by equal plans instead.
 //! 5. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
-//!    instead of handing back SQL, when the model — asked in the same request, on the same cached schema prefix,
-//!    whether these tables can answer the question — says no with a probability of at least
-//!    `copilot.refusal_threshold`, or when nothing plans after repair. (A model that wrote no SQL at all is
+//!    instead of handing back SQL, when the schema names almost nothing the question asks about (at most
+//!    `copilot.grounding_threshold` of its words) and the model — asked in the same request, on the same cached
+//!    schema prefix, whether these tables can answer it — leans to no (at least `copilot.refusal_threshold`), or
+//!    when nothing plans after repair. (A model that wrote no SQL at all is
 //!    `NoSql`, 22000, with what it wrote in DETAIL.)
 //!
 //! Everything is recorded in a [`Report`] (`copilot.ask_verbose`) and counted on the board (`copilot.status()`).
@@ -31,7 +32,7 @@ use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest, Sampli
 use copilot_core::sql::gate;
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::Catalog;
-use copilot_core::sql::suggest::similar_names;
+use copilot_core::sql::suggest::{grounding, similar_names};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -72,6 +73,8 @@ pub struct Report {
     pub refused: Option<String>,
     /// The model's probability that the schema cannot answer the question, when it was asked.
     pub p_unanswerable: Option<f32>,
+    /// The share of the question's words the schema speaks of (`copilot_core::sql::suggest::grounding`).
+    pub grounding: Option<f32>,
 }
 
 /// The SQL `ask` returns, and how it was chosen.
@@ -99,6 +102,7 @@ fn describe(e: &CopilotError) -> String {
 /// Gate, then plan as the caller. `Ok(plan text)` or the reason, in words for the model and the report.
 fn check(sql: &str, catalog: &Catalog) -> Result<String, String> {
     let checked = gate::check(sql).map_err(|r| format!("ERROR:  the query is not allowed: {r}"))?;
+    crate::pg_gate::check(sql).map_err(|r| format!("ERROR:  the query is not allowed: {r}"))?;
     exec::plan(sql).map_err(|e| {
         let mut why = describe(&e);
         if let Some(s) = similar_names(&why, catalog) {
@@ -218,13 +222,16 @@ pub fn answer(
     let k = gucs::CANDIDATES.get().max(1) as usize;
     let max_new_tokens = gucs::MAX_NEW_TOKENS.get().max(1) as usize;
     let threshold = gucs::REFUSAL_THRESHOLD.get();
+    // Only a question the schema barely speaks of is put to the model's judgement (a cheap lexical check first).
+    let grounding = grounding(question, catalog);
+    let poorly_grounded = grounding.is_some_and(|g| f64::from(g) <= gucs::GROUNDING_THRESHOLD.get());
     let req = GenerateRequest {
         schema_context: String::new(),
         history: history.to_vec(),
         question: question.to_string(),
         max_new_tokens,
         sampling: Sampling { candidates: k, ..Sampling::default() },
-        judge: threshold < 1.0 && history.is_empty(),
+        judge: threshold < 1.0 && history.is_empty() && poorly_grounded,
     };
     let (answer, _) = crate::api::generate(context, &req)?;
     let mut list: Vec<Tried> = answer
@@ -233,12 +240,17 @@ pub fn answer(
         .enumerate()
         .map(|(i, c)| tried(if i == 0 { "greedy".into() } else { format!("sample {i}") }, c))
         .collect();
-    let mut report =
-        Report { question: question.to_string(), p_unanswerable: answer.p_unanswerable, ..Report::default() };
+    let mut report = Report {
+        question: question.to_string(),
+        p_unanswerable: answer.p_unanswerable,
+        grounding,
+        ..Report::default()
+    };
     if let Some(p) = answer.p_unanswerable.filter(|p| f64::from(*p) >= threshold) {
         let why = format!(
-            "asked whether these tables can answer it, the model says no (p = {p:.2}, copilot.refusal_threshold = \
-             {threshold})"
+            "the tables name almost nothing it asks about ({:.0} % of its words), and asked whether they can answer \
+             it, the model leans to no (p = {p:.2}, copilot.refusal_threshold = {threshold})",
+            100.0 * grounding.unwrap_or(0.0)
         );
         return Err(refuse(report, list, why, catalog, k));
     }

@@ -91,15 +91,19 @@ pub const DENIED_FUNCTIONS: &[&str] = &[
     "pg_log_backend_memory_contexts",
 ];
 
+/// Whether a function name (unqualified; any case) is on the deny-list. Shared with the extension's second check of
+/// the same SQL with PostgreSQL's own parser.
+pub fn is_denied(name: &str) -> bool {
+    let last = name.to_lowercase();
+    DENIED_FUNCTIONS.iter().any(|d| match d.strip_suffix('*') {
+        Some(prefix) => last.starts_with(prefix),
+        None => *d == last,
+    })
+}
+
 fn denied(name: &ObjectName) -> Option<String> {
     let last = name.0.last()?.as_ident()?.value.to_lowercase();
-    DENIED_FUNCTIONS
-        .iter()
-        .any(|d| match d.strip_suffix('*') {
-            Some(prefix) => last.starts_with(prefix),
-            None => *d == last,
-        })
-        .then_some(last)
+    is_denied(&last).then_some(last)
 }
 
 /// A statement that passed the gate.

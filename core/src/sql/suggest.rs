@@ -134,3 +134,200 @@ mod tests {
         assert_eq!(similar_names("ERROR:  column \"zzz\" does not exist", &c), None);
     }
 }
+
+/// Words too common to say what a question is about.
+const STOPWORDS: &[&str] = &[
+    "a",
+    "about",
+    "after",
+    "all",
+    "also",
+    "an",
+    "and",
+    "any",
+    "are",
+    "as",
+    "at",
+    "average",
+    "be",
+    "been",
+    "before",
+    "between",
+    "both",
+    "but",
+    "by",
+    "can",
+    "count",
+    "did",
+    "different",
+    "distinct",
+    "do",
+    "does",
+    "each",
+    "either",
+    "every",
+    "except",
+    "find",
+    "first",
+    "for",
+    "from",
+    "give",
+    "given",
+    "greater",
+    "has",
+    "have",
+    "highest",
+    "how",
+    "if",
+    "in",
+    "into",
+    "is",
+    "it",
+    "its",
+    "last",
+    "least",
+    "less",
+    "list",
+    "lowest",
+    "many",
+    "maximum",
+    "minimum",
+    "more",
+    "most",
+    "much",
+    "names",
+    "name",
+    "not",
+    "number",
+    "numbers",
+    "of",
+    "on",
+    "one",
+    "only",
+    "or",
+    "order",
+    "ordered",
+    "other",
+    "over",
+    "per",
+    "return",
+    "show",
+    "smallest",
+    "sorted",
+    "than",
+    "that",
+    "the",
+    "their",
+    "them",
+    "there",
+    "these",
+    "they",
+    "this",
+    "those",
+    "times",
+    "to",
+    "top",
+    "total",
+    "under",
+    "what",
+    "when",
+    "where",
+    "which",
+    "who",
+    "whose",
+    "with",
+    "without",
+    "largest",
+    "descending",
+    "ascending",
+    "biggest",
+    "along",
+    "amount",
+    "same",
+];
+
+/// A crude stem: lower case, and a plural or past-tense ending dropped, so `singers` meets `singer`.
+fn stem(w: &str) -> String {
+    let w = w.to_lowercase();
+    for suf in ["ies", "es", "s", "ed", "ing"] {
+        if w.len() > suf.len() + 3 && w.ends_with(suf) {
+            return w[..w.len() - suf.len()].to_string();
+        }
+    }
+    w
+}
+
+/// How much of the question the schema speaks of: the share of the question's content words (not stopwords,
+/// numbers or quoted values) that match a word of a table or column name, comment or value hint (same stem, or one
+/// containing the other when both have at least four letters). A question about something the schema does not hold
+/// scores near 0; one about its tables, near 1. `None` when the question has no content word.
+pub fn grounding(question: &str, catalog: &Catalog) -> Option<f32> {
+    let mut vocab: Vec<String> = Vec::new();
+    let mut add = |text: &str| {
+        for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 1) {
+            vocab.push(stem(w));
+        }
+    };
+    for t in &catalog.tables {
+        add(&t.name);
+        add(t.comment.as_deref().unwrap_or(""));
+        for c in &t.columns {
+            add(&c.name);
+            add(c.comment.as_deref().unwrap_or(""));
+            c.values.iter().for_each(|v| add(v));
+        }
+    }
+    // Quoted values are data, not schema words.
+    let mut unquoted = String::new();
+    let mut quote: Option<char> = None;
+    for ch in question.chars() {
+        match quote {
+            Some(q) if ch == q => quote = None,
+            Some(_) => {}
+            None if ch == '"' || ch == '\'' || ch == '“' => quote = Some(if ch == '“' { '”' } else { ch }),
+            None => unquoted.push(ch),
+        }
+    }
+    let words: Vec<String> = unquoted
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| w.len() > 1 && !w.chars().all(|c| c.is_ascii_digit()))
+        .map(|w| w.to_lowercase())
+        .filter(|w| !STOPWORDS.contains(&w.as_str()))
+        .collect();
+    if words.is_empty() {
+        return None;
+    }
+    let matches = |w: &str| {
+        let s = stem(w);
+        vocab.iter().any(|v| *v == s || (s.len() >= 4 && v.len() >= 4 && (v.contains(&s) || s.contains(v.as_str()))))
+    };
+    Some(words.iter().filter(|w| matches(w)).count() as f32 / words.len() as f32)
+}
+
+#[cfg(test)]
+mod grounding_tests {
+    use super::*;
+    use crate::sql::schema::{Column, Table};
+
+    #[test]
+    fn a_question_about_the_schema_is_grounded_and_one_about_something_else_is_not() {
+        let t = |name: &str, cols: &[&str]| Table {
+            schema: String::new(),
+            name: name.into(),
+            kind: Default::default(),
+            columns: cols
+                .iter()
+                .map(|c| Column { name: c.to_string(), data_type: "text".into(), ..Default::default() })
+                .collect(),
+            primary_key: vec![],
+            foreign_keys: vec![],
+            comment: None,
+        };
+        let c =
+            Catalog { tables: vec![t("singer", &["singer_id", "name", "country", "age"]), t("concert", &["year"])] };
+        assert_eq!(grounding("How many singers are from France?", &c), Some(0.5)); // singers ✓, france ✗
+        assert_eq!(grounding("What is the average age of singers by country?", &c), Some(1.0));
+        assert_eq!(grounding("How many flights depart from the airport 'APG'?", &c), Some(0.0));
+        assert_eq!(grounding("How many are there?", &c), None);
+    }
+}

@@ -289,19 +289,36 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
     };
     let mut rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
     let mut contexts = spider::Contexts::new(&args.spider);
-    let mut judge = |e: &spider::Example, db: &str| -> Result<f32> {
-        let ctx = contexts.get(db)?.1.clone();
+    let mut judge = |e: &spider::Example, db: &str| -> Result<(f32, Option<f32>)> {
+        let (catalog, ctx) = contexts.get(db)?.clone();
+        let g = copilot_core::sql::suggest::grounding(&e.question, &catalog);
         let req = GenerateRequest { schema_context: ctx, question: e.question.clone(), ..Default::default() };
         let text = args.judge_text.as_deref().unwrap_or(copilot_core::sql::prompt::JUDGE_TEXT);
-        Ok(rt.p_unanswerable_with(&req, text, &|| false)?)
+        Ok((rt.p_unanswerable_with(&req, text, &|| false)?, g))
     };
-    let mut p_ans = Vec::new();
+    let (mut p_ans, mut g_ans, mut p_un, mut g_un) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for e in &answerable {
-        p_ans.push(judge(e, &e.db_id)?);
+        let (p, g) = judge(e, &e.db_id)?;
+        p_ans.push(p);
+        g_ans.push(g);
     }
-    let mut p_un = Vec::new();
     for (e, db) in &unanswerable {
-        p_un.push(judge(e, db)?);
+        let (p, g) = judge(e, db)?;
+        p_un.push(p);
+        g_un.push(g);
+    }
+    // The combined rule the extension applies: refuse when the question is barely grounded in the schema
+    // (grounding <= g0) and the model leans to "no" (p >= p0); p0 = 0 is grounding alone.
+    let rule = |ps: &[f32], gs: &[Option<f32>], g0: f32, p0: f32| {
+        ps.iter().zip(gs).filter(|(p, g)| g.is_some_and(|g| g <= g0) && **p >= p0).count() as f64
+            / ps.len().max(1) as f64
+    };
+    let mut grid = Vec::new();
+    for g0 in [0.0f32, 0.1, 0.2, 0.25, 0.34, 0.5] {
+        for p0 in [0.0f32, 0.2, 0.22, 0.25, 0.28, 0.3] {
+            grid.push(serde_json::json!({"grounding_at_most": g0, "p_at_least": p0,
+                "false_refusals": rule(&p_ans, &g_ans, g0, p0), "correct_refusals": rule(&p_un, &g_un, g0, p0)}));
+        }
     }
     let share = |v: &[f32], t: f32| v.iter().filter(|p| **p >= t).count() as f64 / v.len().max(1) as f64;
     let thresholds: Vec<serde_json::Value> = [0.3f32, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99]
@@ -321,14 +338,20 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
         "judge_text": args.judge_text.as_deref().unwrap_or(copilot_core::sql::prompt::JUDGE_TEXT),
         "auc": auc(&p_ans, &p_un),
         "thresholds": thresholds,
+        "combined": grid,
         "p_answerable": p_ans,
         "p_unanswerable": p_un,
+        "grounding_answerable": g_ans,
+        "grounding_unanswerable": g_un,
     });
     if let Some(d) = args.out.parent() {
         std::fs::create_dir_all(d)?;
     }
     std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)?;
     println!("AUC {:.3}", report["auc"]);
+    for c in report["combined"].as_array().into_iter().flatten() {
+        println!("{c}");
+    }
     for t in report["thresholds"].as_array().into_iter().flatten() {
         println!("{t}");
     }
