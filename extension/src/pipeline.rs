@@ -154,23 +154,26 @@ fn result_key(rows: &[Vec<Option<String>>]) -> Rows {
     rows
 }
 
-/// Group the candidates that planned (indexes into `list`) by equal results — or equal plans when nothing could be
-/// run — and pick the winner. Returns (winner, decision, margin, groups).
-fn vote(list: &mut [Tried], timeout_ms: i32) -> (usize, String, usize, Vec<Vec<usize>>) {
+/// Group the candidates that planned (indexes into `list`) by equal results — `run` gives a candidate's rows, or
+/// `None` when it failed or ran out of time — or by equal plans when nothing could be run (`execute` false, or
+/// every run failed), and pick the winner. Returns (winner, decision, margin, groups).
+fn vote(
+    list: &mut [Tried],
+    execute: bool,
+    run: impl Fn(&str) -> Option<Rows>,
+) -> (usize, String, usize, Vec<Vec<usize>>) {
     let planned: Vec<usize> = (0..list.len()).filter(|&i| list[i].plan.is_some()).collect();
     if planned.len() == 1 {
         return (planned[0], "only candidate".into(), 0, vec![planned]);
     }
     let mut by_result: Vec<(Rows, Vec<usize>)> = Vec::new();
-    if timeout_ms > 0 {
+    if execute {
         let mut runs: BTreeMap<String, Option<(Rows, usize)>> = BTreeMap::new();
         for &i in &planned {
             let sql = list[i].sql.clone().unwrap_or_default();
             let run = runs
                 .entry(sql.trim().to_string())
-                .or_insert_with(|| {
-                    exec::result_rows(&sql, timeout_ms, VOTE_ROWS).ok().map(|r| (result_key(&r), r.len()))
-                })
+                .or_insert_with(|| run(&sql).map(|r| (result_key(&r), r.len())))
                 .clone();
             if let Some((key, n)) = run {
                 list[i].rows = Some(n);
@@ -296,7 +299,9 @@ pub fn answer(
         let why = "none of the answers the model wrote can run on this database".to_string();
         return Err(refuse(report, list, why, catalog, k));
     }
-    let (winner, decision, margin, groups) = vote(&mut list, gucs::VOTE_TIMEOUT_MS.get());
+    let timeout_ms = gucs::VOTE_TIMEOUT_MS.get();
+    let (winner, decision, margin, groups) =
+        vote(&mut list, timeout_ms > 0, |sql| exec::result_rows(sql, timeout_ms, VOTE_ROWS).ok());
     report.winner = Some(winner);
     report.decision = decision;
     report.margin = margin;
@@ -366,13 +371,13 @@ mod tests {
     fn without_execution_plans_are_compared_and_ties_go_to_the_earliest() {
         // Candidates 0 and 2 plan alike ("plan 0"), 1 and 3 alike ("plan 1"): a tie between two groups of two.
         let mut list: Vec<Tried> = (0..4).map(|i| t(i, true)).collect();
-        let (w, decision, margin, groups) = vote(&mut list, 0);
+        let (w, decision, margin, groups) = vote(&mut list, false, |_| None);
         assert_eq!((w, margin), (0, 0));
         assert!(decision.contains("tie"), "{decision}");
         assert_eq!(groups, vec![vec![0, 2], vec![1, 3]]);
         // With candidate 0 failing, the plan-1 group (1, 3) outnumbers (2): it wins by one.
         let mut list: Vec<Tried> = (0..4).map(|i| t(i, i != 0)).collect();
-        let (w, decision, margin, _) = vote(&mut list, 0);
+        let (w, decision, margin, _) = vote(&mut list, false, |_| None);
         assert_eq!((w, margin, decision.as_str()), (1, 1, "plan agreement"));
         assert_eq!(list[0].group, None, "a candidate that did not plan takes no part");
     }
@@ -380,6 +385,30 @@ mod tests {
     #[test]
     fn a_single_planned_candidate_wins_alone() {
         let mut list: Vec<Tried> = (0..3).map(|i| t(i, i == 2)).collect();
-        assert_eq!(vote(&mut list, 1000).0, 2);
+        assert_eq!(vote(&mut list, true, |_| unreachable!("one candidate needs no run")).0, 2);
+    }
+
+    #[test]
+    fn results_group_candidates_and_failed_or_slow_runs_take_no_part() {
+        // Results by SQL: 0 and 2 return {1}, 1 returns {2}, 3 fails (timeout): {0, 2} wins by one over {1}.
+        let rows = |v: &str| Some(vec![vec![Some(v.to_string())]]);
+        let run = |sql: &str| match sql {
+            "SELECT 0" | "SELECT 2" => rows("1"),
+            "SELECT 1" => rows("2"),
+            _ => None,
+        };
+        let mut list: Vec<Tried> = (0..4).map(|i| t(i, true)).collect();
+        let (w, decision, margin, groups) = vote(&mut list, true, run);
+        assert_eq!((w, margin, decision.as_str()), (0, 1, "largest result group"));
+        assert_eq!(groups, vec![vec![0, 2], vec![1]]);
+        assert_eq!(list[3].group, None, "a failed run takes no part");
+        // Every run failing: fall back to plans.
+        let mut list: Vec<Tried> = (0..4).map(|i| t(i, true)).collect();
+        assert_eq!(vote(&mut list, true, |_| None).1, "plan agreement, tie: earliest candidate");
+        // A tie between an empty result and one with rows goes to the rows, even when the empty one came first.
+        let run = |sql: &str| if sql == "SELECT 0" { Some(vec![]) } else { rows("x") };
+        let mut list: Vec<Tried> = (0..2).map(|i| t(i, true)).collect();
+        let (w, decision, _, _) = vote(&mut list, true, run);
+        assert_eq!((w, decision.contains("tie")), (1, true));
     }
 }
