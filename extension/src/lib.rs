@@ -65,9 +65,11 @@ pub mod pg_test {
             concat!("copilot.model = '", env!("COPILOT_TEST_MODEL_PATH"), "'"),
             "copilot.threads = 2",
             "copilot.max_new_tokens = 48",
-            // The tiny model is no SQL model: one candidate, no yes/no verdict, no value hints (its greedy answers,
-            // which these tests rely on, were recorded without them); tests/sql covers the pipeline and the hints.
+            // The tiny model is no SQL model: one candidate, no repairs, no yes/no verdict, no value hints (its
+            // greedy answers, which these tests rely on, were recorded without them); tests/sql covers the pipeline
+            // and the hints.
             "copilot.candidates = 1",
+            "copilot.repair_attempts = 0",
             "copilot.refusal_threshold = 1",
             "copilot.value_hints = 0",
         ]

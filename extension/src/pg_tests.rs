@@ -16,6 +16,13 @@ mod tests {
         .unwrap();
     }
 
+    /// One table and a question the tiny model answers with SQL that plans (greedy decoding: deterministic); an
+    /// answer that does not plan would be refused (P0002) by the pipeline.
+    fn answered_ask() -> String {
+        Spi::run("CREATE TABLE singer (singer_id integer PRIMARY KEY, name text, country text, age integer)").unwrap();
+        Spi::get_one::<String>("SELECT copilot.ask('What is the average age of singers?')").unwrap().unwrap()
+    }
+
     fn parses(sql: &str) -> bool {
         use copilot_core::sql::extract::extract_sql;
         extract_sql(sql).as_deref() == Some(sql)
@@ -23,8 +30,7 @@ mod tests {
 
     #[pg_test]
     fn ask_returns_one_parseable_statement() {
-        demo_tables();
-        let sql = Spi::get_one::<String>("SELECT copilot.ask('How many singers are there?')").unwrap().unwrap();
+        let sql = answered_ask();
         assert!(!sql.trim().is_empty());
         assert!(parses(&sql), "not one parseable statement: {sql}");
         let status_served = Spi::get_one::<i64>("SELECT requests_served FROM copilot.status()").unwrap().unwrap();
@@ -96,8 +102,7 @@ mod tests {
 
     #[pg_test]
     fn status_reports_a_ready_worker_and_its_model() {
-        demo_tables();
-        Spi::run("SELECT copilot.ask('How many singers are there?')").unwrap();
+        answered_ask();
         let (state, model, arch) =
             Spi::get_three::<String, String, String>("SELECT state, model, model_arch FROM copilot.status()").unwrap();
         assert_eq!(state.as_deref(), Some("ready"));

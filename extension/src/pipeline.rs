@@ -198,21 +198,22 @@ fn vote(
     } else {
         (by_result.into_iter().map(|(_, m)| m).collect(), "largest result group")
     };
-    for (g, members) in groups.iter().enumerate() {
+    // Largest group; among equals, one whose result has rows before an empty one (a question is asked of data
+    // that answers it), then the one holding the earliest candidate (members are in candidate order). Groups are
+    // returned (and numbered) in that order: the winner's first.
+    let empty = |g: &Vec<usize>| list[g[0]].rows == Some(0);
+    let mut order: Vec<usize> = (0..groups.len()).collect();
+    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), empty(&groups[g]), groups[g][0]));
+    let ranked: Vec<Vec<usize>> = order.iter().map(|&g| groups[g].clone()).collect();
+    for (g, members) in ranked.iter().enumerate() {
         for &i in members {
             list[i].group = Some(g);
         }
     }
-    // Largest group; among equals, one whose result has rows before an empty one (a question is asked of data
-    // that answers it), then the one holding the earliest candidate (members are in candidate order).
-    let empty = |g: &Vec<usize>| list[g[0]].rows == Some(0);
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), empty(&groups[g]), groups[g][0]));
-    let best = order[0];
-    let runner_up = order.get(1).map_or(0, |&g| groups[g].len());
-    let margin = groups[best].len() - runner_up;
-    let decision = if order.len() > 1 && margin == 0 { format!("{how}, tie: earliest candidate") } else { how.into() };
-    (groups[best][0], decision, margin, groups)
+    let runner_up = ranked.get(1).map_or(0, Vec::len);
+    let margin = ranked[0].len() - runner_up;
+    let decision = if ranked.len() > 1 && margin == 0 { format!("{how}, tie: earliest candidate") } else { how.into() };
+    (ranked[0][0], decision, margin, ranked)
 }
 
 /// Answer `question` (after the conversation `history`) over the caller's `catalog`, rendered as `context`.
@@ -377,8 +378,10 @@ mod tests {
         assert_eq!(groups, vec![vec![0, 2], vec![1, 3]]);
         // With candidate 0 failing, the plan-1 group (1, 3) outnumbers (2): it wins by one.
         let mut list: Vec<Tried> = (0..4).map(|i| t(i, i != 0)).collect();
-        let (w, decision, margin, _) = vote(&mut list, false, |_| None);
+        let (w, decision, margin, groups) = vote(&mut list, false, |_| None);
         assert_eq!((w, margin, decision.as_str()), (1, 1, "plan agreement"));
+        assert_eq!(groups, vec![vec![1, 3], vec![2]], "the winning group first");
+        assert_eq!((list[1].group, list[2].group), (Some(0), Some(1)), "groups numbered in that order");
         assert_eq!(list[0].group, None, "a candidate that did not plan takes no part");
     }
 

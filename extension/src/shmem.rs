@@ -429,6 +429,24 @@ impl Default for Board {
     }
 }
 
+impl Board {
+    /// A zeroed board made in place on the heap: the board is about 800 KB, which a debug build's
+    /// `Box::default()` would first build on the stack (tests run on 2 MB thread stacks).
+    #[cfg(test)]
+    fn boxed() -> Box<Board> {
+        let layout = std::alloc::Layout::new::<Board>();
+        // SAFETY: the layout is Board's (non-zero size); the all-zero bit pattern is a valid Board (see Default);
+        // the allocation is checked for null and handed to Box with the same layout, which frees it.
+        unsafe {
+            let p = std::alloc::alloc_zeroed(layout).cast::<Board>();
+            if p.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            Box::from_raw(p)
+        }
+    }
+}
+
 // SAFETY: Board is repr(C), contains no pointers into process-local memory (latch addresses are shared-memory
 // addresses stored as integers) and is only accessed under its LWLock.
 unsafe impl PGRXSharedMemory for Board {}
@@ -748,7 +766,7 @@ mod tests {
     use super::*;
 
     fn board() -> Box<Board> {
-        let mut b = Box::<Board>::default();
+        let mut b = Board::boxed();
         b.worker_start(100, Latch(1), "m.gguf", 2);
         b.worker_loaded("qwen2", 10, 1.0);
         b

@@ -24,10 +24,9 @@ use copilot_core::engine::serve::{wire, Command, Event, Job};
 use copilot_core::error::ErrorKind;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
-use std::io::Write;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc::{channel, Receiver, TryRecvError};
+use std::process::{Child, Stdio};
+use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 pub const RESTART_SECS: u64 = 1;
@@ -72,7 +71,9 @@ enum Incoming {
 /// The running engine process and the worker's view of it.
 struct EngineProc {
     child: Child,
-    stdin: ChildStdin,
+    /// Commands for the writer thread, which owns the engine's stdin: a hung engine with a full pipe blocks that
+    /// thread, never the worker's main loop (which must keep watching the heartbeat and the board).
+    commands: Sender<Command>,
     incoming: Receiver<Incoming>,
     last_heard: Instant,
     started: Instant,
@@ -134,7 +135,7 @@ fn spawn_engine(
     let mut child = cmd
         .spawn()
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start the engine {}: {e}", path.display())))?;
-    let stdin = child.stdin.take().expect("piped stdin");
+    let mut stdin = child.stdin.take().expect("piped stdin");
     let mut stdout = child.stdout.take().expect("piped stdout");
     let (tx, incoming) = channel();
     spawn_masked("copilot-engine-reader", move || loop {
@@ -150,12 +151,23 @@ fn spawn_engine(
             }
         }
     })?;
-    Ok(EngineProc { child, stdin, incoming, last_heard: Instant::now(), started: Instant::now() })
+    let (commands, outgoing) = channel::<Command>();
+    spawn_masked("copilot-engine-writer", move || {
+        // Ends when the worker drops its sender or the engine's stdin breaks; a blocked write ends when the
+        // worker kills the engine (the pipe's reader goes away).
+        while let Ok(c) = outgoing.recv() {
+            if wire::write(&mut stdin, &c).is_err() {
+                return;
+            }
+        }
+    })?;
+    Ok(EngineProc { child, commands, incoming, last_heard: Instant::now(), started: Instant::now() })
 }
 
 impl EngineProc {
-    fn send(&mut self, c: &Command) -> bool {
-        wire::write(&mut self.stdin, c).is_ok()
+    /// Hand a command to the writer thread. A write that fails means the engine is gone: its reader reports it.
+    fn send(&mut self, c: Command) {
+        let _ = self.commands.send(c);
     }
 
     /// Kill (SIGKILL) and reap; what happened to it, in words.
@@ -295,7 +307,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 r.cancelled = true;
                 let id = r.id;
                 drop(b);
-                e.send(&Command::Cancel(id));
+                e.send(Command::Cancel(id));
                 continue;
             }
         }
@@ -308,8 +320,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                         next_id += 1;
                         let job = Job { id: next_id, req, prefix_cache_bytes: gucs::prefix_cache_bytes() };
                         running = Some(Running { ticket: taken.ticket, id: next_id, cancelled: false });
-                        // A failed write means the engine is gone: its reader reports it next round.
-                        e.send(&Command::Run(job));
+                        e.send(Command::Run(job));
                     }
                     Err(err) => {
                         let why = format!("malformed request: {err}");
@@ -325,8 +336,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
 
     // SIGTERM or postmaster death: stop the engine, unpublish ourselves.
     if let Some(mut e) = engine.take() {
-        let _ = e.send(&Command::Shutdown);
-        let _ = e.stdin.flush();
+        e.send(Command::Shutdown);
         let _ = e.kill();
     }
     BOARD.exclusive().worker_exit(true);
