@@ -3,7 +3,7 @@
 //! review the diff: these bytes are what the model sees.
 
 use copilot_core::sql::prompt::{build_prompt, ChatTemplate};
-use copilot_core::sql::schema::{Catalog, RenderOptions};
+use copilot_core::sql::schema::{without_value_hints, Catalog, RenderOptions};
 use std::path::PathBuf;
 
 fn dir() -> PathBuf {
@@ -33,6 +33,28 @@ const QUESTION: &str = "How many singers are from France?";
 #[test]
 fn schema_context() {
     check("concert_singer.context.sql", &catalog().render(&RenderOptions::default()));
+}
+
+/// Value hints as the extension gathers them: most common values (an open list, "e.g."), a CHECK list or enum
+/// labels (a closed list, "one of"), a value that needs quoting; removing them gives the plain context back.
+#[test]
+fn schema_context_with_value_hints() {
+    let mut c = catalog();
+    let mut set = |table: &str, column: &str, values: &[&str], complete: bool| {
+        let t = c.tables.iter_mut().find(|t| t.name == table).unwrap();
+        let col = t.columns.iter_mut().find(|col| col.name == column).unwrap();
+        col.values = values.iter().map(|v| v.to_string()).collect();
+        col.values_complete = complete;
+    };
+    set("singer", "country", &["Netherlands", "United States", "France"], false);
+    set("concert", "theme", &["Free choice", "Bleeding Love", "Happy Tonight"], false);
+    set("stadium", "location", &["Raith Rovers", "Ayr United", "Queen's Park"], false);
+    set("concert", "year", &["2014", "2015"], true);
+    let plain = catalog().render(&RenderOptions::default());
+    let hinted = c.render(&RenderOptions::default());
+    check("concert_singer.values.context.sql", &hinted);
+    assert_ne!(hinted, plain);
+    assert_eq!(without_value_hints(&hinted), plain);
 }
 
 #[test]

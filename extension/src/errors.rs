@@ -96,6 +96,7 @@ impl CopilotError {
                 | Rejection::DataModifyingCte
                 | Rejection::SelectInto
                 | Rejection::LockingClause => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+                Rejection::TooDeep(_) => ERRCODE_STATEMENT_TOO_COMPLEX,
             },
             Execution { code, .. } => *code,
         }
@@ -228,6 +229,7 @@ mod tests {
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE
         );
         assert_eq!(r(Rejection::Empty).sqlstate(), PgSqlErrorCode::ERRCODE_SYNTAX_ERROR);
+        assert_eq!(r(Rejection::TooDeep(40)).sqlstate(), PgSqlErrorCode::ERRCODE_STATEMENT_TOO_COMPLEX);
         assert_eq!(r(Rejection::Empty).detail().unwrap(), "SQL: DROP TABLE t");
     }
 }

@@ -157,6 +157,12 @@ mod tests {
         Spi::run("CREATE SEQUENCE s; SELECT * FROM copilot.run_sql('SELECT nextval(''s'')')").unwrap();
     }
 
+    /// Found by fuzzing the gate: nested calls made its parser backtrack for minutes, uninterruptibly.
+    #[pg_test(error = "copilot: refused: the SQL nests parentheses 40 levels deep, more than the 12 allowed")]
+    fn run_sql_refuses_deep_nesting_at_once() {
+        Spi::run(&format!("SELECT * FROM copilot.run_sql('SELECT {}1{}')", "abs(".repeat(40), ")".repeat(40))).unwrap();
+    }
+
     #[pg_test(error = "cannot execute INSERT in a read-only transaction")]
     fn writes_hidden_in_functions_hit_read_only() {
         demo_tables();

@@ -9,6 +9,13 @@ use sqlparser::parser::Parser;
 
 /// Where the first statement ends: the byte index of the first `;` outside quotes and comments, if any.
 pub fn statement_end(sql: &str) -> Option<usize> {
+    scan_code(sql, |c| c == b';')
+}
+
+/// Visit, in order, the bytes of `sql` that are code — outside string literals, quoted identifiers, dollar-quoted
+/// strings and comments — until `stop` returns true; the index it stopped at. `None` when it never stopped, or
+/// when a dollar-quoted string is left open (the rest is all string).
+pub(crate) fn scan_code(sql: &str, mut stop: impl FnMut(u8) -> bool) -> Option<usize> {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -50,7 +57,7 @@ pub fn statement_end(sql: &str) -> Option<usize> {
                     }
                 }
             }
-            b';' => return Some(i),
+            c if stop(c) => return Some(i),
             _ => {}
         }
         i += 1;
@@ -111,7 +118,9 @@ fn query_starts(text: &str) -> Vec<usize> {
 }
 
 fn parses(sql: &str) -> bool {
-    Parser::parse_sql(&PostgreSqlDialect {}, sql).is_ok_and(|v| v.len() == 1)
+    // Deep nesting would make sqlparser backtrack for minutes (see gate::MAX_NESTING); the gate refuses it anyway.
+    crate::sql::gate::nesting_depth(sql) <= crate::sql::gate::MAX_NESTING
+        && Parser::parse_sql(&PostgreSqlDialect {}, sql).is_ok_and(|v| v.len() == 1)
 }
 
 /// The statement that starts at the beginning of `text`: cut at its semicolon, then, if it does not parse, with
