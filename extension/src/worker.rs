@@ -266,7 +266,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                         handle_event(ev, &mut running);
                     }
                     Ok(Incoming::Gone(why)) => {
-                        lost = Some(why);
+                        lost = Some(format!("stopped talking ({why})"));
                         break;
                     }
                     Err(TryRecvError::Empty) => break,
