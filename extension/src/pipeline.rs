@@ -184,7 +184,7 @@ fn vote(
             }
         }
     }
-    let (groups, how): (Vec<Vec<usize>>, &str) = if by_result.is_empty() {
+    let (mut groups, how): (Vec<Vec<usize>>, &str) = if by_result.is_empty() {
         // Nothing could be run: agree on plans instead.
         let mut by_plan: Vec<(String, Vec<usize>)> = Vec::new();
         for &i in &planned {
@@ -201,19 +201,16 @@ fn vote(
     // Largest group; among equals, one whose result has rows before an empty one (a question is asked of data
     // that answers it), then the one holding the earliest candidate (members are in candidate order). Groups are
     // returned (and numbered) in that order: the winner's first.
-    let empty = |g: &Vec<usize>| list[g[0]].rows == Some(0);
-    let mut order: Vec<usize> = (0..groups.len()).collect();
-    order.sort_by_key(|&g| (std::cmp::Reverse(groups[g].len()), empty(&groups[g]), groups[g][0]));
-    let ranked: Vec<Vec<usize>> = order.iter().map(|&g| groups[g].clone()).collect();
-    for (g, members) in ranked.iter().enumerate() {
+    groups.sort_by_key(|g| (std::cmp::Reverse(g.len()), list[g[0]].rows == Some(0), g[0]));
+    for (g, members) in groups.iter().enumerate() {
         for &i in members {
             list[i].group = Some(g);
         }
     }
-    let runner_up = ranked.get(1).map_or(0, Vec::len);
-    let margin = ranked[0].len() - runner_up;
-    let decision = if ranked.len() > 1 && margin == 0 { format!("{how}, tie: earliest candidate") } else { how.into() };
-    (ranked[0][0], decision, margin, ranked)
+    let runner_up = groups.get(1).map_or(0, Vec::len);
+    let margin = groups[0].len() - runner_up;
+    let decision = if groups.len() > 1 && margin == 0 { format!("{how}, tie: earliest candidate") } else { how.into() };
+    (groups[0][0], decision, margin, groups)
 }
 
 /// Answer `question` (after the conversation `history`) over the caller's `catalog`, rendered as `context`.
