@@ -92,3 +92,48 @@ fn prompt_chatml_fallback() {
     let p = build_prompt(&ChatTemplate::chatml(), &ctx, QUESTION).unwrap();
     check("prompt.chatml.txt", &p.text());
 }
+
+/// The plain-language explanations of real Spider dev queries: one `.txt` per `.sql` in `golden/explain/`.
+#[test]
+fn explain_golden() {
+    use copilot_core::sql::explain::explain;
+    let mut queries: Vec<PathBuf> = std::fs::read_dir(dir().join("golden/explain"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+        .collect();
+    queries.sort();
+    assert!(queries.len() >= 20, "{} golden queries", queries.len());
+    for path in queries {
+        let sql = std::fs::read_to_string(&path).unwrap();
+        let text = explain(sql.trim()).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let txt = path.with_extension("txt");
+        check(&format!("explain/{}", txt.file_name().unwrap().to_string_lossy()), &format!("{text}\n"));
+    }
+}
+
+/// What `copilot.ask(question, follow_up => id)` shows the model when the caller has verified examples: the
+/// schema prefix (cached) unchanged, then each example as an earlier question and answer (most similar last), then
+/// the conversation being followed up (oldest first), then the new question — a three-turn conversation.
+#[test]
+fn prompt_with_examples_and_follow_ups() {
+    use copilot_core::engine::backend::Exchange;
+    use copilot_core::sql::prompt::build_conversation;
+    let ctx = catalog().render(&RenderOptions::default());
+    let t = template("qwen2.5-coder.jinja", "<|endoftext|>", "<|im_end|>");
+    let turns = vec![
+        Exchange {
+            question: "Which singers come from Germany?".into(),
+            answer: "SELECT name FROM singer WHERE country = 'Germany'".into(),
+        },
+        Exchange { question: QUESTION.into(), answer: "SELECT count(*) FROM singer WHERE country = 'France'".into() },
+        Exchange {
+            question: "and how old are they on average?".into(),
+            answer: "SELECT avg(age) FROM singer WHERE country = 'France'".into(),
+        },
+    ];
+    let p = build_conversation(&t, &ctx, &turns, "only those older than 30").unwrap();
+    let single = build_prompt(&t, &ctx, QUESTION).unwrap();
+    assert_eq!(p.prefix, single.prefix, "examples and earlier turns come after the cached schema prefix");
+    check("conversation.qwen2.5-coder.txt", &p.text());
+}

@@ -43,6 +43,11 @@ fn wait_on_latch(timeout: Duration) {
     pg_sys::check_for_interrupts!();
 }
 
+/// Sleep on this backend's latch (interruptible: cancel and termination raise here).
+pub(crate) fn sleep(d: Duration) {
+    wait_on_latch(d);
+}
+
 fn my_pid() -> i32 {
     // SAFETY: MyProcPid is set at backend start and never changes.
     unsafe { pg_sys::MyProcPid }
@@ -152,12 +157,28 @@ pub(crate) fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
 /// Turn a natural-language question into one SQL query over the tables the caller can read: several candidate
 /// answers, each checked against the caller's database (gate, then planned as the caller), repaired from
 /// PostgreSQL's own errors when none plans, chosen by their results — or a refusal when none can answer.
-#[pg_extern(strict, parallel_unsafe)]
+///
+/// With `follow_up` (a `copilot.history` id, e.g. `(SELECT history_id FROM copilot.last_ask())`), the question
+/// continues that conversation: the earlier questions and their SQL come first, as the model's earlier turns.
+/// Verified examples like the question (`copilot.teach`, `copilot.feedback`) are shown too. Every ask is recorded
+/// in `copilot.history`, answered or not. A NULL question gives NULL.
+#[pg_extern(name = "ask", parallel_unsafe)]
+fn ask_follow_up(question: Option<&str>, follow_up: default!(Option<i64>, "NULL")) -> Option<String> {
+    Some(answer_question(question?, follow_up))
+}
+
+/// `ask(text)` as extension version 0.1.0 declares it (symbol `ask_wrapper`): a database not yet updated with
+/// `ALTER EXTENSION copilot UPDATE` keeps working with this library.
+#[pg_extern(strict, parallel_unsafe, sql = false)]
 fn ask(question: &str) -> String {
+    answer_question(question, None)
+}
+
+fn answer_question(question: &str, follow_up: Option<i64>) -> String {
     let q = validate_question(question).or_raise();
     ensure_preloaded().or_raise();
-    let (catalog, context) = context_for_caller().or_raise();
-    crate::pipeline::answer(q, &catalog, &context, &[]).or_raise().sql
+    let ask = crate::memory::Ask { kind: "ask", question: q, prompt_question: q.to_string(), follow_up, turns: vec![] };
+    crate::memory::answer_recorded(ask, |sql| Ok((sql.to_string(), None))).or_raise()
 }
 
 pub(crate) fn validate_question(question: &str) -> Result<&str, CopilotError> {
@@ -222,8 +243,38 @@ fn context() -> String {
     context_for_caller().or_raise().1
 }
 
-/// What this session's last answered request cost: one row, or none before its first answer.
-#[pg_extern(parallel_unsafe)]
+/// What this session's last answered request cost, and its `copilot.history` id (NULL when it was not recorded):
+/// one row, or none before its first answer.
+#[pg_extern(name = "last_ask", parallel_unsafe)]
+#[allow(clippy::type_complexity)]
+fn last_ask_with_history() -> TableIterator<
+    'static,
+    (
+        name!(latency_ms, f64),
+        name!(prompt_tokens, i32),
+        name!(generated_tokens, i32),
+        name!(decode_tok_s, f64),
+        name!(prefix_tokens, i32),
+        name!(prefix_cache_hit, bool),
+        name!(history_id, Option<i64>),
+    ),
+> {
+    let history_id = crate::memory::last_history_id();
+    TableIterator::new(LAST_ASK.get().map(|m| {
+        (
+            m.latency_ms,
+            m.prompt_tokens as i32,
+            m.generated_tokens as i32,
+            m.decode_tok_s,
+            m.prefix_tokens as i32,
+            m.prefix_cache_hit,
+            history_id,
+        )
+    }))
+}
+
+/// `last_ask()` as extension version 0.1.0 declares it (symbol `last_ask_wrapper`, no `history_id`).
+#[pg_extern(parallel_unsafe, sql = false)]
 #[allow(clippy::type_complexity)]
 fn last_ask() -> TableIterator<
     'static,
@@ -311,13 +362,13 @@ fn status() -> TableIterator<
         c.hits as i64,
         c.misses as i64,
         c.evictions as i64,
-        pgrx::JsonB(answers_json(&s.pipeline)),
+        pgrx::JsonB(answers_json(&s.pipeline, crate::history::JOURNAL.share().counts())),
     );
     TableIterator::once(row)
 }
 
 /// The answer pipeline's counters as `copilot.status()` shows them.
-fn answers_json(p: &crate::shmem::PipelineCounts) -> serde_json::Value {
+fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)) -> serde_json::Value {
     let ratio = |a: u64, b: u64| if b == 0 { serde_json::Value::Null } else { serde_json::json!(a as f64 / b as f64) };
     serde_json::json!({
         "asks": p.asks,
@@ -329,18 +380,24 @@ fn answers_json(p: &crate::shmem::PipelineCounts) -> serde_json::Value {
         "votes": p.votes,
         "mean_vote_margin": ratio(p.margin_sum, p.votes),
         "refusals": p.refusals,
+        "history_written": written,
+        "history_dropped": dropped,
     })
 }
 
 /// `copilot.ask` with its working shown: the SQL it would return (NULL when it would refuse) and, for every
 /// candidate, what the model wrote, why it did or did not plan, its vote group and row count, the repairs made, and
-/// why the winner won. For debugging answers; it never raises for a refusal.
+/// why the winner won, and the verified examples shown with the question. For debugging answers (not recorded in
+/// copilot.history); it never raises for a refusal.
 #[pg_extern(strict, parallel_unsafe)]
 fn ask_verbose(question: &str) -> pgrx::JsonB {
     let q = validate_question(question).or_raise();
     ensure_preloaded().or_raise();
     let (catalog, context) = context_for_caller().or_raise();
-    let (sql, report) = match crate::pipeline::answer(q, &catalog, &context, &[]) {
+    let examples = crate::memory::examples_for(q, &catalog).or_raise();
+    let ids: Vec<i64> = examples.iter().map(|(id, _)| *id).collect();
+    let turns: Vec<_> = examples.into_iter().map(|(_, e)| e).collect();
+    let (sql, report) = match crate::pipeline::answer(q, &catalog, &context, &turns) {
         Ok(a) => (Some(a.sql), a.report),
         Err(CopilotError::CannotAnswer { report, .. }) => (None, *report),
         Err(CopilotError::NoSql { raw }) => {
@@ -352,5 +409,6 @@ fn ask_verbose(question: &str) -> pgrx::JsonB {
     };
     let mut v = serde_json::to_value(&report).unwrap_or_default();
     v["sql"] = serde_json::json!(sql);
+    v["examples"] = serde_json::json!(ids);
     pgrx::JsonB(v)
 }

@@ -8,7 +8,6 @@
 use crate::errors::CopilotError;
 use copilot_core::sql::schema::{Catalog, RenderOptions, Table};
 use pgrx::datum::DatumWithOid;
-use pgrx::prelude::*;
 
 const CATALOG_SQL: &str = r#"
 WITH s AS (
@@ -115,7 +114,7 @@ fn add_values(catalog: &mut Catalog, schemas: &[String], per_column: usize) -> R
     if per_column == 0 {
         return Ok(());
     }
-    let json: Option<String> = Spi::get_one_with_args(VALUES_SQL, &[DatumWithOid::from(schemas.to_vec())])?;
+    let json: Option<String> = crate::spi::one(VALUES_SQL, &[DatumWithOid::from(schemas.to_vec())])?;
     let found: Vec<ColumnValues> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
         .map_err(|e| CopilotError::Catalog(format!("cannot read the column values: {e}")))?;
     let mut budget = VALUE_BUDGET_CHARS;
@@ -140,7 +139,7 @@ fn add_values(catalog: &mut Catalog, schemas: &[String], per_column: usize) -> R
 
 /// The schemas of the caller's search_path that exist (`current_schemas(false)`).
 fn search_path_schemas() -> Vec<String> {
-    Spi::get_one::<Vec<String>>("SELECT current_schemas(false)::text[]").ok().flatten().unwrap_or_default()
+    crate::spi::one::<Vec<String>>("SELECT current_schemas(false)::text[]", &[]).ok().flatten().unwrap_or_default()
 }
 
 /// The context for the calling role: its catalog (with up to `values_per_column` example values per categorical
@@ -148,7 +147,7 @@ fn search_path_schemas() -> Vec<String> {
 pub fn load(configured: &[String], values_per_column: usize) -> Result<(Catalog, RenderOptions), CopilotError> {
     let search_path = search_path_schemas();
     let schemas: Vec<String> = if configured.is_empty() { search_path.clone() } else { configured.to_vec() };
-    let json: Option<String> = Spi::get_one_with_args(CATALOG_SQL, &[DatumWithOid::from(schemas.clone())])?;
+    let json: Option<String> = crate::spi::one(CATALOG_SQL, &[DatumWithOid::from(schemas.clone())])?;
     let tables: Vec<Table> = serde_json::from_str(json.as_deref().unwrap_or("[]"))
         .map_err(|e| CopilotError::Catalog(format!("cannot read the catalog description: {e}")))?;
     let mut catalog = Catalog { tables };

@@ -51,6 +51,19 @@ pub enum CopilotError {
     /// The gate refused SQL before anything executed it.
     #[error("refused: {rejection}")]
     Refused { rejection: Rejection, sql: String },
+    /// This database's copilot objects are older than the library (0.1.0): the feature needs its tables.
+    #[error("{what} need copilot 0.2.0 in this database")]
+    NeedsUpgrade { what: &'static str },
+    #[error("cannot store {what} in a read-only transaction")]
+    ReadOnly { what: &'static str },
+    #[error("no copilot.history row {id} that you can see")]
+    NoSuchHistory { id: i64 },
+    #[error("copilot.history row {id} has no SQL to follow up (its outcome was {outcome})")]
+    NothingToFollow { id: i64, outcome: String },
+    #[error("copilot.history row {id} belongs to another role")]
+    NotYourHistory { id: i64 },
+    #[error("cannot explain this SQL: {reason}")]
+    CannotExplain { reason: String, sql: String, syntax: bool },
     /// PostgreSQL refused or failed to run SQL we executed for the caller: its own error, with the SQL added.
     #[error("{message}")]
     Execution { code: PgSqlErrorCode, message: String, detail: Option<String>, hint: Option<String>, sql: String },
@@ -98,6 +111,12 @@ impl CopilotError {
                 | Rejection::LockingClause => ERRCODE_READ_ONLY_SQL_TRANSACTION,
                 Rejection::TooDeep(_) => ERRCODE_STATEMENT_TOO_COMPLEX,
             },
+            NeedsUpgrade { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
+            NoSuchHistory { .. } | NothingToFollow { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
+            ReadOnly { .. } => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            NotYourHistory { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
+            CannotExplain { syntax: true, .. } => ERRCODE_SYNTAX_ERROR,
+            CannotExplain { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             Execution { code, .. } => *code,
         }
     }
@@ -116,7 +135,7 @@ impl CopilotError {
                 }
                 Some(d)
             }
-            Refused { sql, .. } => Some(format!("SQL: {sql}")),
+            Refused { sql, .. } | CannotExplain { sql, .. } => Some(format!("SQL: {sql}")),
             Execution { detail, sql, .. } => Some(match detail {
                 Some(d) => format!("{d}\nSQL: {sql}"),
                 None => format!("SQL: {sql}"),
@@ -157,6 +176,15 @@ impl CopilotError {
                 "Rephrase the question with the names of the tables or columns it is about, or check copilot.schemas \
                  and your privileges; copilot.ask_verbose() shows every answer tried."
             }
+            NeedsUpgrade { .. } => "Run ALTER EXTENSION copilot UPDATE in this database.",
+            NoSuchHistory { .. } => {
+                "SELECT id, question FROM copilot.history ORDER BY id DESC shows your history; copilot.last_ask() \
+                 has the id of your last ask."
+            }
+            NothingToFollow { .. } => "Follow up a question that was answered, or ask it again.",
+            NotYourHistory { .. } => "Feedback is given by the role that asked.",
+            ReadOnly { .. } => "On a hot standby, connect to the primary; otherwise use a read-write transaction.",
+            CannotExplain { .. } => "copilot.explain describes one query (SELECT, WITH, VALUES, set operations).",
             Execution { hint, .. } => return hint.clone(),
             _ => return None,
         };

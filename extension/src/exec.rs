@@ -107,14 +107,10 @@ fn read_only(query: &str, timeout_ms: i32, sql: &str) -> Result<Vec<String>, Cop
         pg_sys::MemoryContextSwitchTo(ctx);
     }
     let rows = PgTryBuilder::new(|| {
-        Spi::run("SELECT set_config('transaction_read_only', 'on', true)").expect("set transaction_read_only");
+        crate::spi::one::<String>("SELECT set_config('transaction_read_only', 'on', true)", &[])
+            .expect("set transaction_read_only");
         outer.arm(timeout_ms);
-        let rows: Vec<String> = Spi::connect(|c| {
-            c.select(query, None, &[])?
-                .map(|row| row.get::<String>(1).map(|v| v.unwrap_or_default()))
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .expect("SPI select");
+        let rows: Vec<String> = crate::spi::texts(query);
         outer.restore();
         Ok(rows)
     })
@@ -215,9 +211,14 @@ fn run_sql(sql: &str) -> SetOfIterator<'static, pgrx::JsonB> {
 fn run(question: &str) -> SetOfIterator<'static, pgrx::JsonB> {
     let q = crate::api::validate_question(question).or_raise();
     crate::api::ensure_preloaded().or_raise();
-    let (catalog, context) = crate::api::context_for_caller().or_raise();
-    let answered = crate::pipeline::answer(q, &catalog, &context, &[]).or_raise();
-    let (rows, _) = execute(&answered.sql).or_raise();
+    let ask =
+        crate::memory::Ask { kind: "run", question: q, prompt_question: q.to_string(), follow_up: None, turns: vec![] };
+    let rows = crate::memory::answer_recorded(ask, |sql| {
+        let (rows, _) = execute(sql)?;
+        let n = rows.len() as i64;
+        Ok((rows, Some(n)))
+    })
+    .or_raise();
     SetOfIterator::new(rows)
 }
 

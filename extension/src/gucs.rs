@@ -25,6 +25,9 @@
 //! | `copilot.engine_path` | SIGHUP | '' = `copilot-engine` beside the library | the engine binary |
 //! | `copilot.grounding_threshold` | USERSET | 0.1 | a question whose words the schema speaks of no more than this share of is checked with the model |
 //! | `copilot.refusal_threshold` | USERSET | 0.2 | such a question is refused when the model's P(the schema cannot answer) reaches this (1 = never) |
+//! | `copilot.history` | SUSET | on | record every ask/run in `copilot.history` (skipped on a standby) |
+//! | `copilot.history_days` | SIGHUP | 90 | history rows older than this are deleted by the history writer (0 = keep all) |
+//! | `copilot.examples` | USERSET | 3 | verified examples (`copilot.teach`, `copilot.feedback`) shown with a question (0 = none) |
 //!
 //! A change of `copilot.model` takes effect on reload (`SELECT pg_reload_conf()`): the worker exits and the
 //! postmaster starts it again with the new model.
@@ -50,6 +53,9 @@ pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
 pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
+pub static HISTORY: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static HISTORY_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
+pub static EXAMPLES: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.2);
 pub static GROUNDING_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.1);
 pub static ENGINE_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
@@ -299,6 +305,36 @@ fn register_answer_gucs() {
         &VALUE_HINTS,
         0,
         50,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"copilot.history",
+        c"Record every copilot.ask and copilot.run in copilot.history.",
+        c"Rows are written by a background worker in its own transaction, so failed asks are recorded too. Nothing \
+          is recorded on a hot standby.",
+        &HISTORY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.history_days",
+        c"Days copilot.history keeps a row (0 keeps every row).",
+        c"Older rows are deleted by the history writer when it next writes in that database.",
+        &HISTORY_DAYS,
+        0,
+        36_500,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.examples",
+        c"Verified examples shown to the model with a question (0 = none).",
+        c"The examples most like the question (BM25 over their questions) among those over tables the caller can \
+          read and the schema context shows, taught with copilot.teach or copilot.feedback.",
+        &EXAMPLES,
+        0,
+        16,
         GucContext::Userset,
         GucFlags::default(),
     );

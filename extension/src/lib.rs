@@ -10,6 +10,8 @@
 //! - [`pipeline`]: what `ask` does between question and SQL: candidates, planning as the caller, repair, vote,
 //!   refusal;
 //! - [`pg_gate`]: the gate's rules checked again on PostgreSQL's own parse tree;
+//! - [`history`]: `copilot.history`, written by a history writer worker so failed asks are recorded too;
+//! - [`memory`]: the analyst's loop — verified examples (`teach`, `feedback`), follow-ups, `refine`, `explain`;
 //! - [`exec`]: `copilot.run_sql` and `copilot.run`: gated, read-only, time- and row-bounded execution.
 //!
 //! Rule at every crossing: only a process's main thread calls into PostgreSQL; the model runs on threads that
@@ -23,12 +25,19 @@ mod catalog;
 mod errors;
 mod exec;
 pub mod gucs;
+mod history;
+mod memory;
 mod pg_gate;
 mod pipeline;
 mod shmem;
+mod spi;
 mod worker;
 
 pgrx::pg_module_magic!(name, version);
+
+// The tables, policies and grants of copilot.history and copilot.examples (sql/ has the same in the upgrade
+// script from 0.1.0).
+pgrx::extension_sql_file!("objects.sql", name = "objects");
 
 /// Set in the postmaster's `_PG_init` when loaded through shared_preload_libraries; inherited by every backend
 /// it forks. Without it there is no board and no worker, and the functions say so.
@@ -47,6 +56,7 @@ pub extern "C-unwind" fn _PG_init() {
         return;
     }
     shmem::init();
+    history::init();
     worker::register();
     PRELOADED.store(true, Ordering::Relaxed);
 }

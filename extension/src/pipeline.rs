@@ -233,6 +233,7 @@ pub fn answer(
         max_new_tokens,
         sampling: Sampling { candidates: k, ..Sampling::default() },
         judge: threshold < 1.0 && history.is_empty() && poorly_grounded,
+        prose: false,
     };
     let (answer, _) = crate::api::generate(context, &req)?;
     let mut list: Vec<Tried> = answer

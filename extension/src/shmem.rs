@@ -171,14 +171,14 @@ impl TryFrom<u32> for Failure {
 /// A fixed-capacity UTF-8 buffer in shared memory.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct Text<const N: usize> {
+pub(crate) struct Text<const N: usize> {
     len: u32,
     bytes: [u8; N],
 }
 
 impl<const N: usize> Text<N> {
     /// Store `s`, cut at a character boundary if it does not fit. Returns whether it fitted whole.
-    fn set(&mut self, s: &str) -> bool {
+    pub(crate) fn set(&mut self, s: &str) -> bool {
         let mut end = s.len().min(N);
         while !s.is_char_boundary(end) {
             end -= 1;
@@ -188,12 +188,12 @@ impl<const N: usize> Text<N> {
         end == s.len()
     }
 
-    fn get(&self) -> &str {
+    pub(crate) fn get(&self) -> &str {
         // `set` only ever stores whole characters of a &str.
         std::str::from_utf8(&self.bytes[..self.len as usize]).unwrap_or("")
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.len = 0;
     }
 }

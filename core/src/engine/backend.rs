@@ -49,6 +49,10 @@ pub struct GenerateRequest {
     /// Also ask the model whether the schema can answer the question at all ([`Generation::p_unanswerable`]).
     #[serde(default)]
     pub judge: bool,
+    /// An answer in words, not SQL (`copilot.explain(…, narrative => true)`): the assistant's turn is not opened
+    /// with a SQL block, and decoding stops only at the end of the turn or `max_new_tokens`.
+    #[serde(default)]
+    pub prose: bool,
 }
 
 /// Why decoding stopped.

@@ -219,7 +219,11 @@ impl Runtime {
 
     /// Render the prompt for a request (its conversation so far, then its question) with this model's template.
     pub fn prompt(&self, req: &GenerateRequest) -> Result<Prompt, CoreError> {
-        build_conversation(&self.template, &req.schema_context, &req.history, &req.question)
+        let mut p = build_conversation(&self.template, &req.schema_context, &req.history, &req.question)?;
+        if req.prose {
+            p.suffix.truncate(p.suffix.len() - ASSISTANT_PRIMER.len());
+        }
+        Ok(p)
     }
 
     /// The logits after `tokens` from an empty state (for tests and tools).
@@ -285,7 +289,7 @@ impl Runtime {
         max_new_tokens: usize,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
-        self.generate_with_prefix(prompt, 0, max_new_tokens, &Sampling::default(), cancel)
+        self.generate_with_prefix(prompt, 0, max_new_tokens, &Sampling::default(), false, cancel)
     }
 
     /// Decoding where `prompt[..prefix_len]` is the schema prefix: its state comes from (or goes to) the prefix
@@ -298,6 +302,7 @@ impl Runtime {
         prefix_len: usize,
         max_new_tokens: usize,
         sampling: &Sampling,
+        prose: bool,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
         if prompt.is_empty() {
@@ -316,7 +321,7 @@ impl Runtime {
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let mut rows = self.decode_rows(kv, logits, prompt, max_new_tokens, sampling, cancel)?;
+        let mut rows = self.decode_rows(kv, logits, prompt, sampling, StopRules { max_new_tokens, prose }, cancel)?;
         let decode_s = t1.elapsed().as_secs_f64();
         let decoded_rows = rows.iter().map(|r| r.ids.len()).sum();
         let samples = rows
@@ -349,8 +354,8 @@ impl Runtime {
         kv: KvCache,
         logits: Vec<f32>,
         prompt: &[u32],
-        max_new_tokens: usize,
         sampling: &Sampling,
+        StopRules { max_new_tokens, prose }: StopRules,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Vec<Row>, CoreError> {
         let n = sampling.candidates.max(1);
@@ -383,7 +388,13 @@ impl Runtime {
                 }
                 r.ids.push(t);
                 r.text = self.decode(&r.ids)?;
-                if let Some(p) = r.text.find("```") {
+                if prose {
+                    if step + 1 == max_new_tokens {
+                        r.stop = Some(StopReason::Length);
+                    } else {
+                        next.push((i, [t]));
+                    }
+                } else if let Some(p) = r.text.find("```") {
                     r.text.truncate(p);
                     r.stop = Some(StopReason::Fence);
                 } else if let Some(end) = statement_end(&r.text) {
@@ -430,6 +441,14 @@ impl Runtime {
         let prefix_len = shared_prefix_len(&head, &full);
         Ok((full, prefix_len))
     }
+}
+
+/// When a candidate's decoding ends: after `max_new_tokens`, at the end of the turn, and — unless `prose` — at the
+/// end of its SQL block or statement.
+#[derive(Clone, Copy)]
+struct StopRules {
+    max_new_tokens: usize,
+    prose: bool,
 }
 
 /// One candidate being decoded.
@@ -500,7 +519,8 @@ impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
         let p = if req.judge { Some(self.p_unanswerable(req, cancel)?) } else { None };
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
-        let mut g = self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, cancel)?;
+        let mut g =
+            self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, req.prose, cancel)?;
         g.p_unanswerable = p;
         Ok(g)
     }

@@ -255,6 +255,22 @@ pub fn check(sql: &str) -> Result<Checked, Rejection> {
     Ok(Checked { normalized: stmt.to_string(), statement: stmt })
 }
 
+/// The tables and views `checked` reads, each once in order of appearance, as normalized name parts (`[name]` or
+/// `[schema, name]`); CTE names are left out. What a verified example is filed under: the caller must be able to
+/// read every one of them to be shown it.
+pub fn relations(checked: &Checked) -> Vec<Vec<String>> {
+    let mut names = Names::default();
+    let _ = checked.statement.visit(&mut names);
+    let mut out: Vec<Vec<String>> = Vec::new();
+    for rel in names.relations {
+        let cte = rel.len() == 1 && names.ctes.contains(&rel[0]);
+        if !cte && !rel.is_empty() && !out.contains(&rel) {
+            out.push(rel);
+        }
+    }
+    out
+}
+
 /// A name the statement uses that the schema context lacks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnknownName {
@@ -442,6 +458,12 @@ mod tests {
 
     fn rejects(sql: &str) -> Rejection {
         check(sql).expect_err(sql)
+    }
+
+    #[test]
+    fn relations_are_the_tables_read_each_once_without_ctes() {
+        let c = check("WITH t AS (SELECT 1 FROM a) SELECT * FROM t JOIN s.b ON true WHERE x IN (SELECT y FROM a) AND EXISTS (SELECT 1 FROM \"Mixed\")").unwrap();
+        assert_eq!(relations(&c), vec![vec!["a".to_string()], vec!["s".into(), "b".into()], vec!["Mixed".into()]]);
     }
 
     #[test]

@@ -4,8 +4,12 @@
 //! - [`prompt`]: chat-template prompts, laid out schema first, question last;
 //! - [`extract`]: one SQL statement out of what a model wrote;
 //! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
-//! - [`suggest`]: the schema names closest to one PostgreSQL says does not exist, for repairs.
+//! - [`examples`]: which verified question→SQL pairs to show next to a question (BM25 over their questions);
+//! - [`suggest`]: the schema names closest to one PostgreSQL says does not exist, for repairs;
+//! - [`explain`]: a clause-by-clause plain-language description of a query, from its parse tree.
 
+pub mod examples;
+pub mod explain;
 pub mod extract;
 pub mod gate;
 pub mod prompt;

@@ -96,6 +96,14 @@ pub struct EvalArgs {
     /// Do not ask anything: score what the asked file holds.
     #[arg(long)]
     pub score_only: bool,
+    /// Split each database's questions: this share of them (chosen by a seeded hash of their position) is the
+    /// taught half and only the others are asked. `copilot.examples` is emptied first (`--via extension`).
+    #[arg(long)]
+    pub teach_share: Option<f64>,
+    /// With `--teach-share`: store the taught questions with their gold SQL through `copilot.teach` before asking
+    /// (without it, the same questions are asked with no verified examples — the baseline).
+    #[arg(long, requires = "teach_share")]
+    pub teach: bool,
     /// `--via extension`: a setting for the asking session, `name=value` (repeat), e.g. `copilot.candidates=1`.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub settings: Vec<String>,

@@ -9,6 +9,7 @@ use crate::host::{load_avg, machine, utc_now};
 use crate::seed::seeded_key;
 use crate::spider::{self, Contexts, Example};
 use anyhow::{anyhow, bail, Context, Result};
+use copilot_core::sql::schema::quote_ident;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -58,7 +59,7 @@ type Selected = Vec<(Example, Option<Hardness>)>;
 
 /// The questions of a run — executable ones (their SQLite file exists), filtered, sampled, limited — and a line
 /// saying which.
-fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Result<(Selected, String)> {
+fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Result<(Selected, Vec<Example>, String)> {
     let all = match args.split {
         Split::Dev => spider::load_dev(&args.spider)?,
         Split::DevSyn => spider::load_dev_syn(&args.spider)?,
@@ -77,7 +78,13 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
             (e, h)
         })
         .collect();
-    let executable = items.len();
+    let mut taught = Vec::new();
+    if let Some(share) = args.teach_share {
+        let (t, rest) = teach_split(items, share, args.seed);
+        taught = t;
+        items = rest;
+    }
+    let executable = items.len() + taught.len();
     let split = match args.split {
         Split::Dev => "dev",
         Split::DevSyn => "dev (Spider-Syn paraphrases)",
@@ -86,6 +93,16 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
     let mut desc = format!("Spider {split}: {executable} executable questions (of {total})");
     if !args.dbs.is_empty() {
         desc.push_str(&format!(" on {}", args.dbs.join(", ")));
+    }
+    if let Some(share) = args.teach_share {
+        desc.push_str(&format!(
+            "; {} of each database's questions (seed {}) taught ({} questions{}), the other {} asked",
+            share,
+            args.seed,
+            taught.len(),
+            if args.teach { ", stored with copilot.teach" } else { ", NOT stored: the baseline" },
+            items.len()
+        ));
     }
     if let Some(n) = args.sample {
         let keys: Vec<(usize, Option<Hardness>)> = items.iter().map(|(e, h)| (e.index, *h)).collect();
@@ -97,7 +114,64 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
         items.truncate(l);
         desc.push_str(&format!(", the first {}", items.len()));
     }
-    Ok((items, desc))
+    Ok((items, taught, desc))
+}
+
+/// Split each database's questions: the `share` of them with the smallest seeded hash of their position is taught,
+/// the rest asked. Deterministic, and the same split with or without `--teach`.
+fn teach_split(items: Selected, share: f64, seed: u64) -> (Vec<Example>, Selected) {
+    let hash = |i: usize| {
+        let mut z = (i as u64) ^ seed.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut by_db: HashMap<String, Vec<usize>> = HashMap::new();
+    for (i, (e, _)) in items.iter().enumerate() {
+        by_db.entry(e.db_id.clone()).or_default().push(i);
+    }
+    let mut teach: HashSet<usize> = HashSet::new();
+    for positions in by_db.values_mut() {
+        positions.sort_by_key(|&p| hash(items[p].0.index));
+        let n = (share.clamp(0.0, 1.0) * positions.len() as f64).round() as usize;
+        teach.extend(positions.iter().take(n));
+    }
+    let (mut taught, mut rest) = (Vec::new(), Vec::new());
+    for (i, item) in items.into_iter().enumerate() {
+        if teach.contains(&i) {
+            taught.push(item.0);
+        } else {
+            rest.push(item);
+        }
+    }
+    (taught, rest)
+}
+
+/// Empty `copilot.examples`, then (with `teach`) store every taught question with its gold SQL as the caller of
+/// `pg`, each in its database's schema. Returns (stored, refused by copilot.teach).
+fn teach_all(pg: &mut postgres::Client, taught: &[Example], teach: bool) -> Result<(usize, usize)> {
+    pg.batch_execute("DELETE FROM copilot.examples").context("cannot empty copilot.examples")?;
+    if !teach {
+        return Ok((0, 0));
+    }
+    let (mut stored, mut refused) = (0, 0);
+    for e in taught {
+        pg.batch_execute(&format!("SET search_path = {}", quote_ident(&e.db_id.to_lowercase())))?;
+        match pg.query_one("SELECT copilot.teach($1, $2)", &[&e.question, &e.query]) {
+            Ok(_) => stored += 1,
+            Err(err) => {
+                refused += 1;
+                warn!(
+                    "teach refused {} ({}): {}",
+                    e.index,
+                    e.db_id,
+                    err.as_db_error().map_or(err.to_string(), |d| d.message().to_string())
+                );
+            }
+        }
+    }
+    pg.batch_execute("RESET search_path")?;
+    Ok((stored, refused))
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -111,7 +185,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let tables = spider::load_tables(&args.spider)?;
     let schemas: HashMap<String, Schema> = tables.iter().map(|(k, v)| (k.clone(), Schema::from_spider(v))).collect();
-    let (items, selection) = select_questions(args, &schemas)?;
+    let (items, taught, mut selection) = select_questions(args, &schemas)?;
     if items.is_empty() {
         bail!("no questions selected");
     }
@@ -124,6 +198,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut contexts = Contexts::new(&args.spider);
     let mut pg = postgres::Client::connect(&args.pg, postgres::NoTls)
         .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
+    if args.teach_share.is_some() && !args.score_only {
+        if args.via != Via::Extension {
+            bail!("--teach-share needs --via extension");
+        }
+        let (stored, refused) = teach_all(&mut pg, &taught, args.teach)?;
+        if args.teach {
+            selection.push_str(&format!(
+                " ({stored} stored, {refused} refused by copilot.teach: their gold SQL does not plan on PostgreSQL)"
+            ));
+        }
+    }
     let mut asker = if args.score_only { None } else { Some(make_asker(args)?) };
     let model = model_label(args, asker.as_deref(), &mut pg);
 
@@ -282,6 +367,28 @@ fn keep_earlier_measurements(args: &EvalArgs, report: &mut Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn teach_split_takes_the_share_of_each_database_deterministically() {
+        let ex = |i: usize, db: &str| {
+            (Example { index: i, db_id: db.into(), question: format!("q{i}"), query: "SELECT 1".into() }, None)
+        };
+        let items: Selected = (0..40).map(|i| ex(i, if i < 10 { "a" } else { "b" })).collect();
+        let (taught, rest) = teach_split(items.clone(), 0.5, 42);
+        assert_eq!(taught.iter().filter(|e| e.db_id == "a").count(), 5);
+        assert_eq!(taught.iter().filter(|e| e.db_id == "b").count(), 15);
+        assert_eq!(taught.len() + rest.len(), 40);
+        assert!(rest.iter().all(|(r, _)| taught.iter().all(|t| t.index != r.index)), "disjoint");
+        let again = teach_split(items.clone(), 0.5, 42).0;
+        assert_eq!(
+            taught.iter().map(|e| e.index).collect::<Vec<_>>(),
+            again.iter().map(|e| e.index).collect::<Vec<_>>()
+        );
+        assert_ne!(
+            taught.iter().map(|e| e.index).collect::<Vec<_>>(),
+            teach_split(items, 0.5, 7).0.iter().map(|e| e.index).collect::<Vec<_>>()
+        );
+    }
 
     #[test]
     fn stratified_sample_keeps_shares_and_is_deterministic() {

@@ -1,0 +1,1 @@
+SELECT petid ,  weight FROM pets WHERE pet_age  >  1

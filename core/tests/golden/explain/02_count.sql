@@ -1,0 +1,1 @@
+SELECT count(*) FROM pets WHERE weight  >  10

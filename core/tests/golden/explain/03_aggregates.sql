@@ -1,0 +1,1 @@
+SELECT avg(age) ,  min(age) ,  max(age) FROM singer WHERE country  =  'France'

@@ -1,0 +1,1 @@
+SELECT name ,  country FROM singer WHERE song_name LIKE '%Hey%'

@@ -1,0 +1,1 @@
+SELECT LOCATION ,  name FROM stadium WHERE capacity BETWEEN 5000 AND 10000

@@ -1,0 +1,80 @@
+-- The tables and policies of copilot 0.2.0: history of every ask, verified examples. Included in the generated
+-- install script (extension_sql_file! in lib.rs); sql/copilot--0.1.0--0.2.0.sql creates the same objects on an
+-- upgrade, and tests/sql/run proves the two agree.
+
+-- Members of copilot_admin see every role's history and may delete any example.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'copilot_admin') THEN
+        CREATE ROLE copilot_admin NOLOGIN;
+    END IF;
+END
+$$;
+
+CREATE TABLE copilot.history (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    role name NOT NULL,
+    database name NOT NULL DEFAULT current_database(),
+    kind text NOT NULL CHECK (kind IN ('ask', 'run', 'refine')),
+    question text NOT NULL,
+    follow_up bigint,
+    schema_fingerprint text,
+    sql text,
+    outcome text NOT NULL,
+    message text,
+    candidates integer,
+    repairs integer,
+    examples bigint[],
+    latency_ms double precision,
+    rows_returned bigint,
+    feedback boolean,
+    corrected_sql text
+);
+CREATE INDEX history_role_at ON copilot.history (role, at);
+COMMENT ON TABLE copilot.history IS
+    'Every copilot.ask / copilot.run / copilot.refine: one row each, failed ones too (outcome is the SQLSTATE, 00000 when answered). Each role sees its own rows; copilot_admin sees all.';
+
+CREATE TABLE copilot.examples (
+    id bigserial PRIMARY KEY,
+    at timestamptz NOT NULL DEFAULT now(),
+    role name NOT NULL DEFAULT current_user,
+    question text NOT NULL CHECK (btrim(question) <> ''),
+    sql text NOT NULL CHECK (btrim(sql) <> ''),
+    tables text[] NOT NULL,
+    source text NOT NULL CHECK (source IN ('teach', 'feedback')),
+    history_id bigint
+);
+COMMENT ON TABLE copilot.examples IS
+    'Verified question -> SQL pairs (copilot.teach, copilot.feedback), shown to the model with similar questions. A role sees an example only when it can read every table in "tables".';
+
+-- Whether the current role may SELECT from every table in `tables` (schema-qualified names); a table that no
+-- longer exists hides the example.
+CREATE FUNCTION copilot.readable(tables text[]) RETURNS boolean
+    LANGUAGE sql STABLE PARALLEL SAFE
+    RETURN coalesce((SELECT bool_and(to_regclass(t) IS NOT NULL AND has_table_privilege(to_regclass(t), 'SELECT'))
+                     FROM unnest(tables) AS t), true);
+
+ALTER TABLE copilot.history ENABLE ROW LEVEL SECURITY;
+CREATE POLICY own_rows ON copilot.history FOR SELECT
+    USING (role = current_user OR pg_has_role(current_user, 'copilot_admin', 'MEMBER'));
+CREATE POLICY own_feedback ON copilot.history FOR UPDATE
+    USING (role = current_user) WITH CHECK (role = current_user);
+GRANT SELECT ON copilot.history TO PUBLIC;
+GRANT UPDATE (feedback, corrected_sql) ON copilot.history TO PUBLIC;
+
+ALTER TABLE copilot.examples ENABLE ROW LEVEL SECURITY;
+CREATE POLICY readable ON copilot.examples FOR SELECT
+    USING (copilot.readable(tables));
+CREATE POLICY taught_as_self ON copilot.examples FOR INSERT
+    WITH CHECK (role = current_user AND copilot.readable(tables));
+CREATE POLICY own_or_admin ON copilot.examples FOR DELETE
+    USING (role = current_user OR pg_has_role(current_user, 'copilot_admin', 'MEMBER'));
+GRANT SELECT, INSERT, DELETE ON copilot.examples TO PUBLIC;
+GRANT USAGE ON SEQUENCE copilot.examples_id_seq TO PUBLIC;
+
+-- pg_dump / pg_restore carry the rows (and the sequences' positions) of both tables.
+SELECT pg_catalog.pg_extension_config_dump('copilot.history', '');
+SELECT pg_catalog.pg_extension_config_dump('copilot.history_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('copilot.examples', '');
+SELECT pg_catalog.pg_extension_config_dump('copilot.examples_id_seq', '');
