@@ -21,6 +21,7 @@ ensure_deps() {
   command -v clang >/dev/null || pkgs+=(clang libclang-dev)
   ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
   command -v sudo >/dev/null || pkgs+=(sudo)
+  command -v jq >/dev/null || pkgs+=(jq)
   # eval charts (plotters draws text with this font)
   [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || pkgs+=(fonts-dejavu-core)
   if [ ${#pkgs[@]} -gt 0 ]; then

@@ -260,7 +260,12 @@ fn last_ask_with_history() -> TableIterator<
     ),
 > {
     let history_id = crate::memory::last_history_id();
-    TableIterator::new(LAST_ASK.get().map(|m| {
+    TableIterator::new(last_cost().map(|(a, b, c, d, e, f)| (a, b, c, d, e, f, history_id)))
+}
+
+/// This session's last answer's cost, as `last_ask()` lists it.
+fn last_cost() -> Option<(f64, i32, i32, f64, i32, bool)> {
+    LAST_ASK.get().map(|m| {
         (
             m.latency_ms,
             m.prompt_tokens as i32,
@@ -268,9 +273,8 @@ fn last_ask_with_history() -> TableIterator<
             m.decode_tok_s,
             m.prefix_tokens as i32,
             m.prefix_cache_hit,
-            history_id,
         )
-    }))
+    })
 }
 
 /// `last_ask()` as extension version 0.1.0 declares it (symbol `last_ask_wrapper`, no `history_id`).
@@ -287,16 +291,7 @@ fn last_ask() -> TableIterator<
         name!(prefix_cache_hit, bool),
     ),
 > {
-    TableIterator::new(LAST_ASK.get().map(|m| {
-        (
-            m.latency_ms,
-            m.prompt_tokens as i32,
-            m.generated_tokens as i32,
-            m.decode_tok_s,
-            m.prefix_tokens as i32,
-            m.prefix_cache_hit,
-        )
-    }))
+    TableIterator::new(last_cost())
 }
 
 /// The worker's state, the model it serves, and request counters.

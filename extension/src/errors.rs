@@ -54,6 +54,8 @@ pub enum CopilotError {
     /// This database's copilot objects are older than the library (0.1.0): the feature needs its tables.
     #[error("{what} need copilot 0.2.0 in this database")]
     NeedsUpgrade { what: &'static str },
+    #[error("{what} must not be NULL")]
+    NullArgument { what: &'static str },
     #[error("cannot store {what} in a read-only transaction")]
     ReadOnly { what: &'static str },
     #[error("no copilot.history row {id} that you can see")]
@@ -114,6 +116,7 @@ impl CopilotError {
             NeedsUpgrade { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             NoSuchHistory { .. } | NothingToFollow { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             ReadOnly { .. } => ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            NullArgument { .. } => ERRCODE_NULL_VALUE_NOT_ALLOWED,
             NotYourHistory { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             CannotExplain { syntax: true, .. } => ERRCODE_SYNTAX_ERROR,
             CannotExplain { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,

@@ -140,16 +140,8 @@ unsafe impl PGRXSharedMemory for Journal {}
 impl Journal {
     #[cfg(test)]
     fn boxed() -> Box<Journal> {
-        let layout = std::alloc::Layout::new::<Journal>();
-        // SAFETY: all-zero is a valid Journal (see Default); the allocation is checked and handed to Box with the
-        // same layout.
-        unsafe {
-            let p = std::alloc::alloc_zeroed(layout).cast::<Journal>();
-            if p.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            Box::from_raw(p)
-        }
+        // SAFETY: all-zero is a valid Journal (see Default).
+        unsafe { crate::shmem::zeroed_box() }
     }
 
     /// Queue a record for database `db`. Returns its sequence number and whether the caller must start a writer
@@ -170,7 +162,7 @@ impl Journal {
         if alive {
             return Some((seq, false));
         }
-        match self.writers.iter_mut().find(|w| w.db == db).or(None) {
+        match self.writers.iter_mut().find(|w| w.db == db) {
             Some(w) => *w = Writer { db, pid: 0, heartbeat_ms: now_ms },
             None => match self.writers.iter_mut().find(|w| w.db == 0) {
                 Some(w) => *w = Writer { db, pid: 0, heartbeat_ms: now_ms },

@@ -264,7 +264,14 @@ fn teach(question: &str, sql: &str) -> i64 {
 /// verified example. Wrong with `corrected_sql`: the correction does (checked like `teach`). Returns the example's
 /// id, or NULL when none was stored.
 #[pg_extern(parallel_unsafe)]
-fn feedback(history_id: i64, correct: bool, corrected_sql: default!(Option<&str>, "NULL")) -> Option<i64> {
+fn feedback(
+    history_id: Option<i64>,
+    correct: Option<bool>,
+    corrected_sql: default!(Option<&str>, "NULL"),
+) -> Option<i64> {
+    let (Some(history_id), Some(correct)) = (history_id, correct) else {
+        CopilotError::NullArgument { what: "history_id and correct" }.raise()
+    };
     if !table_exists("copilot.history") {
         CopilotError::NeedsUpgrade { what: "feedback" }.raise();
     }

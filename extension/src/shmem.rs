@@ -434,16 +434,27 @@ impl Board {
     /// `Box::default()` would first build on the stack (tests run on 2 MB thread stacks).
     #[cfg(test)]
     fn boxed() -> Box<Board> {
-        let layout = std::alloc::Layout::new::<Board>();
-        // SAFETY: the layout is Board's (non-zero size); the all-zero bit pattern is a valid Board (see Default);
-        // the allocation is checked for null and handed to Box with the same layout, which frees it.
-        unsafe {
-            let p = std::alloc::alloc_zeroed(layout).cast::<Board>();
-            if p.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            Box::from_raw(p)
+        // SAFETY: the all-zero bit pattern is a valid Board (see Default).
+        unsafe { zeroed_box() }
+    }
+}
+
+/// A zeroed `T` made in place on the heap (shared-memory values are hundreds of KB: a debug build's `Box::default()`
+/// would build them on the 2 MB test stack first).
+///
+/// # Safety
+/// The all-zero bit pattern must be a valid `T`, and `T` must not be zero-sized.
+#[cfg(test)]
+pub(crate) unsafe fn zeroed_box<T>() -> Box<T> {
+    let layout = std::alloc::Layout::new::<T>();
+    // SAFETY: the caller promises a non-zero size and that zero is a valid T; the allocation is checked for null and
+    // handed to Box with the same layout, which frees it.
+    unsafe {
+        let p = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if p.is_null() {
+            std::alloc::handle_alloc_error(layout);
         }
+        Box::from_raw(p)
     }
 }
 

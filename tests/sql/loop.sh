@@ -158,6 +158,12 @@ if [[ "$t2" =~ ^[0-9]+$ ]] && [ "$t3" = 1 ]; then ok "a three-turn conversation 
 expect_state "a follow-up of a row the role cannot see: 22023" 22023 "SET ROLE bob; SET search_path = bobs; SELECT copilot.ask('and dogs?', follow_up => $t1)"
 expect_state "a follow-up of an ask that failed: 22023" 22023 "SET ROLE alice; SET search_path = mini; SELECT copilot.ask('and more?', follow_up => (SELECT max(id) FROM copilot.history WHERE outcome = '42P01'))"
 expect_out "ask(NULL) is NULL" "^$" "SELECT copilot.ask(NULL)"
+expect_out "teach(NULL, …) is NULL, nothing stored" "^$" "SELECT copilot.teach(NULL, 'SELECT 1')"
+expect_state "feedback(NULL, …): 22004" 22004 "SELECT copilot.feedback(NULL, true)"
+expect_state "feedback(…, NULL): 22004" 22004 "SELECT copilot.feedback(1, NULL)"
+expect_state "refine of two statements: 25006" 25006 "SET search_path = mini; SELECT copilot.refine('SELECT 1; SELECT 2', 'more')"
+expect_state "a follow-up of a negative id: 22023" 22023 "SET search_path = mini; SELECT copilot.ask('and?', follow_up => -1)"
+expect_state "a follow-up with an empty question: 22023, before anything else" 22023 "SELECT copilot.ask('  ', follow_up => 1)"
 out=$(q "SET ROLE alice; SET search_path = mini; SELECT copilot.refine('SELECT name FROM singer', 'only those from France')" 2>&1)
 n=$(hist_wait "SET ROLE alice; SELECT count(*) FROM copilot.history WHERE kind = 'refine' AND question = 'only those from France'" | tail -1)
 if [ "$n" = 1 ] && { grep -q "^SELECT" <<<"$out" || grep -q "P0002" <<<"$out"; }; then ok "refine edits a query (recorded as kind refine)"; else not_ok "refine edits a query" "$out / $n"; fi
