@@ -90,6 +90,7 @@ CREATE TABLE copilot.history (
     corrected_sql text
 );
 CREATE INDEX history_role_at ON copilot.history (role, at);
+CREATE INDEX history_at ON copilot.history (at);
 COMMENT ON TABLE copilot.history IS
     'Every copilot.ask / copilot.run / copilot.refine: one row each, failed ones too (outcome is the SQLSTATE, 00000 when answered). Each role sees its own rows; copilot_admin sees all.';
 
@@ -99,37 +100,41 @@ CREATE TABLE copilot.examples (
     role name NOT NULL DEFAULT current_user,
     question text NOT NULL CHECK (btrim(question) <> ''),
     sql text NOT NULL CHECK (btrim(sql) <> ''),
-    tables text[] NOT NULL,
+    tables text[] NOT NULL CHECK (cardinality(tables) > 0),
     source text NOT NULL CHECK (source IN ('teach', 'feedback')),
     history_id bigint
 );
 COMMENT ON TABLE copilot.examples IS
     'Verified question -> SQL pairs (copilot.teach, copilot.feedback), shown to the model with similar questions. A role sees an example only when it can read every table in "tables".';
 
--- Whether the current role may SELECT from every table in `tables` (schema-qualified names); a table that no
--- longer exists hides the example.
+-- Whether the current role may use the schema of, and SELECT from, every table in `tables` (schema-qualified
+-- names as format('%I.%I') writes them); a table that no longer exists hides the example. Looked up in the catalog
+-- by name, never through to_regclass, which raises for a schema the role may not use.
 CREATE FUNCTION copilot.readable(tables text[]) RETURNS boolean
     LANGUAGE sql STABLE PARALLEL SAFE
-    RETURN coalesce((SELECT bool_and(to_regclass(t) IS NOT NULL AND has_table_privilege(to_regclass(t), 'SELECT'))
-                     FROM unnest(tables) AS t), true);
+    RETURN (SELECT coalesce(pg_catalog.bool_and(c.oid IS NOT NULL
+                       AND pg_catalog.has_schema_privilege(c.relnamespace, 'USAGE')
+                       AND pg_catalog.has_table_privilege(c.oid, 'SELECT')), false)
+            FROM pg_catalog.unnest(tables) AS t(name)
+            LEFT JOIN pg_catalog.pg_namespace n ON n.nspname = (pg_catalog.parse_ident(t.name))[1]
+            LEFT JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid
+                                            AND c.relname = (pg_catalog.parse_ident(t.name))[2]);
 
 ALTER TABLE copilot.history ENABLE ROW LEVEL SECURITY;
 CREATE POLICY own_rows ON copilot.history FOR SELECT
     USING (role = current_user OR pg_has_role(current_user, 'copilot_admin', 'MEMBER'));
-CREATE POLICY own_feedback ON copilot.history FOR UPDATE
-    USING (role = current_user) WITH CHECK (role = current_user);
+-- Rows are written only by the history writer and, for feedback, by copilot.feedback acting as the table's owner
+-- after its checks: no role needs INSERT or UPDATE.
 GRANT SELECT ON copilot.history TO PUBLIC;
-GRANT UPDATE (feedback, corrected_sql) ON copilot.history TO PUBLIC;
 
 ALTER TABLE copilot.examples ENABLE ROW LEVEL SECURITY;
 CREATE POLICY readable ON copilot.examples FOR SELECT
     USING (copilot.readable(tables));
-CREATE POLICY taught_as_self ON copilot.examples FOR INSERT
-    WITH CHECK (role = current_user AND copilot.readable(tables));
 CREATE POLICY own_or_admin ON copilot.examples FOR DELETE
     USING (role = current_user OR pg_has_role(current_user, 'copilot_admin', 'MEMBER'));
-GRANT SELECT, INSERT, DELETE ON copilot.examples TO PUBLIC;
-GRANT USAGE ON SEQUENCE copilot.examples_id_seq TO PUBLIC;
+-- Examples are stored only by copilot.teach / copilot.feedback, acting as the table's owner after checking the SQL
+-- as the caller (gate, plan, the tables it reads): no role needs INSERT.
+GRANT SELECT, DELETE ON copilot.examples TO PUBLIC;
 
 -- pg_dump / pg_restore carry the rows (and the sequences' positions) of both tables.
 SELECT pg_catalog.pg_extension_config_dump('copilot.history', '');

@@ -54,6 +54,8 @@ pub enum CopilotError {
     /// This database's copilot objects are older than the library (0.1.0): the feature needs its tables.
     #[error("{what} need copilot 0.2.0 in this database")]
     NeedsUpgrade { what: &'static str },
+    #[error("cannot tell which tables this SQL reads, so it cannot be filed as an example")]
+    UnfiledExample { sql: String },
     #[error("{what} must not be NULL")]
     NullArgument { what: &'static str },
     #[error("cannot store {what} in a read-only transaction")]
@@ -117,6 +119,7 @@ impl CopilotError {
             NoSuchHistory { .. } | NothingToFollow { .. } => ERRCODE_INVALID_PARAMETER_VALUE,
             ReadOnly { .. } => ERRCODE_READ_ONLY_SQL_TRANSACTION,
             NullArgument { .. } => ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            UnfiledExample { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
             NotYourHistory { .. } => ERRCODE_INSUFFICIENT_PRIVILEGE,
             CannotExplain { syntax: true, .. } => ERRCODE_SYNTAX_ERROR,
             CannotExplain { .. } => ERRCODE_FEATURE_NOT_SUPPORTED,
@@ -138,7 +141,7 @@ impl CopilotError {
                 }
                 Some(d)
             }
-            Refused { sql, .. } | CannotExplain { sql, .. } => Some(format!("SQL: {sql}")),
+            Refused { sql, .. } | CannotExplain { sql, .. } | UnfiledExample { sql } => Some(format!("SQL: {sql}")),
             Execution { detail, sql, .. } => Some(match detail {
                 Some(d) => format!("{d}\nSQL: {sql}"),
                 None => format!("SQL: {sql}"),
@@ -186,6 +189,10 @@ impl CopilotError {
             }
             NothingToFollow { .. } => "Follow up a question that was answered, or ask it again.",
             NotYourHistory { .. } => "Feedback is given by the role that asked.",
+            UnfiledExample { .. } => {
+                "An example must read at least one table (not a temporary one) whose name PostgreSQL resolves; \
+                 schema-qualify the table names."
+            }
             ReadOnly { .. } => "On a hot standby, connect to the primary; otherwise use a read-write transaction.",
             CannotExplain { .. } => "copilot.explain describes one query (SELECT, WITH, VALUES, set operations).",
             Execution { hint, .. } => return hint.clone(),

@@ -59,7 +59,7 @@ impl Record {
     /// The record as JSON that fits a journal slot: the SQL, then the question, are shortened when it would not.
     fn to_json(&self) -> String {
         let mut r = self.clone();
-        for _ in 0..4 {
+        for pass in 1..=4 {
             let s = serde_json::to_string(&r).unwrap_or_default();
             if s.len() <= RECORD_BYTES {
                 return s;
@@ -74,12 +74,14 @@ impl Record {
                     t.push_str(" …");
                 }
             };
+            // Escaping can make a text longer in JSON than in memory: each pass keeps less.
+            let keep = RECORD_BYTES / (4 << pass);
             if let Some(sql) = r.sql.as_mut() {
-                cut(sql, RECORD_BYTES / 4);
+                cut(sql, keep);
             }
-            cut(&mut r.question, RECORD_BYTES / 4);
+            cut(&mut r.question, keep);
             if let Some(m) = r.message.as_mut() {
-                cut(m, RECORD_BYTES / 8);
+                cut(m, keep / 2);
             }
         }
         String::new()
@@ -101,6 +103,8 @@ struct Entry {
     /// 0 free, 1 queued, 2 taken by a writer.
     state: u32,
     db: u32,
+    /// The writer that took it (state 2).
+    taker: i32,
     seq: u64,
     record: crate::shmem::Text<RECORD_BYTES>,
 }
@@ -163,7 +167,14 @@ impl Journal {
             return Some((seq, false));
         }
         match self.writers.iter_mut().find(|w| w.db == db) {
-            Some(w) => *w = Writer { db, pid: 0, heartbeat_ms: now_ms },
+            Some(w) => {
+                // A writer silent this long died (or hangs): what it had taken goes back in the queue.
+                let dead = w.pid;
+                *w = Writer { db, pid: 0, heartbeat_ms: now_ms };
+                for e in self.entries.iter_mut().filter(|e| e.db == db && e.state == 2 && e.taker == dead) {
+                    e.state = 1;
+                }
+            }
             None => match self.writers.iter_mut().find(|w| w.db == 0) {
                 Some(w) => *w = Writer { db, pid: 0, heartbeat_ms: now_ms },
                 // Every writer place is taken by other databases: the record waits until one frees up.
@@ -186,13 +197,15 @@ impl Journal {
 
     /// A writer for `db` takes up to `max` queued records (sequence, JSON) and shows it is alive.
     pub fn take(&mut self, db: u32, pid: i32, now_ms: u64, max: usize) -> Vec<(u64, String)> {
-        if let Some(w) = self.writers.iter_mut().find(|w| w.db == db) {
+        // A placeholder (pid 0) becomes this writer; another writer's place is left alone.
+        if let Some(w) = self.writers.iter_mut().find(|w| w.db == db && (w.pid == pid || w.pid == 0)) {
             w.pid = pid;
             w.heartbeat_ms = now_ms;
         }
         let mut out = Vec::new();
         for e in self.entries.iter_mut().filter(|e| e.db == db && e.state == 1).take(max) {
             e.state = 2;
+            e.taker = pid;
             out.push((e.seq, e.record.get().to_string()));
         }
         out
@@ -220,13 +233,12 @@ impl Journal {
         if self.entries.iter().any(|e| e.db == db && e.state == 1) {
             return false;
         }
-        for w in self.writers.iter_mut().filter(|w| w.db == db && (w.pid == pid || w.pid == 0)) {
+        for w in self.writers.iter_mut().filter(|w| w.db == db && w.pid == pid) {
             *w = Writer::default();
         }
-        // Records it took and did not finish (it is leaving through an error) are lost.
-        for e in self.entries.iter_mut().filter(|e| e.db == db && e.state == 2) {
-            e.state = 0;
-            self.dropped += 1;
+        // Records it took and did not finish (it is leaving through an error) go back in the queue.
+        for e in self.entries.iter_mut().filter(|e| e.db == db && e.state == 2 && e.taker == pid) {
+            e.state = 1;
         }
         true
     }
@@ -295,7 +307,8 @@ pub fn record(record: &Record) -> Option<u64> {
         return None;
     }
     let db = my_database();
-    let queued = JOURNAL.exclusive().queue(db, &record.to_json(), now_ms());
+    let json = record.to_json();
+    let queued = JOURNAL.exclusive().queue(db, &json, now_ms());
     let (seq, launch) = queued?;
     if launch && start_writer(db).is_err() {
         JOURNAL.exclusive().launch_failed(db);
@@ -336,11 +349,13 @@ const INSERT: &str = "INSERT INTO copilot.history (at, role, kind, question, fol
      outcome, message, candidates, repairs, examples, latency_ms, rows_returned) \
      SELECT to_timestamp((s.j->>'at_epoch')::float8), r.role, r.kind, r.question, r.follow_up, r.schema_fingerprint, r.sql, \
             r.outcome, r.message, r.candidates, r.repairs, r.examples, r.latency_ms, r.rows_returned \
-     FROM (SELECT $1::jsonb AS j) AS s, jsonb_populate_record(NULL::copilot.history, s.j) AS r RETURNING id";
+     FROM (SELECT $1::pg_catalog.jsonb AS j) AS s, pg_catalog.jsonb_populate_record(NULL::copilot.history, s.j) AS r \
+     RETURNING id";
 
-/// Insert one record in its own subtransaction: a record PostgreSQL refuses is logged and dropped, and the
-/// writer goes on with the next.
-fn insert_one(json: &str) -> Option<i64> {
+/// Run `f` (SPI work) in its own subtransaction: kept when it returns, rolled back when PostgreSQL raises, so one
+/// failing statement (a record PostgreSQL refuses, a retention DELETE hitting lock_timeout) is logged and the writer
+/// goes on.
+fn guarded<T>(what: &str, f: impl FnOnce() -> T + std::panic::UnwindSafe) -> Option<T> {
     // SAFETY: saving the memory context and resource owner around an internal subtransaction, on the writer's main
     // thread, as PL/Python and PL/Perl do.
     let (ctx, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -349,7 +364,7 @@ fn insert_one(json: &str) -> Option<i64> {
         pg_sys::BeginInternalSubTransaction(std::ptr::null());
         pg_sys::MemoryContextSwitchTo(ctx);
     }
-    let r = PgTryBuilder::new(|| Ok(Spi::get_one_with_args::<i64>(INSERT, &[json.into()]).ok().flatten()))
+    let r = PgTryBuilder::new(|| Ok(f()))
         .catch_others(|e| match e {
             pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r) => {
                 Err(r.message().to_string())
@@ -368,12 +383,16 @@ fn insert_one(json: &str) -> Option<i64> {
         pg_sys::CurrentResourceOwner = owner;
     }
     match r {
-        Ok(id) => id,
+        Ok(v) => Some(v),
         Err(message) => {
-            pgrx::warning!("copilot history writer: a record was dropped: {message}");
+            pgrx::warning!("copilot history writer: {what} failed: {message}");
             None
         }
     }
+}
+
+fn insert_one(json: &str) -> Option<i64> {
+    guarded("a record (dropped)", || Spi::get_one_with_args::<i64>(INSERT, &[json.into()]).ok().flatten()).flatten()
 }
 
 /// The history writer: connected to one database as the bootstrap superuser, it inserts that database's queued
@@ -388,12 +407,17 @@ pub extern "C-unwind" fn copilot_history_writer(arg: pg_sys::Datum) {
     let pid = unsafe { pg_sys::MyProcPid };
     let days = gucs::HISTORY_DAYS.get();
     let ready = BackgroundWorker::transaction(|| {
+        // The writer runs as the bootstrap superuser: no name it uses may resolve through a schema a user can
+        // create objects in (CVE-2018-1058). Functions and operators then come from pg_catalog only.
+        let _ = Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
         let exists = table_exists();
         if exists && days > 0 {
-            let _ = Spi::run_with_args(
-                "DELETE FROM copilot.history WHERE at < now() - make_interval(days => $1)",
-                &[days.into()],
-            );
+            guarded("the copilot.history_days clean-up", || {
+                Spi::run_with_args(
+                    "DELETE FROM copilot.history WHERE at < pg_catalog.now() - pg_catalog.make_interval(days => $1)",
+                    &[days.into()],
+                )
+            });
         }
         exists
     });

@@ -40,7 +40,7 @@ thread_local! {
     static LAST_RECORD: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
-/// The history id of this session's last ask, waiting up to a second for the history writer.
+/// The history id of this session's last ask, waiting up to two seconds for the history writer.
 pub(crate) fn last_history_id() -> Option<i64> {
     LAST_RECORD.get().and_then(|seq| history::receipt(seq, Duration::from_secs(2)))
 }
@@ -220,13 +220,57 @@ fn verify(sql: &str) -> Result<Vec<String>, CopilotError> {
         .iter()
         .map(|parts| parts.iter().map(|p| format!("\"{}\"", p.replace('"', "\"\""))).collect::<Vec<_>>().join("."))
         .collect();
-    const RESOLVE: &str = "SELECT coalesce(json_agg(format('%I.%I', n.nspname, c.relname) ORDER BY o), '[]')::text \
-         FROM unnest($1::text[]) WITH ORDINALITY AS t(name, o) \
-         JOIN pg_class c ON c.oid = to_regclass(t.name) JOIN pg_namespace n ON n.oid = c.relnamespace";
-    let json: Option<String> = crate::spi::one(RESOLVE, &[DatumWithOid::from(names)])?;
-    let mut tables: Vec<String> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    // Each name as PostgreSQL resolves it on the caller's search_path, schema-qualified; NULL for a name it does
+    // not resolve and for a temporary table (visible to one session only: no example can be filed under it).
+    const RESOLVE: &str = "SELECT coalesce(pg_catalog.json_agg(CASE WHEN c.relpersistence <> 't' \
+         THEN pg_catalog.format('%I.%I', n.nspname, c.relname) END ORDER BY t.o), '[]')::text \
+         FROM pg_catalog.unnest($1::text[]) WITH ORDINALITY AS t(name, o) \
+         LEFT JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(t.name) \
+         LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace";
+    let json: Option<String> = crate::spi::one(RESOLVE, &[DatumWithOid::from(names.clone())])?;
+    let resolved: Vec<Option<String>> = json.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+    if resolved.is_empty() || resolved.len() != names.len() || resolved.iter().any(Option::is_none) {
+        return Err(CopilotError::UnfiledExample { sql: sql.to_string() });
+    }
+    let mut tables: Vec<String> = resolved.into_iter().flatten().collect();
     tables.dedup();
     Ok(tables)
+}
+
+/// Restores the caller's user id when dropped (also when an ERROR unwinds through it).
+struct AsOwner {
+    user: pg_sys::Oid,
+    context: i32,
+}
+
+impl AsOwner {
+    /// Act as the owner of copilot's tables for the writes `teach` and `feedback` make after checking everything
+    /// as the caller: nobody needs INSERT or UPDATE on them, so nobody can write rows those checks did not pass.
+    /// SECURITY_RESTRICTED_OPERATION, as PostgreSQL does for maintenance commands run as a table's owner.
+    fn enter() -> Result<AsOwner, CopilotError> {
+        let owner: Option<pg_sys::Oid> =
+            crate::spi::one("SELECT relowner FROM pg_catalog.pg_class WHERE oid = 'copilot.examples'::regclass", &[])?;
+        let owner = owner.ok_or_else(|| CopilotError::Catalog("copilot.examples has no owner".into()))?;
+        let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+        // SAFETY: reading and setting this backend's current user id on its main thread, as PostgreSQL's own
+        // SECURITY DEFINER and maintenance code does; Drop puts the saved values back, and a transaction abort
+        // restores them too.
+        unsafe {
+            pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+            pg_sys::SetUserIdAndSecContext(
+                owner,
+                context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32 | pg_sys::SECURITY_RESTRICTED_OPERATION as i32,
+            );
+        }
+        Ok(AsOwner { user, context })
+    }
+}
+
+impl Drop for AsOwner {
+    fn drop(&mut self) {
+        // SAFETY: restores the user id and security context saved in `enter`, on the main thread.
+        unsafe { pg_sys::SetUserIdAndSecContext(self.user, self.context) };
+    }
 }
 
 /// Store a verified pair as the caller; an identical pair the caller can already see is returned instead.
@@ -245,11 +289,14 @@ fn store(question: &str, sql: &str, source: &str, history_id: Option<i64>) -> Re
     if let Some(id) = existing {
         return Ok(id);
     }
+    let role = current_user();
+    let owner = AsOwner::enter()?;
     let id: Option<i64> = Spi::get_one_with_args(
-        "INSERT INTO copilot.examples (question, sql, tables, source, history_id) VALUES ($1, $2, $3, $4, $5) \
-         RETURNING id",
-        &[q.into(), sql.into(), DatumWithOid::from(tables), source.into(), history_id.into()],
+        "INSERT INTO copilot.examples (role, question, sql, tables, source, history_id) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        &[role.as_str().into(), q.into(), sql.into(), DatumWithOid::from(tables), source.into(), history_id.into()],
     )?;
+    drop(owner);
     id.ok_or_else(|| CopilotError::Catalog("the example was not stored".into()))
 }
 
@@ -277,8 +324,8 @@ fn feedback(
     }
     writable("feedback").or_raise();
     let row: Option<String> = crate::spi::one(
-        "SELECT (SELECT json_build_object('question', question, 'sql', sql, 'role', role)::text \
-         FROM copilot.history WHERE id = $1)",
+        "SELECT (SELECT json_build_object('question', question, 'sql', sql, 'role', role, 'kind', kind, \
+         'follow_up', follow_up)::text FROM copilot.history WHERE id = $1)",
         &[history_id.into()],
     )
     .map_err(CopilotError::from)
@@ -295,13 +342,24 @@ fn feedback(
         (true, None) => row["sql"].as_str().map(str::to_string),
         (false, None) => None,
     };
-    let example = teach_sql.map(|sql| store(&question, &sql, "feedback", Some(history_id)).or_raise());
+    // A follow-up's or a refine's words only make sense after the turns before them: they are marked, not taught.
+    let standalone = row["kind"].as_str() == Some("ask") && row["follow_up"].is_null();
+    if teach_sql.is_some() && !standalone {
+        pgrx::notice!(
+            "copilot: history row {history_id} continues a conversation, so it is not stored as a verified example; \
+             teach the question in full with copilot.teach"
+        );
+    }
+    let example =
+        teach_sql.filter(|_| standalone).map(|sql| store(&question, &sql, "feedback", Some(history_id)).or_raise());
+    let owner = AsOwner::enter().or_raise();
     Spi::run_with_args(
         "UPDATE copilot.history SET feedback = $2, corrected_sql = $3 WHERE id = $1",
         &[history_id.into(), correct.into(), corrected_sql.into()],
     )
     .map_err(CopilotError::from)
     .or_raise();
+    drop(owner);
     example
 }
 
