@@ -505,6 +505,28 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_writers_records_go_back_to_the_queue_and_are_not_lost() {
+        let mut j = Journal::boxed();
+        let (a, _) = j.queue(5, "{}", 0).unwrap();
+        assert_eq!(j.take(5, 42, 0, 10).len(), 1);
+        // Writer 42 falls silent; the next record replaces it, and what it took is queued again.
+        let (b, launch) = j.queue(5, "{}", WRITER_STALE_MS + 1).unwrap();
+        assert!(launch);
+        let again: Vec<u64> = j.take(5, 43, WRITER_STALE_MS + 2, 10).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(again, vec![a, b]);
+        // 42 comes back to life and leaves: it must not clear 43's place or hand back 43's records.
+        assert!(j.leave(5, 42));
+        assert_eq!(j.receipt(a), Receipt::Queued, "still taken by 43");
+        assert_eq!(j.queue(5, "{}", WRITER_STALE_MS + 3).map(|(_, launch)| launch), Some(false), "43 still runs");
+        // 43 leaves through an error with records taken: they wait for the next writer, not dropped.
+        assert!(!j.leave(5, 43), "a queued record keeps it");
+        j.take(5, 43, WRITER_STALE_MS + 4, 10);
+        assert!(j.leave(5, 43));
+        assert_eq!(j.counts(), (0, 0), "nothing dropped");
+        assert_eq!(j.receipt(a), Receipt::Queued);
+    }
+
+    #[test]
     fn long_records_are_cut_to_fit_a_slot() {
         let r = Record {
             question: "q".repeat(RECORD_BYTES),
