@@ -299,13 +299,16 @@ pub fn table_exists() -> bool {
     crate::spi::one::<bool>("SELECT to_regclass('copilot.history') IS NOT NULL", &[]).ok().flatten().unwrap_or(false)
 }
 
-/// Hand `record` to this database's history writer. Returns the record's sequence number (for [`receipt`]), or
-/// `None` when nothing is recorded: `copilot.history` is off, the server is a standby, this database's copilot is
-/// older than 0.2.0, or the journal is full. Never raises.
-pub fn record(record: &Record) -> Option<u64> {
-    if !gucs::HISTORY.get() || !crate::preloaded() || recovery_in_progress() || !table_exists() {
-        return None;
-    }
+/// Whether asks in this session are recorded now: `copilot.history` is on, the server is not a standby, and this
+/// database's copilot has the table (0.2.0 on). Reads the catalog: call it before the work, not in an error path.
+pub fn enabled() -> bool {
+    gucs::HISTORY.get() && crate::preloaded() && !recovery_in_progress() && table_exists()
+}
+
+/// Hand `record` to this database's history writer (no catalog access: safe on an error path). Returns the
+/// record's sequence number (for [`receipt`]), or `None` when the journal is full or no writer could be started.
+/// Never raises.
+pub fn queue(record: &Record) -> Option<u64> {
     let db = my_database();
     let json = record.to_json();
     let queued = JOURNAL.exclusive().queue(db, &json, now_ms());

@@ -23,7 +23,7 @@ use copilot_core::sql::schema::Catalog;
 use copilot_core::sql::{examples, gate};
 use pgrx::datum::DatumWithOid;
 use pgrx::prelude::*;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::{Duration, Instant};
 
 /// Examples read per ask before ranking (the newest first).
@@ -88,25 +88,26 @@ pub(crate) fn answer_recorded<T>(
     then: impl FnOnce(&str) -> Result<(T, Option<i64>), CopilotError>,
 ) -> Result<T, CopilotError> {
     let start = Instant::now();
-    let mut rec = Record {
+    let recording = history::enabled();
+    let rec = RefCell::new(Record {
         at_epoch: history::now_epoch(),
         role: current_user(),
         kind: ask.kind,
         question: ask.question.to_string(),
         follow_up: ask.follow_up,
         ..Record::default()
-    };
-    let mut report: Option<Report> = None;
-    let result = (|| {
+    });
+    let report: RefCell<Option<Report>> = RefCell::new(None);
+    let work = std::panic::AssertUnwindSafe(|| {
         let mut turns = match ask.follow_up {
             Some(id) => conversation(id)?,
             None => Vec::new(),
         };
         turns.extend(ask.turns);
         let (catalog, context) = api::context_for_caller()?;
-        rec.schema_fingerprint = Some(history::fingerprint(&context));
+        rec.borrow_mut().schema_fingerprint = Some(history::fingerprint(&context));
         let shown = examples_for(&ask.prompt_question, &catalog)?;
-        rec.examples = shown.iter().map(|(id, _)| *id).collect();
+        rec.borrow_mut().examples = shown.iter().map(|(id, _)| *id).collect();
         let mut all: Vec<Exchange> = shown.into_iter().map(|(_, e)| e).collect();
         all.extend(turns);
         let answered = crate::pipeline::answer(&ask.prompt_question, &catalog, &context, &all);
@@ -114,22 +115,44 @@ pub(crate) fn answer_recorded<T>(
             Ok(a) => a,
             Err(e) => {
                 if let CopilotError::CannotAnswer { report: r, .. } = &e {
-                    report = Some((**r).clone());
+                    *report.borrow_mut() = Some((**r).clone());
                 }
                 return Err(e);
             }
         };
-        report = Some(r);
-        rec.sql = Some(sql.clone());
+        *report.borrow_mut() = Some(r);
+        rec.borrow_mut().sql = Some(sql.clone());
         let (out, rows) = then(&sql)?;
-        rec.rows_returned = rows;
+        rec.borrow_mut().rows_returned = rows;
         Ok(out)
-    })();
-    if let Some(r) = &report {
-        rec.candidates = Some(r.candidates.len() as i32);
-        rec.repairs = Some(r.repairs as i32);
-    }
-    rec.latency_ms = start.elapsed().as_secs_f64() * 1e3;
+    });
+    let finish = |rec: &mut Record, report: Option<&Report>| {
+        if let Some(r) = report {
+            rec.candidates = Some(r.candidates.len() as i32);
+            rec.repairs = Some(r.repairs as i32);
+        }
+        rec.latency_ms = start.elapsed().as_secs_f64() * 1e3;
+    };
+    // Shared with the error path below, which runs after the work unwound (its borrows are gone by then).
+    let (rec_ref, report_ref) = (std::panic::AssertUnwindSafe(&rec), std::panic::AssertUnwindSafe(&report));
+    // An ERROR PostgreSQL raises itself (query cancel, statement_timeout during the wait, an SPI error) is recorded
+    // too, then raised on: queueing the record touches no catalog, and nothing waits for the writer.
+    let result = PgTryBuilder::new(work)
+        .catch_others(move |e| {
+            if let (true, pg_sys::panic::CaughtError::PostgresError(r) | pg_sys::panic::CaughtError::ErrorReport(r)) =
+                (recording, &e)
+            {
+                let mut rec = rec_ref.borrow_mut();
+                finish(&mut rec, report_ref.borrow().as_ref());
+                rec.outcome = sqlstate_text(r.sql_error_code());
+                rec.message = Some(r.message().to_string());
+                LAST_RECORD.set(history::queue(&rec));
+            }
+            e.rethrow()
+        })
+        .execute();
+    let mut rec = rec.into_inner();
+    finish(&mut rec, report.borrow().as_ref());
     match &result {
         Ok(_) => rec.outcome = "00000".into(),
         Err(e) => {
@@ -137,7 +160,7 @@ pub(crate) fn answer_recorded<T>(
             rec.message = Some(e.to_string());
         }
     }
-    let seq = history::record(&rec);
+    let seq = if recording { history::queue(&rec) } else { None };
     LAST_RECORD.set(seq);
     // Wait (briefly) for the row, so that it exists for the caller's next statement — `copilot.feedback`, a
     // follow-up, or a look at copilot.history. A writer that is slow to start only costs this wait.

@@ -85,6 +85,9 @@ if [ "$n" = 1 ]; then ok "one ask, one history row"; else not_ok "one ask, one h
 q "SET ROLE alice; BEGIN; SET LOCAL search_path = nothing_here; SELECT copilot.ask('how many singers?'); COMMIT;" >/dev/null
 n=$(hist_wait "SET ROLE alice; SELECT count(*) FROM copilot.history WHERE id > $start AND outcome = '42P01' AND question = 'how many singers?'" | tail -1)
 if [ "$n" = 1 ]; then ok "a failed ask is recorded although its transaction rolled back (outcome 42P01)"; else not_ok "a failed ask is recorded although its transaction rolled back" "count=$n"; fi
+expect_state "an ask cut by statement_timeout: 57014" 57014 "SET ROLE alice; SET search_path = mini; SET statement_timeout = '40ms'; SELECT copilot.ask('How old is the oldest singer?')"
+n=$(hist_wait "SET ROLE alice; SELECT count(*) FROM copilot.history WHERE id > $start AND outcome = '57014' AND question = 'How old is the oldest singer?'" | tail -1)
+if [ "$n" = 1 ]; then ok "an ask PostgreSQL itself cancelled (statement_timeout) is recorded"; else not_ok "an ask PostgreSQL itself cancelled is recorded" "count=$n"; fi
 q "SET ROLE alice; BEGIN; SET LOCAL search_path = mini; SELECT copilot.ask('$MINI_Q other'); ROLLBACK;" >/dev/null
 n=$(hist_wait "SET ROLE alice; SELECT count(*) FROM copilot.history WHERE id > $start AND question = '$MINI_Q other'" | tail -1)
 if [ "$n" = 1 ]; then ok "ROLLBACK of the asking transaction keeps its history row"; else not_ok "ROLLBACK of the asking transaction keeps its history row" "count=$n"; fi
