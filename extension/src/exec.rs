@@ -135,12 +135,19 @@ fn read_only(query: &str, timeout_ms: i32, sql: &str) -> Result<Vec<String>, Cop
     rows
 }
 
+/// The gate, then the same rules on PostgreSQL's own parse tree: what SQL from outside (a model, a user) must
+/// pass before copilot plans, runs or stores it. A refusal carries the SQL.
+pub fn gated(sql: &str) -> Result<gate::Checked, CopilotError> {
+    let refused = |rejection| CopilotError::Refused { rejection, sql: sql.to_string() };
+    let checked = gate::check(sql).map_err(refused)?;
+    crate::pg_gate::check(sql).map_err(refused)?;
+    Ok(checked)
+}
+
 /// Check and execute `sql` (see the module documentation). Returns the rows as JSON objects and whether the
 /// result was cut at `copilot.max_rows`.
 pub fn execute(sql: &str) -> Result<(Vec<pgrx::JsonB>, bool), CopilotError> {
-    if let Err(rejection) = gate::check(sql).map(|_| ()).and_then(|_| crate::pg_gate::check(sql)) {
-        return Err(CopilotError::Refused { rejection, sql: sql.to_string() });
-    }
+    gated(sql)?;
     let max_rows = gucs::MAX_ROWS.get().max(0) as i64;
     // The newline keeps a trailing `-- comment` in the model's SQL from swallowing our closing parenthesis.
     let wrapped = format!("SELECT to_jsonb(q)::text FROM (\n{}\n) AS q LIMIT {}", body(sql), max_rows + 1);

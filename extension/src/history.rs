@@ -294,15 +294,13 @@ fn my_database() -> u32 {
     unsafe { pg_sys::MyDatabaseId }.to_u32()
 }
 
-/// Whether this database's copilot has a history table (it does from extension version 0.2.0 on).
-pub fn table_exists() -> bool {
-    crate::spi::one::<bool>("SELECT to_regclass('copilot.history') IS NOT NULL", &[]).ok().flatten().unwrap_or(false)
-}
-
 /// Whether asks in this session are recorded now: `copilot.history` is on, the server is not a standby, and this
 /// database's copilot has the table (0.2.0 on). Reads the catalog: call it before the work, not in an error path.
 pub fn enabled() -> bool {
-    gucs::HISTORY.get() && crate::preloaded() && !recovery_in_progress() && table_exists()
+    gucs::HISTORY.get()
+        && crate::preloaded()
+        && !recovery_in_progress()
+        && crate::spi::relation_exists("copilot.history")
 }
 
 /// Hand `record` to this database's history writer (no catalog access: safe on an error path). Returns the
@@ -413,7 +411,7 @@ pub extern "C-unwind" fn copilot_history_writer(arg: pg_sys::Datum) {
         // The writer runs as the bootstrap superuser: no name it uses may resolve through a schema a user can
         // create objects in (CVE-2018-1058). Functions and operators then come from pg_catalog only.
         let _ = Spi::run("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)");
-        let exists = table_exists();
+        let exists = crate::spi::relation_exists("copilot.history");
         if exists && days > 0 {
             guarded("the copilot.history_days clean-up", || {
                 Spi::run_with_args(

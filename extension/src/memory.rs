@@ -65,10 +65,6 @@ fn writable(what: &'static str) -> Result<(), CopilotError> {
     }
 }
 
-fn table_exists(name: &str) -> bool {
-    crate::spi::one::<bool>("SELECT to_regclass($1) IS NOT NULL", &[name.into()]).ok().flatten().unwrap_or(false)
-}
-
 /// What one ask is: its kind for the history, the question as the user wrote it, the conversation it continues.
 pub(crate) struct Ask<'a> {
     pub kind: &'static str,
@@ -173,7 +169,7 @@ pub(crate) fn answer_recorded<T>(
 /// The earlier turns of history row `id`'s conversation, oldest first: the row itself and the rows it follows up,
 /// as the caller can see them.
 pub(crate) fn conversation(id: i64) -> Result<Vec<Exchange>, CopilotError> {
-    if !table_exists("copilot.history") {
+    if !crate::spi::relation_exists("copilot.history") {
         return Err(CopilotError::NeedsUpgrade { what: "follow-up questions" });
     }
     const CHAIN: &str = "WITH RECURSIVE chain AS ( \
@@ -203,7 +199,7 @@ pub(crate) fn conversation(id: i64) -> Result<Vec<Exchange>, CopilotError> {
 /// those the caller can see whose tables are all in `catalog`.
 pub(crate) fn examples_for(question: &str, catalog: &Catalog) -> Result<Vec<(i64, Exchange)>, CopilotError> {
     let k = gucs::EXAMPLES.get().max(0) as usize;
-    if k == 0 || !table_exists("copilot.examples") {
+    if k == 0 || !crate::spi::relation_exists("copilot.examples") {
         return Ok(Vec::new());
     }
     const SCAN: &str = "SELECT coalesce(json_agg(json_build_object('id', id, 'question', question, 'sql', sql, \
@@ -257,8 +253,7 @@ pub(crate) fn examples_for(question: &str, catalog: &Catalog) -> Result<Vec<(i64
 /// Check `sql` as a verified answer: one query the gate passes that plans as the caller. Returns the tables it
 /// reads, schema-qualified as PostgreSQL resolves them on the caller's search_path.
 fn verify(sql: &str) -> Result<Vec<String>, CopilotError> {
-    let checked = gate::check(sql).map_err(|rejection| CopilotError::Refused { rejection, sql: sql.to_string() })?;
-    crate::pg_gate::check(sql).map_err(|rejection| CopilotError::Refused { rejection, sql: sql.to_string() })?;
+    let checked = exec::gated(sql)?;
     exec::plan(sql)?;
     let names: Vec<String> = gate::relations(&checked)
         .iter()
@@ -319,7 +314,7 @@ impl Drop for AsOwner {
 
 /// Store a verified pair as the caller; an identical pair the caller can already see is returned instead.
 fn store(question: &str, sql: &str, source: &str, history_id: Option<i64>) -> Result<i64, CopilotError> {
-    if !table_exists("copilot.examples") {
+    if !crate::spi::relation_exists("copilot.examples") {
         return Err(CopilotError::NeedsUpgrade { what: "verified examples" });
     }
     let q = api::validate_question(question)?;
@@ -363,7 +358,7 @@ fn feedback(
     let (Some(history_id), Some(correct)) = (history_id, correct) else {
         CopilotError::NullArgument { what: "history_id and correct" }.raise()
     };
-    if !table_exists("copilot.history") {
+    if !crate::spi::relation_exists("copilot.history") {
         CopilotError::NeedsUpgrade { what: "feedback" }.raise();
     }
     writable("feedback").or_raise();
@@ -413,7 +408,7 @@ fn feedback(
 fn refine(sql: &str, instruction: &str) -> String {
     let instruction = api::validate_question(instruction).or_raise();
     api::ensure_preloaded().or_raise();
-    gate::check(sql).map_err(|rejection| CopilotError::Refused { rejection, sql: sql.to_string() }).or_raise();
+    exec::gated(sql).or_raise();
     let ask = Ask {
         kind: "refine",
         question: instruction,

@@ -11,6 +11,11 @@ pub fn one<A: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid<'_>]) -> 
     Spi::connect(|c| c.select(query, Some(1), args)?.first().get_one())
 }
 
+/// Whether `name` (e.g. `copilot.history`) names a relation, as the caller resolves it; false on any error.
+pub fn relation_exists(name: &str) -> bool {
+    one::<bool>("SELECT pg_catalog.to_regclass($1) IS NOT NULL", &[name.into()]).ok().flatten().unwrap_or(false)
+}
+
 /// The first column of every row of `query`, as text (NULL as an empty string), run read-write — utility statements
 /// such as EXPLAIN are refused by read-only SPI — yet without taking a transaction id (pgrx's `update` would).
 /// For our own wrappers of gated SQL inside the rolled-back, read-only subtransaction of [`crate::exec`]; SPI
