@@ -226,6 +226,12 @@ impl From<pgrx::spi::Error> for CopilotError {
     }
 }
 
+/// A SQLSTATE as its five characters (as `copilot.history.outcome` stores it).
+pub fn sqlstate_text(code: PgSqlErrorCode) -> String {
+    let c = code as u32;
+    (0..5).map(|i| char::from(b'0' + ((c >> (6 * i)) & 0x3F) as u8)).collect()
+}
+
 /// `Result::unwrap_or_raise`: the extension's functions end their error paths here.
 pub trait OrRaise<T> {
     fn or_raise(self) -> T;
@@ -253,6 +259,13 @@ mod tests {
         };
         assert_eq!(e.sqlstate(), PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED);
         assert!(e.hint().unwrap().contains("copilot.schemas"));
+    }
+
+    #[test]
+    fn sqlstates_read_as_their_five_characters() {
+        assert_eq!(sqlstate_text(PgSqlErrorCode::ERRCODE_QUERY_CANCELED), "57014");
+        assert_eq!(sqlstate_text(PgSqlErrorCode::ERRCODE_NO_DATA_FOUND), "P0002");
+        assert_eq!(sqlstate_text(PgSqlErrorCode::ERRCODE_SUCCESSFUL_COMPLETION), "00000");
     }
 
     #[test]

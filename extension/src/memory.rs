@@ -4,9 +4,10 @@
 //!   question→SQL pairs in `copilot.examples` — only SQL that passes the gate and plans as the caller, filed under
 //!   the tables it reads (resolved by PostgreSQL on the caller's search_path);
 //! - at ask time the examples most like the question (BM25 over their questions, `copilot_core::sql::examples`)
-//!   among those the caller may see — row-level security shows a role only examples over tables it can read — and
-//!   whose tables are all in the schema context are put in the prompt as earlier turns, after the cached schema
-//!   prefix (most similar last, nearest the question);
+//!   among those the caller may see — only examples over tables it can read: row-level security for direct reads,
+//!   the same rule (`copilot.readable`) applied once per set of tables at ask time — and whose tables are all in the
+//!   schema context are put in the prompt as earlier turns, after the cached schema prefix (most similar last,
+//!   nearest the question);
 //! - `copilot.ask(question, follow_up => id)` continues the conversation of history row `id` (its chain of
 //!   follow-ups, oldest first, as earlier turns); `copilot.refine(sql, instruction)` edits a query as asked;
 //! - `copilot.explain(sql)` describes a query clause by clause from its parse tree (no model).
@@ -43,12 +44,6 @@ thread_local! {
 /// The history id of this session's last ask, waiting up to two seconds for the history writer.
 pub(crate) fn last_history_id() -> Option<i64> {
     LAST_RECORD.get().and_then(|seq| history::receipt(seq, Duration::from_secs(2)))
-}
-
-/// A SQLSTATE as its five characters.
-pub(crate) fn sqlstate_text(code: pgrx::pg_sys::errcodes::PgSqlErrorCode) -> String {
-    let c = code as u32;
-    (0..5).map(|i| char::from(b'0' + ((c >> (6 * i)) & 0x3F) as u8)).collect()
 }
 
 fn current_user() -> String {
@@ -140,7 +135,7 @@ pub(crate) fn answer_recorded<T>(
             {
                 let mut rec = rec_ref.borrow_mut();
                 finish(&mut rec, report_ref.borrow().as_ref());
-                rec.outcome = sqlstate_text(r.sql_error_code());
+                rec.outcome = crate::errors::sqlstate_text(r.sql_error_code());
                 rec.message = Some(r.message().to_string());
                 LAST_RECORD.set(history::queue(&rec));
             }
@@ -152,7 +147,7 @@ pub(crate) fn answer_recorded<T>(
     match &result {
         Ok(_) => rec.outcome = "00000".into(),
         Err(e) => {
-            rec.outcome = sqlstate_text(e.sqlstate());
+            rec.outcome = crate::errors::sqlstate_text(e.sqlstate());
             rec.message = Some(e.to_string());
         }
     }
