@@ -48,7 +48,7 @@ pub(crate) fn sleep(d: Duration) {
     wait_on_latch(d);
 }
 
-fn my_pid() -> i32 {
+pub(crate) fn my_pid() -> i32 {
     // SAFETY: MyProcPid is set at backend start and never changes.
     unsafe { pg_sys::MyProcPid }
 }

@@ -267,11 +267,15 @@ pub fn init() {
 }
 
 pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    since_epoch().as_millis() as u64
 }
 
 pub fn now_epoch() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    since_epoch().as_secs_f64()
+}
+
+fn since_epoch() -> Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
 /// A short, stable name for a schema context (FNV-1a, 64 bits, hex): equal contexts, equal fingerprints.
@@ -404,8 +408,7 @@ pub extern "C-unwind" fn copilot_history_writer(arg: pg_sys::Datum) {
     let db = arg.value() as u32;
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
-    // SAFETY: MyProcPid is set at process start.
-    let pid = unsafe { pg_sys::MyProcPid };
+    let pid = crate::api::my_pid();
     let days = gucs::HISTORY_DAYS.get();
     let ready = BackgroundWorker::transaction(|| {
         // The writer runs as the bootstrap superuser: no name it uses may resolve through a schema a user can
