@@ -33,6 +33,7 @@ fn rows(dir: &Path) -> (PathBuf, PathBuf) {
             let row = serde_json::json!({
                 "prompt": format!("CREATE TABLE {t} (id INT)\nQuestion: {q} {t}?\nSQL: "),
                 "completion": format!("{a} {t};"),
+                "context": format!("CREATE TABLE {t} (id INT)"),
                 "n": i,
             });
             train.push_str(&format!("{row}\n"));
@@ -159,6 +160,19 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
         out.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
+    // The merge is deterministic (scripts/fetch-model checks a merged default model's sha256).
+    let again = dir.join("export/again.gguf");
+    let run = trainer(&[
+        "export",
+        "--base",
+        model().to_str().unwrap(),
+        "--adapter",
+        straight.join("adapter").to_str().unwrap(),
+        "--out",
+        again.to_str().unwrap(),
+    ]);
+    assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "two exports differ");
     let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
     assert!(card.starts_with("---\n"), "YAML front matter");
     for want in [
@@ -171,6 +185,46 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     ] {
         assert!(card.contains(want), "model card lacks {want:?}:\n{card}");
     }
+}
+
+#[test]
+fn shared_prefix_steps_take_one_schema_each_and_resume_exactly() {
+    let dir = workdir("share");
+    let share = |out: &Path| {
+        let r = recipe(&dir, out, "");
+        let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_len = 64", "max_seq_len = 64\nshare_prefix = true");
+        std::fs::write(&r, text).unwrap();
+        r
+    };
+    let straight = dir.join("straight");
+    let r = share(&straight);
+    let run = trainer(&["train", "--config", r.to_str().unwrap()]);
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(straight.join("training_summary.json")).unwrap()).unwrap();
+    // Six schemas of two rows each, batch 3: one step per schema and epoch, 12 steps in 2 epochs.
+    assert_eq!(summary["steps"], 12);
+    assert_eq!(summary["share_prefix"], true);
+    let (seen, computed) = (summary["tokens_seen"].as_u64().unwrap(), summary["computed_tokens"].as_u64().unwrap());
+    assert!(computed < seen, "the schema is computed once per step: {computed} computed of {seen}");
+    let log = std::fs::read_to_string(straight.join("train_log.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> =
+        log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["loss"].is_number()).collect();
+    assert!(steps.iter().all(|v| v["computed_tokens"].as_u64() < v["tokens"].as_u64()), "{log}");
+
+    let resumed = dir.join("resumed");
+    let r2 = share(&resumed);
+    assert!(trainer(&["train", "--config", r2.to_str().unwrap()]).status.success());
+    for s in [8, 10, 12] {
+        std::fs::remove_dir_all(resumed.join(format!("checkpoints/step-{s:06}"))).unwrap();
+    }
+    let run = trainer(&["train", "--config", r2.to_str().unwrap(), "--resume"]);
+    assert!(run.status.success(), "resume failed: {}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(
+        adapter_bytes(&straight.join("checkpoints/step-000012")),
+        adapter_bytes(&resumed.join("checkpoints/step-000012")),
+        "steps 7–12 repeat exactly after --resume"
+    );
 }
 
 #[test]

@@ -17,7 +17,7 @@
 //! through the vocabulary projection — for text-to-SQL prompts that is a tenth of the sequence.
 
 use crate::engine::alloc::keep_freed_memory;
-use crate::engine::model::{causal_mask, rope_tables, Config, Embedding, Weights};
+use crate::engine::model::{rope_tables, Config, Embedding, Weights};
 use crate::tune::lora::{Frozen, LoraConfig, LoraLinear, Rng};
 use crate::tune::peft::{Adapter, Layout, Target};
 use candle_core::quantized::gguf_file;
@@ -227,50 +227,84 @@ impl TrainableModel {
         Ok(())
     }
 
-    /// Hidden states after the final norm, shape `(1, t, n_embd)`. Dropout applies when `rng` is given.
+    /// Hidden states after the final norm, shape `(1, t, n_embd)`, of one plain sequence (positions 0..t, causal),
+    /// with the whole graph kept. Dropout applies when `rng` is given.
     pub fn hidden(&self, tokens: &[u32], mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let t = tokens.len();
-        if t == 0 || t > self.max_positions() {
+        let p = Packed {
+            tokens: tokens.to_vec(),
+            positions: (0..t as u32).collect(),
+            segments: vec![0; t],
+            targets: vec![],
+            row_tokens: t,
+        };
+        let ctx = self.context(&p)?;
+        let mut x = self.embed.lookup(tokens, &self.device)?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, &ctx, rng.as_deref_mut())?;
+        }
+        rms_norm(&x, &self.norm, self.cfg.rms_eps)
+    }
+
+    /// What every layer of a packed sequence's forward pass shares: rotary tables at the rows' own positions and
+    /// the segment mask.
+    fn context(&self, p: &Packed) -> Result<Context> {
+        let longest = p.positions.iter().max().map_or(0, |&q| q as usize + 1);
+        if p.tokens.is_empty() || longest > self.max_positions() {
             candle_core::bail!(
-                "a sequence of {t} tokens does not fit the {} positions of this run",
+                "a sequence of {longest} positions does not fit the {} positions of this run",
                 self.max_positions()
             );
         }
+        let at = Tensor::new(p.positions.as_slice(), &self.device)?;
+        Ok(Context {
+            cos: self.cos.index_select(&at, 0)?,
+            sin: self.sin.index_select(&at, 0)?,
+            mask: segment_mask(&p.segments, self.cfg.n_head / self.cfg.n_kv_head, &self.device)?,
+        })
+    }
+
+    /// One transformer block: `x` (1, t, n_embd) → the residual stream after it.
+    fn block(&self, layer: &Layer, x: &Tensor, ctx: &Context, mut rng: Option<&mut Rng>) -> Result<Tensor> {
         let c = &self.cfg;
-        let eps = c.rms_eps;
-        let mut x = self.embed.lookup(tokens, &self.device)?;
+        let t = x.dim(1)?;
         let n_rep = c.n_head / c.n_kv_head;
-        let mask = causal_mask(t, 0, n_rep, &self.device)?.clamp(-1e9f32, 0f32)?;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        for layer in &self.layers {
-            let h = rms_norm(&x, &layer.attn_norm, eps)?;
-            let mut p = |i: usize, x: &Tensor| layer.proj[i].forward(x, rng.as_deref_mut());
-            let (q, k, v) = (p(0, &h)?, p(1, &h)?, p(2, &h)?);
-            let heads = |y: Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
-                let y = match bias {
-                    Some(b) => y.broadcast_add(b)?,
-                    None => y,
-                };
-                y.reshape((1, t, n, c.head_dim))?.transpose(1, 2)
+        let h = rms_norm(x, &layer.attn_norm, c.rms_eps)?;
+        let mut p = |i: usize, x: &Tensor| layer.proj[i].forward(x, rng.as_deref_mut());
+        let (q, k, v) = (p(0, &h)?, p(1, &h)?, p(2, &h)?);
+        let heads = |y: Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
             };
-            let q = rope(&heads(q, &layer.bq, c.n_head)?, &cos, &sin, c.rope_neox)?;
-            let k = rope(&heads(k, &layer.bk, c.n_kv_head)?, &cos, &sin, c.rope_neox)?;
-            let v = heads(v, &layer.bv, c.n_kv_head)?.contiguous()?;
-            // Grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j are
-            // stacked into one (n_rep·t) × d matrix.
-            let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?.reshape((1, c.n_kv_head, n_rep * t, c.head_dim))?;
-            let att = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let att = softmax_last_dim(&att)?;
-            let y =
-                att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
-            x = (x + p(3, &y)?)?;
-            let h = rms_norm(&x, &layer.ffn_norm, eps)?;
-            let g = p(4, &h)?.silu()?;
-            let u = p(5, &h)?;
-            x = (x + p(6, &(g * u)?)?)?;
-        }
-        rms_norm(&x, &self.norm, eps)
+            y.reshape((1, t, n, c.head_dim))?.transpose(1, 2)
+        };
+        let q = rope(&heads(q, &layer.bq, c.n_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
+        let k = rope(&heads(k, &layer.bk, c.n_kv_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
+        let v = heads(v, &layer.bv, c.n_kv_head)?.contiguous()?;
+        // Grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j are stacked
+        // into one (n_rep·t) × d matrix.
+        let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?.reshape((1, c.n_kv_head, n_rep * t, c.head_dim))?;
+        let att = q.matmul(&k.t()?)?.broadcast_add(&ctx.mask)?;
+        let att = softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
+        let x = (x + p(3, &y)?)?;
+        let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+        let g = p(4, &h)?.silu()?;
+        let u = p(5, &h)?;
+        x + p(6, &(g * u)?)?
+    }
+
+    /// Summed NLL of `p`'s completion tokens from the last block's output `x` (final norm, the predicting positions
+    /// only through the vocabulary projection).
+    fn head_nll(&self, x: &Tensor, p: &Packed) -> Result<Tensor> {
+        let h = rms_norm(x, &self.norm, self.cfg.rms_eps)?.squeeze(0)?;
+        let (at, targets): (Vec<u32>, Vec<u32>) = p.targets.iter().copied().unzip();
+        let h = h.index_select(&Tensor::new(at.as_slice(), &self.device)?, 0)?;
+        let logits = self.output.forward(&h)?;
+        let targets = Tensor::new(targets.as_slice(), &self.device)?;
+        let logp = log_softmax_last_dim(&logits)?;
+        logp.gather(&targets.unsqueeze(1)?, 1)?.sum_all()?.neg()
     }
 
     /// Logits of every position, shape `(t, vocab)` (for tests and small models: the full vocabulary projection).
@@ -281,20 +315,181 @@ impl TrainableModel {
     /// Sum of the negative log-likelihoods of the completion tokens `tokens[n_prompt..]` given everything before
     /// them, and their count. (A sum, so the training loop can weight every completion token of a batch equally.)
     pub fn completion_nll(&self, tokens: &[u32], n_prompt: usize, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
-        let t = tokens.len();
-        if n_prompt == 0 || n_prompt >= t {
-            candle_core::bail!("a training row needs a prompt and a completion ({n_prompt} of {t} tokens are prompt)");
-        }
-        let n = t - n_prompt;
-        let h = self.hidden(tokens, rng)?.squeeze(0)?;
-        // Position i predicts token i + 1: the completion is predicted by positions n_prompt-1 .. t-2.
-        let h = h.narrow(0, n_prompt - 1, n)?;
-        let logits = self.output.forward(&h)?;
-        let targets = Tensor::new(&tokens[n_prompt..], &self.device)?;
-        let logp = log_softmax_last_dim(&logits)?;
-        let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
-        Ok((picked.sum_all()?.neg()?, n))
+        self.packed_nll(&Packed::new(&[(tokens, n_prompt)])?, rng)
     }
+
+    /// [`TrainableModel::completion_nll`] of every row of `p`, summed, in one forward pass over the packed sequence,
+    /// the whole graph kept (every layer's activations: for tests and short sequences; training uses
+    /// [`TrainableModel::packed_backward`]).
+    pub fn packed_nll(&self, p: &Packed, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
+        let ctx = self.context(p)?;
+        let mut rng = rng;
+        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, &ctx, rng.as_deref_mut())?;
+        }
+        Ok((self.head_nll(&x, p)?, p.targets.len()))
+    }
+
+    /// The summed NLL of `p` without keeping any graph (validation): each block's output is detached.
+    pub fn packed_nll_value(&self, p: &Packed) -> Result<f64> {
+        let ctx = self.context(p)?;
+        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
+        for layer in &self.layers {
+            x = self.block(layer, &x, &ctx, None)?.detach();
+        }
+        Ok(self.head_nll(&x, p)?.detach().to_scalar::<f32>()? as f64)
+    }
+
+    /// `scale ×` the summed NLL of `p` and its gradient with respect to every variable (in [`TrainableModel::vars`]
+    /// order), with activation checkpointing per layer: the forward pass keeps only each block's input; the
+    /// backward pass recomputes one block at a time (replaying its dropout masks) and pulls the gradient through
+    /// it. Memory holds one block's activations instead of all of them, for one more forward pass of compute.
+    pub fn packed_backward(&self, p: &Packed, rng: Option<&mut Rng>, scale: f64) -> Result<(f64, Vec<Tensor>)> {
+        let ctx = self.context(p)?;
+        let mut rng = rng;
+        let mut inputs = Vec::with_capacity(self.layers.len());
+        let mut rngs = Vec::with_capacity(self.layers.len());
+        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
+        for layer in &self.layers {
+            rngs.push(rng.as_deref().cloned());
+            let next = self.block(layer, &x, &ctx, rng.as_deref_mut())?.detach();
+            inputs.push(std::mem::replace(&mut x, next));
+        }
+        let top = Var::from_tensor(&x)?;
+        let loss = (self.head_nll(top.as_tensor(), p)? * scale)?;
+        let value = loss.to_scalar::<f32>()? as f64;
+        let grads = loss.backward()?;
+        let mut upstream = grads
+            .get(top.as_tensor())
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg("no gradient reached the last block".into()))?;
+        drop(grads);
+        let vars = self.vars();
+        let mut out: Vec<Option<Tensor>> = vec![None; vars.len()];
+        for (i, layer) in self.layers.iter().enumerate().rev() {
+            let input = Var::from_tensor(&inputs[i])?;
+            let mut replay = rngs[i].take();
+            let y = self.block(layer, input.as_tensor(), &ctx, replay.as_mut())?;
+            // d/dθ Σ y ⊙ upstream = upstream · ∂y/∂θ: the chain rule through this block.
+            let grads = (y * &upstream)?.sum_all()?.backward()?;
+            for (slot, (name, v)) in out.iter_mut().zip(&vars) {
+                if name.starts_with(&format!("blk.{i}.")) {
+                    *slot = grads.get(v.as_tensor()).cloned();
+                }
+            }
+            if i > 0 {
+                upstream = grads
+                    .get(input.as_tensor())
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached block {i}'s input")))?;
+            }
+        }
+        let out = out
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((value, out))
+    }
+}
+
+/// Per-sequence tensors every block uses.
+struct Context {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
+/// Training rows that begin with the same prompt tokens (in text-to-SQL: the same database's schema), laid out as
+/// one sequence — the common prefix once, then each row's remaining tokens — so the prefix is computed once for
+/// all of them. Each row's tokens keep their own positions and see only the prefix and themselves, so every row's
+/// loss (and its gradient) is the one it would have alone; only dropout masks on the prefix are shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    tokens: Vec<u32>,
+    /// Each token's position in its own row.
+    positions: Vec<u32>,
+    /// 0: the shared prefix; i ≥ 1: the i-th row's own tokens.
+    segments: Vec<u32>,
+    /// (index in `tokens` of the position that predicts it, completion token).
+    targets: Vec<(u32, u32)>,
+    /// Tokens of the rows packed (what they would have computed one by one).
+    row_tokens: usize,
+}
+
+impl Packed {
+    /// Pack `rows` (tokens, number of prompt tokens). The shared prefix is the rows' longest common prompt prefix,
+    /// less one token, so each row's first completion token is predicted from its own segment.
+    pub fn new(rows: &[(&[u32], usize)]) -> Result<Packed> {
+        let Some(&(first, _)) = rows.first() else { candle_core::bail!("nothing to pack") };
+        for &(tokens, n_prompt) in rows {
+            let t = tokens.len();
+            if n_prompt == 0 || n_prompt >= t {
+                candle_core::bail!("a training row needs a prompt and a completion ({n_prompt} of {t} tokens are prompt)");
+            }
+        }
+        let mut shared = rows.iter().map(|&(_, n)| n - 1).min().unwrap_or(0);
+        for &(tokens, _) in &rows[1..] {
+            shared = shared.min(first.iter().zip(tokens).take_while(|(a, b)| a == b).count());
+        }
+        let own: usize = rows.iter().map(|&(t, _)| t.len() - shared).sum();
+        let mut p = Packed {
+            tokens: Vec::with_capacity(shared + own),
+            positions: Vec::with_capacity(shared + own),
+            segments: Vec::with_capacity(shared + own),
+            targets: Vec::new(),
+            row_tokens: rows.iter().map(|&(t, _)| t.len()).sum(),
+        };
+        p.tokens.extend_from_slice(&first[..shared]);
+        p.positions.extend(0..shared as u32);
+        p.segments.resize(shared, 0);
+        for (r, &(tokens, n_prompt)) in rows.iter().enumerate() {
+            let offset = p.tokens.len();
+            p.tokens.extend_from_slice(&tokens[shared..]);
+            p.positions.extend(shared as u32..tokens.len() as u32);
+            p.segments.resize(p.tokens.len(), r as u32 + 1);
+            // Row position k-1 predicts completion token k; it sits at offset + (k-1-shared) in the packing.
+            p.targets.extend((n_prompt..tokens.len()).map(|k| ((offset + k - 1 - shared) as u32, tokens[k])));
+        }
+        Ok(p)
+    }
+
+    /// Tokens in the packed sequence (what a forward pass computes).
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Tokens of the rows packed, as if each were computed alone.
+    pub fn row_tokens(&self) -> usize {
+        self.row_tokens
+    }
+
+    /// Completion tokens (the loss's terms).
+    pub fn completion_tokens(&self) -> usize {
+        self.targets.len()
+    }
+}
+
+/// The additive attention mask of a packed sequence, stacked for `n_rep` query heads per K/V head: query i sees
+/// key j ≤ i when j is in the shared prefix (segment 0) or in i's own segment. Hidden entries are -1e9 (finite, so
+/// the composed softmax's gradient stays finite).
+fn segment_mask(segments: &[u32], n_rep: usize, device: &Device) -> Result<Tensor> {
+    let t = segments.len();
+    let mut m = Vec::with_capacity(n_rep * t * t);
+    for _ in 0..n_rep {
+        for (i, &si) in segments.iter().enumerate() {
+            m.extend(segments.iter().enumerate().map(|(j, &sj)| match j <= i && (sj == 0 || sj == si) {
+                true => 0f32,
+                false => -1e9,
+            }));
+        }
+    }
+    Tensor::from_vec(m, (n_rep * t, t), device)
 }
 
 /// RMSNorm from differentiable ops (candle's fused `rms_norm` has no backward pass).
@@ -458,6 +653,30 @@ mod tests {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
         assert_eq!(opt.t, 1);
+    }
+
+    #[test]
+    fn packing_lays_out_the_shared_prefix_once_with_each_rows_own_positions() {
+        let p = Packed::new(&[(&[1, 2, 3, 4, 5][..], 3), (&[1, 2, 3, 6][..], 3), (&[1, 2, 7, 8][..], 3)]).unwrap();
+        // Common prompt prefix [1, 2] (the third row's prompt diverges at its third token).
+        assert_eq!(p.tokens, vec![1, 2, 3, 4, 5, 3, 6, 7, 8]);
+        assert_eq!(p.positions, vec![0, 1, 2, 3, 4, 2, 3, 2, 3]);
+        assert_eq!(p.segments, vec![0, 0, 1, 1, 1, 2, 2, 3, 3]);
+        // Completion tokens 4, 5 (row 1), 6 (row 2), 8 (row 3), each predicted by the token before it in its row.
+        assert_eq!(p.targets, vec![(2, 4), (3, 5), (5, 6), (7, 8)]);
+        // A prompt wholly shared still leaves each row one prompt token of its own.
+        let q = Packed::new(&[(&[1, 2, 3, 9][..], 3), (&[1, 2, 3, 8][..], 3)]).unwrap();
+        assert_eq!(q.tokens, vec![1, 2, 3, 9, 3, 8]);
+        assert_eq!(q.targets, vec![(2, 9), (4, 8)]);
+    }
+
+    #[test]
+    fn the_segment_mask_shows_the_prefix_and_the_rows_own_past() {
+        let m = segment_mask(&[0, 0, 1, 1, 2], 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let seen: Vec<Vec<usize>> = m.iter().map(|r| (0..5).filter(|&j| r[j] == 0.0).collect()).collect();
+        assert_eq!(seen[..5], [vec![0], vec![0, 1], vec![0, 1, 2], vec![0, 1, 2, 3], vec![0, 1, 4]]);
+        assert_eq!(seen[5..], seen[..5], "the stacked second query head");
+        assert!(m.iter().flatten().all(|&v| v == 0.0 || v == -1e9));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! whether the run went straight through or was stopped and `--resume`d from a checkpoint (which holds the
 //! adapters, AdamW's moments and the step; nothing else is needed to continue exactly).
 //!
-//! One optimizer step = `batch_size` sequences, each its own forward and backward pass (no padding: on a CPU a
-//! padded batch only adds work), with gradients summed; the loss is the mean over every completion token of the
-//! step (prompt tokens are masked), as Transformers' trainer computes it. Gradients are clipped to a global norm,
+//! One optimizer step = `batch_size` rows, each its own forward and backward pass (no padding: on a CPU a padded
+//! batch only adds work), with gradients summed; the loss is the mean over every completion token of the step
+//! (prompt tokens are masked), as Transformers' trainer computes it. With `data.share_prefix`, a step's rows come
+//! from one group of rows with the same prompt prefix (the same database schema) and are packed into sequences that
+//! compute that prefix once ([`copilot_core::tune::finetune::Packed`]: the same losses and gradients). Gradients are clipped to a global norm,
 //! then AdamW steps at the learning rate of a linear warm-up + cosine schedule.
 //!
 //! Outputs in `output.dir`: `adapter/` (PEFT files; the best validation loss when there is a validation set,
@@ -20,7 +22,7 @@ pub mod recipe;
 use anyhow::{bail, Context, Result};
 use candle_core::{Tensor, Var};
 use copilot_core::engine::runtime::TextSide;
-use copilot_core::tune::finetune::{learning_rate, AdamW, FinetuneOptions, TrainableModel};
+use copilot_core::tune::finetune::{learning_rate, AdamW, FinetuneOptions, Packed, TrainableModel};
 use copilot_core::tune::lora::Rng;
 use copilot_core::tune::peft::Adapter;
 use recipe::Recipe;
@@ -50,12 +52,16 @@ pub struct TrainArgs {
 pub struct Example {
     pub tokens: Vec<u32>,
     pub n_prompt: usize,
+    /// The schema the prompt was rendered with (`context` of a prepared row), which rows share a prefix by.
+    pub context: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Row {
     prompt: String,
     completion: String,
+    #[serde(default)]
+    context: Option<String>,
 }
 
 /// What a checkpoint holds besides the adapter and the optimizer moments.
@@ -63,6 +69,9 @@ struct Row {
 struct State {
     step: usize,
     tokens_seen: u64,
+    /// Tokens the forward passes computed (fewer than `tokens_seen` when shared prefixes are packed).
+    #[serde(default)]
+    computed_tokens: u64,
     wall_s: f64,
     best_val: Option<f64>,
     best_step: Option<usize>,
@@ -86,6 +95,8 @@ struct LogLine {
     grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    computed_tokens: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     step_s: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,7 +127,7 @@ pub fn read_examples(path: &Path, text: &TextSide, max_seq_len: usize) -> Result
             too_long += 1;
             continue;
         }
-        out.push(Example { tokens, n_prompt });
+        out.push(Example { tokens, n_prompt, context: row.context });
     }
     Ok((out, too_long))
 }
@@ -149,59 +160,154 @@ pub fn step_rows(step: usize, batch: usize, n: usize, seed: u64, shuffle: bool) 
     out
 }
 
+/// Rows grouped by the schema their prompt was rendered with, in order of first appearance (rows without one are
+/// groups of their own).
+pub fn groups_of(examples: &[Example]) -> Vec<Vec<usize>> {
+    let mut index: HashMap<&str, usize> = HashMap::new();
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, e) in examples.iter().enumerate() {
+        match e.context.as_deref().and_then(|c| index.get(c).copied()) {
+            Some(g) => groups[g].push(i),
+            None => {
+                if let Some(c) = e.context.as_deref() {
+                    index.insert(c, groups.len());
+                }
+                groups.push(vec![i]);
+            }
+        }
+    }
+    groups
+}
+
+/// The chunks (≤ `batch` rows of one group) of epoch `epoch`, in the order their steps take them: each group's rows
+/// shuffled and cut into chunks, then the chunks shuffled — all seeded by (seed, epoch), so a step's rows are a
+/// function of the step number as with [`step_rows`].
+fn epoch_chunks(groups: &[Vec<usize>], batch: usize, seed: u64, epoch: usize, shuffle: bool) -> Vec<Vec<usize>> {
+    let epoch_seed = seed.wrapping_add(epoch as u64);
+    let mut chunks = Vec::new();
+    for (g, rows) in groups.iter().enumerate() {
+        let order: Vec<usize> = match shuffle {
+            true => shuffled(rows.len(), epoch_seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).into_iter().map(|i| rows[i]).collect(),
+            false => rows.clone(),
+        };
+        chunks.extend(order.chunks(batch).map(<[usize]>::to_vec));
+    }
+    match shuffle {
+        true => shuffled(chunks.len(), epoch_seed).into_iter().map(|i| std::mem::take(&mut chunks[i])).collect(),
+        false => chunks,
+    }
+}
+
+/// How optimizer steps take their rows: any `batch` rows, or `batch` rows of one group (`data.share_prefix`).
+pub enum Batches {
+    Rows { n: usize },
+    Groups { groups: Vec<Vec<usize>> },
+}
+
+impl Batches {
+    pub fn steps_per_epoch(&self, batch: usize) -> usize {
+        match self {
+            Batches::Rows { n } => n.div_ceil(batch),
+            Batches::Groups { groups } => groups.iter().map(|g| g.len().div_ceil(batch)).sum(),
+        }
+    }
+
+    pub fn rows(&self, step: usize, batch: usize, seed: u64, shuffle: bool) -> Vec<usize> {
+        match self {
+            Batches::Rows { n } => step_rows(step, batch, *n, seed, shuffle),
+            Batches::Groups { groups } => {
+                let per_epoch = self.steps_per_epoch(batch);
+                epoch_chunks(groups, batch, seed, step / per_epoch, shuffle).swap_remove(step % per_epoch)
+            }
+        }
+    }
+}
+
+/// The sequences a forward pass computes for `rows`: alone each, or (sharing prefixes) packed greedily in order,
+/// a packed sequence holding at most `pack_tokens` tokens.
+pub fn pack(examples: &[Example], rows: &[usize], share_prefix: bool, pack_tokens: usize) -> Result<Vec<Packed>> {
+    let one = |group: &[usize]| -> candle_core::Result<Packed> {
+        let refs: Vec<(&[u32], usize)> = group.iter().map(|&i| (examples[i].tokens.as_slice(), examples[i].n_prompt)).collect();
+        Packed::new(&refs)
+    };
+    if !share_prefix {
+        return Ok(rows.iter().map(|&i| one(&[i])).collect::<candle_core::Result<_>>()?);
+    }
+    let mut out = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    for &i in rows {
+        current.push(i);
+        if current.len() > 1 && one(&current)?.len() > pack_tokens {
+            current.pop();
+            out.push(one(&current)?);
+            current = vec![i];
+        }
+    }
+    if !current.is_empty() {
+        out.push(one(&current)?);
+    }
+    Ok(out)
+}
+
 fn step_seed(seed: u64, step: usize) -> u64 {
     Rng::new(seed ^ 0xD1B5_4A32_D192_ED03).next_u64().wrapping_add(step as u64)
 }
 
-/// Mean completion-token loss of `examples` (no dropout, no update).
-pub fn mean_loss(model: &TrainableModel, examples: &[Example]) -> Result<f64> {
+/// Mean completion-token loss over `packs` (no dropout, no update).
+pub fn mean_loss(model: &TrainableModel, packs: &[Packed]) -> Result<f64> {
     let (mut sum, mut n) = (0f64, 0usize);
-    for e in examples {
-        let (nll, k) = model.completion_nll(&e.tokens, e.n_prompt, None)?;
-        sum += nll.to_scalar::<f32>()? as f64;
-        n += k;
+    for p in packs {
+        sum += model.packed_nll_value(p)?;
+        n += p.completion_tokens();
     }
     Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
 }
 
-/// One optimizer step over `rows`: summed gradients of the mean completion-token loss, clipped, then AdamW.
-/// Returns (loss, global gradient norm before clipping, tokens processed).
-#[allow(clippy::too_many_arguments)]
+/// The validation set as the steps see rows: alone, or grouped by schema in chunks of `batch`, packed.
+pub fn validation_packs(val: &[Example], batch: usize, share_prefix: bool, pack_tokens: usize) -> Result<Vec<Packed>> {
+    let mut out = Vec::new();
+    for chunk in epoch_chunks(&groups_of(val), batch, 0, 0, false) {
+        out.extend(pack(val, &chunk, share_prefix, pack_tokens)?);
+    }
+    Ok(out)
+}
+
+/// What one optimizer step did.
+pub struct StepOutcome {
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens of the step's rows.
+    pub tokens: usize,
+    /// Tokens its forward passes computed (fewer when prefixes are shared).
+    pub computed_tokens: usize,
+}
+
+/// One optimizer step over `packs`: summed gradients of the mean completion-token loss, clipped, then AdamW.
 pub fn train_step(
     model: &TrainableModel,
     vars: &[(String, Var)],
     opt: &mut AdamW,
-    examples: &[Example],
-    rows: &[usize],
+    packs: &[Packed],
     lr: f64,
     max_grad_norm: f64,
     rng: &mut Rng,
-) -> Result<(f64, f64, usize)> {
-    let total: usize = rows.iter().map(|&i| examples[i].tokens.len() - examples[i].n_prompt).sum();
-    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+) -> Result<StepOutcome> {
+    let total: usize = packs.iter().map(Packed::completion_tokens).sum();
+    let mut grads: Option<Vec<Tensor>> = None;
     let mut loss = 0f64;
-    let mut tokens = 0;
-    for &i in rows {
-        let e = &examples[i];
-        let (nll, _) = model.completion_nll(&e.tokens, e.n_prompt, Some(rng))?;
-        let l = (nll / total as f64)?;
-        loss += l.to_scalar::<f32>()? as f64;
-        let g = l.backward()?;
-        for (slot, (_, v)) in grads.iter_mut().zip(vars) {
-            if let Some(gv) = g.get(v.as_tensor()) {
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + gv)?,
-                    None => gv.clone(),
-                });
-            }
-        }
-        tokens += e.tokens.len();
+    for p in packs {
+        let (l, g) = model.packed_backward(p, Some(rng), 1.0 / total as f64)?;
+        loss += l;
+        grads = Some(match grads.take() {
+            Some(acc) => acc.iter().zip(&g).map(|(a, b)| a + b).collect::<candle_core::Result<_>>()?,
+            None => g,
+        });
     }
-    let grads: Vec<Tensor> = grads
-        .into_iter()
-        .zip(vars)
-        .map(|(g, (_, v))| g.map(Ok).unwrap_or_else(|| v.zeros_like()))
-        .collect::<candle_core::Result<_>>()?;
+    let grads = match grads {
+        Some(g) => g,
+        None => vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?,
+    };
     let mut sq = 0f64;
     for g in &grads {
         sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
@@ -217,7 +323,12 @@ pub fn train_step(
         grads
     };
     opt.step(vars, &grads, lr)?;
-    Ok((loss, norm, tokens))
+    Ok(StepOutcome {
+        loss,
+        grad_norm: norm,
+        tokens: packs.iter().map(Packed::row_tokens).sum(),
+        computed_tokens: packs.iter().map(Packed::len).sum(),
+    })
 }
 
 fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
@@ -305,7 +416,14 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         val.truncate(recipe.data.max_val_rows);
     }
     let batch = recipe.train.batch_size;
-    let steps_per_epoch = train.len().div_ceil(batch);
+    let share = recipe.data.share_prefix;
+    let pack_tokens = recipe.pack_tokens();
+    let batches = match share {
+        true => Batches::Groups { groups: groups_of(&train) },
+        false => Batches::Rows { n: train.len() },
+    };
+    let steps_per_epoch = batches.steps_per_epoch(batch);
+    let val_packs = validation_packs(&val, batch, share, pack_tokens)?;
     let by_epochs = (recipe.train.epochs * steps_per_epoch as f64).ceil() as usize;
     let total_steps = match recipe.train.max_steps {
         0 => by_epochs,
@@ -329,6 +447,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let mut state = State {
         step: 0,
         tokens_seen: 0,
+        computed_tokens: 0,
         wall_s: 0.0,
         best_val: None,
         best_step: None,
@@ -382,7 +501,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         if val.is_empty() {
             return Ok(false);
         }
-        let v = mean_loss(model, &val)?;
+        let v = mean_loss(model, &val_packs)?;
         let line = LogLine {
             step: state.step,
             loss: None,
@@ -390,6 +509,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             lr: None,
             grad_norm: None,
             tokens: None,
+            computed_tokens: None,
             step_s: None,
             tokens_per_s: None,
             elapsed_s: elapsed,
@@ -411,12 +531,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
     while state.step < total_steps {
         let step_start = Instant::now();
-        let rows = step_rows(state.step, batch, train.len(), t.seed, recipe.data.shuffle);
+        let rows = batches.rows(state.step, batch, t.seed, recipe.data.shuffle);
+        let packs = pack(&train, &rows, share, pack_tokens)?;
         let lr = learning_rate(state.step, total_steps, t.warmup_steps, t.learning_rate, t.min_lr_ratio);
         let mut rng = Rng::new(step_seed(t.seed, state.step));
-        let (loss, norm, tokens) = train_step(&model, &vars, &mut opt, &train, &rows, lr, t.max_grad_norm, &mut rng)?;
+        let done = train_step(&model, &vars, &mut opt, &packs, lr, t.max_grad_norm, &mut rng)?;
+        let (loss, norm, tokens) = (done.loss, done.grad_norm, done.tokens);
         state.step += 1;
         state.tokens_seen += tokens as u64;
+        state.computed_tokens += done.computed_tokens as u64;
         let step_s = step_start.elapsed().as_secs_f64();
         let tps = tokens as f64 / step_s;
         let elapsed = wall_before + run_start.elapsed().as_secs_f64();
@@ -427,6 +550,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             lr: Some(lr),
             grad_norm: Some(norm),
             tokens: Some(tokens),
+            computed_tokens: Some(done.computed_tokens),
             step_s: Some(step_s),
             tokens_per_s: Some(tps),
             elapsed_s: elapsed,
@@ -480,7 +604,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "batch_size": batch,
         "steps": state.step,
         "total_steps_planned": total_steps,
-        "epochs": state.step as f64 * batch as f64 / train.len() as f64,
+        "epochs": state.step as f64 / steps_per_epoch as f64,
         "lr_schedule": {
             "kind": "linear warm-up, cosine decay",
             "peak": t.learning_rate,
@@ -492,6 +616,10 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "tokens_seen": state.tokens_seen,
         "wall_s": state.wall_s,
         "tokens_per_s": state.tokens_seen as f64 / state.wall_s.max(1e-9),
+        "share_prefix": share,
+        "pack_tokens": pack_tokens,
+        "computed_tokens": state.computed_tokens,
+        "computed_tokens_per_s": state.computed_tokens as f64 / state.wall_s.max(1e-9),
         "load_s": load_s,
         "peak_rss_bytes": state.peak_rss_bytes.max(peak_rss_bytes()),
         "train_loss_first": losses.first(),
@@ -577,4 +705,74 @@ fn plot_loss(history: &[LogLine], path: &Path, title: &str) -> Result<()> {
         .draw()?;
     root.present()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(schema: &str, own: &[u32]) -> Example {
+        // Rows of one schema share its prompt tokens (as the rendered prompts do); the last own token is the answer.
+        let mut tokens: Vec<u32> = schema.bytes().map(u32::from).collect();
+        tokens.extend(own);
+        Example { n_prompt: tokens.len() - 1, tokens, context: Some(schema.to_string()) }
+    }
+
+    fn rows() -> Vec<Example> {
+        let mut v = Vec::new();
+        for (i, schema) in ["CREATE TABLE a (x int);", "CREATE TABLE b (y int, z text);", "t"].iter().enumerate() {
+            for q in 0..(3 + 2 * i as u32) {
+                v.push(row(schema, &[900 + q, 1000 + q]));
+            }
+        }
+        v.push(Example { tokens: vec![1, 2, 3], n_prompt: 2, context: None });
+        v
+    }
+
+    #[test]
+    fn grouped_steps_take_every_row_once_per_epoch_from_one_schema_each() {
+        let ex = rows();
+        let groups = groups_of(&ex);
+        assert_eq!(groups.iter().map(Vec::len).collect::<Vec<_>>(), vec![3, 5, 7, 1]);
+        let b = Batches::Groups { groups: groups.clone() };
+        let per_epoch = b.steps_per_epoch(2);
+        assert_eq!(per_epoch, 2 + 3 + 4 + 1);
+        for epoch in 0..2 {
+            let mut seen: Vec<usize> = Vec::new();
+            for step in epoch * per_epoch..(epoch + 1) * per_epoch {
+                let r = b.rows(step, 2, 42, true);
+                assert!(!r.is_empty() && r.len() <= 2);
+                assert!(groups.iter().any(|g| r.iter().all(|i| g.contains(i))), "step {step} mixes schemas: {r:?}");
+                assert_eq!(r, b.rows(step, 2, 42, true), "a step's rows are a function of the step");
+                seen.extend(r);
+            }
+            seen.sort_unstable();
+            assert_eq!(seen, (0..ex.len()).collect::<Vec<_>>(), "epoch {epoch}");
+        }
+        let order = |seed| (0..per_epoch).map(|s| b.rows(s, 2, seed, true)).collect::<Vec<_>>();
+        assert_ne!(order(42), order(43), "the seed shuffles");
+        assert_ne!(order(42), (per_epoch..2 * per_epoch).map(|s| b.rows(s, 2, 42, true)).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn packing_shares_the_prefix_and_respects_the_token_bound() {
+        let ex = rows();
+        let g = &groups_of(&ex)[1];
+        let alone = pack(&ex, g, false, 1024).unwrap();
+        assert_eq!(alone.len(), 5);
+        let schema_len = ex[g[0]].n_prompt - 1;
+        let packed = pack(&ex, g, true, 1024).unwrap();
+        assert_eq!(packed.len(), 1);
+        assert_eq!(packed[0].len(), schema_len + 2 * 5, "the schema once, then each row's question and answer");
+        assert_eq!(packed[0].row_tokens(), alone.iter().map(Packed::len).sum::<usize>());
+        assert_eq!(packed[0].completion_tokens(), 5);
+        // A bound of the schema plus two rows' own tokens: three sequences (2 + 2 + 1 rows).
+        let tight = pack(&ex, g, true, schema_len + 4).unwrap();
+        assert_eq!(tight.iter().map(Packed::completion_tokens).collect::<Vec<_>>(), vec![2, 2, 1]);
+        assert!(tight.iter().all(|p| p.len() <= schema_len + 4));
+        // Validation: every row once, rows of one schema together.
+        let v = validation_packs(&ex, 8, true, 1024).unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v.iter().map(Packed::completion_tokens).sum::<usize>(), ex.len());
+    }
 }

@@ -60,6 +60,16 @@ pub struct DataSection {
     /// Shuffle the rows every epoch (seeded); off keeps the file's order (benchmarks compare step by step).
     #[serde(default = "yes")]
     pub shuffle: bool,
+    /// Put rows that begin with the same prompt — in text-to-SQL, the same database's schema (the prepared row's
+    /// `context`) — in the same optimizer steps and compute that shared prefix once per packed sequence. Exact: each
+    /// row still attends only to the prefix and to itself, at its own positions (only dropout masks on the prefix are
+    /// shared). A step then holds rows of one database; with Spider's schemas a step computes ~4× fewer tokens.
+    #[serde(default)]
+    pub share_prefix: bool,
+    /// With `share_prefix`, the most tokens one packed sequence may hold (0 = `max_seq_len`); a step's rows that do
+    /// not fit go into further sequences. Bounds the memory of the activations kept for the backward pass.
+    #[serde(default)]
+    pub pack_tokens: usize,
     /// The Hub dataset the rows come from, for the model card.
     #[serde(default)]
     pub dataset_id: Option<String>,
@@ -199,6 +209,9 @@ impl Recipe {
         if self.data.max_seq_len < 2 {
             bail!("data.max_seq_len must be at least 2");
         }
+        if self.data.pack_tokens != 0 && self.data.pack_tokens < self.data.max_seq_len {
+            bail!("data.pack_tokens must be 0 or at least data.max_seq_len (a row must fit a packed sequence)");
+        }
         Ok(())
     }
 
@@ -232,6 +245,14 @@ impl Recipe {
         BaseMode::parse(&self.model.base_mode).with_context(|| {
             format!("model.base_mode \"{}\" is not one of quantized, quantized-exact, f32", self.model.base_mode)
         })
+    }
+
+    /// The longest packed sequence (see [`DataSection::pack_tokens`]).
+    pub fn pack_tokens(&self) -> usize {
+        match self.data.pack_tokens {
+            0 => self.data.max_seq_len,
+            n => n,
+        }
     }
 
     pub fn lora_config(&self) -> LoraConfig {
@@ -279,6 +300,7 @@ mod tests {
             ("min_lr_ratio = 0.1", "min_lr_ratio = 2.0"),
             ("max_seq_len = 512", "max_seq_len = 1"),
             ("epochs = 1", "epochs = 0"),
+            ("max_seq_len = 512", "max_seq_len = 512\npack_tokens = 100"),
             ("learning_rate = 2e-4", "learning_rate = 2e-4\nlearning_rat = 1.0"),
         ] {
             assert!(good.contains(from), "{from}");

@@ -31,8 +31,6 @@ mod weights;
 
 pub use config::Config;
 pub use kv::KvCache;
-#[cfg(feature = "train")]
-pub(crate) use prefill::causal_mask;
 pub use step::Rows;
 pub use weights::Target;
 pub(crate) use weights::{Embedding, LayerWeights, Weights};
