@@ -117,11 +117,8 @@ fn packed_rows_have_the_losses_and_gradients_they_have_alone() {
     // for three questions about one database; a fourth row shares nothing with them.
     let schema: Vec<u32> = vec![3, 17, 250, 9, 41, 41, 300, 2];
     let row = |own: &[u32]| schema.iter().chain(own).copied().collect::<Vec<u32>>();
-    let rows: Vec<(Vec<u32>, usize)> = vec![
-        (row(&[77, 5, 90, 12, 200]), 10),
-        (row(&[78, 6, 33, 7]), 9),
-        (row(&[79, 80, 81, 140, 61, 62, 63]), 11),
-    ];
+    let rows: Vec<(Vec<u32>, usize)> =
+        vec![(row(&[77, 5, 90, 12, 200]), 10), (row(&[78, 6, 33, 7]), 9), (row(&[79, 80, 81, 140, 61, 62, 63]), 11)];
     for mode in [BaseMode::F32, BaseMode::QuantizedExact, BaseMode::Quantized] {
         let mut m = TrainableModel::load(&model_file("packed"), opts(mode, &Target::ALL, 2)).unwrap();
         perturbed(&mut m, 11);
@@ -160,7 +157,8 @@ fn packed_rows_have_the_losses_and_gradients_they_have_alone() {
         // Rows with nothing in common pack too (the prefix is empty): each still sees only itself.
         let other: Vec<u32> = vec![120, 121, 122, 123, 124, 125];
         let (lo, _) = m.completion_nll(&other, 3, None).unwrap();
-        let (l2, _) = m.packed_nll(&Packed::new(&[(rows[0].0.as_slice(), 10), (other.as_slice(), 3)]).unwrap(), None).unwrap();
+        let (l2, _) =
+            m.packed_nll(&Packed::new(&[(rows[0].0.as_slice(), 10), (other.as_slice(), 3)]).unwrap(), None).unwrap();
         let (l0, _) = m.completion_nll(&rows[0].0, 10, None).unwrap();
         let sum = lo.to_scalar::<f32>().unwrap() + l0.to_scalar::<f32>().unwrap();
         let l2 = l2.to_scalar::<f32>().unwrap();

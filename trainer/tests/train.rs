@@ -192,7 +192,8 @@ fn shared_prefix_steps_take_one_schema_each_and_resume_exactly() {
     let dir = workdir("share");
     let share = |out: &Path| {
         let r = recipe(&dir, out, "");
-        let text = std::fs::read_to_string(&r).unwrap().replace("max_seq_len = 64", "max_seq_len = 64\nshare_prefix = true");
+        let text =
+            std::fs::read_to_string(&r).unwrap().replace("max_seq_len = 64", "max_seq_len = 64\nshare_prefix = true");
         std::fs::write(&r, text).unwrap();
         r
     };
@@ -208,8 +209,11 @@ fn shared_prefix_steps_take_one_schema_each_and_resume_exactly() {
     let (seen, computed) = (summary["tokens_seen"].as_u64().unwrap(), summary["computed_tokens"].as_u64().unwrap());
     assert!(computed < seen, "the schema is computed once per step: {computed} computed of {seen}");
     let log = std::fs::read_to_string(straight.join("train_log.jsonl")).unwrap();
-    let steps: Vec<serde_json::Value> =
-        log.lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v["loss"].is_number()).collect();
+    let steps: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["loss"].is_number())
+        .collect();
     assert!(steps.iter().all(|v| v["computed_tokens"].as_u64() < v["tokens"].as_u64()), "{log}");
 
     let resumed = dir.join("resumed");

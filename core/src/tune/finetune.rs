@@ -426,7 +426,9 @@ impl Packed {
         for &(tokens, n_prompt) in rows {
             let t = tokens.len();
             if n_prompt == 0 || n_prompt >= t {
-                candle_core::bail!("a training row needs a prompt and a completion ({n_prompt} of {t} tokens are prompt)");
+                candle_core::bail!(
+                    "a training row needs a prompt and a completion ({n_prompt} of {t} tokens are prompt)"
+                );
             }
         }
         let mut shared = rows.iter().map(|&(_, n)| n - 1).min().unwrap_or(0);

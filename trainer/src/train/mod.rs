@@ -187,7 +187,10 @@ fn epoch_chunks(groups: &[Vec<usize>], batch: usize, seed: u64, epoch: usize, sh
     let mut chunks = Vec::new();
     for (g, rows) in groups.iter().enumerate() {
         let order: Vec<usize> = match shuffle {
-            true => shuffled(rows.len(), epoch_seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).into_iter().map(|i| rows[i]).collect(),
+            true => shuffled(rows.len(), epoch_seed ^ (g as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+                .into_iter()
+                .map(|i| rows[i])
+                .collect(),
             false => rows.clone(),
         };
         chunks.extend(order.chunks(batch).map(<[usize]>::to_vec));
@@ -227,7 +230,8 @@ impl Batches {
 /// a packed sequence holding at most `pack_tokens` tokens.
 pub fn pack(examples: &[Example], rows: &[usize], share_prefix: bool, pack_tokens: usize) -> Result<Vec<Packed>> {
     let one = |group: &[usize]| -> candle_core::Result<Packed> {
-        let refs: Vec<(&[u32], usize)> = group.iter().map(|&i| (examples[i].tokens.as_slice(), examples[i].n_prompt)).collect();
+        let refs: Vec<(&[u32], usize)> =
+            group.iter().map(|&i| (examples[i].tokens.as_slice(), examples[i].n_prompt)).collect();
         Packed::new(&refs)
     };
     if !share_prefix {
