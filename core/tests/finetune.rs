@@ -162,7 +162,10 @@ fn packed_rows_have_the_losses_and_gradients_they_have_alone() {
         let (l0, _) = m.completion_nll(&rows[0].0, 10, None).unwrap();
         let sum = lo.to_scalar::<f32>().unwrap() + l0.to_scalar::<f32>().unwrap();
         let l2 = l2.to_scalar::<f32>().unwrap();
-        assert!((l2 - sum).abs() < 1e-4 * sum.abs(), "{mode:?}: unrelated rows packed {l2} vs {sum}");
+        // f32: summation order only. Quantized bases round activations to 8 bits, so a last-bit difference in the
+        // attention (other matrix shapes) can flip a rounding: 3.5e-4 relative measured for the exact backward.
+        let tol = if mode == BaseMode::F32 { 1e-4 } else { 2e-3 };
+        assert!((l2 - sum).abs() < tol * sum.abs(), "{mode:?}: unrelated rows packed {l2} vs {sum}");
     }
 }
 

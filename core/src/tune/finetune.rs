@@ -257,11 +257,14 @@ impl TrainableModel {
             );
         }
         let at = Tensor::new(p.positions.as_slice(), &self.device)?;
-        Ok(Context {
-            cos: self.cos.index_select(&at, 0)?,
-            sin: self.sin.index_select(&at, 0)?,
-            mask: segment_mask(&p.segments, self.cfg.n_head / self.cfg.n_kv_head, &self.device)?,
-        })
+        let n_rep = self.cfg.n_head / self.cfg.n_kv_head;
+        let spans = spans_of(&p.segments)
+            .into_iter()
+            .map(|(start, len, shared)| {
+                Ok(Span { start, len, shared, mask: span_mask(len, shared, n_rep, &self.device)? })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Context { cos: self.cos.index_select(&at, 0)?, sin: self.sin.index_select(&at, 0)?, spans })
     }
 
     /// One transformer block: `x` (1, t, n_embd) → the residual stream after it.
@@ -282,12 +285,30 @@ impl TrainableModel {
         let q = rope(&heads(q, &layer.bq, c.n_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
         let k = rope(&heads(k, &layer.bk, c.n_kv_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
         let v = heads(v, &layer.bv, c.n_kv_head)?.contiguous()?;
-        // Grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j are stacked
-        // into one (n_rep·t) × d matrix.
-        let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?.reshape((1, c.n_kv_head, n_rep * t, c.head_dim))?;
-        let att = q.matmul(&k.t()?)?.broadcast_add(&ctx.mask)?;
-        let att = softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.reshape((1, c.n_head, t, c.head_dim))?.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
+        let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?;
+        // Attention span by span (the shared prefix, then each row's own tokens), each against the keys it may see:
+        // the prefix's, and its own. Exact, and the score matrices hold Σ len·(prefix + len) entries instead of t².
+        // Within a span, grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j
+        // are stacked into one (n_rep·len) × d matrix.
+        let mut ys = Vec::with_capacity(ctx.spans.len());
+        for span in &ctx.spans {
+            let own = |x: &Tensor| x.narrow(2, span.start, span.len);
+            let (ks, vs) = match span.shared {
+                0 => (own(&k)?, own(&v)?),
+                n => (
+                    Tensor::cat(&[&k.narrow(2, 0, n)?, &own(&k)?], 2)?,
+                    Tensor::cat(&[&v.narrow(2, 0, n)?, &own(&v)?], 2)?,
+                ),
+            };
+            let qs = own(&q)?.reshape((1, c.n_kv_head, n_rep * span.len, c.head_dim))?;
+            let att = softmax_last_dim(&qs.matmul(&ks.t()?)?.broadcast_add(&span.mask)?)?;
+            ys.push(att.matmul(&vs.contiguous()?)?.reshape((1, c.n_head, span.len, c.head_dim))?);
+        }
+        let y = match ys.len() {
+            1 => ys.pop().expect("one span"),
+            _ => Tensor::cat(&ys, 2)?,
+        };
+        let y = y.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
         let x = (x + p(3, &y)?)?;
         let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
         let g = p(4, &h)?.silu()?;
@@ -398,6 +419,15 @@ impl TrainableModel {
 struct Context {
     cos: Tensor,
     sin: Tensor,
+    spans: Vec<Span>,
+}
+
+/// A run of tokens of one segment: its queries see the first `shared` tokens (the prefix) and themselves, causally.
+struct Span {
+    start: usize,
+    len: usize,
+    shared: usize,
+    /// (n_rep·len) × (shared + len), additive.
     mask: Tensor,
 }
 
@@ -477,21 +507,35 @@ impl Packed {
     }
 }
 
-/// The additive attention mask of a packed sequence, stacked for `n_rep` query heads per K/V head: query i sees
-/// key j ≤ i when j is in the shared prefix (segment 0) or in i's own segment. Hidden entries are -1e9 (finite, so
-/// the composed softmax's gradient stays finite).
-fn segment_mask(segments: &[u32], n_rep: usize, device: &Device) -> Result<Tensor> {
-    let t = segments.len();
-    let mut m = Vec::with_capacity(n_rep * t * t);
+/// The spans of a packed sequence as (start, len, keys before it): the shared prefix (segment 0, at the start) sees
+/// only itself; every later run of one segment sees the prefix and itself.
+fn spans_of(segments: &[u32]) -> Vec<(usize, usize, usize)> {
+    let prefix = segments.iter().take_while(|&&s| s == 0).count();
+    let mut out = Vec::new();
+    if prefix > 0 {
+        out.push((0, prefix, 0));
+    }
+    let mut start = prefix;
+    while start < segments.len() {
+        let len = segments[start..].iter().take_while(|&&s| s == segments[start]).count();
+        out.push((start, len, prefix));
+        start += len;
+    }
+    out
+}
+
+/// The additive mask of a span of `len` queries over `shared` prefix keys and its own `len` keys, stacked for
+/// `n_rep` query heads per K/V head: query i sees every prefix key and its own keys up to itself. Hidden entries
+/// are -1e9 (finite, so the composed softmax's gradient stays finite).
+fn span_mask(len: usize, shared: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
+    let keys = shared + len;
+    let mut m = Vec::with_capacity(n_rep * len * keys);
     for _ in 0..n_rep {
-        for (i, &si) in segments.iter().enumerate() {
-            m.extend(segments.iter().enumerate().map(|(j, &sj)| match j <= i && (sj == 0 || sj == si) {
-                true => 0f32,
-                false => -1e9,
-            }));
+        for i in 0..len {
+            m.extend((0..keys).map(|j| if j <= shared + i { 0f32 } else { -1e9 }));
         }
     }
-    Tensor::from_vec(m, (n_rep * t, t), device)
+    Tensor::from_vec(m, (n_rep * len, keys), device)
 }
 
 /// RMSNorm from differentiable ops (candle's fused `rms_norm` has no backward pass).
@@ -673,11 +717,14 @@ mod tests {
     }
 
     #[test]
-    fn the_segment_mask_shows_the_prefix_and_the_rows_own_past() {
-        let m = segment_mask(&[0, 0, 1, 1, 2], 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+    fn spans_show_the_prefix_and_each_rows_own_past() {
+        assert_eq!(spans_of(&[0, 0, 1, 1, 1, 2]), vec![(0, 2, 0), (2, 3, 2), (5, 1, 2)]);
+        assert_eq!(spans_of(&[0, 0, 0]), vec![(0, 3, 0)], "a plain sequence: one causal span");
+        assert_eq!(spans_of(&[1, 1, 2]), vec![(0, 2, 0), (2, 1, 0)], "no prefix: each row sees itself");
+        let m = span_mask(2, 3, 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         let seen: Vec<Vec<usize>> = m.iter().map(|r| (0..5).filter(|&j| r[j] == 0.0).collect()).collect();
-        assert_eq!(seen[..5], [vec![0], vec![0, 1], vec![0, 1, 2], vec![0, 1, 2, 3], vec![0, 1, 4]]);
-        assert_eq!(seen[5..], seen[..5], "the stacked second query head");
+        assert_eq!(seen[..2], [vec![0, 1, 2, 3], vec![0, 1, 2, 3, 4]]);
+        assert_eq!(seen[2..], seen[..2], "the stacked second query head");
         assert!(m.iter().flatten().all(|&v| v == 0.0 || v == -1e9));
     }
 
