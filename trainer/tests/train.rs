@@ -148,30 +148,25 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4, "only steps 5–8 ran again");
 
     // Export: merged GGUF + model card with the recipe's facts.
+    let export = |out: &Path| {
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let adapter = straight.join("adapter");
+        let run = trainer(&[
+            "export",
+            "--base",
+            model().to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
+    };
     let out = dir.join("export/tuned.gguf");
-    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-    let run = trainer(&[
-        "export",
-        "--base",
-        model().to_str().unwrap(),
-        "--adapter",
-        straight.join("adapter").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
-    // The merge is deterministic (scripts/fetch-model checks a merged default model's sha256).
+    export(&out);
+    // The merge is deterministic, so a merged model can be pinned by its sha256.
     let again = dir.join("export/again.gguf");
-    let run = trainer(&[
-        "export",
-        "--base",
-        model().to_str().unwrap(),
-        "--adapter",
-        straight.join("adapter").to_str().unwrap(),
-        "--out",
-        again.to_str().unwrap(),
-    ]);
-    assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
+    export(&again);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "two exports differ");
     let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
     assert!(card.starts_with("---\n"), "YAML front matter");
