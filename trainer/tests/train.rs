@@ -168,6 +168,7 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     let again = dir.join("export/again.gguf");
     export(&again);
     assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "two exports differ");
+    fetch_model_merges_an_adapter_and_checks_the_result(&dir, &straight.join("adapter"), &out);
     let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
     assert!(card.starts_with("---\n"), "YAML front matter");
     for want in [
@@ -180,6 +181,57 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     ] {
         assert!(card.contains(want), "model card lacks {want:?}:\n{card}");
     }
+}
+
+/// `scripts/fetch-model` on a table whose tuned row folds `adapter` into the tiny model: it writes exactly the
+/// exported `want`; a row recording another sha256 fails and leaves no file; an adapter folder that is missing fails.
+fn fetch_model_merges_an_adapter_and_checks_the_result(dir: &Path, adapter: &Path, want: &Path) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let models = dir.join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let tiny = model();
+    let tiny_name = tiny.file_name().unwrap().to_str().unwrap().to_string();
+    if std::fs::hard_link(&tiny, models.join(&tiny_name)).is_err() {
+        std::fs::copy(&tiny, models.join(&tiny_name)).unwrap();
+    }
+    let table = std::fs::read_to_string(root.join("scripts/models.tsv")).unwrap();
+    let tiny_row = table.lines().find(|l| l.starts_with("tiny\t")).unwrap();
+    let bytes = std::fs::read(want).unwrap();
+    let sha = {
+        let out = Command::new("sha256sum").arg(want).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string()
+    };
+    let a = adapter.display();
+    let tsv = format!(
+        "{tiny_row}\ntuned\ttuned.gguf\t{sha}\t{n}\tmerge:tiny+{a}\t-\nwrong\twrong.gguf\t{z}\t{n}\tmerge:tiny+{a}\t-\n\
+         gone\tgone.gguf\t{sha}\t{n}\tmerge:tiny+{a}/nowhere\t-\nalias\t=tuned\n",
+        n = bytes.len(),
+        z = "0".repeat(64),
+    );
+    std::fs::write(dir.join("models.tsv"), tsv).unwrap();
+    let fetch = |name: &str| {
+        Command::new(root.join("scripts/fetch-model"))
+            .arg(format!("--{name}"))
+            .env("COPILOT_MODELS_TSV", dir.join("models.tsv"))
+            .env("COPILOT_MODEL_DIR", &models)
+            .env("COPILOT_TRAINER", env!("CARGO_BIN_EXE_copilot-trainer"))
+            .output()
+            .unwrap()
+    };
+    let run = fetch("tuned");
+    assert!(run.status.success(), "fetch-model --tuned: {}", String::from_utf8_lossy(&run.stderr));
+    assert!(std::fs::read(models.join("tuned.gguf")).unwrap() == bytes, "the merged file is the exported one");
+    let run = fetch("alias");
+    assert!(run.status.success(), "an alias row resolves");
+    assert!(String::from_utf8_lossy(&run.stdout).contains("present, sha256 verified"));
+    let run = fetch("wrong");
+    assert!(!run.status.success(), "a merge with another sha256 is refused");
+    assert!(String::from_utf8_lossy(&run.stderr).contains("sha256"), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(!models.join("wrong.gguf").exists(), "nothing installed");
+    let run = fetch("gone");
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("no PEFT adapter"));
+    assert_eq!(fetch("nosuch").status.code(), Some(2));
 }
 
 #[test]
