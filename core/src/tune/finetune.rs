@@ -18,7 +18,7 @@
 
 use crate::engine::alloc::keep_freed_memory;
 use crate::engine::model::{rope_tables, Config, Embedding, Weights};
-use crate::tune::lora::{Frozen, LoraConfig, LoraLinear, Rng};
+use crate::tune::lora::{widened_q8, Frozen, LoraConfig, LoraLinear, Rng};
 use crate::tune::peft::{Adapter, Layout, Target};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor, Var, D};
@@ -128,6 +128,11 @@ impl TrainableModel {
         let embed = Embedding::new(w.token_embd, &device)?;
         let norm = w.norm;
         let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {
+            // Q4_0/Q5_0 weights compute as the same weights in Q8_0 (exact; see `widened_q8`).
+            let q = match (opts.base, widened_q8(&q)?) {
+                (BaseMode::F32, _) | (_, None) => q,
+                (_, Some(wide)) => Arc::new(wide),
+            };
             match opts.base {
                 BaseMode::Quantized => Frozen::quantized_q8_backward(q),
                 BaseMode::QuantizedExact => Ok(Frozen::quantized(q)),

@@ -38,6 +38,50 @@ pub fn transposed_q8(w: &QTensor) -> Result<QTensor> {
     QTensor::quantize(&t, GgmlDType::Q8_0)
 }
 
+/// `w` re-blocked as Q8_0 without any rounding, where its format allows: Q4_0 and Q5_0 blocks are a scale and 32
+/// small integers (4 or 5 bits), which Q8_0 holds exactly with the same scale. Candle 0.11 has SIMD dot products
+/// for Q8_0 but only scalar ones for Q5_0 (most of the weights of the PyPI Qwen2.5-Coder-0.5B file), so training
+/// over the widened copy computes the same products faster, for 3 more bits per weight. `None` for other formats.
+pub fn widened_q8(w: &QTensor) -> Result<Option<QTensor>> {
+    const QK: usize = 32;
+    let (from, stride) = match w.dtype() {
+        GgmlDType::Q4_0 => (GgmlDType::Q4_0, 2 + QK / 2),
+        GgmlDType::Q5_0 => (GgmlDType::Q5_0, 2 + 4 + QK / 2),
+        _ => return Ok(None),
+    };
+    let raw = w.data()?;
+    if raw.len() % stride != 0 {
+        candle_core::bail!("a {from:?} tensor of {} bytes is not whole blocks", raw.len());
+    }
+    let mut out = Vec::with_capacity(raw.len() / stride * (2 + QK));
+    for block in raw.chunks_exact(stride) {
+        out.extend_from_slice(&block[..2]); // the f16 scale, unchanged
+        let mut q = [0i8; QK];
+        match from {
+            GgmlDType::Q4_0 => {
+                let qs = &block[2..];
+                for j in 0..QK / 2 {
+                    q[j] = (qs[j] & 0x0F) as i8 - 8;
+                    q[j + QK / 2] = (qs[j] >> 4) as i8 - 8;
+                }
+            }
+            _ => {
+                let qh = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let qs = &block[6..];
+                for j in 0..QK / 2 {
+                    let h0 = (((qh >> j) << 4) & 0x10) as u8;
+                    let h1 = ((qh >> (j + 12)) & 0x10) as u8;
+                    q[j] = ((qs[j] & 0x0F) | h0) as i8 - 16;
+                    q[j + QK / 2] = ((qs[j] >> 4) | h1) as i8 - 16;
+                }
+            }
+        }
+        out.extend(q.iter().map(|&v| v as u8));
+    }
+    let dims = w.shape().dims().to_vec();
+    candle_core::quantized::ggml_file::qtensor_from_ggml(GgmlDType::Q8_0, &out, dims, &w.device()).map(Some)
+}
+
 impl CustomOp1 for FrozenQMatMul {
     fn name(&self) -> &'static str {
         "frozen-qmatmul"
@@ -241,6 +285,30 @@ mod tests {
     fn tensor(shape: (usize, usize), rng: &mut Rng, scale: f32) -> Tensor {
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn q4_0_and_q5_0_widen_to_q8_0_exactly() {
+        let mut rng = Rng::new(21);
+        let w = tensor((8, 64), &mut rng, 0.7);
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q5_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let wide = widened_q8(&q).unwrap().expect("widened");
+            assert_eq!(wide.dtype(), GgmlDType::Q8_0);
+            assert_eq!(wide.shape().dims(), &[8, 64]);
+            let a = q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = wide.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(a, b, "{dtype:?}: the same weights, bit for bit");
+            assert!(a.iter().any(|&v| v != 0.0));
+            // And the same products: both formats multiply activations rounded to Q8_0 blocks.
+            let x = tensor((3, 64), &mut rng, 1.0);
+            let y0 = Frozen::quantized(Arc::new(q)).forward(&x).unwrap();
+            let y1 = Frozen::quantized(Arc::new(wide)).forward(&x).unwrap();
+            let d = (&y0 - &y1).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(d < 1e-4, "{dtype:?}: products differ by {d}");
+        }
+        assert!(widened_q8(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap().is_none());
+        assert!(widened_q8(&QTensor::quantize(&w, GgmlDType::Q4_1).unwrap()).unwrap().is_none(), "an offset format");
     }
 
     fn base(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> Arc<QTensor> {
