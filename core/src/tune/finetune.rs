@@ -234,7 +234,7 @@ impl TrainableModel {
 
     /// Hidden states after the final norm, shape `(1, t, n_embd)`, of one plain sequence (positions 0..t, causal),
     /// with the whole graph kept. Dropout applies when `rng` is given.
-    pub fn hidden(&self, tokens: &[u32], mut rng: Option<&mut Rng>) -> Result<Tensor> {
+    pub fn hidden(&self, tokens: &[u32], rng: Option<&mut Rng>) -> Result<Tensor> {
         let t = tokens.len();
         let p = Packed {
             tokens: tokens.to_vec(),
@@ -243,16 +243,25 @@ impl TrainableModel {
             targets: vec![],
             row_tokens: t,
         };
-        let ctx = self.context(&p)?;
-        let mut x = self.embed.lookup(tokens, &self.device)?;
+        rms_norm(&self.blocks(&p, rng, true)?, &self.norm, self.cfg.rms_eps)
+    }
+
+    /// The residual stream of `p` after the last block; without `keep_graph` each block's output is detached, so
+    /// nothing is kept for a backward pass.
+    fn blocks(&self, p: &Packed, mut rng: Option<&mut Rng>, keep_graph: bool) -> Result<Tensor> {
+        let ctx = self.context(p)?;
+        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
         for layer in &self.layers {
             x = self.block(layer, &x, &ctx, rng.as_deref_mut())?;
+            if !keep_graph {
+                x = x.detach();
+            }
         }
-        rms_norm(&x, &self.norm, self.cfg.rms_eps)
+        Ok(x)
     }
 
     /// What every layer of a packed sequence's forward pass shares: rotary tables at the rows' own positions and
-    /// the segment mask.
+    /// the attention spans with their masks.
     fn context(&self, p: &Packed) -> Result<Context> {
         let longest = p.positions.iter().max().map_or(0, |&q| q as usize + 1);
         if p.tokens.is_empty() || longest > self.max_positions() {
@@ -348,23 +357,12 @@ impl TrainableModel {
     /// the whole graph kept (every layer's activations: for tests and short sequences; training uses
     /// [`TrainableModel::packed_backward`]).
     pub fn packed_nll(&self, p: &Packed, rng: Option<&mut Rng>) -> Result<(Tensor, usize)> {
-        let ctx = self.context(p)?;
-        let mut rng = rng;
-        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
-        for layer in &self.layers {
-            x = self.block(layer, &x, &ctx, rng.as_deref_mut())?;
-        }
-        Ok((self.head_nll(&x, p)?, p.targets.len()))
+        Ok((self.head_nll(&self.blocks(p, rng, true)?, p)?, p.targets.len()))
     }
 
     /// The summed NLL of `p` without keeping any graph (validation): each block's output is detached.
     pub fn packed_nll_value(&self, p: &Packed) -> Result<f64> {
-        let ctx = self.context(p)?;
-        let mut x = self.embed.lookup(&p.tokens, &self.device)?;
-        for layer in &self.layers {
-            x = self.block(layer, &x, &ctx, None)?.detach();
-        }
-        Ok(self.head_nll(&x, p)?.detach().to_scalar::<f32>()? as f64)
+        Ok(self.head_nll(&self.blocks(p, None, false)?, p)?.detach().to_scalar::<f32>()? as f64)
     }
 
     /// `scale ×` the summed NLL of `p` and its gradient with respect to every variable (in [`TrainableModel::vars`]
