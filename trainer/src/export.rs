@@ -32,6 +32,14 @@ pub struct ExportArgs {
     /// Write no model card.
     #[arg(long)]
     pub no_card: bool,
+    /// Also write the adapter to this folder in PEFT's format with its weights as `--adapter-dtype` (the folder
+    /// to ship, e.g. under models/), and fold in exactly that copy — so the merged GGUF is the one
+    /// `scripts/fetch-model` rebuilds from the folder.
+    #[arg(long)]
+    pub save_adapter: Option<PathBuf>,
+    /// The weights' format in `--save-adapter`'s copy: f16 (half the bytes), bf16 or f32.
+    #[arg(long, default_value = "f16", value_parser = ["f16", "bf16", "f32"])]
+    pub adapter_dtype: String,
 }
 
 pub fn run(args: &ExportArgs) -> Result<()> {
@@ -41,8 +49,23 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         gguf_file::Content::read(&mut f).with_context(|| format!("{} is not a readable GGUF file", base.display()))?;
     let cfg = Config::from_gguf(&ct)?;
     let layout = Layout { arch: cfg.arch.clone(), n_head: cfg.n_head, n_kv_head: cfg.n_kv_head };
-    let adapter = Adapter::load(&args.adapter, &layout, &candle_core::Device::Cpu)
+    let mut adapter = Adapter::load(&args.adapter, &layout, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot load the adapter in {}", args.adapter.display()))?;
+    if let Some(dir) = &args.save_adapter {
+        let dtype = match args.adapter_dtype.as_str() {
+            "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            _ => candle_core::DType::F32,
+        };
+        if dir.canonicalize().ok().is_some_and(|d| args.adapter.canonicalize().ok() == Some(d)) {
+            anyhow::bail!("--save-adapter {} is the adapter being read", dir.display());
+        }
+        adapter
+            .save_as(dir, &layout, dtype)
+            .with_context(|| format!("cannot write the adapter to {}", dir.display()))?;
+        adapter = Adapter::load(dir, &layout, &candle_core::Device::Cpu)
+            .with_context(|| format!("cannot read back the adapter in {}", dir.display()))?;
+    }
     tracing::info!(
         "merging a rank-{} adapter ({} weights, trained on {}) into {}",
         adapter.config.rank,

@@ -147,29 +147,48 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     let log = std::fs::read_to_string(resumed.join("train_log.jsonl")).unwrap();
     assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4, "only steps 5–8 ran again");
 
-    // Export: merged GGUF + model card with the recipe's facts.
-    let export = |out: &Path| {
+    // Export: merged GGUF + model card with the recipe's facts, and the adapter to ship, stored in f16.
+    let export = |adapter: &Path, out: &Path, extra: &[&str]| {
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();
-        let adapter = straight.join("adapter");
-        let run = trainer(&[
+        let base = model();
+        let mut args = vec![
             "export",
             "--base",
-            model().to_str().unwrap(),
+            base.to_str().unwrap(),
             "--adapter",
             adapter.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
-        ]);
+        ];
+        args.extend_from_slice(extra);
+        let run = trainer(&args);
         assert!(run.status.success(), "export failed: {}", String::from_utf8_lossy(&run.stderr));
     };
     let out = dir.join("export/tuned.gguf");
-    export(&out);
-    // The merge is deterministic, so a merged model can be pinned by its sha256.
-    let again = dir.join("export/again.gguf");
-    export(&again);
-    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "two exports differ");
-    fetch_model_merges_an_adapter_and_checks_the_result(&dir, &straight.join("adapter"), &out);
+    let shipped = dir.join("shipped");
+    export(&straight.join("adapter"), &out, &["--save-adapter", shipped.to_str().unwrap()]);
     let card = std::fs::read_to_string(dir.join("export/README.md")).unwrap();
+    let size = |d: &Path| std::fs::metadata(d.join("adapter_model.safetensors")).unwrap().len();
+    assert!(size(&shipped) * 10 < size(&straight.join("adapter")) * 6, "the shipped copy is stored in f16");
+    // The merge is deterministic, and `out` folded in the shipped copy itself: merging that folder again gives the
+    // same bytes, so a merged model can be pinned by its sha256.
+    let again = dir.join("export/again.gguf");
+    export(&shipped, &again, &[]);
+    assert!(std::fs::read(&out).unwrap() == std::fs::read(&again).unwrap(), "two exports differ");
+    let refused = trainer(&[
+        "export",
+        "--base",
+        model().to_str().unwrap(),
+        "--adapter",
+        shipped.to_str().unwrap(),
+        "--out",
+        dir.join("export/x.gguf").to_str().unwrap(),
+        "--save-adapter",
+        shipped.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success(), "saving over the adapter being read is refused");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("is the adapter being read"));
+    fetch_model_merges_an_adapter_and_checks_the_result(&dir, &shipped, &out);
     assert!(card.starts_with("---\n"), "YAML front matter");
     for want in [
         "base_model: \"HuggingFaceTB/SmolLM2-135M-Instruct\"",

@@ -271,10 +271,39 @@ fn fitted(base: &Frozen, a: &Tensor, b: &Tensor, r: usize) -> Result<(Var, Var)>
 
 /// `W + scale·B·A` for a quantized `W` (n × k) and an adapter `A` (r × k), `B` (n × r), quantized back to `W`'s
 /// own format.
+///
+/// Deterministic to the bit on any x86-64 or other machine: `scripts/fetch-model` builds the shipped default model
+/// this way on the user's machine and checks it against a recorded sha256. So `B·A` is not a `matmul` (the gemm
+/// crate picks AVX2 or AVX-512 kernels at run time, which may sum in other orders) but [`fixed_order_delta`];
+/// candle's dequantization and quantization are scalar code, and Rust never fuses a multiply and an add.
 pub fn merge(base: &QTensor, a: &Tensor, b: &Tensor, scale: f32) -> Result<QTensor> {
     let w = base.dequantize(&base.device())?;
-    let delta = (b.matmul(a)? * scale as f64)?;
+    let delta = fixed_order_delta(a, b, scale)?;
     QTensor::quantize(&(w + delta)?, base.dtype())
+}
+
+/// `scale·B·A` (n × k) summed over the rank in one fixed order for every element: `((b₀a₀ + b₁a₁) + …)·scale`,
+/// each step an f32 multiply then an f32 add.
+pub fn fixed_order_delta(a: &Tensor, b: &Tensor, scale: f32) -> Result<Tensor> {
+    let (r, k) = a.dims2()?;
+    let (n, rb) = b.dims2()?;
+    if rb != r {
+        candle_core::bail!("B {:?} and A {:?} do not share a rank", b.dims(), a.dims());
+    }
+    let a = a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let b = b.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut out = vec![0f32; n * k];
+    for (i, row) in out.chunks_exact_mut(k).enumerate() {
+        for (j, bj) in b[i * r..(i + 1) * r].iter().enumerate() {
+            for (o, &aj) in row.iter_mut().zip(&a[j * k..(j + 1) * k]) {
+                *o += bj * aj;
+            }
+        }
+        for o in row.iter_mut() {
+            *o *= scale;
+        }
+    }
+    Tensor::from_vec(out, (n, k), &candle_core::Device::Cpu)
 }
 
 #[cfg(test)]
@@ -396,6 +425,30 @@ mod tests {
         let norm = exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
         assert!(err / norm < 0.02, "relative error {}", err / norm);
         assert!(err > 0.0, "the q8 path was taken (it rounds)");
+    }
+
+    #[test]
+    fn the_merge_delta_sums_in_one_fixed_order_and_equals_the_product() {
+        let mut rng = Rng::new(5);
+        let a = tensor((4, 96), &mut rng, 0.3);
+        let b = tensor((40, 4), &mut rng, 0.3);
+        let d = fixed_order_delta(&a, &b, 2.0).unwrap();
+        let av = a.to_vec2::<f32>().unwrap();
+        let bv = b.to_vec2::<f32>().unwrap();
+        let dv = d.to_vec2::<f32>().unwrap();
+        for i in 0..40 {
+            for j in 0..96 {
+                let mut s = 0f32;
+                for (bi, ar) in bv[i].iter().zip(&av) {
+                    s += bi * ar[j];
+                }
+                assert_eq!(dv[i][j].to_bits(), (s * 2.0).to_bits(), "element {i},{j}: the order is the rank's");
+            }
+        }
+        let m = (b.matmul(&a).unwrap() * 2.0).unwrap();
+        let err = (&d - &m).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 1e-5, "the fixed-order delta is B·A·scale: {err}");
+        assert!(fixed_order_delta(&a, &tensor((40, 3), &mut rng, 1.0), 1.0).is_err(), "ranks must agree");
     }
 
     #[test]

@@ -121,8 +121,18 @@ impl Adapter {
         t
     }
 
-    /// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
+    /// Write `dir/adapter_config.json` and `dir/adapter_model.safetensors` (weights in f32, as trained).
     pub fn save(&self, dir: &Path, layout: &Layout) -> candle_core::Result<()> {
+        self.save_as(dir, layout, candle_core::DType::F32)
+    }
+
+    /// [`Adapter::save`] with the weights stored as `dtype` (F32, F16 or BF16; PEFT loads any of them): F16 halves
+    /// a shipped adapter and keeps 11 significant bits, finer than the 4–6-bit weights it is folded into.
+    pub fn save_as(&self, dir: &Path, layout: &Layout, dtype: candle_core::DType) -> candle_core::Result<()> {
+        use candle_core::DType;
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(err(format!("adapter weights are stored as f32, f16 or bf16, not {dtype:?}")));
+        }
         std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
         let cfg = PeftConfig {
             peft_type: "LORA".into(),
@@ -143,8 +153,9 @@ impl Adapter {
         let mut tensors = HashMap::new();
         for ((layer, target), (a, b)) in &self.weights {
             let key = target.peft_key(*layer);
-            tensors.insert(format!("{key}.lora_A.weight"), a.contiguous()?);
-            tensors.insert(format!("{key}.lora_B.weight"), layout.permute_rows(*target, b, false)?.contiguous()?);
+            tensors.insert(format!("{key}.lora_A.weight"), a.to_dtype(dtype)?.contiguous()?);
+            let b = layout.permute_rows(*target, b, false)?.to_dtype(dtype)?;
+            tensors.insert(format!("{key}.lora_B.weight"), b.contiguous()?);
         }
         candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))
     }
@@ -275,6 +286,7 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
 mod tests {
     use super::*;
     use crate::tune::lora::Rng;
+    use candle_core::DType;
 
     fn t(shape: (usize, usize), seed: u64) -> Tensor {
         let mut rng = Rng::new(seed);
@@ -345,6 +357,37 @@ mod tests {
             assert_eq!(disk_qb == held_qb, arch == "qwen2", "{arch}: q_proj B layout on disk");
             std::fs::remove_dir_all(&d).ok();
         }
+    }
+
+    #[test]
+    fn adapters_store_in_half_precision_and_load_back_as_the_rounded_weights() {
+        let layout = Layout { arch: "qwen2".into(), n_head: 4, n_kv_head: 2 };
+        let a = adapter();
+        let (full, half) = (dir("f32"), dir("f16"));
+        a.save(&full, &layout).unwrap();
+        a.save_as(&half, &layout, DType::F16).unwrap();
+        let raw = candle_core::safetensors::load(half.join(WEIGHTS_FILE), &Device::Cpu).unwrap();
+        assert!(raw.values().all(|t| t.dtype() == DType::F16), "stored as f16");
+        let size = |d: &Path| std::fs::metadata(d.join(WEIGHTS_FILE)).unwrap().len();
+        assert!(size(&half) * 10 < size(&full) * 6, "f16 file {} vs f32 {}", size(&half), size(&full));
+        let back = Adapter::load(&half, &layout, &Device::Cpu).unwrap();
+        for (key, (wa, wb)) in &a.weights {
+            let (ba, bb) = &back.weights[key];
+            for (w, b) in [(wa, ba), (wb, bb)] {
+                let rounded = w.to_dtype(DType::F16).unwrap().to_dtype(DType::F32).unwrap();
+                assert_eq!(
+                    b.to_vec2::<f32>().unwrap(),
+                    rounded.to_vec2::<f32>().unwrap(),
+                    "{key:?}: f16 of the weight"
+                );
+                let rel = ((w - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap())
+                    / w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(rel < 1e-3, "{key:?}: f16 rounding cost {rel}");
+            }
+        }
+        assert!(a.save_as(&dir("q8"), &layout, DType::U8).is_err(), "only float formats");
+        std::fs::remove_dir_all(&full).ok();
+        std::fs::remove_dir_all(&half).ok();
     }
 
     #[test]
