@@ -130,14 +130,19 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
         assert!(straight.join(format!("checkpoints/step-{s:06}/optimizer.safetensors")).is_file(), "checkpoint {s}");
     }
 
-    // The same recipe, "interrupted" after step 4: later checkpoints and the outputs removed, then resumed.
+    // The same recipe cut at step 5 with --stop-at (the schedule stays the recipe's 8 steps), then resumed.
     let resumed = dir.join("resumed");
     let r2 = recipe(&dir, &resumed, "");
-    assert!(trainer(&["train", "--config", r2.to_str().unwrap()]).status.success());
-    for s in [6, 8] {
-        std::fs::remove_dir_all(resumed.join(format!("checkpoints/step-{s:06}"))).unwrap();
-    }
-    std::fs::remove_dir_all(resumed.join("adapter")).unwrap();
+    let cut = trainer(&["train", "--config", r2.to_str().unwrap(), "--stop-at", "5"]);
+    assert!(cut.status.success(), "stop-at failed: {}", String::from_utf8_lossy(&cut.stderr));
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(resumed.join("training_summary.json")).unwrap()).unwrap();
+    assert_eq!((summary["steps"].as_u64(), summary["stopped_at"].as_u64()), (Some(5), Some(5)));
+    assert_eq!(summary["total_steps_planned"], 8, "--stop-at keeps the schedule");
+    assert!(resumed.join("checkpoints/step-000005/state.json").is_file(), "the cut step is checkpointed");
+    assert!(!resumed.join("checkpoints/step-000006").exists());
+    let log = std::fs::read_to_string(resumed.join("train_log.jsonl")).unwrap();
+    assert!(log.lines().last().unwrap().contains("\"step\":5,\"val_loss\""), "the cut step is validated");
     std::fs::remove_file(resumed.join("train_log.jsonl")).unwrap();
     let run = trainer(&["train", "--config", r2.to_str().unwrap(), "--resume"]);
     assert!(run.status.success(), "resume failed: {}", String::from_utf8_lossy(&run.stderr));
@@ -145,7 +150,7 @@ fn train_writes_an_adapter_and_resume_continues_exactly() {
     let last_resumed = resumed.join("checkpoints/step-000008");
     assert_eq!(adapter_bytes(&last_straight), adapter_bytes(&last_resumed), "steps 5–8 repeat exactly after --resume");
     let log = std::fs::read_to_string(resumed.join("train_log.jsonl")).unwrap();
-    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 4, "only steps 5–8 ran again");
+    assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 3, "only steps 6–8 ran again");
 
     // Export: merged GGUF + model card with the recipe's facts, and the adapter to ship, stored in f16.
     let export = |adapter: &Path, out: &Path, extra: &[&str]| {

@@ -46,6 +46,11 @@ pub struct TrainArgs {
     /// Override output.dir.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Stop after this step, keeping the recipe's schedule (unlike --max-steps, which shortens it): the step is
+    /// validated and checkpointed, and the summary written, so a long run can be cut at a given step, shipped,
+    /// and reproduced exactly (or continued later with --resume).
+    #[arg(long)]
+    pub stop_at: Option<usize>,
 }
 
 /// A tokenized training row: the prompt's tokens then the completion's.
@@ -533,7 +538,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     if state.step == 0 && first_val.is_none() {
         validate(&model, &mut state, &mut log, 0.0)?;
     }
-    while state.step < total_steps {
+    let stop_at = args.stop_at.unwrap_or(total_steps).min(total_steps);
+    while state.step < stop_at {
         let step_start = Instant::now();
         let rows = batches.rows(state.step, batch, t.seed, recipe.data.shuffle);
         let packs = pack(&train, &rows, share, pack_tokens)?;
@@ -564,7 +570,8 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         bar.set_message(format!("loss {loss:.4}  {tps:.0} tok/s  lr {lr:.2e}"));
         bar.set_position(state.step as u64);
         let last = state.step == total_steps;
-        let due = (recipe.validation.every > 0 && state.step.is_multiple_of(recipe.validation.every)) || last;
+        let cut = state.step == stop_at;
+        let due = (recipe.validation.every > 0 && state.step.is_multiple_of(recipe.validation.every)) || last || cut;
         if due && validate(&model, &mut state, &mut log, elapsed)? && !last {
             stopped_early = true;
             tracing::info!("validation loss has not improved for {} validations: stopping", recipe.validation.patience);
@@ -572,7 +579,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         state.wall_s = wall_before + run_start.elapsed().as_secs_f64();
         state.peak_rss_bytes = state.peak_rss_bytes.max(peak_rss_bytes());
         let every = recipe.checkpoint.every;
-        if (every > 0 && state.step.is_multiple_of(every)) || last || stopped_early {
+        if (every > 0 && state.step.is_multiple_of(every)) || last || cut || stopped_early {
             save_checkpoint(&out, &model, &opt, &state, &base_model, recipe.checkpoint.keep)?;
         }
         if stopped_early {
@@ -632,6 +639,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "val_loss_best": state.best_val,
         "best_step": state.best_step,
         "stopped_early": stopped_early,
+        "stopped_at": args.stop_at.filter(|_| state.step < total_steps && !stopped_early).map(|_| state.step),
         "adapter": adapter_dir.display().to_string(),
     });
     std::fs::write(out.join("training_summary.json"), serde_json::to_vec_pretty(&summary)?)?;
