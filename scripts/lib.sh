@@ -5,7 +5,7 @@ COPILOT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PG_BIN=/usr/lib/postgresql/15/bin
 PG_CONFIG=$PG_BIN/pg_config
 COPILOT_MODEL_DIR=${COPILOT_MODEL_DIR:-/var/lib/copilot/models}
-DEFAULT_MODEL=$COPILOT_MODEL_DIR/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
+DEFAULT_MODEL=$COPILOT_MODEL_DIR/qwen2.5-coder-1.5b-copilot-spider-q4_k_m.gguf
 TINY_MODEL=$COPILOT_MODEL_DIR/smollm2-135m-instruct-q4_1.gguf
 export PATH="$HOME/.cargo/bin:$PATH"
 

@@ -35,11 +35,13 @@
 use pgrx::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 
-/// Where `scripts/fetch-model` puts the default model. Kept in sync with that script (a test checks).
-pub const DEFAULT_MODEL_PATH: &str = "/var/lib/copilot/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf";
+/// Where `scripts/fetch-model` puts the default model (scripts/models.tsv's `default` row: the tuned
+/// Qwen2.5-Coder-1.5B of models/qwen2.5-coder-1.5b-copilot-spider). Kept in sync with that table and scripts/lib.sh
+/// (trainer/tests/train.rs `the_default_model_is_the_same_file_everywhere`).
+pub const DEFAULT_MODEL_PATH: &std::ffi::CStr =
+    c"/var/lib/copilot/models/qwen2.5-coder-1.5b-copilot-spider-q4_k_m.gguf";
 
-pub static MODEL: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"/var/lib/copilot/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"));
+pub static MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(DEFAULT_MODEL_PATH));
 pub static THREADS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static MAX_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 pub static PREFIX_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);

@@ -335,3 +335,49 @@ fn bad_recipes_are_refused_before_any_work() {
     assert_eq!(run.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&run.stderr).contains("no checkpoint"));
 }
+
+/// The default model is one file: the extension's `copilot.model` default, scripts/lib.sh's DEFAULT_MODEL (which
+/// scripts/demo serves) and the file of scripts/models.tsv's `default` row (what `scripts/fetch-model` writes),
+/// and that row folds a committed PEFT adapter into the base row.
+#[test]
+fn the_default_model_is_the_same_file_everywhere() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    let table = read("scripts/models.tsv");
+    let row = |name: &str| -> Vec<String> {
+        let line = table.lines().find(|l| l.starts_with(&format!("{name}\t"))).unwrap_or_else(|| panic!("no {name}"));
+        line.split('\t').map(str::to_string).collect()
+    };
+    let mut default = row("default");
+    while let Some(target) = default[1].strip_prefix('=') {
+        default = row(target);
+    }
+    let file = &default[1];
+    assert!(file.ends_with(".gguf"), "{default:?}");
+    let gucs = read("extension/src/gucs.rs");
+    // `pub const DEFAULT_MODEL_PATH: &CStr = c"…";`, however rustfmt breaks it.
+    let guc = gucs
+        .split_once("pub const DEFAULT_MODEL_PATH")
+        .and_then(|(_, rest)| rest.split_once("c\""))
+        .and_then(|(_, rest)| rest.split_once('"'))
+        .map(|(path, _)| path)
+        .expect("gucs.rs defines DEFAULT_MODEL_PATH");
+    assert!(gucs.contains("GucSetting::<Option<CString>>::new(Some(DEFAULT_MODEL_PATH))"), "copilot.model uses it");
+    assert_eq!(guc, format!("/var/lib/copilot/models/{file}"), "copilot.model's default");
+    let lib = read("scripts/lib.sh");
+    assert!(lib.contains(&format!("\nDEFAULT_MODEL=$COPILOT_MODEL_DIR/{file}\n")), "scripts/lib.sh's DEFAULT_MODEL");
+    let source = &default[4];
+    if let Some(spec) = source.strip_prefix("merge:") {
+        let (base, adapter) = spec.split_once('+').expect("merge:<row>+<adapter>");
+        assert!(row(base)[4].starts_with("hf:"), "the base comes from the Hub or PyPI");
+        let dir = root.join(adapter);
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["peft_type"], "LORA");
+        assert_eq!(cfg["base_model_name_or_path"], "Qwen/Qwen2.5-Coder-1.5B-Instruct");
+        assert!(dir.join("adapter_model.safetensors").is_file());
+        let card = std::fs::read_to_string(dir.join("README.md")).expect("the adapter has a model card");
+        assert!(card.starts_with("---\n") && card.contains("license:"), "card front matter");
+        assert!(default[2].len() == 64 && default[2].bytes().all(|b| b.is_ascii_hexdigit()), "a sha256");
+    }
+}
