@@ -197,7 +197,7 @@ expect_state "explain: not a query -> 0A000" 0A000 "SELECT copilot.explain('DELE
 expect_state "explain: deep nesting refused" 42601 "SELECT copilot.explain(repeat('(', 5000))"
 
 # --- pg_dump / pg_restore carry history and examples ----------------------------------------------------------------
-dump=/tmp/copilot-sqltest-dump.pgc
+dump="$DIR/dump.pgc"   # the cluster directory is postgres's; /tmp need not be writable by it
 counts="SELECT (SELECT count(*) FROM copilot.history) || '/' || (SELECT count(*) FROM copilot.examples)"
 before=$(q "$counts"); maxex=$(q "SELECT max(id) FROM copilot.examples")
 if runuser -u postgres -- pg_dump -h "$DIR" -p "$PORT" -Fc -f "$dump" "$DB" 2>/tmp/copilot-dump.log \
