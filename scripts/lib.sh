@@ -138,13 +138,45 @@ trainer() {
 
 # machine_json: the machine a benchmark ran on, as a JSON object (CPU model, cores, memory, load average now).
 machine_json() {
-  python3 - <<'PY'
+  local bw
+  bw=$(read_bandwidth 2>/dev/null || echo null)
+  BW=$bw python3 - <<'PY'
 import json, os
 cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), 'unknown')
 mem = int(open('/proc/meminfo').readline().split()[1]) / 1048576
+bw = os.environ.get("BW", "null")
 print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1),
+                  "read_gb_s": None if bw == "null" else float(bw),
                   "load_avg": open('/proc/loadavg').read().split()[:3]}))
 PY
+}
+
+# read_bandwidth: memory read bandwidth in GB/s, one thread reading 512 MB (best of 5 passes) — decoding streams
+# the weights once per token, so this bounds tokens/s on every CPU. A small C probe, compiled once.
+read_bandwidth() {
+  local bin=${TMPDIR:-/tmp}/copilot-read-bw
+  if [ ! -x "$bin" ]; then
+    cc -O2 -x c -o "$bin" - <<'C' || return 1
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <time.h>
+int main(void) {
+  size_t n = (512u << 20) / 8; uint64_t *a = malloc(n * 8); if (!a) return 1;
+  for (size_t i = 0; i < n; i++) a[i] = i;
+  double best = 0; uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (int r = 0; r < 5; r++) {
+    struct timespec t0, t1; clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (size_t i = 0; i < n; i += 4) { s0 += a[i]; s1 += a[i + 1]; s2 += a[i + 2]; s3 += a[i + 3]; }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    double s = (t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9, gbs = n * 8 / s / 1e9;
+    if (gbs > best) best = gbs;
+  }
+  printf("%.1f\n", best); return (s0 + s1 + s2 + s3) == 42; /* keep the sums */
+}
+C
+  fi
+  "$bin"
 }
 
 # llama.cpp, built from the sources vendored in the llama-cpp-python sdist, fetched by pip by package name.

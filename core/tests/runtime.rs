@@ -288,3 +288,61 @@ fn a_repair_turn_continues_the_conversation() {
     assert!(tokens.len() > single.len() + 10);
     assert!(rt.generate(&req, &|| false).is_ok());
 }
+
+/// Speculative decoding (prompt-lookup drafts verified in one multi-row pass) changes the number of passes, never
+/// a token: every candidate, greedy and sampled, every stop reason, with drafts that are mostly right and drafts
+/// that are mostly wrong (one-token matches, long drafts).
+#[test]
+fn speculative_decoding_changes_no_token() {
+    use copilot_core::engine::backend::Sampling;
+    use copilot_core::engine::draft::{DraftPolicy, DraftStats};
+    let mut rt = runtime().lock().unwrap();
+    rt.set_prefix_cache_bytes(0);
+    let policies = [
+        DraftPolicy::default(),
+        DraftPolicy { tokens: 12, min_ngram: 1, adapt: false },
+        DraftPolicy { tokens: 1, min_ngram: 1, adapt: false },
+    ];
+    let mut total = DraftStats::default();
+    let mut passes_saved = false;
+    // A question whose answer copies the prompt (drafts are kept) and one whose answer mostly does not.
+    let questions = [
+        "Repeat this query exactly: SELECT name, country, age FROM singer WHERE country = 'France' ORDER BY age DESC",
+        QUESTIONS[1],
+    ];
+    for (qi, q) in questions.iter().enumerate() {
+        for (candidates, max_new_tokens, prose) in [(1, 40, false), (4, 20, false), (1, 24, true), (2, 1, false)] {
+            let mut req = schema_request(CONTEXT, q);
+            req.max_new_tokens = max_new_tokens;
+            req.prose = prose && qi == 0;
+            req.sampling = Sampling { candidates, draft: DraftPolicy::OFF, ..Sampling::default() };
+            let plain = rt.generate(&req, &|| false).unwrap();
+            assert_eq!(plain.draft, DraftStats::default(), "no drafts when speculation is off");
+            for p in policies {
+                req.sampling.draft = p;
+                let spec = rt.generate(&req, &|| false).unwrap();
+                let what = format!("{q:?}, {candidates} candidates, {max_new_tokens} tokens, {p:?}");
+                assert_eq!(spec.text, plain.text, "{what}");
+                assert_eq!(spec.sql, plain.sql, "{what}");
+                assert_eq!((spec.stop, spec.generated_tokens), (plain.stop, plain.generated_tokens), "{what}");
+                assert_eq!(spec.samples, plain.samples, "{what}");
+                assert_eq!(spec.decoded_rows, plain.decoded_rows, "{what}");
+                assert!(spec.draft.accepted <= spec.draft.proposed, "{what}: {:?}", spec.draft);
+                // One candidate: every kept draft token is a pass not run.
+                passes_saved |= candidates == 1 && spec.draft.accepted > 0;
+                total.add(spec.draft);
+            }
+        }
+    }
+    // Both paths were exercised: drafts kept and drafts thrown away.
+    assert!(total.accepted > 0, "{total:?}");
+    assert!(total.accepted < total.proposed, "{total:?}");
+    assert!(passes_saved, "some answer should take fewer passes than tokens: {total:?}");
+}
+
+#[test]
+fn no_tokens_asked_none_decoded_with_or_without_drafts() {
+    let mut rt = runtime().lock().unwrap();
+    let g = rt.generate(&request("How many singers are there?", 0), &|| false).unwrap();
+    assert_eq!((g.generated_tokens, g.stop, g.text.as_str()), (0, StopReason::Length, ""));
+}

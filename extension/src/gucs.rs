@@ -13,6 +13,7 @@
 //! | `copilot.statement_timeout` | USERSET | 5 s | time limit for executing SQL in `run` / `run_sql` |
 //! | `copilot.max_rows` | USERSET | 1000 | most rows `run` / `run_sql` return (a NOTICE says when cut) |
 //! | `copilot.candidates` | USERSET | 4 | answers decoded together per question (1 = greedy only) and chosen by their results |
+//! | `copilot.draft_tokens` | USERSET | 8 | most tokens drafted ahead per decoding pass (speculative decoding; same answers; 0 = off) |
 //! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
 //! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
 //! | `copilot.value_hints` | USERSET | 6 | example values shown per categorical column (0 = none) |
@@ -52,6 +53,7 @@ pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000)
 pub static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
+pub static DRAFT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
@@ -281,6 +283,18 @@ fn register_answer_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_int_guc(
+        c"copilot.draft_tokens",
+        c"Most tokens drafted ahead per decoding pass (speculative decoding by prompt lookup; 0 = off).",
+        c"Drafts are the tokens that followed the answer's last tokens earlier in the prompt or the answer, checked \
+          by the model in the same pass; a drafted token is kept only when it is the one decoding chooses, so answers \
+          are the same with any value. The engine drafts only as many as pay on this machine.",
+        &DRAFT_TOKENS,
+        0,
+        32,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
         c"copilot.repair_attempts",
         c"How many times an answer PostgreSQL cannot plan is sent back to the model with the error.",
         c"0 turns repair off: an answer that does not plan is then reported as the question being unanswerable.",
@@ -343,6 +357,13 @@ fn register_answer_gucs() {
 }
 
 /// The prefix cache bound in bytes.
+/// How answers are decoded for `candidates` candidates: the sampling defaults and this session's draft length.
+pub fn sampling(candidates: usize) -> copilot_core::engine::backend::Sampling {
+    let draft =
+        copilot_core::engine::draft::DraftPolicy { tokens: DRAFT_TOKENS.get().max(0) as usize, ..Default::default() };
+    copilot_core::engine::backend::Sampling { candidates, draft, ..Default::default() }
+}
+
 pub fn prefix_cache_bytes() -> usize {
     PREFIX_CACHE_MB.get().max(0) as usize * 1024 * 1024
 }

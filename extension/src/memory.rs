@@ -444,6 +444,7 @@ fn narrate(sql: &str) -> Result<String, CopilotError> {
         ),
         max_new_tokens: NARRATIVE_TOKENS,
         prose: true,
+        sampling: crate::gucs::sampling(1),
         ..Default::default()
     };
     let (answer, _) = api::generate(&context, &req)?;

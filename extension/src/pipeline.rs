@@ -28,7 +28,7 @@ use crate::errors::CopilotError;
 use crate::exec;
 use crate::gucs;
 use crate::shmem::{PipelineCounts, BOARD};
-use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest, Sampling};
+use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest};
 use copilot_core::sql::gate;
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::Catalog;
@@ -231,7 +231,7 @@ pub fn answer(
         history: history.to_vec(),
         question: question.to_string(),
         max_new_tokens,
-        sampling: Sampling { candidates: k, ..Sampling::default() },
+        sampling: gucs::sampling(k),
         judge: threshold < 1.0 && history.is_empty() && poorly_grounded,
         prose: false,
     };
@@ -274,7 +274,7 @@ pub fn answer(
         let repair = GenerateRequest {
             history: conversation.clone(),
             question: ask.clone(),
-            sampling: Sampling { candidates: 1, ..Sampling::default() },
+            sampling: gucs::sampling(1),
             judge: false,
             ..req.clone()
         };

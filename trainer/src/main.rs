@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
+mod bench;
 mod data;
 mod eval;
 mod export;
@@ -56,6 +57,9 @@ enum Command {
     },
     /// LoRA/QLoRA fine-tuning of a GGUF model from a recipe (TOML) → PEFT adapter, checkpoints, training_summary.json.
     Train(train::TrainArgs),
+    /// Speculative decoding on Spider answers: decode speed and draft acceptance per draft policy, every answer
+    /// checked token for token against plain decoding → JSON on stdout (scripts/bench-speculative).
+    BenchDecode(bench::BenchDecodeArgs),
     /// Fold a PEFT LoRA adapter into its base GGUF (same quantization and metadata) → a GGUF copilot.model loads.
     Export(export::ExportArgs),
     /// Models: fetch a GGUF from the Hub (or check a local one).
@@ -79,6 +83,7 @@ fn main() {
         Command::EvalJudge(args) => eval::refusal::calibrate(&args),
         Command::EvalCompare(args) => eval::compare::run(&args),
         Command::Export(args) => export::run(&args),
+        Command::BenchDecode(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),
         Command::EvalWikisql { data, tables, predictions } => eval::wikisql::run_files(&data, &tables, &predictions)
             .map(|s| println!("{}", serde_json::to_string_pretty(&s).unwrap_or_default())),

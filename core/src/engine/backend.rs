@@ -3,6 +3,7 @@
 //! A backend turns (schema context, question) into model output and the SQL extracted from it. The candle runtime
 //! ([`crate::engine::runtime::Runtime`]) is the one we ship; the trait keeps room for another engine behind the same calls.
 
+use crate::engine::draft::{DraftPolicy, DraftStats};
 use crate::error::CoreError;
 use serde::{Deserialize, Serialize};
 
@@ -19,17 +20,22 @@ pub struct Exchange {
 /// sampled from the model's distribution — the `top_k` most likely tokens, at `temperature` — with a generator
 /// seeded from the prompt and `seed`, so the same request gives the same candidates every time. All candidates
 /// continue the same prompt state and are decoded together, one pass over the weights per step.
+///
+/// `draft` is speculative decoding by prompt lookup ([`crate::engine::draft`]): it changes how many passes the
+/// answer takes, never the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
     pub candidates: usize,
     pub temperature: f32,
     pub top_k: usize,
     pub seed: u64,
+    #[serde(default)]
+    pub draft: DraftPolicy,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { candidates: 1, temperature: 0.7, top_k: 40, seed: 0 }
+        Sampling { candidates: 1, temperature: 0.7, top_k: 40, seed: 0, draft: DraftPolicy::default() }
     }
 }
 
@@ -110,6 +116,8 @@ pub struct Generation {
     pub decoded_rows: usize,
     /// With `judge`: the model's probability that the question cannot be answered from the schema.
     pub p_unanswerable: Option<f32>,
+    /// Speculative decoding's proposals and how many were kept, over every candidate.
+    pub draft: DraftStats,
 }
 
 /// What crosses from the engine to the extension for one request: every candidate (the greedy one first) and the

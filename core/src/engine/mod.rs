@@ -8,6 +8,7 @@
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
+//! - [`draft`]: speculative decoding's drafts, by prompt lookup (verified by the multi-row pass);
 //! - [`sample`]: greedy and seeded top-k choice of the next token;
 //! - `remote` (feature `remote`): an OpenAI-compatible inference server instead of a local model;
 //! - [`scripted`]: answers from a JSON file instead of a model, for testing what surrounds the model;
@@ -18,6 +19,7 @@
 pub mod alloc;
 pub mod backend;
 pub mod decode;
+pub mod draft;
 pub mod kernels;
 pub mod model;
 pub mod prefix_cache;

@@ -217,6 +217,7 @@ impl Backend for OpenAi {
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
             samples: cands,
             p_unanswerable,
+            draft: Default::default(),
         })
     }
 }

@@ -14,6 +14,7 @@
 //! cache (a test checks it).
 
 use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, Sampling, StopReason};
+use crate::engine::draft::{DraftPolicy, DraftStats, Drafter, Source};
 use crate::engine::model::{Config, KvCache, Rows, Transformer};
 use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
 use crate::engine::sample::{argmax, prompt_seed, sample_top_k, Rng};
@@ -22,6 +23,7 @@ use crate::sql::extract::{extract_sql, statement_end};
 use crate::sql::prompt::{build_conversation, build_judge_with, ChatTemplate, Prompt, ASSISTANT_PRIMER, JUDGE_TEXT};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -86,6 +88,8 @@ pub struct Runtime {
     stop_ids: Vec<u32>,
     info: ModelInfo,
     max_context: usize,
+    /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
+    drafter: Drafter,
 }
 
 fn md_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
@@ -190,7 +194,16 @@ impl Runtime {
             identity,
         };
         let prefix_cache = PrefixCache::new(opts.prefix_cache_bytes);
-        Ok(Runtime { model, prefix_cache, tokenizer, template, stop_ids, info, max_context })
+        Ok(Runtime {
+            model,
+            prefix_cache,
+            tokenizer,
+            template,
+            stop_ids,
+            info,
+            max_context,
+            drafter: Drafter::default(),
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -230,6 +243,12 @@ impl Runtime {
     pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>, CoreError> {
         let mut kv = KvCache::new();
         Ok(self.prefill(tokens, &mut kv, &|| false)?.to_vec1::<f32>()?)
+    }
+
+    /// What a row beyond the first costs on this machine, as a share of a one-row pass (learned from the passes
+    /// run; drafts are sized by it).
+    pub fn draft_row_share(&self) -> f64 {
+        self.drafter.row_share()
     }
 
     pub fn prefix_cache_stats(&self) -> CacheStats {
@@ -321,7 +340,11 @@ impl Runtime {
         let prefill_s = t0.elapsed().as_secs_f64();
 
         let t1 = Instant::now();
-        let mut rows = self.decode_rows(kv, logits, prompt, sampling, StopRules { max_new_tokens, prose }, cancel)?;
+        let mut drafter = std::mem::take(&mut self.drafter);
+        let decoded =
+            self.decode_rows((kv, logits), prompt, sampling, StopRules { max_new_tokens, prose }, &mut drafter, cancel);
+        self.drafter = drafter;
+        let (mut rows, draft) = decoded?;
         let decode_s = t1.elapsed().as_secs_f64();
         let decoded_rows = rows.iter().map(|r| r.ids.len()).sum();
         let samples = rows
@@ -345,25 +368,39 @@ impl Runtime {
             samples,
             decoded_rows,
             p_unanswerable: None,
+            draft,
         })
     }
 
     /// Decode `sampling.candidates` rows from one prompt state and its last logits until each stops.
+    ///
+    /// With `sampling.draft` on, a row that goes on carries, after the token just chosen, a draft of the tokens
+    /// likely to follow ([`draft::lookup`]) through the same pass; the pass returns the logits after every one of
+    /// them. The next token is then chosen from those logits exactly as without a draft (argmax, or the row's
+    /// generator drawn once per token, in the same order); while it equals the drafted token the following logits
+    /// are already known and no pass is needed. At the first difference the rest of the draft's K/V is dropped. So
+    /// every row's tokens are the same as without drafts; only the number of passes changes.
     fn decode_rows(
         &self,
-        kv: KvCache,
-        logits: Vec<f32>,
+        (kv, logits): (KvCache, Vec<f32>),
         prompt: &[u32],
         sampling: &Sampling,
         StopRules { max_new_tokens, prose }: StopRules,
+        drafter: &mut Drafter,
         cancel: &dyn Fn() -> bool,
-    ) -> Result<Vec<Row>, CoreError> {
+    ) -> Result<(Vec<Row>, DraftStats), CoreError> {
         let n = sampling.candidates.max(1);
         let seed = prompt_seed(prompt) ^ sampling.seed;
+        // Drafts are verified by the multi-row pass, whose rows compute exactly what the one-token step does; the
+        // candle path (our kernels off, or not on the CPU) has no such pass.
+        let policy = if self.model.own_kernels() && self.model.on_cpu() { sampling.draft } else { DraftPolicy::OFF };
+        let mut stats = DraftStats::default();
         let mut rows: Vec<Row> = (0..n)
             .map(|i| Row {
                 kv: kv.clone(),
                 logits: logits.clone(),
+                ahead: VecDeque::new(),
+                draft: None,
                 ids: Vec::new(),
                 text: String::new(),
                 stop: None,
@@ -372,44 +409,88 @@ impl Runtime {
             .collect();
         drop((kv, logits));
         let mut scratch = Vec::new();
-        for step in 0..max_new_tokens {
+        if max_new_tokens == 0 {
+            return Ok((rows, stats));
+        }
+        loop {
             if cancel() {
                 return Err(CoreError::Cancelled);
             }
-            let mut next: Vec<(usize, [u32; 1])> = Vec::with_capacity(n);
+            // Each row still going: the tokens of its next pass (the token chosen, then its draft).
+            let mut next: Vec<(usize, Vec<u32>)> = Vec::with_capacity(n);
             for (i, r) in rows.iter_mut().enumerate().filter(|(_, r)| r.stop.is_none()) {
-                let t = match &mut r.rng {
-                    None => argmax(&r.logits),
-                    Some(rng) => sample_top_k(&r.logits, sampling.temperature, sampling.top_k, rng, &mut scratch),
-                };
-                if self.stop_ids.contains(&t) {
-                    r.stop = Some(StopReason::Eos);
-                    continue;
-                }
-                r.ids.push(t);
-                r.text = self.decode(&r.ids)?;
-                if prose {
-                    if step + 1 == max_new_tokens {
-                        r.stop = Some(StopReason::Length);
-                    } else {
-                        next.push((i, [t]));
+                loop {
+                    let t = match &mut r.rng {
+                        None => argmax(&r.logits),
+                        Some(rng) => sample_top_k(&r.logits, sampling.temperature, sampling.top_k, rng, &mut scratch),
+                    };
+                    if self.stop_ids.contains(&t) {
+                        r.stop = Some(StopReason::Eos);
+                        break;
                     }
-                } else if let Some(p) = r.text.find("```") {
-                    r.text.truncate(p);
-                    r.stop = Some(StopReason::Fence);
-                } else if let Some(end) = statement_end(&r.text) {
-                    r.text.truncate(end + 1);
-                    r.stop = Some(StopReason::StatementEnd);
-                } else if step + 1 == max_new_tokens {
-                    r.stop = Some(StopReason::Length);
-                } else {
-                    next.push((i, [t]));
+                    r.ids.push(t);
+                    r.text = self.decode(&r.ids)?;
+                    let last = r.ids.len() == max_new_tokens;
+                    if prose {
+                        if last {
+                            r.stop = Some(StopReason::Length);
+                        }
+                    } else if let Some(p) = r.text.find("```") {
+                        r.text.truncate(p);
+                        r.stop = Some(StopReason::Fence);
+                    } else if let Some(end) = statement_end(&r.text) {
+                        r.text.truncate(end + 1);
+                        r.stop = Some(StopReason::StatementEnd);
+                    } else if last {
+                        r.stop = Some(StopReason::Length);
+                    }
+                    if r.stop.is_some() {
+                        // The answer ended: what was left of a draft was neither right nor wrong.
+                        if let Some((src, kept)) = r.draft.take() {
+                            drafter.record_outcome(src, kept, kept);
+                        }
+                        break;
+                    }
+                    // The draft guessed this token: the logits after it came with the last pass.
+                    if r.ahead.front().is_some_and(|(d, _)| *d == t) {
+                        r.logits = r.ahead.pop_front().expect("checked").1;
+                        stats.accepted += 1;
+                        if let Some((_, kept)) = &mut r.draft {
+                            *kept += 1;
+                        }
+                        continue;
+                    }
+                    if let Some((src, kept)) = r.draft.take() {
+                        // Guessed wrong from here on (forget the positions it added), or used up.
+                        let wrong = !r.ahead.is_empty();
+                        drafter.record_outcome(src, kept + usize::from(wrong), kept);
+                        r.kv.rewind(r.kv.len() - r.ahead.len());
+                        r.ahead.clear();
+                    }
+                    let mut tokens = vec![t];
+                    let room = max_new_tokens - r.ids.len() - 1;
+                    if let Some((d, src)) = drafter.propose(prompt, &r.ids, policy, room) {
+                        tokens.extend(d);
+                        r.draft = Some((src, 0));
+                    }
+                    next.push((i, tokens));
+                    break;
                 }
             }
+            if next.is_empty() {
+                break;
+            }
+            for (_, t) in &next {
+                if t.len() > 1 {
+                    stats.proposed += t.len() - 1;
+                    stats.passes += 1;
+                }
+            }
+            let t_pass = Instant::now();
+            let pass_rows: usize = next.iter().map(|(_, t)| t.len()).sum();
             match next.as_slice() {
-                [] => break,
-                // One row: the single-token pass (what greedy decoding of one candidate has always run).
-                [(i, t)] => {
+                // One row, one token: the single-token pass (what greedy decoding of one candidate has always run).
+                [(i, t)] if t.len() == 1 => {
                     let r = &mut rows[*i];
                     r.logits = self.model.forward(t, &mut r.kv)?.to_vec1::<f32>()?;
                 }
@@ -422,15 +503,17 @@ impl Runtime {
                         .collect();
                     let mut seqs: Vec<Rows> =
                         going.iter_mut().zip(&next).map(|(r, (_, t))| Rows { cache: &mut r.kv, tokens: t }).collect();
-                    let logits = self.model.step_many(&mut seqs)?;
+                    let mut logits = self.model.step_many(&mut seqs)?.into_iter();
                     drop(seqs);
-                    for (r, l) in going.into_iter().zip(logits) {
-                        r.logits = l;
+                    for (r, (_, t)) in going.into_iter().zip(&next) {
+                        r.logits = logits.next().expect("a row per token");
+                        r.ahead = t[1..].iter().map(|&d| (d, logits.next().expect("a row per token"))).collect();
                     }
                 }
             }
+            drafter.record_pass(pass_rows, t_pass.elapsed().as_secs_f64() * 1e3);
         }
-        Ok(rows)
+        Ok((rows, stats))
     }
 
     /// The prompt tokens for a request and the length of its schema prefix within them.
@@ -460,6 +543,11 @@ struct Row {
     stop: Option<StopReason>,
     /// `None` for the greedy row.
     rng: Option<Rng>,
+    /// The draft's tokens not yet decided, each with the logits after it (computed by the last pass, its K/V
+    /// already in `kv`).
+    ahead: VecDeque<(u32, Vec<f32>)>,
+    /// Where the pending draft came from, and how many of its tokens were kept so far.
+    draft: Option<(Source, usize)>,
 }
 
 impl Row {

@@ -87,6 +87,7 @@ impl Backend for Scripted {
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
             samples: cands,
             p_unanswerable: if req.judge { Some(rule.and_then(|r| r.p_unanswerable).unwrap_or(0.0)) } else { None },
+            draft: Default::default(),
         })
     }
 }

@@ -134,6 +134,21 @@ impl KvCache {
         KvCache { layers: vec![LayerKv::from_base(z.clone(), z).expect("4 dims")], len: tokens }
     }
 
+    /// Forget every position from `len` on (a rejected draft). Only positions added by the decoding step (the
+    /// tail) can be forgotten; `len` below the prompt pass's base, or past the end, is a bug.
+    pub(crate) fn rewind(&mut self, len: usize) {
+        assert!(len <= self.len, "rewind to {len} past the end ({})", self.len);
+        for l in &mut self.layers {
+            assert!(len >= l.base_len, "rewind to {len} into the prompt's base ({})", l.base_len);
+            let tail = self.len - l.base_len;
+            if let Some(per) = l.tail_k.len().checked_div(tail) {
+                l.tail_k.truncate((len - l.base_len) * per);
+                l.tail_v.truncate((len - l.base_len) * per);
+            }
+        }
+        self.len = len;
+    }
+
     /// Memory held by the state, in bytes (a base shared with other states is counted in each).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
@@ -180,5 +195,25 @@ mod tests {
         b.len += 1;
         assert_eq!(a.layers[0].tail_len(1, 2), 0, "a continuation never changes the state it started from");
         assert_eq!((a.bytes(), b.bytes()), (64, 80));
+    }
+
+    #[test]
+    fn rewinding_forgets_decoded_positions_only() {
+        let base = Tensor::zeros((1, 1, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let mut c = KvCache { layers: vec![LayerKv::from_base(base.clone(), base).unwrap(); 2], len: 4 };
+        for p in 0..3 {
+            for l in &mut c.layers {
+                l.push(&[p as f32, 1.0], &[2.0, 3.0]);
+            }
+            c.len += 1;
+        }
+        c.rewind(5);
+        assert_eq!((c.len(), c.layers[0].tail_len(1, 2), c.layers[1].tail_len(1, 2)), (5, 1, 1));
+        c.layers[0].with_view(1, 2, |v| assert_eq!(v.k_row(0, 4), &[0.0, 1.0])).unwrap();
+        c.rewind(5);
+        c.rewind(4);
+        assert_eq!((c.len(), c.bytes()), (4, 128));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || c.rewind(3)));
+        assert!(r.is_err(), "the prompt's positions cannot be rewound");
     }
 }

@@ -169,6 +169,10 @@ impl Transformer {
         self.own_kernels = on;
     }
 
+    pub fn on_cpu(&self) -> bool {
+        self.device.is_cpu()
+    }
+
     pub fn own_kernels(&self) -> bool {
         self.own_kernels
     }
