@@ -6,6 +6,7 @@
 //! - [`gate`]: what model SQL must pass before it runs (one read-only query, no denied functions, known names);
 //! - [`examples`]: which verified question→SQL pairs to show next to a question (BM25 over their questions);
 //! - [`suggest`]: the schema names closest to one PostgreSQL says does not exist, for repairs;
+//! - [`select`]: the tables and columns a question needs when the schema exceeds the context budget;
 //! - [`explain`]: a clause-by-clause plain-language description of a query, from its parse tree.
 
 pub mod examples;
@@ -14,4 +15,5 @@ pub mod extract;
 pub mod gate;
 pub mod prompt;
 pub mod schema;
+pub mod select;
 pub mod suggest;

@@ -1,0 +1,431 @@
+//! Schema selection: which tables and columns a question needs, when the whole readable schema does not fit the
+//! context budget.
+//!
+//! Tables are scored against the question lexically — Okapi BM25 ([`crate::sql::examples::rank`]) over each
+//! table's name (counted three times), its columns' names, comments and value hints, identifiers split at `_` and
+//! case changes — plus a share of their foreign-key neighbours' scores. Then, best first, a table is taken with
+//! the tables on the shortest foreign-key path to those already taken and the tables it references that the
+//! question names too (a join path stays whole: all or none), as long as the rendered context fits the budget. When it does not, columns go before tables: the chosen tables' columns that
+//! are neither keys nor named by the question are dropped, widest table first, before a table is given up.
+//! Below the budget nothing changes: the catalog is returned as it was. The result depends only on the catalog,
+//! the question and the budget (ties go to the name), so the same question sees the same context.
+//!
+//! What the caller may not read never reaches this module: the extension builds the catalog as the caller.
+
+use crate::sql::examples;
+use crate::sql::schema::{Catalog, Table};
+use std::collections::{HashSet, VecDeque};
+
+/// How much of a table's best neighbour's score it inherits: a junction table the question does not name still
+/// ranks near the tables it joins.
+const NEIGHBOUR_SHARE: f32 = 0.3;
+/// Foreign-key hops allowed on a path joining a table to those already chosen.
+const MAX_PATH: usize = 3;
+
+/// What selection did, for `copilot.context(question)` and the benchmark.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// Tables in the full catalog, and kept.
+    pub tables_total: usize,
+    pub tables_kept: usize,
+    /// Columns dropped from tables that were kept.
+    pub columns_dropped: usize,
+    /// The full catalog's cost and the selection's (in the caller's unit, e.g. estimated tokens).
+    pub cost_total: usize,
+    pub cost_kept: usize,
+    /// False when the catalog fitted and was returned unchanged.
+    pub selected: bool,
+}
+
+/// `catalog` cut to what `question` needs within `budget`, measured by `cost` (e.g. the rendered context's
+/// estimated tokens). `hints` are more texts about the question (verified examples' questions and SQL) scored with
+/// it. The catalog is returned unchanged when it fits.
+pub fn select(
+    catalog: &Catalog,
+    question: &str,
+    hints: &[&str],
+    budget: usize,
+    cost: &dyn Fn(&Catalog) -> usize,
+) -> (Catalog, Report) {
+    let mut sorted = catalog.clone();
+    sorted.normalize();
+    let total = cost(&sorted);
+    let mut report = Report {
+        tables_total: sorted.tables.len(),
+        tables_kept: sorted.tables.len(),
+        cost_total: total,
+        cost_kept: total,
+        ..Report::default()
+    };
+    if total <= budget {
+        return (catalog.clone(), report);
+    }
+    report.selected = true;
+    let tables = &sorted.tables;
+    let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
+    let (own, scores) = scores(tables, &query);
+    let graph = fk_graph(tables);
+    let mut order: Vec<usize> = (0..tables.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+    let wanted: HashSet<String> = examples::terms(&query).into_iter().collect();
+
+    // Tables the query speaks of (or neighbours them), best first; if it speaks of none, the best-connected
+    // tables (most foreign keys) fill the budget instead.
+    let mut candidates: Vec<usize> = order.iter().copied().filter(|&t| scores[t] > 0.0).collect();
+    if candidates.is_empty() {
+        candidates = (0..tables.len()).collect();
+        candidates.sort_by(|&a, &b| graph[b].len().cmp(&graph[a].len()).then(a.cmp(&b)));
+    }
+    let mut chosen: Vec<usize> = Vec::new();
+    let mut best = Catalog::default();
+    for t in candidates {
+        if chosen.contains(&t) {
+            continue;
+        }
+        // The table, the path joining it to what is chosen, and the tables it references that the query names
+        // too — and, through a link table (one made of foreign keys), the tables that one joins: all or none.
+        let mut with: Vec<usize> = chosen.clone();
+        let mut work: Vec<usize> = path_to(&graph, t, &chosen);
+        while let Some(u) = work.pop() {
+            if with.contains(&u) {
+                continue;
+            }
+            with.push(u);
+            if u == t || is_link(&tables[u]) {
+                work.extend(graph[u].iter().copied().filter(|&n| own[n] > 0.0 && !with.contains(&n)));
+            }
+        }
+        if let Some(fit) = fit(tables, &with, &wanted, budget, cost) {
+            chosen = with;
+            best = fit;
+        }
+    }
+    report.tables_kept = best.tables.len();
+    let kept_columns: usize = best.tables.iter().map(|t| t.columns.len()).sum();
+    let full_columns: usize = chosen.iter().map(|&i| tables[i].columns.len()).sum();
+    report.columns_dropped = full_columns - kept_columns;
+    report.cost_kept = cost(&best);
+    (best, report)
+}
+
+/// Each table's own score (BM25 of its words against the query) and its score for ranking (plus a share of its
+/// best foreign-key neighbour's).
+fn scores(tables: &[Table], query: &str) -> (Vec<f32>, Vec<f32>) {
+    let docs: Vec<String> = tables.iter().map(document).collect();
+    let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+    let mut own = vec![0f32; tables.len()];
+    for (i, s) in examples::rank(query, &refs, tables.len()) {
+        own[i] = s;
+    }
+    let graph = fk_graph(tables);
+    let ranked = (0..tables.len())
+        .map(|i| own[i] + NEIGHBOUR_SHARE * graph[i].iter().map(|&j| own[j]).fold(0.0, f32::max))
+        .collect();
+    (own, ranked)
+}
+
+/// A table's words: its name three times (a name says more than a column), columns, comments, value hints.
+fn document(t: &Table) -> String {
+    let name = split_ident(&t.name);
+    let mut d = format!("{name} {name} {name} {}", t.comment.as_deref().unwrap_or(""));
+    for c in &t.columns {
+        d.push(' ');
+        d.push_str(&split_ident(&c.name));
+        for s in c.comment.iter().chain(&c.values) {
+            d.push(' ');
+            d.push_str(s);
+        }
+    }
+    d
+}
+
+/// `SongReleaseYear`, `song_release_year` → `Song Release Year`, `song release year`.
+fn split_ident(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    let mut prev_lower = false;
+    for ch in s.chars() {
+        if ch == '_' {
+            out.push(' ');
+            prev_lower = false;
+            continue;
+        }
+        if ch.is_uppercase() && prev_lower {
+            out.push(' ');
+        }
+        prev_lower = ch.is_lowercase() || ch.is_ascii_digit();
+        out.push(ch);
+    }
+    out
+}
+
+/// A table that joins others: two foreign keys or more, covering at least half its columns.
+fn is_link(t: &Table) -> bool {
+    let fk_cols: HashSet<&str> = t.foreign_keys.iter().flat_map(|f| f.columns.iter()).map(String::as_str).collect();
+    t.foreign_keys.len() >= 2 && fk_cols.len() * 2 >= t.columns.len()
+}
+
+/// Undirected foreign-key adjacency between the catalog's tables (references to tables outside it ignored).
+fn fk_graph(tables: &[Table]) -> Vec<Vec<usize>> {
+    let mut g = vec![Vec::new(); tables.len()];
+    for (i, t) in tables.iter().enumerate() {
+        for fk in &t.foreign_keys {
+            if let Some(j) = tables.iter().position(|u| u.schema == fk.ref_schema && u.name == fk.ref_table) {
+                if i != j {
+                    g[i].push(j);
+                    g[j].push(i);
+                }
+            }
+        }
+    }
+    for n in &mut g {
+        n.sort_unstable();
+        n.dedup();
+    }
+    g
+}
+
+/// `t` and the tables on the shortest foreign-key path (at most [`MAX_PATH`] hops) from it to one of `chosen`;
+/// just `t` when none is that close (or nothing is chosen yet).
+fn path_to(graph: &[Vec<usize>], t: usize, chosen: &[usize]) -> Vec<usize> {
+    if chosen.is_empty() {
+        return vec![t];
+    }
+    let mut prev = vec![usize::MAX; graph.len()];
+    let mut depth = vec![usize::MAX; graph.len()];
+    depth[t] = 0;
+    let mut queue = VecDeque::from([t]);
+    while let Some(u) = queue.pop_front() {
+        if chosen.contains(&u) {
+            let mut path = Vec::new();
+            let mut v = prev[u];
+            while v != usize::MAX {
+                path.push(v);
+                v = prev[v];
+            }
+            path.reverse();
+            return path;
+        }
+        if depth[u] == MAX_PATH {
+            continue;
+        }
+        for &w in &graph[u] {
+            if depth[w] == usize::MAX {
+                depth[w] = depth[u] + 1;
+                prev[w] = u;
+                queue.push_back(w);
+            }
+        }
+    }
+    vec![t]
+}
+
+/// The catalog of tables `with`, whole if it fits the budget, else with the columns that are neither keys nor
+/// named by the query (by name or by a value hint) dropped from the widest tables first until it fits; `None` if even that does not fit.
+fn fit(
+    tables: &[Table],
+    with: &[usize],
+    wanted: &HashSet<String>,
+    budget: usize,
+    cost: &dyn Fn(&Catalog) -> usize,
+) -> Option<Catalog> {
+    let mut cat = Catalog { tables: with.iter().map(|&i| tables[i].clone()).collect() };
+    if cost(&cat) <= budget {
+        return Some(cat);
+    }
+    // Droppable columns, widest table first, a table's last columns first.
+    let mut droppable: Vec<(usize, String)> = Vec::new();
+    let mut by_width: Vec<usize> = (0..cat.tables.len()).collect();
+    by_width.sort_by(|&a, &b| cat.tables[b].columns.len().cmp(&cat.tables[a].columns.len()).then(a.cmp(&b)));
+    for ti in by_width {
+        let t = &cat.tables[ti];
+        let keys: HashSet<&str> = t
+            .primary_key
+            .iter()
+            .chain(t.foreign_keys.iter().flat_map(|f| f.columns.iter()))
+            .map(String::as_str)
+            .collect();
+        for c in t.columns.iter().rev() {
+            // Named by the query: by the column's name, or by one of its values (`… from France` needs `country`).
+            let named = std::iter::once(split_ident(&c.name))
+                .chain(c.values.iter().cloned())
+                .any(|text| examples::terms(&text).iter().any(|w| wanted.contains(w)));
+            if !keys.contains(c.name.as_str()) && !named {
+                droppable.push((ti, c.name.clone()));
+            }
+        }
+    }
+    // Drop in halves of what is left, then one by one, so a wide catalog costs few renders.
+    let mut dropped = 0;
+    while dropped < droppable.len() {
+        let step = ((droppable.len() - dropped) / 2).max(1);
+        let mut trial = cat.clone();
+        for (ti, name) in &droppable[dropped..dropped + step] {
+            trial.tables[*ti].columns.retain(|c| &c.name != name);
+        }
+        dropped += step;
+        cat = trial;
+        if cost(&cat) <= budget {
+            return Some(cat);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sql::schema::{Column, ForeignKey, RenderOptions};
+
+    fn table(name: &str, cols: &[&str], pk: &[&str], fks: &[(&str, &str, &str)]) -> Table {
+        Table {
+            schema: "public".into(),
+            name: name.into(),
+            kind: Default::default(),
+            columns: cols
+                .iter()
+                .map(|c| Column { name: (*c).into(), data_type: "text".into(), ..Default::default() })
+                .collect(),
+            primary_key: pk.iter().map(|s| (*s).into()).collect(),
+            foreign_keys: fks
+                .iter()
+                .map(|(c, t, rc)| ForeignKey {
+                    columns: vec![(*c).into()],
+                    ref_schema: "public".into(),
+                    ref_table: (*t).into(),
+                    ref_columns: vec![(*rc).into()],
+                })
+                .collect(),
+            comment: None,
+        }
+    }
+
+    /// singer ← singer_in_concert → concert → stadium, plus unrelated wide tables.
+    fn catalog() -> Catalog {
+        let mut tables = vec![
+            table("singer", &["singer_id", "name", "country", "age"], &["singer_id"], &[]),
+            table(
+                "concert",
+                &["concert_id", "concert_name", "stadium_id", "year"],
+                &["concert_id"],
+                &[("stadium_id", "stadium", "stadium_id")],
+            ),
+            table(
+                "singer_in_concert",
+                &["concert_id", "singer_id"],
+                &["concert_id", "singer_id"],
+                &[("concert_id", "concert", "concert_id"), ("singer_id", "singer", "singer_id")],
+            ),
+            table("stadium", &["stadium_id", "location", "capacity"], &["stadium_id"], &[]),
+        ];
+        for i in 0..30 {
+            let cols: Vec<String> = (0..20).map(|c| format!("metric_{i}_{c}")).collect();
+            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+            tables.push(table(&format!("warehouse_fact_{i:02}"), &cols, &[], &[]));
+        }
+        // Value hints, as copilot.value_hints shows them.
+        tables[0].columns[2].values = vec!["France".into(), "Netherlands".into()];
+        Catalog { tables }
+    }
+
+    fn chars(c: &Catalog) -> usize {
+        c.render(&RenderOptions::default()).len()
+    }
+
+    fn names(c: &Catalog) -> Vec<&str> {
+        let mut n: Vec<&str> = c.tables.iter().map(|t| t.name.as_str()).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn below_the_budget_the_catalog_is_untouched() {
+        let c = catalog();
+        let (kept, r) = select(&c, "How many singers are there?", &[], chars(&c), &chars);
+        assert_eq!(kept, c);
+        assert!(!r.selected);
+        assert_eq!((r.tables_kept, r.tables_total, r.columns_dropped), (34, 34, 0));
+    }
+
+    #[test]
+    fn the_question_s_tables_are_kept_with_their_join_path_within_the_budget() {
+        let c = catalog();
+        let (kept, r) = select(&c, "Show the names of singers who performed in concerts in 2014.", &[], 600, &chars);
+        assert!(r.selected && chars(&kept) <= 600, "{r:?}");
+        // singer and concert named; the junction table joins them (whole join path), found by the FK closure.
+        for t in ["singer", "concert", "singer_in_concert"] {
+            assert!(names(&kept).contains(&t), "{t} missing from {:?}", names(&kept));
+        }
+        assert!(!names(&kept).iter().any(|n| n.starts_with("warehouse")), "{:?}", names(&kept));
+        assert_eq!(r.cost_kept, chars(&kept));
+    }
+
+    #[test]
+    fn columns_go_before_tables_keys_and_named_columns_stay() {
+        let c = catalog();
+        // Room for roughly the two named tables' keys and named columns, not everything.
+        let whole = Catalog { tables: c.tables[..3].to_vec() };
+        let (kept, r) = select(&c, "Which concert names had singers from France?", &[], chars(&whole) - 20, &chars);
+        assert!(r.columns_dropped > 0, "{r:?}");
+        let singer = kept.tables.iter().find(|t| t.name == "singer").expect("singer kept");
+        let cols: Vec<&str> = singer.columns.iter().map(|c| c.name.as_str()).collect();
+        assert!(cols.contains(&"singer_id") && cols.contains(&"country"), "{cols:?}");
+        let concert = kept.tables.iter().find(|t| t.name == "concert").expect("concert kept");
+        assert!(concert.columns.iter().any(|c| c.name == "concert_name"));
+        assert!(concert.columns.iter().any(|c| c.name == "stadium_id"), "a foreign-key column is a key");
+    }
+
+    #[test]
+    fn selection_is_deterministic_and_ignores_catalog_order() {
+        let c = catalog();
+        let mut shuffled = c.clone();
+        shuffled.tables.reverse();
+        let q = "What is the capacity of the stadium of each concert?";
+        let (a, ra) = select(&c, q, &[], 700, &chars);
+        let (b, rb) = select(&shuffled, q, &[], 700, &chars);
+        assert_eq!(a.render(&RenderOptions::default()), b.render(&RenderOptions::default()));
+        assert_eq!(ra, rb);
+        assert!(names(&a).contains(&"stadium") && names(&a).contains(&"concert"), "{:?}", names(&a));
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded_and_more_room_never_loses_a_named_table() {
+        let c = catalog();
+        let q = "List each singer's name and the concerts they sang in.";
+        let mut had_singer = false;
+        for budget in (50..chars(&c)).step_by(97) {
+            let (kept, r) = select(&c, q, &[], budget, &chars);
+            assert!(chars(&kept) <= budget, "{budget}: {r:?}");
+            let has = names(&kept).contains(&"singer");
+            assert!(has || !had_singer, "{budget}: singer dropped with more room");
+            had_singer |= has;
+            // Whatever is kept of the junction table comes with both tables it joins.
+            if names(&kept).contains(&"singer_in_concert") {
+                assert!(names(&kept).contains(&"singer") && names(&kept).contains(&"concert"), "{:?}", names(&kept));
+            }
+        }
+        assert!(had_singer);
+    }
+
+    #[test]
+    fn identifiers_split_at_underscores_and_case_changes() {
+        assert_eq!(split_ident("SongReleaseYear"), "Song Release Year");
+        assert_eq!(split_ident("song_release_year"), "song release year");
+        assert_eq!(split_ident("HTTPCode"), "HTTPCode");
+        assert_eq!(split_ident("year2024Total"), "year2024 Total");
+    }
+
+    #[test]
+    fn a_budget_nothing_fits_in_gives_an_empty_catalog_and_says_so() {
+        let c = catalog();
+        let (kept, r) = select(&c, "How many singers?", &[], 10, &chars);
+        assert!(kept.tables.is_empty());
+        assert!(r.selected && r.tables_kept == 0);
+    }
+
+    #[test]
+    fn hints_count_like_the_question() {
+        let c = catalog();
+        let (kept, _) = select(&c, "How many are there?", &["SELECT count(*) FROM stadium"], 300, &chars);
+        assert!(names(&kept).contains(&"stadium"), "{:?}", names(&kept));
+    }
+}
