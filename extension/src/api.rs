@@ -140,8 +140,23 @@ fn claim_slot(context: &str, payload: &str, deadline: Instant, timeout_ms: i32) 
 
 /// Build the caller's context, or say why there is nothing to show the model.
 pub(crate) fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
+    context_for(None)
+}
+
+/// The caller's readable tables (less `copilot.exclude_tables`) and their rendered context; with a question, and a
+/// schema larger than `copilot.context_budget_tokens`, only the tables and columns the question needs
+/// ([`copilot_core::sql::select`]) plus `copilot.include_tables`.
+pub(crate) fn context_for(question: Option<&str>) -> Result<(Catalog, String), CopilotError> {
     let configured = gucs::schemas();
-    let (catalog, opts) = catalog::load(&configured, gucs::VALUE_HINTS.get().max(0) as usize)?;
+    let (mut catalog, opts) = catalog::load(&configured, gucs::VALUE_HINTS.get().max(0) as usize)?;
+    let named = |t: &copilot_core::sql::schema::Table, list: &[String]| {
+        list.iter().any(|n| match n.split_once('.') {
+            Some((s, name)) => t.schema.eq_ignore_ascii_case(s) && t.name.eq_ignore_ascii_case(name),
+            None => t.name.eq_ignore_ascii_case(n),
+        })
+    };
+    let (exclude, include) = (gucs::exclude_tables(), gucs::include_tables());
+    catalog.tables.retain(|t| !named(t, &exclude));
     if catalog.is_empty() {
         let scope = if configured.is_empty() {
             "the search_path".to_string()
@@ -149,6 +164,22 @@ pub(crate) fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
             format!("copilot.schemas ({})", configured.join(", "))
         };
         return Err(CopilotError::NoReadableTables { scope });
+    }
+    if let Some(q) = question {
+        let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
+        let budget = gucs::context_budget_tokens();
+        if tokens(&catalog) > budget {
+            let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
+            let always = Catalog { tables: always };
+            let left = budget.saturating_sub(tokens(&always));
+            let (mut chosen, _) = copilot_core::sql::select::select(&Catalog { tables: rest }, q, &[], left, &tokens);
+            chosen.tables.extend(always.tables);
+            chosen.normalize();
+            if chosen.is_empty() {
+                return Err(CopilotError::ContextBudgetTooSmall { budget });
+            }
+            catalog = chosen;
+        }
     }
     let text = catalog.render(&opts);
     Ok((catalog, text))
@@ -388,7 +419,7 @@ fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)
 fn ask_verbose(question: &str) -> pgrx::JsonB {
     let q = validate_question(question).or_raise();
     ensure_preloaded().or_raise();
-    let (catalog, context) = context_for_caller().or_raise();
+    let (catalog, context) = context_for(Some(q)).or_raise();
     let examples = crate::memory::examples_for(q, &catalog).or_raise();
     let ids: Vec<i64> = examples.iter().map(|(id, _)| *id).collect();
     let turns: Vec<_> = examples.into_iter().map(|(_, e)| e).collect();

@@ -26,6 +26,8 @@ pub enum CopilotError {
     Catalog(String),
     #[error("no tables you can SELECT from in {scope}")]
     NoReadableTables { scope: String },
+    #[error("not even the table this question needs most fits copilot.context_budget_tokens ({budget} tokens)")]
+    ContextBudgetTooSmall { budget: usize },
     #[error("the schema context is {bytes} bytes, more than the {limit} a request can carry")]
     ContextTooLarge { bytes: usize, limit: usize },
     #[error("the model failed to load: {reason}")]
@@ -85,6 +87,7 @@ impl CopilotError {
             }
             Catalog(_) => ERRCODE_INTERNAL_ERROR,
             NoReadableTables { .. } => ERRCODE_UNDEFINED_TABLE,
+            ContextBudgetTooSmall { .. } => ERRCODE_PROGRAM_LIMIT_EXCEEDED,
             StillLoading { .. } | NoFreeSlot { .. } | NoAnswer { .. } => ERRCODE_QUERY_CANCELED,
             Worker { failure, .. } => match failure {
                 Failure::ModelUnavailable | Failure::WorkerRestarted => ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -159,6 +162,10 @@ impl CopilotError {
                 "Set search_path or copilot.schemas to the schemas holding your tables, and check your privileges."
             }
             ContextTooLarge { .. } => "Narrow copilot.schemas to the schemas the question is about.",
+            ContextBudgetTooSmall { .. } => {
+                "Raise copilot.context_budget_tokens (or copilot.max_context_tokens), or exclude wide tables with \
+                 copilot.exclude_tables."
+            }
             ModelFailed { .. } | Worker { failure: Failure::ModelUnavailable, .. } => {
                 "Fix copilot.model (a GGUF file path, or hf:<owner>/<repo>/<file> in the Hugging Face cache) and run \
                  SELECT pg_reload_conf(); scripts/fetch-model downloads the default model. A model over the engine's \

@@ -8,6 +8,9 @@
 //! | `copilot.prefix_cache_mb` | SIGHUP | 256 | memory for the schema-prefix KV cache (0 = off) |
 //! | `copilot.max_new_tokens` | USERSET | 256 | longest answer, in tokens |
 //! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
+//! | `copilot.context_budget_tokens` | USERSET | 0 = what max_context_tokens leaves | past it, the question's tables and columns are chosen |
+//! | `copilot.include_tables` | USERSET | '' | tables always shown (name or schema.name) |
+//! | `copilot.exclude_tables` | USERSET | '' | tables never shown |
 //! | `copilot.max_question_chars` | USERSET | 2000 | longest question accepted |
 //! | `copilot.request_timeout` | USERSET | 120 s | how long `ask` waits for the worker (queueing + loading + generating) |
 //! | `copilot.statement_timeout` | USERSET | 5 s | time limit for executing SQL in `run` / `run_sql` |
@@ -48,6 +51,9 @@ pub static MAX_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 pub static PREFIX_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static CONTEXT_BUDGET_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static INCLUDE_TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+pub static EXCLUDE_TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
 pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 pub static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
@@ -201,6 +207,34 @@ fn register_session_gucs() {
         c"Comma-separated schemas whose tables form the model's context.",
         c"Empty means the schemas of the caller's search_path. Only tables and views the caller may SELECT are shown.",
         &SCHEMAS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.context_budget_tokens",
+        c"Largest schema context shown with a question, in estimated tokens; past it the question's tables are chosen.",
+        c"When the readable schema is larger, the tables and columns the question speaks of are chosen (with their \
+          join paths and keys), within this budget. 0 = what copilot.max_context_tokens leaves after the answer and \
+          the rest of the prompt. Tokens are estimated as characters / 3.",
+        &CONTEXT_BUDGET_TOKENS,
+        0,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.include_tables",
+        c"Comma-separated tables always shown to the model (name or schema.name), whatever the question.",
+        c"Only tables the caller may SELECT; they count against copilot.context_budget_tokens.",
+        &INCLUDE_TABLES,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.exclude_tables",
+        c"Comma-separated tables never shown to the model (name or schema.name).",
+        c"",
+        &EXCLUDE_TABLES,
         GucContext::Userset,
         GucFlags::default(),
     );
@@ -410,6 +444,33 @@ pub fn model() -> String {
 }
 
 /// The configured schemas, trimmed; empty when the caller's search_path is to be used.
+/// The schema context's budget in estimated tokens: the setting, or (0) what the context window leaves after the
+/// answer and about 1,024 tokens of system text, examples, conversation and question.
+pub fn context_budget_tokens() -> usize {
+    match CONTEXT_BUDGET_TOKENS.get() {
+        n if n > 0 => n as usize,
+        _ => (MAX_CONTEXT_TOKENS.get() - MAX_NEW_TOKENS.get() - 1024).max(256) as usize,
+    }
+}
+
+pub fn include_tables() -> Vec<String> {
+    list(&INCLUDE_TABLES)
+}
+
+pub fn exclude_tables() -> Vec<String> {
+    list(&EXCLUDE_TABLES)
+}
+
+fn list(g: &GucSetting<Option<CString>>) -> Vec<String> {
+    g.get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
 pub fn schemas() -> Vec<String> {
     SCHEMAS
         .get()

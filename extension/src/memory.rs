@@ -95,7 +95,7 @@ pub(crate) fn answer_recorded<T>(
             None => Vec::new(),
         };
         turns.extend(ask.turns);
-        let (catalog, context) = api::context_for_caller()?;
+        let (catalog, context) = api::context_for(Some(&ask.prompt_question))?;
         rec.borrow_mut().schema_fingerprint = Some(history::fingerprint(&context));
         let shown = examples_for(&ask.prompt_question, &catalog)?;
         rec.borrow_mut().examples = shown.iter().map(|(id, _)| *id).collect();

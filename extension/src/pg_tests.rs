@@ -88,6 +88,66 @@ mod tests {
         );
     }
 
+    /// The demo tables and 40 wide tables nobody asks about.
+    fn large_schema() {
+        demo_tables();
+        Spi::run(
+            "DO $$ BEGIN FOR i IN 1..40 LOOP
+               EXECUTE format('CREATE TABLE wide_%s (%s)', lpad(i::text, 2, '0'),
+                 (SELECT string_agg(format('measure_%s_%s numeric', i, c), ', ') FROM generate_series(1, 25) c));
+             END LOOP; END $$;",
+        )
+        .unwrap();
+    }
+
+    #[pg_test]
+    fn a_large_schema_shows_the_question_s_tables_and_join_path_within_the_budget() {
+        large_schema();
+        Spi::run("SET LOCAL copilot.context_budget_tokens = 150").unwrap();
+        let (_, full) = crate::api::context_for(None).unwrap();
+        assert!(full.contains("CREATE TABLE wide_40 ("), "context() still shows everything");
+        let (cat, ctx) = crate::api::context_for(Some("Which singers sang in the concerts of 2014?")).unwrap();
+        for t in ["CREATE TABLE singer (", "CREATE TABLE concert (", "CREATE TABLE singer_in_concert ("] {
+            assert!(ctx.contains(t), "{t} missing from {ctx}");
+        }
+        assert!(!ctx.contains("wide_"), "{ctx}");
+        assert!(ctx.len().div_ceil(3) <= 150, "{} estimated tokens", ctx.len().div_ceil(3));
+        assert_eq!(cat.tables.len(), 3);
+        // The same question sees the same context.
+        assert_eq!(crate::api::context_for(Some("Which singers sang in the concerts of 2014?")).unwrap().1, ctx);
+    }
+
+    #[pg_test]
+    fn below_the_budget_the_question_s_context_is_the_whole_schema() {
+        demo_tables();
+        let (_, full) = crate::api::context_for(None).unwrap();
+        let (_, asked) = crate::api::context_for(Some("How many singers are there?")).unwrap();
+        assert_eq!(asked, full);
+    }
+
+    #[pg_test]
+    fn exclude_tables_hides_and_include_tables_keeps_a_table() {
+        large_schema();
+        Spi::run("SET LOCAL copilot.exclude_tables = 'concert, public.WIDE_02'").unwrap();
+        let ctx = Spi::get_one::<String>("SELECT copilot.context()").unwrap().unwrap();
+        assert!(!ctx.contains("CREATE TABLE concert (") && !ctx.contains("CREATE TABLE wide_02 ("), "{ctx}");
+        assert!(ctx.contains("CREATE TABLE singer (") && ctx.contains("CREATE TABLE wide_03 ("));
+        Spi::run("SET LOCAL copilot.context_budget_tokens = 400; SET LOCAL copilot.include_tables = 'wide_07'")
+            .unwrap();
+        let (_, asked) = crate::api::context_for(Some("How old is the oldest singer?")).unwrap();
+        assert!(asked.contains("CREATE TABLE wide_07 (") && asked.contains("CREATE TABLE singer ("), "{asked}");
+        assert!(!asked.contains("CREATE TABLE concert ("), "an excluded table stays excluded: {asked}");
+    }
+
+    #[pg_test(
+        error = "copilot: not even the table this question needs most fits copilot.context_budget_tokens (5 tokens)"
+    )]
+    fn a_budget_too_small_for_any_table_is_a_clear_error() {
+        large_schema();
+        Spi::run("SET LOCAL copilot.context_budget_tokens = 5").unwrap();
+        Spi::run("SELECT copilot.ask('How many singers are there?')").unwrap();
+    }
+
     #[pg_test]
     fn copilot_schemas_overrides_the_search_path() {
         Spi::run(
