@@ -461,6 +461,7 @@ pub fn exclude_tables() -> Vec<String> {
     list(&EXCLUDE_TABLES)
 }
 
+/// A comma-separated list setting's items, trimmed, empty ones dropped.
 fn list(g: &GucSetting<Option<CString>>) -> Vec<String> {
     g.get()
         .map(|c| c.to_string_lossy().into_owned())
@@ -472,12 +473,5 @@ fn list(g: &GucSetting<Option<CString>>) -> Vec<String> {
 }
 
 pub fn schemas() -> Vec<String> {
-    SCHEMAS
-        .get()
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default()
-        .split(',')
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .collect()
+    list(&SCHEMAS)
 }
