@@ -63,8 +63,8 @@ pub fn select(
     report.selected = true;
     let tables = &sorted.tables;
     let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
-    let (own, scores) = scores(tables, &query);
     let graph = fk_graph(tables);
+    let (own, scores) = scores(tables, &graph, &query);
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let wanted: HashSet<String> = examples::terms(&query).into_iter().collect();
@@ -110,14 +110,13 @@ pub fn select(
 
 /// Each table's own score (BM25 of its words against the query) and its score for ranking (plus a share of its
 /// best foreign-key neighbour's).
-fn scores(tables: &[Table], query: &str) -> (Vec<f32>, Vec<f32>) {
+fn scores(tables: &[Table], graph: &[Vec<usize>], query: &str) -> (Vec<f32>, Vec<f32>) {
     let docs: Vec<String> = tables.iter().map(document).collect();
     let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
     let mut own = vec![0f32; tables.len()];
     for (i, s) in examples::rank(query, &refs, tables.len()) {
         own[i] = s;
     }
-    let graph = fk_graph(tables);
     let ranked = (0..tables.len())
         .map(|i| own[i] + NEIGHBOUR_SHARE * graph[i].iter().map(|&j| own[j]).fold(0.0, f32::max))
         .collect();
