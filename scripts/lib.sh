@@ -65,6 +65,12 @@ install_extension() {
   stop_our_clusters
   say "building and installing the copilot extension $*"
   (cd "$COPILOT_ROOT/extension" && cargo pgrx install --pg-config "$PG_CONFIG" "$@" 2>&1 | grep -vE '^\s+(Compiling|Checking|Downloaded|Downloading)' >&2)
+  # cargo pgrx install copies the upgrade scripts (sql/copilot--A--B.sql) but not the install scripts of earlier
+  # versions: without them no database can be created at an earlier version (what tests/sql/loop.sh upgrades).
+  local f ext; ext="$("$PG_CONFIG" --sharedir)/extension"
+  for f in "$COPILOT_ROOT"/sql/copilot--[0-9]*.sql; do
+    case "$(basename "$f")" in *--*--*) ;; *) install -m 644 "$f" "$ext/" ;; esac
+  done
   install_engine "$@"
 }
 

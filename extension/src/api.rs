@@ -268,8 +268,19 @@ pub(crate) fn generate(context: &str, req: &GenerateRequest) -> Result<(Answer, 
     }
 }
 
-/// The schema context `copilot.ask` would show the model for the calling role, as one-line CREATE statements.
-#[pg_extern(parallel_unsafe)]
+/// The schema context `copilot.ask` shows the model for the calling role, as one-line CREATE statements: with a
+/// question, exactly the tables and columns chosen for it (the whole readable schema while it fits
+/// `copilot.context_budget_tokens`); without one (or NULL), every readable table. Tables in
+/// `copilot.exclude_tables` are never shown; what the caller cannot read never reaches the selection.
+#[pg_extern(name = "context", parallel_unsafe)]
+fn context_question(question: default!(Option<&str>, "NULL")) -> String {
+    let q = question.map(|q| validate_question(q).or_raise());
+    context_for(q).or_raise().1
+}
+
+/// `context()` as extension version 0.2.0 declares it (symbol `context_wrapper`): a database not yet updated with
+/// `ALTER EXTENSION copilot UPDATE` keeps working with this library.
+#[pg_extern(parallel_unsafe, sql = false)]
 fn context() -> String {
     context_for_caller().or_raise().1
 }

@@ -1,5 +1,5 @@
-# The analyst's loop (extension 0.2.0), sourced by tests/sql/run after its cluster is up (uses its q, expect_*,
-# $DIR, $PORT, $DB, $MINI_Q, $ANSWER): upgrade from 0.1.0, history (failed asks, ROLLBACK, read-only transactions,
+# The analyst's loop (extension 0.2.0 on), sourced by tests/sql/run after its cluster is up (uses its q, expect_*,
+# $DIR, $PORT, $DB, $MINI_Q, $ANSWER): upgrades from 0.1.0 and 0.2.0, history (failed asks, ROLLBACK, read-only transactions,
 # retention, a real streaming standby), row-level security between roles, verified examples (teach, feedback, shown
 # to later asks), follow-ups, refine, explain, pg_dump/pg_restore.
 
@@ -13,7 +13,7 @@ hist_wait() {
   echo "$n"; return 1
 }
 
-# --- upgrade from 0.1.0: a used 0.1.0 database, updated, equals a fresh 0.2.0 install ------------------------------
+# --- upgrades: a used 0.1.0 / 0.2.0 database, updated, equals a fresh install of this version ------------------------------
 # Every catalog object the extension owns, described so that two databases can be compared: functions with their
 # signatures, results, strictness, volatility, parallel safety, symbol and privileges; tables with columns,
 # defaults, constraints, indexes, RLS, policies, grants and comments; sequences; the dump configuration.
@@ -46,27 +46,44 @@ CATALOG_SQL="SELECT string_agg(x, E'\n' ORDER BY x) FROM (
        FROM unnest(extconfig, extcondition) AS u(c, cond)))
     FROM pg_extension WHERE extname = 'copilot'
 ) s"
-pg "$DIR" "$PORT" postgres -c "CREATE DATABASE upgraded" -c "CREATE DATABASE fresh" >/dev/null
-old=$(pg "$DIR" "$PORT" upgraded -At -v ON_ERROR_STOP=1 -c "CREATE EXTENSION copilot VERSION '0.1.0'" \
-  -c "CREATE SCHEMA mini; CREATE TABLE mini.singer (singer_id integer PRIMARY KEY, name text, country text, age integer)" \
-  -c "SET search_path = mini" -c "SELECT copilot.ask('$MINI_Q')" -c "SELECT count(*) FROM copilot.last_ask()" \
-  -c "SELECT extversion FROM pg_extension WHERE extname = 'copilot'" 2>&1)
-if grep -q "^0.1.0$" <<<"$old" && grep -q "^SELECT" <<<"$old"; then ok "a 0.1.0 database works with the 0.2.0 library before its update"; else not_ok "a 0.1.0 database works with the 0.2.0 library before its update" "$old"; fi
-out=$(pg "$DIR" "$PORT" upgraded -At -v ON_ERROR_STOP=1 -c "ALTER EXTENSION copilot UPDATE" \
-  -c "SELECT extversion FROM pg_extension WHERE extname = 'copilot'" 2>&1)
-if [ "$out" = "0.2.0" ]; then ok "ALTER EXTENSION copilot UPDATE: 0.1.0 -> 0.2.0"; else not_ok "ALTER EXTENSION copilot UPDATE: 0.1.0 -> 0.2.0" "$out"; fi
+CURRENT=$(q "SELECT default_version FROM pg_available_extensions WHERE name = 'copilot'")
+pg "$DIR" "$PORT" postgres -c "CREATE DATABASE fresh" >/dev/null
 pg "$DIR" "$PORT" fresh -c "CREATE EXTENSION copilot" >/dev/null
-cat_up=$(pg "$DIR" "$PORT" upgraded -At -c "$CATALOG_SQL" 2>&1)
 cat_fresh=$(pg "$DIR" "$PORT" fresh -At -c "$CATALOG_SQL" 2>&1)
-if [ "$cat_up" = "$cat_fresh" ] && [ "$(grep -c . <<<"$cat_fresh")" -gt 20 ]; then
-  ok "upgraded schema equals a fresh 0.2.0 install ($(grep -c . <<<"$cat_fresh") catalog lines)"
-else
-  not_ok "upgraded schema equals a fresh 0.2.0 install" "$(diff <(echo "$cat_up") <(echo "$cat_fresh"))"
-fi
-out=$(pg "$DIR" "$PORT" upgraded -At -c "SET search_path = mini" -c "SELECT copilot.ask('$MINI_Q')" \
-  -c "SELECT history_id IS NOT NULL FROM copilot.last_ask()" 2>&1)
-if grep -q "^SELECT" <<<"$out" && grep -q "^t$" <<<"$out"; then ok "an upgraded database asks and records history"; else not_ok "an upgraded database asks and records history" "$out"; fi
-pg "$DIR" "$PORT" postgres -c "DROP DATABASE upgraded" -c "DROP DATABASE fresh" >/dev/null
+# Every released version: a database created with it (and used) keeps working with this library before its
+# update — ask and, from 0.2.0, context() and history — and after ALTER EXTENSION UPDATE its catalog equals a fresh
+# install's and it asks and records history.
+for OLD in 0.1.0 0.2.0; do
+  pg "$DIR" "$PORT" postgres -c "CREATE DATABASE upgraded" >/dev/null
+  since_02=""; [ "$OLD" != 0.1.0 ] && since_02="SELECT length(copilot.context()) > 0"
+  old=$(pg "$DIR" "$PORT" upgraded -At -v ON_ERROR_STOP=1 -c "CREATE EXTENSION copilot VERSION '$OLD'" \
+    -c "CREATE SCHEMA mini; CREATE TABLE mini.singer (singer_id integer PRIMARY KEY, name text, country text, age integer)" \
+    -c "SET search_path = mini" -c "SELECT copilot.ask('$MINI_Q')" -c "SELECT count(*) FROM copilot.last_ask()" \
+    ${since_02:+-c "$since_02"} -c "SELECT extversion FROM pg_extension WHERE extname = 'copilot'" 2>&1)
+  if grep -q "^$OLD$" <<<"$old" && grep -q "^SELECT" <<<"$old" && { [ -z "$since_02" ] || grep -q "^t$" <<<"$old"; }; then
+    ok "a $OLD database works with the $CURRENT library before its update"
+  else
+    not_ok "a $OLD database works with the $CURRENT library before its update" "$old"
+  fi
+  out=$(pg "$DIR" "$PORT" upgraded -At -v ON_ERROR_STOP=1 -c "ALTER EXTENSION copilot UPDATE" \
+    -c "SELECT extversion FROM pg_extension WHERE extname = 'copilot'" 2>&1)
+  if [ "$out" = "$CURRENT" ]; then ok "ALTER EXTENSION copilot UPDATE: $OLD -> $CURRENT"; else not_ok "ALTER EXTENSION copilot UPDATE: $OLD -> $CURRENT" "$out"; fi
+  cat_up=$(pg "$DIR" "$PORT" upgraded -At -c "$CATALOG_SQL" 2>&1)
+  if [ "$cat_up" = "$cat_fresh" ] && [ "$(grep -c . <<<"$cat_fresh")" -gt 20 ]; then
+    ok "a $OLD database updated equals a fresh $CURRENT install ($(grep -c . <<<"$cat_fresh") catalog lines)"
+  else
+    not_ok "a $OLD database updated equals a fresh $CURRENT install" "$(diff <(echo "$cat_up") <(echo "$cat_fresh"))"
+  fi
+  out=$(pg "$DIR" "$PORT" upgraded -At -c "SET search_path = mini" -c "SELECT copilot.ask('$MINI_Q')" \
+    -c "SELECT history_id IS NOT NULL FROM copilot.last_ask()" -c "SELECT copilot.context('$MINI_Q') LIKE 'CREATE TABLE singer%'" 2>&1)
+  if [ "$(grep -c "^t$" <<<"$out")" = 2 ] && grep -q "^SELECT" <<<"$out"; then
+    ok "a $OLD database updated asks, records history and shows context(question)"
+  else
+    not_ok "a $OLD database updated asks, records history and shows context(question)" "$out"
+  fi
+  pg "$DIR" "$PORT" postgres -c "DROP DATABASE upgraded" >/dev/null
+done
+pg "$DIR" "$PORT" postgres -c "DROP DATABASE fresh" >/dev/null
 
 # --- history ----------------------------------------------------------------------------------------------------
 start=$(q "SELECT coalesce(max(id), 0) FROM copilot.history")

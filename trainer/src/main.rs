@@ -42,6 +42,9 @@ enum Command {
     /// Calibrate copilot.refusal_threshold on Spider train: the model's P(unanswerable) on answerable and
     /// unanswerable train questions, refusal shares by threshold → reports/eval/judge_calibration.json.
     EvalJudge(eval::refusal::JudgeArgs),
+    /// Schema selection without the model: per copilot.context_budget_tokens, how often copilot.context(question)
+    /// shows every table the gold query reads, with many schemas visible at once → JSON (scripts/bench-schema).
+    EvalContext(eval::context::ContextArgs),
     /// Eval reports side by side (EX, gained/lost against a baseline with McNemar p, latency, pipeline counts)
     /// → <out>.{json,md}.
     EvalCompare(eval::compare::CompareArgs),
@@ -82,6 +85,7 @@ fn main() {
         Command::EvalRefusal(args) => eval::refusal::run(&args),
         Command::EvalJudge(args) => eval::refusal::calibrate(&args),
         Command::EvalCompare(args) => eval::compare::run(&args),
+        Command::EvalContext(args) => eval::context::run(&args),
         Command::Export(args) => export::run(&args),
         Command::BenchDecode(args) => bench::run(&args),
         Command::Train(args) => train::run(&args),

@@ -42,6 +42,29 @@ pub(super) trait Asker {
 struct ExtensionAsker {
     client: postgres::Client,
     current_db: String,
+    /// `--schemas`: every schema is visible at once; the database is never chosen per question.
+    all_schemas: bool,
+}
+
+/// The relations a rendered context shows (`CREATE TABLE name (…` / `CREATE VIEW name (…`), as lowercase
+/// `schema.table` — unqualified names get `default_schema`.
+pub(super) fn context_tables(context: &str, default_schema: &str) -> Vec<String> {
+    let mut out: Vec<String> = context
+        .lines()
+        .filter_map(|l| l.strip_prefix("CREATE TABLE ").or_else(|| l.strip_prefix("CREATE VIEW ")))
+        .filter_map(|rest| rest.split_once(" (").map(|(name, _)| name))
+        .map(|name| {
+            let name = name.replace('"', "").to_lowercase();
+            if name.contains('.') {
+                name
+            } else {
+                format!("{}.{name}", default_schema.to_lowercase())
+            }
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl Asker for ExtensionAsker {
@@ -55,6 +78,9 @@ impl Asker for ExtensionAsker {
             .and_then(|r| r.get::<_, Option<String>>(0))
     }
     fn context(&mut self, db: &str) -> Option<String> {
+        if self.all_schemas {
+            return None;
+        }
         self.use_db(db).ok()?;
         // Value hints come from the database's statistics, which training contexts do not carry: compare the rest.
         let ctx: String = self.client.query_one("SELECT copilot.context()", &[]).ok()?.get(0);
@@ -70,8 +96,18 @@ impl Asker for ExtensionAsker {
             generated_tokens: None,
             decode_tok_s: None,
             pipeline: None,
+            context_tables: None,
         };
-        if let Err(e) = self.use_db(&ex.db_id) {
+        if self.all_schemas {
+            // What the model is shown for this question (the same selection ask makes), outside the timed ask.
+            match self.client.query_one("SELECT copilot.context($1)", &[&ex.question]) {
+                Ok(r) => a.context_tables = Some(context_tables(&r.get::<_, String>(0), "public")),
+                Err(e) => {
+                    a.ask_error = Some(pg_error(&e));
+                    return a;
+                }
+            }
+        } else if let Err(e) = self.use_db(&ex.db_id) {
             a.ask_error = Some(e);
             return a;
         }
@@ -164,6 +200,8 @@ impl Asker for CoreAsker {
                 generated_tokens: Some(g.generated_tokens as i64),
                 decode_tok_s: Some(g.decode_tok_s()),
                 pipeline: None,
+                context_tables: None,
+                context_tables: None,
             },
             Err(e) => Asked {
                 index: ex.index,
@@ -174,6 +212,8 @@ impl Asker for CoreAsker {
                 generated_tokens: None,
                 decode_tok_s: None,
                 pipeline: None,
+                context_tables: None,
+                context_tables: None,
             },
         }
     }
@@ -200,6 +240,7 @@ impl Asker for GoldAsker {
             generated_tokens: None,
             decode_tok_s: None,
             pipeline: None,
+            context_tables: None,
         }
     }
 }
@@ -210,7 +251,14 @@ pub(super) fn make_asker(args: &EvalArgs) -> Result<Box<dyn Asker>> {
         Via::Extension => {
             let client = postgres::Client::connect(&args.pg, postgres::NoTls)
                 .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
-            let mut asker = ExtensionAsker { client, current_db: String::new() };
+            let mut asker = ExtensionAsker { client, current_db: String::new(), all_schemas: args.schemas.is_some() };
+            if let Some(list) = &args.schemas {
+                asker
+                    .client
+                    .execute("SELECT set_config('copilot.schemas', $1, false)", &[&list.as_str()])
+                    .with_context(|| format!("--schemas {list}"))?;
+                asker.client.batch_execute("SET search_path = public").context("--schemas: SET search_path")?;
+            }
             for s in &args.settings {
                 let (name, value) = s.split_once('=').ok_or_else(|| anyhow!("--set {s}: expected NAME=VALUE"))?;
                 asker
@@ -234,4 +282,15 @@ pub(super) fn make_asker(args: &EvalArgs) -> Result<Box<dyn Asker>> {
         }
         Via::Gold => Box::new(GoldAsker),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn context_tables_reads_the_create_lines_qualified() {
+        let ctx = "-- singer: people who sing\nCREATE TABLE singer (singer_id integer, PRIMARY KEY (singer_id));\n\
+                   CREATE TABLE concert_singer.\"Stadium\" (stadium_id integer);\n\
+                   CREATE VIEW w.v (a text /* e.g. 'CREATE TABLE x (' */);\n";
+        assert_eq!(super::context_tables(ctx, "public"), ["concert_singer.stadium", "public.singer", "w.v"]);
+    }
 }

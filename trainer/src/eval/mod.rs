@@ -15,6 +15,7 @@ pub mod wikisql;
 
 mod askers;
 pub mod compare;
+pub mod context;
 mod exec;
 pub mod refusal;
 mod run;
@@ -107,6 +108,12 @@ pub struct EvalArgs {
     /// `--via extension`: a setting for the asking session, `name=value` (repeat), e.g. `copilot.candidates=1`.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub settings: Vec<String>,
+    /// `--via extension`: ask with all of these schemas visible at once (`copilot.schemas` = the list, search_path =
+    /// `public`), so the model is not told which database a question is about — the large-schema benchmark
+    /// (scripts/bench-schema). Predictions run with the same search_path, and the tables
+    /// `copilot.context(question)` chose are scored against the gold query's (gold-table recall).
+    #[arg(long, value_name = "SCHEMA,SCHEMA,…")]
+    pub schemas: Option<String>,
 }
 
 /// What `copilot.ask_verbose` reported about how an answer was chosen (extension route).
@@ -133,6 +140,9 @@ pub struct Asked {
     pub decode_tok_s: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<Pipeline>,
+    /// With `--schemas`: the tables (`schema.table`, lowercase) `copilot.context(question)` showed the model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tables: Option<Vec<String>>,
 }
 
 /// One scored question.
@@ -159,6 +169,13 @@ pub struct Record {
     pub pred_rows: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline: Option<Pipeline>,
+    /// With `--schemas`: whether every table the gold query reads was in the context (None: the gold query's
+    /// tables could not be parsed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gold_tables_shown: Option<bool>,
+    /// With `--schemas`: how many tables the context showed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tables: Option<usize>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -196,6 +213,14 @@ pub struct Summary {
     pub mean_vote_margin: Option<f64>,
     #[serde(default)]
     pub refusals: usize,
+    /// With `--schemas`: the share of questions whose context showed every table the gold query reads, over the
+    /// questions whose gold tables parsed (`table_recall_n`), and the median count of tables shown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_recall: Option<f64>,
+    #[serde(default)]
+    pub table_recall_n: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_tables_p50: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -81,6 +81,12 @@ pub fn markdown(r: &Report) -> String {
     if let Some(p) = s.prompt_tokens_p50 {
         let _ = writeln!(md, "| prompt tokens (p50) | {p} |");
     }
+    if let Some(rc) = s.table_recall {
+        let _ = writeln!(md, "| gold-table recall of the context (of {} parsed) | {}% |", s.table_recall_n, pct(rc));
+    }
+    if let Some(k) = s.context_tables_p50 {
+        let _ = writeln!(md, "| tables shown (p50) | {k} |");
+    }
     if !r.context_mismatches.is_empty() {
         let _ = writeln!(
             md,

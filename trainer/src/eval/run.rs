@@ -340,7 +340,9 @@ fn score_all(
     for (ex, h) in items {
         let Some(a) = asked.get(&ex.index) else { continue };
         let (catalog, _) = contexts.get(&ex.db_id)?.clone();
-        records.push(score_one(ex, *h, a, &catalog, schemas.get(&ex.db_id), &mut sqlite, pg, timeout));
+        // With --schemas the question was asked with every schema visible: its answer runs the same way.
+        let search_path = if args.schemas.is_some() { "public" } else { ex.db_id.as_str() };
+        records.push(score_one(ex, *h, a, &catalog, schemas.get(&ex.db_id), &mut sqlite, pg, timeout, search_path));
     }
     Ok(records)
 }

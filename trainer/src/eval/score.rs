@@ -35,6 +35,7 @@ pub fn score_one(
     sqlite: &mut Sqlite,
     pg: &mut postgres::Client,
     timeout: Duration,
+    search_path: &str,
 ) -> Record {
     let known = sqlnorm::known_names(catalog);
     let mut r = Record {
@@ -58,7 +59,15 @@ pub fn score_one(
         gold_rows: None,
         pred_rows: None,
         pipeline: a.pipeline.clone(),
+        gold_tables_shown: None,
+        context_tables: a.context_tables.as_ref().map(Vec::len),
     };
+    if let (Some(shown), Some(s)) = (&a.context_tables, schema) {
+        r.gold_tables_shown = spider_match::parse(&ex.query, s).ok().map(|tree| {
+            let db = ex.db_id.to_lowercase();
+            tree.tables().iter().all(|t| shown.contains(&format!("{db}.{t}")))
+        });
+    }
     let gold_rs = sqlite.run(&ex.db_id, &ex.query, timeout);
     if let Ok(g) = &gold_rs {
         r.gold_rows = Some(g.rows.len());
@@ -83,7 +92,7 @@ pub fn score_one(
         r.exec_error = Some(format!("not run: {e}"));
         return r;
     }
-    match run_pg(pg, &ex.db_id, pred, timeout) {
+    match run_pg(pg, search_path, pred, timeout) {
         Ok(p) => {
             r.pred_rows = Some(p.rows.len());
             match &gold_rs {
@@ -156,6 +165,16 @@ pub fn summarize(records: &[Record]) -> Summary {
             (!m.is_empty()).then(|| m.iter().sum::<usize>() as f64 / m.len() as f64)
         },
         refusals: pipes().filter(|p| p.refused).count(),
+        table_recall_n: records.iter().filter(|r| r.gold_tables_shown.is_some()).count(),
+        table_recall: {
+            let shown: Vec<bool> = records.iter().filter_map(|r| r.gold_tables_shown).collect();
+            (!shown.is_empty()).then(|| shown.iter().filter(|s| **s).count() as f64 / shown.len() as f64)
+        },
+        context_tables_p50: {
+            let mut k: Vec<usize> = records.iter().filter_map(|r| r.context_tables).collect();
+            k.sort_unstable();
+            (!k.is_empty()).then(|| k[(k.len() - 1) / 2])
+        },
     }
 }
 

@@ -164,6 +164,39 @@ pub struct SqlTree {
     pub except: Option<Box<SqlTree>>,
 }
 
+impl SqlTree {
+    /// Every table the query reads, lowercase: its FROM clause's, and those of every nested query (derived tables,
+    /// subqueries in conditions, set operations).
+    pub fn tables(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        self.collect_tables(&mut out);
+        out
+    }
+
+    fn collect_tables(&self, out: &mut std::collections::BTreeSet<String>) {
+        for t in &self.from_tables {
+            match t {
+                TableUnit::Table(n) => {
+                    out.insert(n.trim_matches('_').to_lowercase());
+                }
+                TableUnit::Sql(q) => q.collect_tables(out),
+            }
+        }
+        for conds in [&self.from_conds, &self.where_, &self.having] {
+            for u in &conds.units {
+                for v in [&u.val1, &u.val2] {
+                    if let Val::Sql(q) = v {
+                        q.collect_tables(out);
+                    }
+                }
+            }
+        }
+        for q in [&self.intersect, &self.union, &self.except].into_iter().flatten() {
+            q.collect_tables(out);
+        }
+    }
+}
+
 /// One database's schema as Spider's `tables.json` describes it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SpiderTables {

@@ -189,3 +189,17 @@ mod spider_dev {
         assert_eq!(got, [248, 446, 174, 166]);
     }
 }
+
+#[test]
+fn a_query_reads_the_tables_of_its_nested_queries_too() {
+    let t = parse(
+        "SELECT name FROM singer WHERE singer_id NOT IN (SELECT singer_id FROM singer_in_concert) \
+         UNION SELECT T1.name FROM stadium AS T1 JOIN concert AS T2 ON T1.stadium_id = T2.stadium_id",
+        &concert(),
+    )
+    .unwrap();
+    let names: Vec<String> = t.tables().into_iter().collect();
+    assert_eq!(names, ["concert", "singer", "singer_in_concert", "stadium"]);
+    let one = parse("SELECT count(*) FROM (SELECT * FROM Singer) AS s", &concert()).unwrap();
+    assert_eq!(one.tables().into_iter().collect::<Vec<_>>(), ["singer"]);
+}
