@@ -201,7 +201,6 @@ impl Asker for CoreAsker {
                 decode_tok_s: Some(g.decode_tok_s()),
                 pipeline: None,
                 context_tables: None,
-                context_tables: None,
             },
             Err(e) => Asked {
                 index: ex.index,
@@ -212,7 +211,6 @@ impl Asker for CoreAsker {
                 generated_tokens: None,
                 decode_tok_s: None,
                 pipeline: None,
-                context_tables: None,
                 context_tables: None,
             },
         }
