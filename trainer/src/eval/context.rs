@@ -6,7 +6,7 @@
 //! and how long does `context()` take (catalog read, scoring, selection — what every ask pays before the model)?
 
 use super::askers::context_tables;
-use super::run::stratified_sample;
+use super::run::{hardness_of, stratified_sample};
 use super::spider_match::{self, Schema};
 use crate::host::{load_avg, machine, utc_now};
 use crate::spider;
@@ -94,10 +94,7 @@ pub fn run(args: &ContextArgs) -> Result<()> {
         .into_iter()
         .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
         .map(|e| {
-            let h = schemas
-                .get(&e.db_id)
-                .and_then(|s| spider_match::parse(&e.query, s).ok())
-                .map(|t| spider_match::hardness(&t));
+            let h = hardness_of(&e, &schemas);
             (e, h)
         })
         .collect();

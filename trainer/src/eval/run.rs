@@ -54,6 +54,11 @@ pub fn stratified_sample(items: &[(usize, Option<Hardness>)], n: usize, seed: u6
     picked
 }
 
+/// A question's Spider hardness, when its gold query parses against its database's schema.
+pub(super) fn hardness_of(e: &Example, schemas: &HashMap<String, Schema>) -> Option<Hardness> {
+    schemas.get(&e.db_id).and_then(|s| spider_match::parse(&e.query, s).ok()).map(|t| spider_match::hardness(&t))
+}
+
 /// Questions with their hardness (when the gold parses).
 type Selected = Vec<(Example, Option<Hardness>)>;
 
@@ -71,10 +76,7 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
         .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
         .filter(|e| args.dbs.is_empty() || args.dbs.contains(&e.db_id))
         .map(|e| {
-            let h = schemas
-                .get(&e.db_id)
-                .and_then(|s| spider_match::parse(&e.query, s).ok())
-                .map(|t| spider_match::hardness(&t));
+            let h = hardness_of(&e, schemas);
             (e, h)
         })
         .collect();
