@@ -7,6 +7,7 @@
 
 use super::askers::context_tables;
 use super::run::{hardness_of, stratified_sample};
+use super::score::gold_tables;
 use super::spider_match::{self, Schema};
 use crate::host::{load_avg, machine, utc_now};
 use crate::spider;
@@ -130,12 +131,8 @@ pub fn run(args: &ContextArgs) -> Result<()> {
             let shown = context_tables(&ctx, "public");
             tabs.push(shown.len());
             chars.push(ctx.len());
-            let Some(tree) = schemas.get(&ex.db_id).and_then(|s| spider_match::parse(&ex.query, s).ok()) else {
-                continue;
-            };
+            let Some(gold) = gold_tables(ex, schemas.get(&ex.db_id)) else { continue };
             scored += 1;
-            let db = ex.db_id.to_lowercase();
-            let gold: Vec<String> = tree.tables().into_iter().map(|t| format!("{db}.{t}")).collect();
             let missing: Vec<String> = gold.iter().filter(|t| !shown.contains(t)).cloned().collect();
             if missing.is_empty() {
                 hits += 1;

@@ -62,11 +62,8 @@ pub fn score_one(
         gold_tables_shown: None,
         context_tables: a.context_tables.as_ref().map(Vec::len),
     };
-    if let (Some(shown), Some(s)) = (&a.context_tables, schema) {
-        r.gold_tables_shown = spider_match::parse(&ex.query, s).ok().map(|tree| {
-            let db = ex.db_id.to_lowercase();
-            tree.tables().iter().all(|t| shown.contains(&format!("{db}.{t}")))
-        });
+    if let Some(shown) = &a.context_tables {
+        r.gold_tables_shown = gold_tables(ex, schema).map(|gold| gold.iter().all(|t| shown.contains(t)));
     }
     let gold_rs = sqlite.run(&ex.db_id, &ex.query, timeout);
     if let Ok(g) = &gold_rs {
@@ -103,6 +100,14 @@ pub fn score_one(
         Err(e) => r.exec_error = Some(e),
     }
     r
+}
+
+/// The tables the question's gold query reads, as `db_id.table` (lowercase) — what a context must show for it;
+/// None when the gold does not parse against its schema.
+pub fn gold_tables(ex: &Example, schema: Option<&Schema>) -> Option<Vec<String>> {
+    let tree = spider_match::parse(&ex.query, schema?).ok()?;
+    let db = ex.db_id.to_lowercase();
+    Some(tree.tables().into_iter().map(|t| format!("{db}.{t}")).collect())
 }
 
 pub fn summarize(records: &[Record]) -> Summary {
