@@ -19,6 +19,8 @@ use std::collections::{HashSet, VecDeque};
 /// How much of a table's best neighbour's score it inherits: a junction table the question does not name still
 /// ranks near the tables it joins.
 const NEIGHBOUR_SHARE: f32 = 0.3;
+/// The weight of the table-name field against the whole document's (see [`scores`]).
+const NAME_WEIGHT: f32 = 1.0;
 /// Foreign-key hops allowed on a path joining a table to those already chosen.
 const MAX_PATH: usize = 3;
 
@@ -64,7 +66,8 @@ pub fn select(
     let tables = &sorted.tables;
     let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
     let graph = fk_graph(tables);
-    let (own, scores) = scores(tables, &graph, &query);
+    let vocab = Vocabulary::new(tables, &query);
+    let (own, scores) = scores(tables, &graph, &vocab, &query);
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let wanted: HashSet<String> = examples::terms(&query).into_iter().collect();
@@ -95,7 +98,7 @@ pub fn select(
                 work.extend(graph[u].iter().copied().filter(|&n| own[n] > 0.0 && !with.contains(&n)));
             }
         }
-        if let Some(fit) = fit(tables, &with, &wanted, budget, cost) {
+        if let Some(fit) = fit(tables, &with, &wanted, &vocab, budget, cost) {
             chosen = with;
             best = fit;
         }
@@ -108,14 +111,19 @@ pub fn select(
     (best, report)
 }
 
-/// Each table's own score (BM25 of its words against the query) and its score for ranking (plus a share of its
-/// best foreign-key neighbour's).
-fn scores(tables: &[Table], graph: &[Vec<usize>], query: &str) -> (Vec<f32>, Vec<f32>) {
-    let docs: Vec<String> = tables.iter().map(document).collect();
-    let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+/// Each table's own score and its score for ranking (plus a share of its best foreign-key neighbour's). The own
+/// score has two fields, as BM25F does: the table's whole document (name, columns, comments, values) and its name
+/// alone, each with its own word rarities — `country` is a common column among hundreds of wide tables but a rare
+/// table name, and a question saying "country" most likely means the table of that name.
+fn scores(tables: &[Table], graph: &[Vec<usize>], vocab: &Vocabulary, query: &str) -> (Vec<f32>, Vec<f32>) {
+    let docs: Vec<String> = tables.iter().map(|t| document(t, vocab)).collect();
+    let names: Vec<String> = tables.iter().map(|t| vocab.words(&t.name)).collect();
     let mut own = vec![0f32; tables.len()];
-    for (i, s) in examples::rank(query, &refs, tables.len()) {
-        own[i] = s;
+    for (field, weight) in [(&docs, 1.0), (&names, NAME_WEIGHT)] {
+        let refs: Vec<&str> = field.iter().map(String::as_str).collect();
+        for (i, s) in examples::rank(query, &refs, tables.len()) {
+            own[i] += weight * s;
+        }
     }
     let ranked = (0..tables.len())
         .map(|i| own[i] + NEIGHBOUR_SHARE * graph[i].iter().map(|&j| own[j]).fold(0.0, f32::max))
@@ -124,18 +132,98 @@ fn scores(tables: &[Table], graph: &[Vec<usize>], query: &str) -> (Vec<f32>, Vec
 }
 
 /// A table's words: its name three times (a name says more than a column), columns, comments, value hints.
-fn document(t: &Table) -> String {
-    let name = split_ident(&t.name);
+fn document(t: &Table, vocab: &Vocabulary) -> String {
+    let name = vocab.words(&t.name);
     let mut d = format!("{name} {name} {name} {}", t.comment.as_deref().unwrap_or(""));
     for c in &t.columns {
         d.push(' ');
-        d.push_str(&split_ident(&c.name));
+        d.push_str(&vocab.words(&c.name));
         for s in c.comment.iter().chain(&c.values) {
             d.push(' ');
             d.push_str(s);
         }
     }
     d
+}
+
+/// The words identifiers are made of, to read a run-together name (`countrylanguage`, `headofstate`,
+/// `surfacearea`) as the words it joins: the parts of every identifier in the catalog that are written apart
+/// somewhere (`country`, `language`) and the question's own words (`head`, `of`, `state`).
+struct Vocabulary {
+    words: HashSet<String>,
+}
+
+impl Vocabulary {
+    /// Shortest word a run-together name is cut into, unless the question says it (`of`, `by`).
+    const MIN_PART: usize = 3;
+    /// Shortest run-together name worth cutting.
+    const MIN_COMPOUND: usize = 6;
+
+    fn new(tables: &[Table], query: &str) -> Self {
+        let mut words = HashSet::new();
+        let mut add = |ident: &str| {
+            for w in split_ident(ident).split(' ') {
+                let w = w.to_lowercase();
+                if w.chars().count() >= Self::MIN_PART && w.chars().all(char::is_alphabetic) {
+                    words.insert(w);
+                }
+            }
+        };
+        for t in tables {
+            add(&t.name);
+            t.columns.iter().for_each(|c| add(&c.name));
+        }
+        for w in query.split(|c: char| !c.is_alphanumeric()).filter(|w| w.chars().count() >= 2) {
+            words.insert(w.to_lowercase());
+        }
+        Vocabulary { words }
+    }
+
+    /// `ident` split at `_` and case changes, each run-together part followed by the words it is made of.
+    fn words(&self, ident: &str) -> String {
+        let split = split_ident(ident);
+        let mut out = split.clone();
+        for part in split.split(' ') {
+            if let Some(pieces) = self.segment(&part.to_lowercase()) {
+                for p in pieces {
+                    out.push(' ');
+                    out.push_str(p);
+                }
+            }
+        }
+        out
+    }
+
+    /// `part` as two or more known words (the fewest; ties: the longest first word), or `None`.
+    fn segment<'a>(&self, part: &'a str) -> Option<Vec<&'a str>> {
+        if part.len() < Self::MIN_COMPOUND || !part.is_ascii() || !part.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return None;
+        }
+        let n = part.len();
+        // best[i]: the fewest words covering part[i..], and the end of the first of them.
+        let mut best: Vec<Option<(usize, usize)>> = vec![None; n + 1];
+        best[n] = Some((0, n));
+        for i in (0..n).rev() {
+            for j in (i + 2..=n).rev() {
+                if (i, j) == (0, n) || !self.words.contains(&part[i..j]) {
+                    continue;
+                }
+                if let Some((k, _)) = best[j] {
+                    if best[i].is_none_or(|(b, _)| k + 1 < b) {
+                        best[i] = Some((k + 1, j));
+                    }
+                }
+            }
+        }
+        let mut pieces = Vec::new();
+        let mut i = 0;
+        while i < n {
+            let (_, j) = best[i]?;
+            pieces.push(&part[i..j]);
+            i = j;
+        }
+        Some(pieces)
+    }
 }
 
 /// `SongReleaseYear`, `song_release_year` → `Song Release Year`, `song release year`.
@@ -224,6 +312,7 @@ fn fit(
     tables: &[Table],
     with: &[usize],
     wanted: &HashSet<String>,
+    vocab: &Vocabulary,
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
 ) -> Option<Catalog> {
@@ -245,7 +334,7 @@ fn fit(
             .collect();
         for c in t.columns.iter().rev() {
             // Named by the query: by the column's name, or by one of its values (`… from France` needs `country`).
-            let named = std::iter::once(split_ident(&c.name))
+            let named = std::iter::once(vocab.words(&c.name))
                 .chain(c.values.iter().cloned())
                 .any(|text| examples::terms(&text).iter().any(|w| wanted.contains(w)));
             if !keys.contains(c.name.as_str()) && !named {
@@ -411,6 +500,72 @@ mod tests {
         assert_eq!(split_ident("song_release_year"), "song release year");
         assert_eq!(split_ident("HTTPCode"), "HTTPCode");
         assert_eq!(split_ident("year2024Total"), "year2024 Total");
+    }
+
+    #[test]
+    fn run_together_names_are_read_as_the_words_they_join() {
+        let tables = vec![
+            table("country", &["code", "name", "headofstate", "surfacearea"], &["code"], &[]),
+            table("city", &["id", "name", "country_code"], &["id"], &[]),
+            table("countrylanguage", &["countrycode", "language"], &["countrycode", "language"], &[]),
+        ];
+        let v = Vocabulary::new(&tables, "Who is the head of state of the largest country?");
+        assert_eq!(v.segment("countrylanguage"), Some(vec!["country", "language"]));
+        assert_eq!(v.segment("countrycode"), Some(vec!["country", "code"]));
+        // "head", "of", "state" are the question's words; "surface"/"area" are nobody's: no cut.
+        assert_eq!(v.segment("headofstate"), Some(vec!["head", "of", "state"]));
+        assert_eq!(v.segment("surfacearea"), None);
+        // A known word is not cut into smaller ones, nor is a short or non-alphabetic part.
+        assert_eq!(v.segment("country"), None);
+        assert_eq!(v.segment("codes1"), None);
+        assert_eq!(v.words("CountryLanguage_2"), "Country Language 2");
+        assert_eq!(v.words("countrylanguage"), "countrylanguage country language");
+    }
+
+    /// One table named for what the question asks among many wide tables that all have a column of that name.
+    fn crowded_catalog() -> Catalog {
+        let mut tables = vec![
+            table(
+                "country",
+                &["code", "name", "continent", "region", "surfacearea", "population", "headofstate", "capital"],
+                &["code"],
+                &[],
+            ),
+            table(
+                "countrylanguage",
+                &["countrycode", "language", "percentage"],
+                &["countrycode", "language"],
+                &[("countrycode", "country", "code")],
+            ),
+        ];
+        for i in 0..40 {
+            let mut cols: Vec<String> =
+                ["id", "name", "country", "population", "state", "language"].map(String::from).into();
+            cols.extend((0..(i % 3) * 10).map(|c| format!("metric_{c}")));
+            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+            tables.push(table(&format!("sales_{i:02}"), &cols, &["id"], &[]));
+        }
+        Catalog { tables }
+    }
+
+    #[test]
+    fn a_table_named_by_the_question_outranks_wide_tables_with_a_column_of_that_name() {
+        let c = crowded_catalog();
+        let q = "Give the name, population and head of state of the country with the largest surface area.";
+        let (kept, r) = select(&c, q, &[], 400, &chars);
+        assert!(r.selected && chars(&kept) <= 400, "{r:?}");
+        assert!(names(&kept).contains(&"country"), "{:?}", names(&kept));
+        let country = kept.tables.iter().find(|t| t.name == "country").unwrap();
+        assert!(
+            country.columns.iter().any(|c| c.name == "headofstate"),
+            "a run-together column the question names stays"
+        );
+        // No run-together name in this one: only the name field tells the country table from the sales tables.
+        let (kept, _) = select(&c, "What is the population of each country?", &[], 400, &chars);
+        assert!(names(&kept).contains(&"country"), "{:?}", names(&kept));
+        let q = "How many distinct languages are spoken in each country?";
+        let (kept, _) = select(&c, q, &[], 400, &chars);
+        assert!(names(&kept).contains(&"countrylanguage"), "{:?}", names(&kept));
     }
 
     #[test]
