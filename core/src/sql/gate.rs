@@ -150,6 +150,16 @@ impl Visitor for Structure {
     type Break = ();
 
     fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        if let SetExpr::Select(sel) = q.body.as_ref() {
+            let aliases = sel.projection.iter().filter_map(|item| match item {
+                SelectItem::ExprWithAlias { alias, .. } => Some(alias),
+                _ => None,
+            });
+            if let Some(word) = aliases.filter_map(reserved).next() {
+                self.rejection = Some(word);
+                return ControlFlow::Break(());
+            }
+        }
         if !q.locks.is_empty() {
             self.rejection = Some(Rejection::LockingClause);
             return ControlFlow::Break(());
@@ -172,6 +182,15 @@ impl Visitor for Structure {
     }
 
     fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        let names: &[Ident] = match e {
+            Expr::Identifier(id) => std::slice::from_ref(id),
+            Expr::CompoundIdentifier(ids) => ids,
+            _ => &[],
+        };
+        if let Some(word) = names.iter().find_map(reserved) {
+            self.rejection = Some(word);
+            return ControlFlow::Break(());
+        }
         if let Expr::Function(f) = e {
             if let Some(name) = denied(&f.name) {
                 self.rejection = Some(Rejection::DeniedFunction(name));
@@ -194,6 +213,85 @@ impl Visitor for Structure {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// PostgreSQL's reserved key words that can never be an unquoted name (the value-like ones — `current_date`,
+/// `true`, `null`, … — are left out: sqlparser may hand them over as names, and they are values either way). Where
+/// sqlparser takes one of these as a name, PostgreSQL reads the text differently, e.g. `SELECT FOR UPDATE`.
+const RESERVED: &[&str] = &[
+    "ALL",
+    "ANALYSE",
+    "ANALYZE",
+    "AND",
+    "ANY",
+    "AS",
+    "ASC",
+    "ASYMMETRIC",
+    "BOTH",
+    "CASE",
+    "CAST",
+    "CHECK",
+    "COLLATE",
+    "COLUMN",
+    "CONSTRAINT",
+    "CREATE",
+    "DEFERRABLE",
+    "DESC",
+    "DISTINCT",
+    "DO",
+    "ELSE",
+    "END",
+    "EXCEPT",
+    "FETCH",
+    "FOR",
+    "FOREIGN",
+    "FROM",
+    "GRANT",
+    "GROUP",
+    "HAVING",
+    "IN",
+    "INITIALLY",
+    "INTERSECT",
+    "INTO",
+    "LATERAL",
+    "LEADING",
+    "LIMIT",
+    "NOT",
+    "OFFSET",
+    "ON",
+    "ONLY",
+    "OR",
+    "ORDER",
+    "PLACING",
+    "PRIMARY",
+    "REFERENCES",
+    "RETURNING",
+    "SELECT",
+    "SOME",
+    "SYMMETRIC",
+    "TABLE",
+    "THEN",
+    "TO",
+    "TRAILING",
+    "UNION",
+    "UNIQUE",
+    "USING",
+    "VARIADIC",
+    "WHEN",
+    "WHERE",
+    "WINDOW",
+    "WITH",
+];
+
+/// A rejection if `id` is an unquoted reserved word.
+fn reserved(id: &Ident) -> Option<Rejection> {
+    let upper = id.value.to_ascii_uppercase();
+    (id.quote_style.is_none() && RESERVED.contains(&upper.as_str())).then(|| {
+        Rejection::Unparseable(format!(
+            "`{upper}` is a reserved word in PostgreSQL, not a name (quote it, \"{}\", to use it as one)",
+            id.value
+        ))
+    })
 }
 
 fn modifies(body: &SetExpr) -> bool {
@@ -519,6 +617,23 @@ mod tests {
         assert_eq!(rejects("WITH d AS (DELETE FROM singer RETURNING *) SELECT * FROM d"), Rejection::DataModifyingCte);
         assert_eq!(rejects("SELECT * INTO new_table FROM singer"), Rejection::SelectInto);
         assert_eq!(rejects("SELECT * FROM singer FOR UPDATE"), Rejection::LockingClause);
+        // sqlparser reads a reserved word as a name (`SELECT "FOR" AS "UPDATE"`) where PostgreSQL reads a locking
+        // clause on an empty target list (found by fuzzing, fuzz/): a reserved word is never an unquoted name.
+        assert!(
+            matches!(rejects("SELECT  FOR UPDATE"), Rejection::Unparseable(m) if m.contains("`FOR` is a reserved word"))
+        );
+        assert!(matches!(rejects("SELECT 1 AS for"), Rejection::Unparseable(_)));
+        assert!(matches!(rejects("SELECT s.from FROM singer s"), Rejection::Unparseable(_)));
+        // Quoted, or an unreserved keyword, it is a name; value keywords stay values.
+        for sql in [
+            "SELECT \"for\" FROM singer",
+            "SELECT name AS \"update\" FROM singer",
+            "SELECT year, name FROM singer",
+            "SELECT current_date, current_user",
+            "SELECT * FROM singer WHERE name IS NOT NULL AND true",
+        ] {
+            assert!(check(sql).is_ok(), "{sql}");
+        }
         assert_eq!(rejects("SELECT * FROM (SELECT * FROM singer FOR SHARE) s"), Rejection::LockingClause);
         assert_eq!(rejects("  ;  "), Rejection::Empty);
     }
