@@ -71,6 +71,22 @@ pub fn select(
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let wanted: HashSet<String> = examples::terms(&query).into_iter().collect();
+    // Per table, the columns the query names: by the column's name, or by one of its values (`… from France` needs
+    // `country`). Computed once; `fit` consults it for every candidate.
+    let named: Vec<HashSet<&str>> = tables
+        .iter()
+        .map(|t| {
+            t.columns
+                .iter()
+                .filter(|c| {
+                    std::iter::once(vocab.words(&c.name))
+                        .chain(c.values.iter().cloned())
+                        .any(|text| examples::terms(&text).iter().any(|w| wanted.contains(w)))
+                })
+                .map(|c| c.name.as_str())
+                .collect()
+        })
+        .collect();
 
     // Tables the query speaks of (or neighbours them), best first; if it speaks of none, the best-connected
     // tables (most foreign keys) fill the budget instead.
@@ -98,7 +114,7 @@ pub fn select(
                 work.extend(graph[u].iter().copied().filter(|&n| own[n] > 0.0 && !with.contains(&n)));
             }
         }
-        if let Some(fit) = fit(tables, &with, &wanted, &vocab, budget, cost) {
+        if let Some(fit) = fit(tables, &with, &named, budget, cost) {
             chosen = with;
             best = fit;
         }
@@ -307,12 +323,11 @@ fn path_to(graph: &[Vec<usize>], t: usize, chosen: &[usize]) -> Vec<usize> {
 }
 
 /// The catalog of tables `with`, whole if it fits the budget, else with the columns that are neither keys nor
-/// named by the query (by name or by a value hint) dropped from the widest tables first until it fits; `None` if even that does not fit.
+/// `named` by the query (per table, by name or by a value hint) dropped from the widest tables first until it fits; `None` if even that does not fit.
 fn fit(
     tables: &[Table],
     with: &[usize],
-    wanted: &HashSet<String>,
-    vocab: &Vocabulary,
+    named: &[HashSet<&str>],
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
 ) -> Option<Catalog> {
@@ -333,11 +348,7 @@ fn fit(
             .map(String::as_str)
             .collect();
         for c in t.columns.iter().rev() {
-            // Named by the query: by the column's name, or by one of its values (`… from France` needs `country`).
-            let named = std::iter::once(vocab.words(&c.name))
-                .chain(c.values.iter().cloned())
-                .any(|text| examples::terms(&text).iter().any(|w| wanted.contains(w)));
-            if !keys.contains(c.name.as_str()) && !named {
+            if !keys.contains(c.name.as_str()) && !named[with[ti]].contains(c.name.as_str()) {
                 droppable.push((ti, c.name.clone()));
             }
         }
