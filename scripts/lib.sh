@@ -58,7 +58,7 @@ install_engine() {
   local profile=debug flag=()
   [ "${1:-}" = --release ] && { profile=release; flag=(--release); }
   say "building and installing copilot-engine ${1:-}"
-  (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-core --bin copilot-engine --no-default-features --features remote)
+  (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-core --bin copilot-engine --no-default-features --features model,remote)
   install -m 755 "$COPILOT_ROOT/target/$profile/copilot-engine" "$("$PG_CONFIG" --pkglibdir)/copilot-engine"
 }
 

@@ -111,6 +111,7 @@ impl CoreError {
     }
 }
 
+#[cfg(feature = "model")]
 impl From<candle_core::Error> for CoreError {
     fn from(e: candle_core::Error) -> Self {
         CoreError::Inference(e.to_string())

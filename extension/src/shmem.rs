@@ -275,8 +275,8 @@ pub struct PrefixCacheCounters {
     pub evictions: u64,
 }
 
-impl From<copilot_core::engine::prefix_cache::CacheStats> for PrefixCacheCounters {
-    fn from(s: copilot_core::engine::prefix_cache::CacheStats) -> Self {
+impl From<copilot_core::engine::backend::CacheStats> for PrefixCacheCounters {
+    fn from(s: copilot_core::engine::backend::CacheStats) -> Self {
         PrefixCacheCounters {
             entries: s.entries as u64,
             bytes: s.bytes as u64,

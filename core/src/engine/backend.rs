@@ -157,3 +157,26 @@ impl Generation {
 pub trait Backend: Send {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError>;
 }
+
+/// Options for loading.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Cap on prompt + generated tokens, below the model's own context length (0 = the model's).
+    pub max_context: usize,
+    /// Bound on the schema-prefix KV cache, in bytes (0 = no cache).
+    pub prefix_cache_bytes: usize,
+    /// Memory the process may use, in bytes (0 = no limit): a model that would need more is refused before any
+    /// tensor is read, with how much it needs, rather than failing halfway or inviting the OOM killer.
+    pub memory_limit_bytes: u64,
+}
+
+/// The schema-prefix KV cache's counters (see `prefix_cache`), for `copilot.status()` and the benchmarks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    pub entries: usize,
+    pub bytes: usize,
+    pub limit_bytes: usize,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}

@@ -15,19 +15,30 @@
 //! - [`serve`]: the engine as a service (jobs in, events out) and the framing of its process boundary;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
 //! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
+//!
+//! Everything that runs a model locally (model, kernels, decode, runtime, prefix_cache, tokenizer, alloc) is behind
+//! the `model` feature (candle); without it the engine room is the service, its wire format and the backends that
+//! need no weights (scripted, remote).
 
+#[cfg(feature = "model")]
 pub mod alloc;
 pub mod backend;
+#[cfg(feature = "model")]
 pub mod decode;
 pub mod draft;
+#[cfg(feature = "model")]
 pub mod kernels;
+#[cfg(feature = "model")]
 pub mod model;
+#[cfg(feature = "model")]
 pub mod prefix_cache;
 #[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(feature = "model")]
 pub mod runtime;
 pub mod sample;
 pub mod scripted;
 pub mod serve;
 pub mod source;
+#[cfg(feature = "model")]
 pub mod tokenizer;

@@ -28,16 +28,7 @@ pub fn prefix_key(model_id: &str, tokens: &[u32]) -> PrefixKey {
     h.finalize().into()
 }
 
-/// Counters for `copilot.status()` and the benchmarks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct CacheStats {
-    pub entries: usize,
-    pub bytes: usize,
-    pub limit_bytes: usize,
-    pub hits: u64,
-    pub misses: u64,
-    pub evictions: u64,
-}
+pub use crate::engine::backend::CacheStats;
 
 struct Entry {
     kv: KvCache,

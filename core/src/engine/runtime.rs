@@ -61,17 +61,7 @@ pub struct ModelInfo {
     pub identity: String,
 }
 
-/// Options for loading.
-#[derive(Debug, Clone, Default)]
-pub struct LoadOptions {
-    /// Cap on prompt + generated tokens, below the model's own context length (0 = the model's).
-    pub max_context: usize,
-    /// Bound on the schema-prefix KV cache, in bytes (0 = no cache).
-    pub prefix_cache_bytes: usize,
-    /// Memory the process may use, in bytes (0 = no limit): a model that would need more is refused before any
-    /// tensor is read, with how much it needs, rather than failing halfway or inviting the OOM killer.
-    pub memory_limit_bytes: u64,
-}
+pub use crate::engine::backend::LoadOptions;
 
 /// What loading a model file of `file_bytes` needs: the weights as read, candle's tiled copy of the layer weights
 /// for prompts (about as large again), and working memory.

@@ -7,9 +7,9 @@
 //! of [`Command`]s and sends [`Event`]s back; a job's cancel flag is checked between prefill chunks and tokens.
 //! [`wire`] is the framing both ends of the process boundary speak.
 
-use crate::engine::backend::{Answer, Backend, GenerateRequest};
-use crate::engine::prefix_cache::CacheStats;
-use crate::engine::runtime::{LoadOptions, Runtime};
+use crate::engine::backend::{Answer, Backend, CacheStats, GenerateRequest, LoadOptions};
+#[cfg(feature = "model")]
+use crate::engine::runtime::Runtime;
 use crate::engine::scripted::Scripted;
 use crate::error::{CoreError, ErrorKind};
 use serde::{Deserialize, Serialize};
@@ -21,6 +21,7 @@ use std::time::Instant;
 
 /// What the engine serves: a model, or (`script:<path>`) a scripted backend for tests.
 pub enum Engine {
+    #[cfg(feature = "model")]
     Model(Box<Runtime>),
     Script(Scripted),
     #[cfg(feature = "remote")]
@@ -76,6 +77,11 @@ impl Engine {
                 Loaded { arch: "script".into(), file_bytes: 0, load_s: t0.elapsed().as_secs_f64(), path: None };
             return Ok((Engine::Script(s), loaded));
         }
+        Engine::load_model(spec, opts)
+    }
+
+    #[cfg(feature = "model")]
+    fn load_model(spec: &str, opts: &LoadOptions) -> Result<(Engine, Loaded), CoreError> {
         let path = crate::engine::source::resolve(spec, false)?;
         let rt = Runtime::load(&path, opts)?;
         let info = rt.info();
@@ -84,9 +90,15 @@ impl Engine {
         Ok((Engine::Model(Box::new(rt)), loaded))
     }
 
+    #[cfg(not(feature = "model"))]
+    fn load_model(spec: &str, _opts: &LoadOptions) -> Result<(Engine, Loaded), CoreError> {
+        Err(CoreError::Model(format!("{spec}: this build of copilot-core has no local model engine (feature `model`)")))
+    }
+
     /// Answer one job; a panic is an error with its message.
     pub fn run(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<crate::Generation, CoreError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            #[cfg(feature = "model")]
             Engine::Model(rt) => {
                 rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
                 rt.generate(&job.req, cancel)
@@ -100,7 +112,9 @@ impl Engine {
 
     pub fn cache_stats(&self) -> CacheStats {
         match self {
+            #[cfg(feature = "model")]
             Engine::Model(rt) => rt.prefix_cache_stats(),
+            #[allow(unreachable_patterns)]
             _ => CacheStats::default(),
         }
     }
