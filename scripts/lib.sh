@@ -52,14 +52,24 @@ stop_our_clusters() {
   done
 }
 
-# install_engine [--release]: build copilot-engine (the process the model runs in) and put it beside the
-# extension's library, where the worker looks for it.
-install_engine() {
+# The workspace's version (Cargo.toml), which the extension, the package and the image carry.
+COPILOT_VERSION=$(sed -nE 's/^version = "([^"]+)"/\1/p' "$COPILOT_ROOT/Cargo.toml" | head -1)
+
+# build_engine [--release]: build copilot-engine (the process the model runs in); prints the binary's path.
+build_engine() {
   local profile=debug flag=()
   [ "${1:-}" = --release ] && { profile=release; flag=(--release); }
+  (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-core --bin copilot-engine --no-default-features --features model,remote) || return 1
+  echo "$COPILOT_ROOT/target/$profile/copilot-engine"
+}
+
+# install_engine [--release]: build copilot-engine and put it beside the extension's library, where the worker
+# looks for it.
+install_engine() {
+  local bin
   say "building and installing copilot-engine ${1:-}"
-  (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-core --bin copilot-engine --no-default-features --features model,remote)
-  install -m 755 "$COPILOT_ROOT/target/$profile/copilot-engine" "$("$PG_CONFIG" --pkglibdir)/copilot-engine"
+  bin=$(build_engine "$@") || return 1
+  install -m 755 "$bin" "$("$PG_CONFIG" --pkglibdir)/copilot-engine"
 }
 
 # install_extension [--release]: build and install copilot (and its engine) into the system PostgreSQL 15.
