@@ -11,6 +11,16 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# apt_install PKG...: install Debian packages on this machine (nothing to do without any).
+apt_install() {
+  [ $# -gt 0 ] || return 0
+  say "installing $*"
+  # apt verifies signatures as the unprivileged _apt user, which needs the usual world-writable sticky /tmp.
+  [ "$(stat -c %a /tmp)" = 1777 ] || chmod 1777 /tmp
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
 # Install what is missing: PostgreSQL 15 with server headers, clang (bindgen), sudo (cargo pgrx --runas), a font,
 # cargo-pgrx 0.18.1, and pgrx's configuration for the system PostgreSQL 15.
 ensure_deps() {
@@ -24,13 +34,7 @@ ensure_deps() {
   command -v jq >/dev/null || pkgs+=(jq)
   # eval charts (plotters draws text with this font)
   [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || pkgs+=(fonts-dejavu-core)
-  if [ ${#pkgs[@]} -gt 0 ]; then
-    say "installing ${pkgs[*]}"
-    # apt verifies signatures as the unprivileged _apt user, which needs the usual world-writable sticky /tmp.
-    [ "$(stat -c %a /tmp)" = 1777 ] || chmod 1777 /tmp
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
-  fi
+  apt_install "${pkgs[@]}"
   if ! cargo pgrx --version 2>/dev/null | grep -q '0\.18\.1'; then
     # A debug build: cargo-pgrx only drives cargo, bindgen and the schema generator (each built by cargo as the
     # project's own), so optimising it buys nothing and cost 7.4 min against 3.7 (2-core EPYC, crates cached).
