@@ -2,7 +2,9 @@
 # Everything here assumes a Debian 12 machine where we are root (as CI is); PostgreSQL runs as `postgres`.
 
 COPILOT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PG_BIN=/usr/lib/postgresql/15/bin
+# The PostgreSQL major the scripts drive: 15 here; scripts/test-pg17 runs the SQL suite with 17 in its Debian 13 root.
+PG_MAJOR=${COPILOT_PG_MAJOR:-15}
+PG_BIN=/usr/lib/postgresql/$PG_MAJOR/bin
 PG_CONFIG=$PG_BIN/pg_config
 COPILOT_MODEL_DIR=${COPILOT_MODEL_DIR:-/var/lib/copilot/models}
 DEFAULT_MODEL=$COPILOT_MODEL_DIR/qwen2.5-coder-1.5b-copilot-spider-q4_k_m.gguf
@@ -129,6 +131,37 @@ stop_cluster() {
 pg() {
   local dir=$1 port=$2 db=$3; shift 3
   runuser -u postgres -- psql -X -q -h "$dir" -p "$port" -d "$db" "$@"
+}
+
+# require_passwords DIR PORT: every role but postgres (on the socket, which the scripts use) logs in with its password
+# — what copilot studio's logins need (initdb's `trust` would let anyone name any role).
+require_passwords() {
+  cat > "$1/data/pg_hba.conf" <<'HBA'
+local all postgres trust
+local all all scram-sha-256
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+HBA
+  pg "$1" "$2" postgres -qAt -c "SELECT pg_reload_conf()" >/dev/null
+}
+
+# analyst_role DIR PORT DB ROLE PASSWORD: an ordinary LOGIN role (made, or its password reset) with what an analyst
+# needs: USAGE on copilot's schema (its functions are executable by PUBLIC; copilot.history is readable by PUBLIC
+# under row-level security) and on public, and SELECT on public's tables.
+analyst_role() {
+  pg "$1" "$2" "$3" -v ON_ERROR_STOP=1 -v r="$4" -v p="$5" >/dev/null <<'SQL'
+SELECT format('CREATE ROLE %I LOGIN', :'r') WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = :'r') \gexec
+SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', :'r', :'p') \gexec
+SELECT format('GRANT USAGE ON SCHEMA copilot, public TO %I', :'r') \gexec
+SELECT format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', :'r') \gexec
+SQL
+}
+
+# free_tcp_port FIRST: the first port from FIRST that nobody listens on.
+free_tcp_port() {
+  local p=$1
+  while ss -Hltn "sport = :$p" | grep -q .; do p=$((p + 1)); done
+  echo "$p"
 }
 
 # wait_ready DIR PORT DB [seconds]: until copilot.status() says ready (or failed, which is printed).
