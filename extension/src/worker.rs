@@ -11,8 +11,13 @@
 //! Threads and who may touch what:
 //! - the worker's **main thread** is the only one that calls into PostgreSQL (latches, the board's LWLock, GUCs,
 //!   logging);
-//! - the **engine reader** thread only turns frames from the engine's stdout into channel messages. It is created
-//!   with every signal blocked, so PostgreSQL's handlers only ever run on the main thread.
+//! - the **engine reader** thread only turns frames from the engine's stdout into channel messages and rings the
+//!   [`Doorbell`] (an eventfd, no PostgreSQL state) after each. It is created with every signal blocked, so
+//!   PostgreSQL's handlers only ever run on the main thread.
+//!
+//! The main thread sleeps in `WaitLatchOrSocket` on its latch (set by sessions when they submit or abandon a
+//! request) and the doorbell, so it wakes for work, not on a timer: polling every 2 ms while a job ran preempted
+//! the engine's compute threads about 500 times a second on a 2-core machine (reports/engine_boundary.md).
 //!
 //! A change of `copilot.model` (SIGHUP) restarts the engine with the new model; the worker stays. A model that
 //! fails to load leaves the worker in state `failed` with the reason, so sessions get that reason at once.
@@ -24,9 +29,11 @@ use copilot_core::engine::serve::{wire, Command, Event, Job};
 use copilot_core::error::ErrorKind;
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::prelude::*;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Stdio};
 use std::sync::mpsc::{channel, Receiver, Sender, TryRecvError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub const RESTART_SECS: u64 = 1;
@@ -61,6 +68,66 @@ fn spawn_masked<F: FnOnce() + Send + 'static>(name: &str, f: F) -> std::io::Resu
     }
 }
 
+/// How long the main loop sleeps when nothing wakes it: the engine's silence and restarts are checked this often.
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+/// The main loop's sleep while a job runs if the doorbell could not be made (polling, as before it existed).
+const POLL_WAIT: Duration = Duration::from_millis(2);
+
+/// An eventfd the engine's reader thread writes after each message it passes on; the main loop waits on it beside
+/// its latch. Ringing and draining are plain system calls on a descriptor this struct owns: any thread may ring.
+struct Doorbell(OwnedFd);
+
+impl Doorbell {
+    fn new() -> std::io::Result<Arc<Doorbell>> {
+        // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor that we then own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned by eventfd, is open, and nothing else owns it.
+        Ok(Arc::new(Doorbell(unsafe { OwnedFd::from_raw_fd(fd) })))
+    }
+
+    /// Wake the main loop. A full counter (EAGAIN) already means "ring", so the result is ignored.
+    fn ring(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to the eventfd this struct owns.
+        unsafe { libc::write(self.0.as_raw_fd(), std::ptr::addr_of!(one).cast(), 8) };
+    }
+
+    /// Reset the counter (non-blocking: nothing to read is fine).
+    fn drain(&self) {
+        let mut n: u64 = 0;
+        // SAFETY: reads at most 8 bytes into a live u64 from the eventfd this struct owns.
+        unsafe { libc::read(self.0.as_raw_fd(), std::ptr::addr_of_mut!(n).cast(), 8) };
+    }
+}
+
+/// Sleep until the latch is set, the doorbell rings or `timeout` passes (without a doorbell: the latch or the
+/// timeout). False when the worker must stop (SIGTERM, the postmaster gone).
+fn wait(bell: Option<&Doorbell>, timeout: Duration) -> bool {
+    let Some(bell) = bell else { return BackgroundWorker::wait_latch(Some(timeout)) };
+    let events = pg_sys::WL_LATCH_SET | pg_sys::WL_SOCKET_READABLE | pg_sys::WL_TIMEOUT | pg_sys::WL_POSTMASTER_DEATH;
+    // SAFETY: called on the worker's main thread only; MyLatch is this process's own latch, and the descriptor is
+    // an open eventfd that `bell` keeps alive for the call. ResetLatch and CHECK_FOR_INTERRUPTS follow, as in
+    // every latch loop of PostgreSQL.
+    let rc = unsafe {
+        let rc = pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            bell.0.as_raw_fd(),
+            timeout.as_millis().try_into().unwrap_or(i64::MAX) as _,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+        rc
+    };
+    pg_sys::check_for_interrupts!();
+    // Drained before the channel is read: a message sent after this rings again and the next wait returns at once.
+    bell.drain();
+    !BackgroundWorker::sigterm_received() && rc & pg_sys::WL_POSTMASTER_DEATH as i32 == 0
+}
+
 /// What the reader thread passes on.
 enum Incoming {
     Event(Event),
@@ -91,6 +158,7 @@ fn engine_path() -> std::path::PathBuf {
 }
 
 fn spawn_engine(
+    bell: Option<Arc<Doorbell>>,
     spec: &EngineSpec,
     threads: usize,
     max_context: usize,
@@ -139,16 +207,16 @@ fn spawn_engine(
     let mut stdout = child.stdout.take().expect("piped stdout");
     let (tx, incoming) = channel();
     spawn_masked("copilot-engine-reader", move || loop {
-        match wire::read::<_, Event>(&mut stdout) {
-            Ok(ev) => {
-                if tx.send(Incoming::Event(ev)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                let _ = tx.send(Incoming::Gone(e.to_string()));
-                return;
-            }
+        let (msg, last) = match wire::read::<_, Event>(&mut stdout) {
+            Ok(ev) => (Incoming::Event(ev), false),
+            Err(e) => (Incoming::Gone(e.to_string()), true),
+        };
+        let sent = tx.send(msg).is_ok();
+        if let Some(b) = &bell {
+            b.ring();
+        }
+        if last || !sent {
+            return;
         }
     })?;
     let (commands, outgoing) = channel::<Command>();
@@ -208,6 +276,9 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     let wake = BOARD.exclusive().worker_start(pid, Latch::mine(), &spec.describe(), threads as u32);
     wake.into_iter().for_each(Latch::set);
 
+    let bell = Doorbell::new()
+        .map_err(|e| warning!("copilot worker: no eventfd ({e}); polling the engine every 2 ms instead"))
+        .ok();
     let mut engine: Option<EngineProc> = None;
     let mut running: Option<Running> = None;
     let mut next_id = 0u64;
@@ -218,7 +289,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
         if engine.is_none() && Instant::now() >= restart_at {
             let memory_mb = gucs::ENGINE_MEMORY_MB.get().max(0) as usize;
             log!("copilot worker: starting the engine for {} with {threads} thread(s)", spec.describe());
-            match spawn_engine(&spec, threads, max_context, memory_mb) {
+            match spawn_engine(bell.clone(), &spec, threads, max_context, memory_mb) {
                 Ok(e) => engine = Some(e),
                 Err(e) => {
                     BOARD.exclusive().worker_failed(&e.to_string());
@@ -228,8 +299,8 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 }
             }
         }
-        let timeout = if running.is_some() { Duration::from_millis(2) } else { Duration::from_millis(100) };
-        if !BackgroundWorker::wait_latch(Some(timeout)) {
+        let timeout = if running.is_some() && bell.is_none() { POLL_WAIT } else { IDLE_WAIT };
+        if !wait(bell.as_deref(), timeout) {
             break;
         }
         if BackgroundWorker::sighup_received() {
