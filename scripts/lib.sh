@@ -25,10 +25,10 @@ apt_install() {
 
 # Install what is missing: PostgreSQL 15 with server headers, clang (bindgen), sudo (cargo pgrx --runas), a font,
 # cargo-pgrx 0.18.1, and pgrx's configuration for the system PostgreSQL 15.
-ensure_deps() {
-  local pkgs=()
-  [ -x "$PG_BIN/postgres" ] || pkgs+=(postgresql-15)
-  [ -x "$PG_CONFIG" ] || pkgs+=(postgresql-server-dev-15)
+ensure_deps() {  # the host's tools, for its PostgreSQL 15 whatever COPILOT_PG_MAJOR says (17 lives in $TRIXIE)
+  local pkgs=() pg15=/usr/lib/postgresql/15/bin
+  [ -x "$pg15/postgres" ] || pkgs+=(postgresql-15)
+  [ -x "$pg15/pg_config" ] || pkgs+=(postgresql-server-dev-15)
   [ -f /usr/include/postgresql/15/server/postgres.h ] || pkgs+=(postgresql-server-dev-15)
   command -v clang >/dev/null || pkgs+=(clang libclang-dev)
   ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || pkgs+=(libclang-dev)
@@ -44,7 +44,7 @@ ensure_deps() {
     cargo install cargo-pgrx --version 0.18.1 --locked --quiet --debug
   fi
   if ! grep -q "pg15" "$HOME/.pgrx/config.toml" 2>/dev/null; then
-    cargo pgrx init --pg15 "$PG_CONFIG" >/dev/null
+    cargo pgrx init --pg15 "$pg15/pg_config" >/dev/null
   fi
 }
 
@@ -265,4 +265,27 @@ ensure_llamacpp() {
       -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null &&
     cmake --build build -j"$(nproc)" --target "${missing[@]}" >/dev/null)
+}
+# The Debian 13 (trixie) root where Debian's PostgreSQL 17 lives (the host, Debian 12, must not mix suites):
+# made by `scripts/test-pg17 --root`, used by test-pg17 and `COPILOT_PG_MAJOR=17 scripts/package`.
+TRIXIE=/var/lib/copilot/images/rootfs-trixie
+TRIXIE_MOUNTS=()
+trixie_bind() {  # trixie_bind HOST_PATH PATH_IN_ROOT
+  mkdir -p "$TRIXIE$2"
+  mountpoint -q "$TRIXIE$2" || { mount --bind "$1" "$TRIXIE$2"; TRIXIE_MOUNTS=("$TRIXIE$2" "${TRIXIE_MOUNTS[@]}"); }
+}
+# What a build or test inside the root needs from the host: /proc, /dev, the Rust toolchain, this checkout (at its
+# own path) and the models. Undo with trixie_unmount (callers trap it on EXIT).
+trixie_mount_build() {
+  mountpoint -q "$TRIXIE/proc" || { mount -t proc proc "$TRIXIE/proc"; TRIXIE_MOUNTS=("$TRIXIE/proc" "${TRIXIE_MOUNTS[@]}"); }
+  trixie_bind /dev /dev
+  trixie_bind "$HOME/.rustup" /root/.rustup
+  trixie_bind "$HOME/.cargo" /root/.cargo
+  trixie_bind "$COPILOT_ROOT" "$COPILOT_ROOT"
+  trixie_bind "$COPILOT_MODEL_DIR" /var/lib/copilot/models
+}
+trixie_unmount() {
+  local m
+  for m in "${TRIXIE_MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
+  TRIXIE_MOUNTS=()
 }
