@@ -266,26 +266,31 @@ ensure_llamacpp() {
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null &&
     cmake --build build -j"$(nproc)" --target "${missing[@]}" >/dev/null)
 }
+# Mounts into a chroot (debootstrapped roots), undone newest first by root_unmount (callers trap it on EXIT).
+ROOT_MOUNTS=()
+root_bind() {  # root_bind ROOT HOST_PATH PATH_IN_ROOT [mount options, e.g. -o ro]
+  local src=$2 dst=$1$3; shift 3
+  mkdir -p "$dst"
+  mountpoint -q "$dst" || { mount --bind "$@" "$src" "$dst"; ROOT_MOUNTS=("$dst" "${ROOT_MOUNTS[@]}"); }
+}
+root_proc() {  # root_proc ROOT
+  mountpoint -q "$1/proc" || { mount -t proc proc "$1/proc"; ROOT_MOUNTS=("$1/proc" "${ROOT_MOUNTS[@]}"); }
+}
+root_unmount() {
+  local m
+  for m in "${ROOT_MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
+  ROOT_MOUNTS=()
+}
 # The Debian 13 (trixie) root where Debian's PostgreSQL 17 lives (the host, Debian 12, must not mix suites):
 # made by `scripts/test-pg17 --root`, used by test-pg17 and `COPILOT_PG_MAJOR=17 scripts/package`.
 TRIXIE=/var/lib/copilot/images/rootfs-trixie
-TRIXIE_MOUNTS=()
-trixie_bind() {  # trixie_bind HOST_PATH PATH_IN_ROOT
-  mkdir -p "$TRIXIE$2"
-  mountpoint -q "$TRIXIE$2" || { mount --bind "$1" "$TRIXIE$2"; TRIXIE_MOUNTS=("$TRIXIE$2" "${TRIXIE_MOUNTS[@]}"); }
-}
-# What a build or test inside the root needs from the host: /proc, /dev, the Rust toolchain, this checkout (at its
-# own path) and the models. Undo with trixie_unmount (callers trap it on EXIT).
+# What a build or test inside it needs from the host: /proc, /dev, the Rust toolchain, this checkout (at its own
+# path) and the models.
 trixie_mount_build() {
-  mountpoint -q "$TRIXIE/proc" || { mount -t proc proc "$TRIXIE/proc"; TRIXIE_MOUNTS=("$TRIXIE/proc" "${TRIXIE_MOUNTS[@]}"); }
-  trixie_bind /dev /dev
-  trixie_bind "$HOME/.rustup" /root/.rustup
-  trixie_bind "$HOME/.cargo" /root/.cargo
-  trixie_bind "$COPILOT_ROOT" "$COPILOT_ROOT"
-  trixie_bind "$COPILOT_MODEL_DIR" /var/lib/copilot/models
-}
-trixie_unmount() {
-  local m
-  for m in "${TRIXIE_MOUNTS[@]}"; do umount "$m" 2>/dev/null || true; done
-  TRIXIE_MOUNTS=()
+  root_proc "$TRIXIE"
+  root_bind "$TRIXIE" /dev /dev
+  root_bind "$TRIXIE" "$HOME/.rustup" /root/.rustup
+  root_bind "$TRIXIE" "$HOME/.cargo" /root/.cargo
+  root_bind "$TRIXIE" "$COPILOT_ROOT" "$COPILOT_ROOT"
+  root_bind "$TRIXIE" "$COPILOT_MODEL_DIR" /var/lib/copilot/models
 }
