@@ -10,7 +10,7 @@ use crate::errors::{CopilotError, OrRaise};
 use crate::shmem::{Latch, Metrics, Owner, Poll, Readiness, Ticket, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
 use copilot_core::engine::backend::{Answer, GenerateRequest};
-use copilot_core::sql::schema::Catalog;
+use copilot_core::sql::schema::{Catalog, Qualifier};
 use pgrx::prelude::*;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -147,8 +147,14 @@ pub(crate) fn context_for_caller() -> Result<(Catalog, String), CopilotError> {
 /// schema larger than `copilot.context_budget_tokens`, only the tables and columns the question needs
 /// ([`copilot_core::sql::select`]) plus `copilot.include_tables`.
 pub(crate) fn context_for(question: Option<&str>) -> Result<(Catalog, String), CopilotError> {
+    context_and_qualifier(question).map(|(catalog, text, _)| (catalog, text))
+}
+
+/// [`context_for`], and the tables it shows bare from schemas outside the search_path (a selection from a large
+/// schema writes unique names bare: `copilot_core::sql::qualify`), which the model's SQL must be qualified with.
+pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, String, Qualifier), CopilotError> {
     let configured = gucs::schemas();
-    let (mut catalog, opts) = catalog::load(&configured, gucs::VALUE_HINTS.get().max(0) as usize)?;
+    let (mut catalog, mut opts) = catalog::load(&configured, gucs::VALUE_HINTS.get().max(0) as usize)?;
     let named = |t: &copilot_core::sql::schema::Table, list: &[String]| {
         list.iter().any(|n| match n.split_once('.') {
             Some((s, name)) => t.schema.eq_ignore_ascii_case(s) && t.name.eq_ignore_ascii_case(name),
@@ -166,23 +172,34 @@ pub(crate) fn context_for(question: Option<&str>) -> Result<(Catalog, String), C
         return Err(CopilotError::NoReadableTables { scope });
     }
     if let Some(q) = question {
-        let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
         let budget = gucs::context_budget_tokens();
+        let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
         if tokens(&catalog) > budget {
             let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
             let always = Catalog { tables: always };
             let left = budget.saturating_sub(tokens(&always));
-            let (mut chosen, _) = copilot_core::sql::select::select(&Catalog { tables: rest }, q, &[], left, &tokens);
+            let (mut chosen, _) = copilot_core::sql::select::select_with(
+                &Catalog { tables: rest },
+                q,
+                &[],
+                left,
+                &tokens,
+                gucs::SCHEMA_FOCUS.get(),
+            );
             chosen.tables.extend(always.tables);
             chosen.normalize();
             if chosen.is_empty() {
                 return Err(CopilotError::ContextBudgetTooSmall { budget });
             }
             catalog = chosen;
+            // Shown with unique names bare (`copilot.bare_table_names`), which is never longer than the qualified
+            // rendering the budget was counted on: the tables chosen do not depend on the setting.
+            opts.bare_unique = gucs::BARE_TABLE_NAMES.get();
         }
     }
     let text = catalog.render(&opts);
-    Ok((catalog, text))
+    let qualifier = catalog.qualifier(&opts);
+    Ok((catalog, text, qualifier))
 }
 
 /// Turn a natural-language question into one SQL query over the tables the caller can read: several candidate
@@ -414,6 +431,7 @@ fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)
         "planned_first_try_rate": ratio(p.planned_first_try, p.candidates),
         "repairs": p.repairs,
         "repaired": p.repaired,
+        "hints_applied": p.hints_applied,
         "votes": p.votes,
         "mean_vote_margin": ratio(p.margin_sum, p.votes),
         "refusals": p.refusals,
@@ -430,11 +448,11 @@ fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)
 fn ask_verbose(question: &str) -> pgrx::JsonB {
     let q = validate_question(question).or_raise();
     ensure_preloaded().or_raise();
-    let (catalog, context) = context_for(Some(q)).or_raise();
+    let (catalog, context, qualifier) = context_and_qualifier(Some(q)).or_raise();
     let examples = crate::memory::examples_for(q, &catalog).or_raise();
     let ids: Vec<i64> = examples.iter().map(|(id, _)| *id).collect();
     let turns: Vec<_> = examples.into_iter().map(|(_, e)| e).collect();
-    let (sql, report) = match crate::pipeline::answer(q, &catalog, &context, &turns) {
+    let (sql, report) = match crate::pipeline::answer(q, &catalog, &context, &qualifier, &turns) {
         Ok(a) => (Some(a.sql), a.report),
         Err(CopilotError::CannotAnswer { report, .. }) => (None, *report),
         Err(CopilotError::NoSql { raw }) => {

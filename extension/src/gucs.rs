@@ -9,6 +9,8 @@
 //! | `copilot.max_new_tokens` | USERSET | 256 | longest answer, in tokens |
 //! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
 //! | `copilot.context_budget_tokens` | USERSET | 0 = what max_context_tokens leaves | past it, the question's tables and columns are chosen |
+//! | `copilot.schema_focus` | USERSET | on | a selection spanning several schemas keeps to the question's schema (and FK paths out of it) |
+//! | `copilot.bare_table_names` | USERSET | on | tables chosen from a large schema are shown by unique bare names (SQL qualified back) |
 //! | `copilot.include_tables` | USERSET | '' | tables always shown (name or schema.name) |
 //! | `copilot.exclude_tables` | USERSET | '' | tables never shown |
 //! | `copilot.max_question_chars` | USERSET | 2000 | longest question accepted |
@@ -52,6 +54,8 @@ pub static PREFIX_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static CONTEXT_BUDGET_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
+pub static BARE_TABLE_NAMES: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static SCHEMA_FOCUS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static INCLUDE_TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static EXCLUDE_TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static MAX_QUESTION_CHARS: GucSetting<i32> = GucSetting::<i32>::new(2000);
@@ -219,6 +223,25 @@ fn register_session_gucs() {
         &CONTEXT_BUDGET_TOKENS,
         0,
         1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"copilot.schema_focus",
+        c"When a large schema context spans several schemas, choose tables from the question's schema only.",
+        c"The schema whose two best-matching tables match the question best; tables of other schemas are still \
+          shown on a foreign-key path from the chosen ones, and copilot.include_tables always. Off: the best tables \
+          of any schema fill the budget.",
+        &SCHEMA_FOCUS,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"copilot.bare_table_names",
+        c"Show the tables chosen from a large schema by their bare names where no other chosen table shares the name.",
+        c"The model's SQL is then schema-qualified back before it is checked, run or returned. Off: names outside \
+          the search_path are shown schema-qualified. The tables chosen are the same either way.",
+        &BARE_TABLE_NAMES,
         GucContext::Userset,
         GucFlags::default(),
     );

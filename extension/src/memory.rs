@@ -95,13 +95,13 @@ pub(crate) fn answer_recorded<T>(
             None => Vec::new(),
         };
         turns.extend(ask.turns);
-        let (catalog, context) = api::context_for(Some(&ask.prompt_question))?;
+        let (catalog, context, qualifier) = api::context_and_qualifier(Some(&ask.prompt_question))?;
         rec.borrow_mut().schema_fingerprint = Some(history::fingerprint(&context));
         let shown = examples_for(&ask.prompt_question, &catalog)?;
         rec.borrow_mut().examples = shown.iter().map(|(id, _)| *id).collect();
         let mut all: Vec<Exchange> = shown.into_iter().map(|(_, e)| e).collect();
         all.extend(turns);
-        let answered = crate::pipeline::answer(&ask.prompt_question, &catalog, &context, &all);
+        let answered = crate::pipeline::answer(&ask.prompt_question, &catalog, &context, &qualifier, &all);
         let Answered { sql, report: r } = match answered {
             Ok(a) => a,
             Err(e) => {

@@ -3,19 +3,26 @@
 //!
 //! 1. **Candidates**: the worker decodes `copilot.candidates` answers to the question together (the first greedy,
 //!    the others sampled with a seed taken from the prompt, so the same question gives the same answer).
+//!    Where the context showed a table from another schema by its bare name (a selection from a large schema),
+//!    the SQL is schema-qualified first ([`copilot_core::sql::qualify`]), so what follows and what is returned
+//!    resolves on any search_path.
 //! 2. **Check**: each distinct SQL passes the gate and is planned as the caller (`EXPLAIN` in a rolled-back,
 //!    read-only subtransaction under the statement timer; no data is read). PostgreSQL is the judge of names and
 //!    types.
-//! 3. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
+//! 3. **Hints**: a candidate PostgreSQL refused with a HINT naming the same column under another alias, or the
+//!    alias it meant (`column t2.maker does not exist` / `Perhaps you meant to reference the column "t1.maker"`),
+//!    is rewritten as the hint says and checked again ([`copilot_core::sql::hint`]): no model call, and a small model asked to repair such a query
+//!    often writes it again unchanged.
+//! 4. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
 //!    goes back to the model as a continuation of the same conversation — the SQL it wrote, then PostgreSQL's
 //!    message, DETAIL and HINT, and the schema's names closest to a missing one — up to `copilot.repair_attempts`
 //!    times. The schema prefix is shared, so the prefix cache makes this cheap.
-//! 4. **Vote**: the candidates that plan are run read-only as the caller (time-bounded by `copilot.vote_timeout`,
+//! 5. **Vote**: the candidates that plan are run read-only as the caller (time-bounded by `copilot.vote_timeout`,
 //!    row-bounded) and grouped by equal results (a multiset of rows, column order free); the largest group wins,
 //!    ties go to a group with rows over an empty one, then to the group holding the earliest candidate (the greedy
 //!    one first). When nothing can be run (a zero
 //!    timeout, or every run failed), candidates are grouped by equal plans instead.
-//! 5. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
+//! 6. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
 //!    instead of handing back SQL, when the schema names almost nothing the question asks about (at most
 //!    `copilot.grounding_threshold` of its words) and the model — asked in the same request, on the same cached
 //!    schema prefix, whether these tables can answer it — leans to no (at least `copilot.refusal_threshold`), or
@@ -30,8 +37,9 @@ use crate::gucs;
 use crate::shmem::{PipelineCounts, BOARD};
 use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest};
 use copilot_core::sql::gate;
+use copilot_core::sql::hint::apply_hint;
 use copilot_core::sql::prompt::repair_message;
-use copilot_core::sql::schema::Catalog;
+use copilot_core::sql::schema::{Catalog, Qualifier};
 use copilot_core::sql::suggest::{grounding, similar_names};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -46,7 +54,11 @@ pub struct Tried {
     pub source: String,
     /// What the model wrote.
     pub text: String,
+    /// The SQL taken from it, table names qualified where the context showed them bare.
     pub sql: Option<String>,
+    /// The SQL as the model wrote it (what a repair shows it again), when qualifying changed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub written: Option<String>,
     /// `null` when it planned; otherwise why not (the gate's or PostgreSQL's words, with the SQLSTATE).
     pub error: Option<String>,
     /// The vote group it fell in, if it was run or compared.
@@ -63,6 +75,8 @@ pub struct Report {
     pub question: String,
     pub candidates: Vec<Tried>,
     pub repairs: usize,
+    /// Candidates rewritten as PostgreSQL's HINT said (`column t2.x does not exist` / `… the column "t1.x"`).
+    pub hints_applied: usize,
     /// How the winner was chosen: `only candidate`, `largest result group`, `tie, earliest candidate`,
     /// `plan agreement`, or why nothing was returned.
     pub decision: String,
@@ -117,8 +131,10 @@ fn check(sql: &str, catalog: &Catalog) -> Result<String, String> {
     })
 }
 
-fn tried(source: String, c: &Candidate) -> Tried {
-    Tried { source, text: c.text.clone(), sql: c.sql.clone(), error: None, group: None, rows: None, plan: None }
+fn tried(source: String, c: &Candidate, qualifier: &Qualifier) -> Tried {
+    let sql = c.sql.as_deref().map(|s| qualifier.qualify(s));
+    let written = c.sql.clone().filter(|w| sql.as_ref() != Some(w));
+    Tried { source, text: c.text.clone(), sql, written, error: None, group: None, rows: None, plan: None }
 }
 
 /// Check every candidate (each distinct SQL once).
@@ -218,6 +234,7 @@ pub fn answer(
     question: &str,
     catalog: &Catalog,
     context: &str,
+    qualifier: &Qualifier,
     history: &[Exchange],
 ) -> Result<Answered, CopilotError> {
     let k = gucs::CANDIDATES.get().max(1) as usize;
@@ -240,7 +257,7 @@ pub fn answer(
         .candidates
         .iter()
         .enumerate()
-        .map(|(i, c)| tried(if i == 0 { "greedy".into() } else { format!("sample {i}") }, c))
+        .map(|(i, c)| tried(if i == 0 { "greedy".into() } else { format!("sample {i}") }, c, qualifier))
         .collect();
     let mut report = Report {
         question: question.to_string(),
@@ -257,6 +274,7 @@ pub fn answer(
         return Err(refuse(report, list, why, catalog, k));
     }
     check_all(&mut list, catalog);
+    let mut hinted = apply_hints(&mut list, 0, catalog, &mut report);
 
     // Repair the greedy answer while nothing plans.
     let attempts = gucs::REPAIR_ATTEMPTS.get().max(0) as usize;
@@ -268,7 +286,11 @@ pub fn answer(
         .unwrap_or(0);
     let mut ask = question.to_string();
     while !list.iter().any(|t| t.plan.is_some()) && report.repairs < attempts {
-        let (Some(sql), Some(error)) = (list[last].sql.clone(), list[last].error.clone()) else { break };
+        let (Some(sql), Some(error)) =
+            (list[last].written.clone().or(list[last].sql.clone()), list[last].error.clone())
+        else {
+            break;
+        };
         conversation.push(Exchange { question: ask.clone(), answer: sql });
         ask = repair_message(&error);
         let repair = GenerateRequest {
@@ -281,10 +303,11 @@ pub fn answer(
         let (fixed, _) = crate::api::generate(context, &repair)?;
         report.repairs += 1;
         let Some(first) = fixed.candidates.first() else { break };
-        let mut t = tried(format!("repair {}", report.repairs), first);
+        let mut t = tried(format!("repair {}", report.repairs), first, qualifier);
         check_all(std::slice::from_mut(&mut t), catalog);
         list.push(t);
         last = list.len() - 1;
+        hinted = apply_hints(&mut list, hinted, catalog, &mut report);
     }
 
     let planned = list.iter().filter(|t| t.plan.is_some()).count();
@@ -311,6 +334,36 @@ pub fn answer(
     Ok(Answered { sql, report })
 }
 
+/// Each candidate from `from` on that failed with a PostgreSQL HINT naming the column or alias it meant, with that
+/// change made ([`copilot_core::sql::hint`]), checked and added to the list (they take part in the vote like the
+/// others: the same answer with PostgreSQL's correction). Returns the list's length: where the next call starts.
+fn apply_hints(list: &mut Vec<Tried>, from: usize, catalog: &Catalog, report: &mut Report) -> usize {
+    let mut added: Vec<Tried> = Vec::new();
+    for t in &list[from..] {
+        let (Some(sql), Some(error)) = (&t.sql, &t.error) else { continue };
+        for fixed in apply_hint(sql, error) {
+            if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
+                continue;
+            }
+            let mut h = Tried {
+                source: format!("{}, PostgreSQL's hint applied", t.source),
+                text: t.text.clone(),
+                sql: Some(fixed),
+                written: None,
+                error: None,
+                group: None,
+                rows: None,
+                plan: None,
+            };
+            check_all(std::slice::from_mut(&mut h), catalog);
+            report.hints_applied += 1;
+            added.push(h);
+        }
+    }
+    list.extend(added);
+    list.len()
+}
+
 /// The refusal error, with the report (and the board's counters) saying why.
 fn refuse(mut report: Report, list: Vec<Tried>, why: String, catalog: &Catalog, k: usize) -> CopilotError {
     report.decision = "refused".into();
@@ -334,6 +387,7 @@ fn count(report: &Report, k: usize) {
         planned_first_try: report.candidates.iter().take(k).filter(|t| t.plan.is_some()).count() as u64,
         repairs: report.repairs as u64,
         repaired: u64::from(report.repairs > 0 && report.winner.is_some()),
+        hints_applied: report.hints_applied as u64,
         votes: u64::from(report.groups.len() > 1),
         margin_sum: report.margin as u64,
         refusals: u64::from(report.refused.is_some()),
@@ -350,6 +404,7 @@ mod tests {
             source: format!("c{i}"),
             text: String::new(),
             sql: Some(format!("SELECT {i}")),
+            written: None,
             error: (!planned).then(|| "ERROR:  no".into()),
             group: None,
             rows: None,

@@ -300,6 +300,8 @@ pub struct PipelineCounts {
     /// Repair round trips, and asks a repair turned into an answer.
     pub repairs: u64,
     pub repaired: u64,
+    /// Candidates rewritten as a PostgreSQL HINT said.
+    pub hints_applied: u64,
     /// Asks decided by a vote among several groups, and the sum of their winning margins.
     pub votes: u64,
     pub margin_sum: u64,
@@ -734,6 +736,7 @@ impl Board {
         p.planned_first_try += c.planned_first_try;
         p.repairs += c.repairs;
         p.repaired += c.repaired;
+        p.hints_applied += c.hints_applied;
         p.votes += c.votes;
         p.margin_sum += c.margin_sum;
         p.refusals += c.refusals;

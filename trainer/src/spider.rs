@@ -217,7 +217,11 @@ pub fn catalog(sqlite: &Path, schema: &str) -> Result<Catalog> {
 
 /// The schema context for a database loaded in schema `db_id` and read with `search_path = db_id`.
 pub fn render_context(catalog: &Catalog, db_id: &str) -> String {
-    catalog.render(&RenderOptions { unqualified_schemas: vec![db_id.to_lowercase()], comments: true })
+    catalog.render(&RenderOptions {
+        unqualified_schemas: vec![db_id.to_lowercase()],
+        comments: true,
+        bare_unique: false,
+    })
 }
 
 /// Catalogs and contexts, computed once per database.

@@ -312,7 +312,8 @@ fn conjuncts(e: &Expr) -> Vec<&Expr> {
     }
 }
 
-fn comparison(op: &BinaryOperator) -> bool {
+/// `=`, `<>`, `<`, `<=`, `>`, `>=`.
+pub(crate) fn comparison(op: &BinaryOperator) -> bool {
     matches!(
         op,
         BinaryOperator::Eq

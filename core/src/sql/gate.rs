@@ -385,7 +385,8 @@ impl std::fmt::Display for UnknownName {
     }
 }
 
-fn norm(id: &Ident) -> String {
+/// How PostgreSQL matches an identifier as written: unquoted names fold to lower case, quoted ones are exact.
+pub(crate) fn norm(id: &Ident) -> String {
     if id.quote_style.is_some() {
         id.value.clone()
     } else {

@@ -7,7 +7,9 @@
 //! Rendering is deterministic: tables are ordered by (schema, name), columns by their position, keys by name. The
 //! same catalog always gives the same bytes, which the schema-prefix KV cache relies on.
 
+pub use crate::sql::qualify::Qualifier;
 use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 
 /// One column of a table or view.
@@ -76,11 +78,15 @@ pub struct RenderOptions {
     pub unqualified_schemas: Vec<String>,
     /// Write `-- comment` lines for table and column comments.
     pub comments: bool,
+    /// Also write bare every table whose name no other rendered table has, whatever its schema; the SQL the model
+    /// writes must then go through [`Catalog::qualifier`]'s [`Qualifier::qualify`] before it runs. Used for the
+    /// tables selected from a large schema, where most come from schemas outside the search_path.
+    pub bare_unique: bool,
 }
 
 impl Default for RenderOptions {
     fn default() -> Self {
-        RenderOptions { unqualified_schemas: vec!["public".into()], comments: true }
+        RenderOptions { unqualified_schemas: vec!["public".into()], comments: true, bare_unique: false }
     }
 }
 
@@ -239,24 +245,58 @@ impl Catalog {
         self.tables.is_empty()
     }
 
+    /// The tables of this catalog that `opts` writes bare although their schema is not in `unqualified_schemas`.
+    pub fn qualifier(&self, opts: &RenderOptions) -> Qualifier {
+        let bare = self.bare_names(opts);
+        Qualifier::new(
+            self.tables
+                .iter()
+                .filter(|t| bare.contains(t.name.as_str()) && !opts.unqualified_schemas.contains(&t.schema))
+                .map(|t| (t.schema.as_str(), t.name.as_str())),
+        )
+    }
+
+    /// Names written bare by `bare_unique`: those only one table of the catalog has.
+    fn bare_names(&self, opts: &RenderOptions) -> HashSet<&str> {
+        if !opts.bare_unique {
+            return HashSet::new();
+        }
+        let mut seen: HashMap<&str, usize> = HashMap::new();
+        for t in &self.tables {
+            *seen.entry(t.name.as_str()).or_default() += 1;
+        }
+        seen.into_iter().filter(|(_, n)| *n == 1).map(|(name, _)| name).collect()
+    }
+
+    /// The name the model is shown for `schema.name`.
+    fn shown_name(&self, schema: &str, name: &str, opts: &RenderOptions, bare: &HashSet<&str>) -> String {
+        let in_catalog = || self.tables.iter().any(|t| t.schema == schema && t.name == name);
+        if bare.contains(name) && in_catalog() {
+            quote_ident(name)
+        } else {
+            qualified_name(schema, name, &opts.unqualified_schemas)
+        }
+    }
+
     /// Render every table as one line: `CREATE TABLE t (a integer, b text, PRIMARY KEY (a), FOREIGN KEY (b)
     /// REFERENCES u(c));`. Views are rendered as `CREATE VIEW v (a integer, …);` so the model knows their columns.
     /// Output is deterministic for a given catalog (see [`Catalog::normalize`]).
     pub fn render(&self, opts: &RenderOptions) -> String {
         let mut sorted = self.clone();
         sorted.normalize();
+        let bare = self.bare_names(opts);
         let mut out = String::new();
         for t in &sorted.tables {
             if opts.comments {
                 if let Some(c) = t.comment.as_deref().filter(|c| !c.trim().is_empty()) {
-                    let _ = writeln!(out, "-- {}: {}", t.display_name(&opts.unqualified_schemas), one_line(c));
+                    let _ = writeln!(out, "-- {}: {}", self.shown_name(&t.schema, &t.name, opts, &bare), one_line(c));
                 }
             }
             let kw = match t.kind {
                 RelationKind::Table => "TABLE",
                 RelationKind::View => "VIEW",
             };
-            let _ = write!(out, "CREATE {kw} {} (", t.display_name(&opts.unqualified_schemas));
+            let _ = write!(out, "CREATE {kw} {} (", self.shown_name(&t.schema, &t.name, opts, &bare));
             let mut parts: Vec<String> = Vec::with_capacity(t.columns.len() + 1 + t.foreign_keys.len());
             for c in &t.columns {
                 let mut p = format!("{} {}", quote_ident(&c.name), c.data_type);
@@ -287,7 +327,7 @@ impl Catalog {
                 parts.push(format!(
                     "FOREIGN KEY ({}) REFERENCES {}({})",
                     ident_list(&fk.columns),
-                    qualified_name(&fk.ref_schema, &fk.ref_table, &opts.unqualified_schemas),
+                    self.shown_name(&fk.ref_schema, &fk.ref_table, opts, &bare),
                     ident_list(&fk.ref_columns)
                 ));
             }
@@ -412,6 +452,55 @@ mod tests {
             out,
             "-- sales.\"Order Items\": line one line two\nCREATE VIEW sales.\"Order Items\" (qty integer NOT NULL /* units sold * / DROP */);\n"
         );
+    }
+
+    #[test]
+    fn bare_unique_writes_unique_names_bare_and_qualifies_them_back() {
+        let t = |schema: &str, name: &str, fk: Option<(&str, &str)>| Table {
+            schema: schema.into(),
+            name: name.into(),
+            kind: RelationKind::Table,
+            columns: vec![col("id", "integer")],
+            primary_key: vec!["id".into()],
+            foreign_keys: fk
+                .map(|(s, n)| ForeignKey {
+                    columns: vec!["id".into()],
+                    ref_schema: s.into(),
+                    ref_table: n.into(),
+                    ref_columns: vec!["id".into()],
+                })
+                .into_iter()
+                .collect(),
+            comment: Some("c".into()),
+        };
+        let cat = Catalog {
+            tables: vec![
+                t("world", "city", Some(("world", "country"))),
+                t("world", "country", None),
+                t("shop", "orders", Some(("shop", "customers"))),
+                t("a", "dup", None),
+                t("b", "dup", None),
+                t("public", "notes", None),
+            ],
+        };
+        let opts = RenderOptions { bare_unique: true, ..RenderOptions::default() };
+        assert_eq!(
+            cat.render(&opts),
+            "-- a.dup: c\nCREATE TABLE a.dup (id integer, PRIMARY KEY (id));\n\
+             -- b.dup: c\nCREATE TABLE b.dup (id integer, PRIMARY KEY (id));\n\
+             -- notes: c\nCREATE TABLE notes (id integer, PRIMARY KEY (id));\n\
+             -- orders: c\nCREATE TABLE orders (id integer, PRIMARY KEY (id), FOREIGN KEY (id) REFERENCES shop.customers(id));\n\
+             -- city: c\nCREATE TABLE city (id integer, PRIMARY KEY (id), FOREIGN KEY (id) REFERENCES country(id));\n\
+             -- country: c\nCREATE TABLE country (id integer, PRIMARY KEY (id));\n"
+        );
+        let q = cat.qualifier(&opts);
+        assert_eq!(
+            q.qualify("SELECT * FROM city JOIN country USING (id) JOIN notes USING (id) JOIN dup USING (id) JOIN orders USING (id)"),
+            "SELECT * FROM world.city JOIN world.country USING (id) JOIN notes USING (id) JOIN dup USING (id) JOIN shop.orders USING (id)"
+        );
+        // Without the option nothing is written bare and there is nothing to qualify.
+        assert!(cat.qualifier(&RenderOptions::default()).is_empty());
+        assert!(cat.render(&RenderOptions::default()).contains("CREATE TABLE world.city"));
     }
 
     #[test]

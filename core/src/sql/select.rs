@@ -37,6 +37,34 @@ pub struct Report {
     pub cost_kept: usize,
     /// False when the catalog fitted and was returned unchanged.
     pub selected: bool,
+    /// The schema the selection was narrowed to, when the catalog spans several.
+    pub schema: Option<String>,
+}
+
+/// The schema a question is about, when the catalog spans several: the one whose two best-matching tables match it
+/// best together (a question names one table or joins a few, nearly always within one schema; ties go to the
+/// name). Tables of other schemas are then shown only on a foreign-key path from the chosen ones: tables of
+/// unrelated schemas that happen to share words with the question (`car_1.countries` beside `world_1.country`)
+/// otherwise end up joined together in the model's SQL. `None` for one schema, or when no table matches at all.
+fn focus_schema<'a>(tables: &'a [Table], own: &[f32]) -> Option<&'a str> {
+    let mut best: std::collections::BTreeMap<&str, [f32; 2]> = std::collections::BTreeMap::new();
+    for (t, &s) in tables.iter().zip(own) {
+        let b = best.entry(t.schema.as_str()).or_insert([0.0; 2]);
+        if s > b[0] {
+            *b = [s, b[0]];
+        } else if s > b[1] {
+            b[1] = s;
+        }
+    }
+    if best.len() < 2 {
+        return None;
+    }
+    let (schema, top) =
+        best.iter().map(|(s, b)| (*s, b[0] + b[1])).fold(None, |acc: Option<(&str, f32)>, (s, v)| match acc {
+            Some((_, w)) if w >= v => acc,
+            _ => Some((s, v)),
+        })?;
+    (top > 0.0).then_some(schema)
 }
 
 /// `catalog` cut to what `question` needs within `budget`, measured by `cost` (e.g. the rendered context's
@@ -48,6 +76,19 @@ pub fn select(
     hints: &[&str],
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
+) -> (Catalog, Report) {
+    select_with(catalog, question, hints, budget, cost, true)
+}
+
+/// [`select`], with `focus` saying whether a catalog of several schemas is narrowed to the question's schema
+/// first (see [`focus_schema`]).
+pub fn select_with(
+    catalog: &Catalog,
+    question: &str,
+    hints: &[&str],
+    budget: usize,
+    cost: &dyn Fn(&Catalog) -> usize,
+    focus: bool,
 ) -> (Catalog, Report) {
     let mut sorted = catalog.clone();
     sorted.normalize();
@@ -91,6 +132,12 @@ pub fn select(
     // Tables the query speaks of (or neighbours them), best first; if it speaks of none, the best-connected
     // tables (most foreign keys) fill the budget instead.
     let mut candidates: Vec<usize> = order.iter().copied().filter(|&t| scores[t] > 0.0).collect();
+    if focus {
+        if let Some(schema) = focus_schema(tables, &own) {
+            candidates.retain(|&t| tables[t].schema == schema);
+            report.schema = Some(schema.to_string());
+        }
+    }
     if candidates.is_empty() {
         candidates = (0..tables.len()).collect();
         candidates.sort_by(|&a, &b| graph[b].len().cmp(&graph[a].len()).then(a.cmp(&b)));
@@ -434,6 +481,90 @@ mod tests {
         let mut n: Vec<&str> = c.tables.iter().map(|t| t.name.as_str()).collect();
         n.sort_unstable();
         n
+    }
+
+    /// `t` moved to `schema`, its foreign keys pointing into `fk_schema`.
+    fn in_schema(mut t: Table, schema: &str, fk_schema: &str) -> Table {
+        t.schema = schema.into();
+        t.foreign_keys.iter_mut().for_each(|f| f.ref_schema = fk_schema.into());
+        t
+    }
+
+    /// Two unrelated schemas that share words (world: country, countrylanguage; cars: countries, car_makers), a
+    /// sales schema whose orders reference a people schema's customers, and wide distractors.
+    fn schemas() -> Catalog {
+        let mut tables = vec![
+            in_schema(table("country", &["code", "name", "continent", "population"], &["code"], &[]), "world", "world"),
+            in_schema(
+                table(
+                    "countrylanguage",
+                    &["countrycode", "language", "percentage"],
+                    &["countrycode", "language"],
+                    &[("countrycode", "country", "code")],
+                ),
+                "world",
+                "world",
+            ),
+            in_schema(
+                table("countries", &["countryid", "countryname", "continent"], &["countryid"], &[]),
+                "cars",
+                "cars",
+            ),
+            in_schema(
+                table("car_makers", &["id", "maker", "country"], &["id"], &[("country", "countries", "countryid")]),
+                "cars",
+                "cars",
+            ),
+            in_schema(table("customers", &["customer_id", "name", "city"], &["customer_id"], &[]), "people", "people"),
+            in_schema(
+                table(
+                    "orders",
+                    &["order_id", "customer_id", "amount"],
+                    &["order_id"],
+                    &[("customer_id", "customers", "customer_id")],
+                ),
+                "sales",
+                "people",
+            ),
+        ];
+        for i in 0..20 {
+            let cols: Vec<String> = (0..20).map(|c| format!("metric_{i}_{c}")).collect();
+            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+            tables.push(in_schema(table(&format!("fact_{i:02}"), &cols, &[], &[]), "warehouse", "warehouse"));
+        }
+        Catalog { tables }
+    }
+
+    fn qualified(c: &Catalog) -> Vec<String> {
+        let mut n: Vec<String> = c.tables.iter().map(|t| format!("{}.{}", t.schema, t.name)).collect();
+        n.sort_unstable();
+        n
+    }
+
+    #[test]
+    fn several_schemas_narrow_to_the_question_s_schema() {
+        let c = schemas();
+        let q = "Which countries have the largest population, and what language do they speak?";
+        let (kept, r) = select(&c, q, &[], 900, &chars);
+        assert_eq!(qualified(&kept), ["world.country", "world.countrylanguage"], "{r:?}");
+        assert_eq!(r.schema.as_deref(), Some("world"));
+        // Without focus the other schema's look-alike table comes too, within the same budget.
+        let (loose, r) = select_with(&c, q, &[], 900, &chars, false);
+        assert!(qualified(&loose).contains(&"cars.countries".to_string()), "{:?}", qualified(&loose));
+        assert_eq!(r.schema, None);
+    }
+
+    #[test]
+    fn a_foreign_key_into_another_schema_keeps_its_join_path() {
+        let c = schemas();
+        let (kept, r) = select(&c, "What is the total order amount of each customer's orders?", &[], 900, &chars);
+        assert!(qualified(&kept).contains(&"sales.orders".to_string()), "{:?} {r:?}", qualified(&kept));
+        assert!(qualified(&kept).contains(&"people.customers".to_string()), "{:?} {r:?}", qualified(&kept));
+        assert!(
+            !qualified(&kept).iter().any(|t| t.starts_with("world.") || t.starts_with("cars.")),
+            "{:?}",
+            qualified(&kept)
+        );
     }
 
     #[test]

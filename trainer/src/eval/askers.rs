@@ -99,8 +99,15 @@ impl Asker for ExtensionAsker {
             context_tables: None,
         };
         if self.all_schemas {
-            // What the model is shown for this question (the same selection ask makes), outside the timed ask.
-            match self.client.query_one("SELECT copilot.context($1)", &[&ex.question]) {
+            // The tables the model is shown for this question (the same selection ask makes), outside the timed
+            // ask; read with qualified names (the same tables), so each says its schema.
+            let shown = self.client.transaction().and_then(|mut tx| {
+                tx.batch_execute("SET LOCAL copilot.bare_table_names = off")?;
+                let row = tx.query_one("SELECT copilot.context($1)", &[&ex.question])?;
+                tx.commit()?;
+                Ok(row)
+            });
+            match shown {
                 Ok(r) => a.context_tables = Some(context_tables(&r.get::<_, String>(0), "public")),
                 Err(e) => {
                     a.ask_error = Some(pg_error(&e));

@@ -110,7 +110,8 @@ pub fn run(args: &ContextArgs) -> Result<()> {
     let mut pg = postgres::Client::connect(&args.pg, postgres::NoTls)
         .with_context(|| format!("cannot connect to PostgreSQL ({})", args.pg))?;
     pg.execute("SELECT set_config('copilot.schemas', $1, false)", &[&args.schemas])?;
-    pg.batch_execute("SET search_path = public")?;
+    // Qualified names, so each table shown says its schema; the tables chosen are the same either way.
+    pg.batch_execute("SET search_path = public; SET copilot.bare_table_names = off")?;
     let t0 = Instant::now();
     let full: String = pg.query_one("SELECT copilot.context()", &[])?.get(0);
     let full_context_ms = t0.elapsed().as_secs_f64() * 1e3;
