@@ -11,8 +11,8 @@
 //!    types.
 //! 3. **Hints**: a candidate PostgreSQL refused with a HINT naming the same column under another alias, or the
 //!    alias it meant (`column t2.maker does not exist` / `Perhaps you meant to reference the column "t1.maker"`),
-//!    is rewritten as the hint says and checked again ([`copilot_core::sql::hint`]): no model call, and a small model asked to repair such a query
-//!    often writes it again unchanged.
+//!    is rewritten as the hint says and checked again ([`copilot_core::sql::hint`]): no model call, and a small
+//!    model asked to repair such a query often writes it again unchanged.
 //! 4. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
 //!    goes back to the model as a continuation of the same conversation — the SQL it wrote, then PostgreSQL's
 //!    message, DETAIL and HINT, and the schema's names closest to a missing one — up to `copilot.repair_attempts`
