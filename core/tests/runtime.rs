@@ -270,6 +270,20 @@ fn several_candidates_keep_the_greedy_answer_and_are_reproducible() {
     // Every candidate's tokens were decoded (end-of-turn tokens are chosen, not decoded).
     let all: usize = g4.generated_tokens + g4.samples.iter().map(|c| c.generated_tokens).sum::<usize>();
     assert!(g4.decoded_rows <= all && g4.decoded_rows + 4 >= all, "{} rows for {all} tokens", g4.decoded_rows);
+    // Every answer says how sure the model was of its least likely token; the greedy answer alone says the same.
+    for c in g4.candidates() {
+        assert!(c.min_p.is_some_and(|p| p > 0.0 && p <= 1.0), "{:?}", c.min_p);
+    }
+    assert_eq!(g1.min_p, g4.min_p);
+    // Asked for after the greedy answer: the same sampled candidates, without decoding the greedy one again.
+    let mut rest = four.clone();
+    rest.sampling.skip_greedy = true;
+    let r = rt.generate(&rest, &|| false).unwrap();
+    assert_eq!(r.candidates(), g4.samples);
+    let greedy_rows = g4.generated_tokens - usize::from(g4.stop == StopReason::Eos);
+    assert_eq!(r.decoded_rows, g4.decoded_rows - greedy_rows, "the greedy answer's tokens were not decoded");
+    rest.sampling.candidates = 1;
+    assert!(matches!(rt.generate(&rest, &|| false), Err(CoreError::Inference(_))));
 }
 
 #[test]

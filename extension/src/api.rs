@@ -435,6 +435,7 @@ fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)
         "votes": p.votes,
         "mean_vote_margin": ratio(p.margin_sum, p.votes),
         "refusals": p.refusals,
+        "greedy_alone": p.greedy_alone,
         "history_written": written,
         "history_dropped": dropped,
     })

@@ -18,6 +18,7 @@
 //! | `copilot.statement_timeout` | USERSET | 5 s | time limit for executing SQL in `run` / `run_sql` |
 //! | `copilot.max_rows` | USERSET | 1000 | most rows `run` / `run_sql` return (a NOTICE says when cut) |
 //! | `copilot.candidates` | USERSET | 4 | answers decoded together per question (1 = greedy only) and chosen by their results |
+//! | `copilot.confidence_threshold` | USERSET | 0.5 | the greedy answer, decoded first, is returned alone when it plans and the model gave each of its tokens at least this probability (1 = always sample the others) |
 //! | `copilot.draft_tokens` | USERSET | 8 | most tokens drafted ahead per decoding pass (speculative decoding; same answers; 0 = off) |
 //! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
 //! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
@@ -63,6 +64,7 @@ pub static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000)
 pub static STATEMENT_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5_000);
 pub static MAX_ROWS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static CANDIDATES: GucSetting<i32> = GucSetting::<i32>::new(4);
+pub static CONFIDENCE_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.5);
 pub static DRAFT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8);
 pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
@@ -339,6 +341,19 @@ fn register_answer_gucs() {
         GucContext::Userset,
         GucFlags::default(),
     );
+    GucRegistry::define_float_guc(
+        c"copilot.confidence_threshold",
+        c"Return the greedy answer alone when it plans and the model gave each of its tokens at least this probability.",
+        c"With copilot.candidates above 1, the greedy answer is decoded first; the other candidates are sampled (and \
+          voted on) only when it does not plan as the caller or the model was less sure of one of its tokens. 1 = \
+          always sample them (one request for all, as before); 0 = whenever the greedy answer plans. Chosen on Spider \
+          train (copilot-trainer eval-confidence, docs/evaluation.md).",
+        &CONFIDENCE_THRESHOLD,
+        0.0,
+        1.0,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"copilot.draft_tokens",
         c"Most tokens drafted ahead per decoding pass (speculative decoding by prompt lookup; 0 = off).",
@@ -413,7 +428,6 @@ fn register_answer_gucs() {
     );
 }
 
-/// The prefix cache bound in bytes.
 /// How answers are decoded for `candidates` candidates: the sampling defaults and this session's draft length.
 pub fn sampling(candidates: usize) -> copilot_core::engine::backend::Sampling {
     let draft =
@@ -421,6 +435,7 @@ pub fn sampling(candidates: usize) -> copilot_core::engine::backend::Sampling {
     copilot_core::engine::backend::Sampling { candidates, draft, ..Default::default() }
 }
 
+/// The prefix cache bound in bytes.
 pub fn prefix_cache_bytes() -> usize {
     PREFIX_CACHE_MB.get().max(0) as usize * 1024 * 1024
 }

@@ -2,7 +2,11 @@
 //! caller's database before anyone sees it.
 //!
 //! 1. **Candidates**: the worker decodes `copilot.candidates` answers to the question together (the first greedy,
-//!    the others sampled with a seed taken from the prompt, so the same question gives the same answer).
+//!    the others sampled with a seed taken from the prompt, so the same question gives the same answer). Unless
+//!    `copilot.confidence_threshold` is 1, the greedy answer is decoded alone first, and when it plans (step 2)
+//!    and the model gave each of its tokens at least that probability it is the answer: no other candidate is
+//!    decoded and nothing is run (most questions; a sampled batch costs several times one row on a
+//!    compute-bound CPU). Otherwise the others are decoded — the same samples as in one request — and all go on.
 //!    Where the context showed a table from another schema by its bare name (a selection from a large schema),
 //!    the SQL is schema-qualified first ([`copilot_core::sql::qualify`]), so what follows and what is returned
 //!    resolves on any search_path.
@@ -12,7 +16,9 @@
 //! 3. **Hints**: a candidate PostgreSQL refused with a HINT naming the same column under another alias, or the
 //!    alias it meant (`column t2.maker does not exist` / `Perhaps you meant to reference the column "t1.maker"`),
 //!    is rewritten as the hint says and checked again ([`copilot_core::sql::hint`]): no model call, and a small
-//!    model asked to repair such a query often writes it again unchanged.
+//!    model asked to repair such a query often writes it again unchanged. Likewise a join on a column the table
+//!    lacks (`ON t1.makeid = t2.makeid`, `cars_data` has no `makeid`) takes the column a foreign key pairs with
+//!    the other side (`cars_data.id → car_names.makeid`: `t2.id`).
 //! 4. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
 //!    goes back to the model as a continuation of the same conversation — the SQL it wrote, then PostgreSQL's
 //!    message, DETAIL and HINT, and the schema's names closest to a missing one — up to `copilot.repair_attempts`
@@ -37,7 +43,7 @@ use crate::gucs;
 use crate::shmem::{PipelineCounts, BOARD};
 use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest};
 use copilot_core::sql::gate;
-use copilot_core::sql::hint::apply_hint;
+use copilot_core::sql::hint::{apply_hint, join_by_foreign_key};
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::{Catalog, Qualifier};
 use copilot_core::sql::suggest::{grounding, similar_names};
@@ -59,6 +65,9 @@ pub struct Tried {
     /// The SQL as the model wrote it (what a repair shows it again), when qualifying changed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written: Option<String>,
+    /// The lowest probability the model gave one of its tokens (how sure it was), when the backend says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
     /// `null` when it planned; otherwise why not (the gate's or PostgreSQL's words, with the SQLSTATE).
     pub error: Option<String>,
     /// The vote group it fell in, if it was run or compared.
@@ -74,8 +83,12 @@ pub struct Tried {
 pub struct Report {
     pub question: String,
     pub candidates: Vec<Tried>,
+    /// The greedy answer was returned alone: it planned and the model was sure enough of every token
+    /// (`copilot.confidence_threshold`), so no other candidate was decoded.
+    pub greedy_alone: bool,
     pub repairs: usize,
-    /// Candidates rewritten as PostgreSQL's HINT said (`column t2.x does not exist` / `… the column "t1.x"`).
+    /// Candidates rewritten as PostgreSQL's HINT said (`column t2.x does not exist` / `… the column "t1.x"`), or
+    /// with a join column taken from the foreign key between the two tables.
     pub hints_applied: usize,
     /// How the winner was chosen: `only candidate`, `largest result group`, `tie, earliest candidate`,
     /// `plan agreement`, or why nothing was returned.
@@ -134,7 +147,17 @@ fn check(sql: &str, catalog: &Catalog) -> Result<String, String> {
 fn tried(source: String, c: &Candidate, qualifier: &Qualifier) -> Tried {
     let sql = c.sql.as_deref().map(|s| qualifier.qualify(s));
     let written = c.sql.clone().filter(|w| sql.as_ref() != Some(w));
-    Tried { source, text: c.text.clone(), sql, written, error: None, group: None, rows: None, plan: None }
+    Tried {
+        source,
+        text: c.text.clone(),
+        sql,
+        written,
+        min_p: c.min_p,
+        error: None,
+        group: None,
+        rows: None,
+        plan: None,
+    }
 }
 
 /// Check every candidate (each distinct SQL once).
@@ -238,6 +261,10 @@ pub fn answer(
     history: &[Exchange],
 ) -> Result<Answered, CopilotError> {
     let k = gucs::CANDIDATES.get().max(1) as usize;
+    let sure_at = gucs::CONFIDENCE_THRESHOLD.get();
+    // Decode the greedy answer alone first, and the others only if it is not good enough.
+    let greedy_first = k > 1 && sure_at < 1.0;
+    let mut decoded = if greedy_first { 1 } else { k };
     let max_new_tokens = gucs::MAX_NEW_TOKENS.get().max(1) as usize;
     let threshold = gucs::REFUSAL_THRESHOLD.get();
     // Only a question the schema barely speaks of is put to the model's judgement (a cheap lexical check first).
@@ -248,7 +275,7 @@ pub fn answer(
         history: history.to_vec(),
         question: question.to_string(),
         max_new_tokens,
-        sampling: gucs::sampling(k),
+        sampling: gucs::sampling(decoded),
         judge: threshold < 1.0 && history.is_empty() && poorly_grounded,
         prose: false,
     };
@@ -271,9 +298,28 @@ pub fn answer(
              it, the model leans to no (p = {p:.2}, copilot.refusal_threshold = {threshold})",
             100.0 * grounding.unwrap_or(0.0)
         );
-        return Err(refuse(report, list, why, catalog, k));
+        return Err(refuse(report, list, why, catalog, decoded));
     }
     check_all(&mut list, catalog);
+    if greedy_first {
+        let sure = list[0].min_p.is_some_and(|p| f64::from(p) >= sure_at);
+        if list[0].plan.is_some() && sure {
+            report.greedy_alone = true;
+        } else {
+            let rest = GenerateRequest {
+                sampling: copilot_core::engine::backend::Sampling { skip_greedy: true, ..gucs::sampling(k) },
+                judge: false,
+                ..req.clone()
+            };
+            let (more, _) = crate::api::generate(context, &rest)?;
+            let from = list.len();
+            list.extend(
+                more.candidates.iter().enumerate().map(|(i, c)| tried(format!("sample {}", i + 1), c, qualifier)),
+            );
+            check_all(&mut list[from..], catalog);
+            decoded = k;
+        }
+    }
     let mut hinted = apply_hints(&mut list, 0, catalog, &mut report);
 
     // Repair the greedy answer while nothing plans.
@@ -314,42 +360,52 @@ pub fn answer(
     if planned == 0 && list.iter().all(|t| t.sql.is_none()) {
         report.decision = "no SQL".into();
         report.candidates = list.clone();
-        count(&report, k);
+        count(&report, decoded);
         return Err(CopilotError::NoSql { raw: list[0].text.clone() });
     }
     if planned == 0 {
         let why = "none of the answers the model wrote can run on this database".to_string();
-        return Err(refuse(report, list, why, catalog, k));
+        return Err(refuse(report, list, why, catalog, decoded));
     }
     let timeout_ms = gucs::VOTE_TIMEOUT_MS.get();
     let (winner, decision, margin, groups) =
         vote(&mut list, timeout_ms > 0, |sql| exec::result_rows(sql, timeout_ms, VOTE_ROWS).ok());
     report.winner = Some(winner);
-    report.decision = decision;
+    report.decision = match list[winner].min_p {
+        Some(p) if report.greedy_alone => format!(
+            "greedy answer alone: it plans and its least likely token had p = {p:.2} (copilot.confidence_threshold \
+             = {sure_at})"
+        ),
+        _ => decision,
+    };
     report.margin = margin;
     report.groups = groups;
     let sql = list[winner].sql.clone().unwrap_or_default();
     report.candidates = list;
-    count(&report, k);
+    count(&report, decoded);
     Ok(Answered { sql, report })
 }
 
 /// Each candidate from `from` on that failed with a PostgreSQL HINT naming the column or alias it meant, with that
-/// change made ([`copilot_core::sql::hint`]), checked and added to the list (they take part in the vote like the
+/// change made, or with a join column its table lacks replaced by the one a foreign key pairs with the other side
+/// ([`copilot_core::sql::hint`]), checked and added to the list (they take part in the vote like the
 /// others: the same answer with PostgreSQL's correction). Returns the list's length: where the next call starts.
 fn apply_hints(list: &mut Vec<Tried>, from: usize, catalog: &Catalog, report: &mut Report) -> usize {
     let mut added: Vec<Tried> = Vec::new();
     for t in &list[from..] {
         let (Some(sql), Some(error)) = (&t.sql, &t.error) else { continue };
-        for fixed in apply_hint(sql, error) {
+        let hinted = apply_hint(sql, error).into_iter().map(|s| (s, "PostgreSQL's hint applied"));
+        let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
+        for (fixed, how) in hinted.chain(keyed) {
             if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
                 continue;
             }
             let mut h = Tried {
-                source: format!("{}, PostgreSQL's hint applied", t.source),
+                source: format!("{}, {how}", t.source),
                 text: t.text.clone(),
                 sql: Some(fixed),
                 written: None,
+                min_p: None,
                 error: None,
                 group: None,
                 rows: None,
@@ -391,6 +447,7 @@ fn count(report: &Report, k: usize) {
         votes: u64::from(report.groups.len() > 1),
         margin_sum: report.margin as u64,
         refusals: u64::from(report.refused.is_some()),
+        greedy_alone: u64::from(report.greedy_alone),
     };
     BOARD.exclusive().count_pipeline(c);
 }
@@ -405,6 +462,7 @@ mod tests {
             text: String::new(),
             sql: Some(format!("SELECT {i}")),
             written: None,
+            min_p: None,
             error: (!planned).then(|| "ERROR:  no".into()),
             group: None,
             rows: None,

@@ -307,6 +307,8 @@ pub struct PipelineCounts {
     pub margin_sum: u64,
     /// Asks refused as unanswerable.
     pub refusals: u64,
+    /// Asks answered by the greedy answer alone (`copilot.confidence_threshold`), no other candidate decoded.
+    pub greedy_alone: u64,
 }
 
 /// One request on the board, as its owner (or the worker running it) names it.
@@ -740,6 +742,7 @@ impl Board {
         p.votes += c.votes;
         p.margin_sum += c.margin_sum;
         p.refusals += c.refusals;
+        p.greedy_alone += c.greedy_alone;
     }
 
     pub fn set_prefix_cache(&mut self, c: PrefixCacheCounters) {

@@ -42,6 +42,9 @@ enum Command {
     /// Calibrate copilot.refusal_threshold on Spider train: the model's P(unanswerable) on answerable and
     /// unanswerable train questions, refusal shares by threshold → reports/eval/judge_calibration.json.
     EvalJudge(eval::refusal::JudgeArgs),
+    /// Calibrate copilot.confidence_threshold on Spider train: when the greedy answer alone is as good as the vote
+    /// among copilot.candidates → reports/eval/confidence_calibration.{json,md}.
+    EvalConfidence(eval::confidence::ConfidenceArgs),
     /// Schema selection without the model: per copilot.context_budget_tokens, how often copilot.context(question)
     /// shows every table the gold query reads, with many schemas visible at once → JSON (scripts/bench-schema).
     EvalContext(eval::context::ContextArgs),
@@ -84,6 +87,7 @@ fn main() {
         Command::Eval(args) => eval::run(&args),
         Command::EvalRefusal(args) => eval::refusal::run(&args),
         Command::EvalJudge(args) => eval::refusal::calibrate(&args),
+        Command::EvalConfidence(args) => eval::confidence::run(&args),
         Command::EvalCompare(args) => eval::compare::run(&args),
         Command::EvalContext(args) => eval::context::run(&args),
         Command::Export(args) => export::run(&args),

@@ -23,6 +23,10 @@ pub struct Exchange {
 ///
 /// `draft` is speculative decoding by prompt lookup ([`crate::engine::draft`]): it changes how many passes the
 /// answer takes, never the answer.
+///
+/// `skip_greedy` leaves the greedy answer out: only the sampled candidates 1 … `candidates - 1` are decoded — the
+/// same ones a request with the greedy answer gets — for asking for more candidates after the greedy answer,
+/// decoded alone, was not good enough. It needs `candidates` ≥ 2.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Sampling {
     pub candidates: usize,
@@ -31,11 +35,27 @@ pub struct Sampling {
     pub seed: u64,
     #[serde(default)]
     pub draft: DraftPolicy,
+    #[serde(default)]
+    pub skip_greedy: bool,
 }
 
 impl Default for Sampling {
     fn default() -> Self {
-        Sampling { candidates: 1, temperature: 0.7, top_k: 40, seed: 0, draft: DraftPolicy::default() }
+        Sampling {
+            candidates: 1,
+            temperature: 0.7,
+            top_k: 40,
+            seed: 0,
+            draft: DraftPolicy::default(),
+            skip_greedy: false,
+        }
+    }
+}
+
+impl Sampling {
+    /// The candidates' indexes a request decodes (0 is the greedy one).
+    pub fn rows(&self) -> std::ops::Range<usize> {
+        usize::from(self.skip_greedy)..self.candidates.max(1)
     }
 }
 
@@ -86,15 +106,19 @@ impl StopReason {
 }
 
 /// A sampled answer (see [`Sampling`]): what the model wrote and the SQL in it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub text: String,
     pub sql: Option<String>,
     pub generated_tokens: usize,
+    /// The lowest probability the model gave any token of this answer (its least sure step, at temperature 1),
+    /// `None` where the backend cannot say (a remote engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
 }
 
 /// What a backend produced for one request: the greedy answer, and the sampled candidates when more than one was
-/// asked for.
+/// asked for. (With [`Sampling::skip_greedy`] the first answer is the first sampled one.)
 #[derive(Debug, Clone)]
 pub struct Generation {
     /// What the model wrote, after the assistant primer.
@@ -110,6 +134,8 @@ pub struct Generation {
     pub prefix_tokens: usize,
     /// True when the prefix's state came from the prefix cache instead of being computed.
     pub prefix_cache_hit: bool,
+    /// The first answer's [`Candidate::min_p`].
+    pub min_p: Option<f32>,
     /// The sampled candidates after the greedy one (empty with one candidate).
     pub samples: Vec<Candidate>,
     /// Rows decoded in all (every candidate's tokens), for throughput accounting.
@@ -132,8 +158,12 @@ pub struct Answer {
 impl Generation {
     /// Every candidate, the greedy answer first.
     pub fn candidates(&self) -> Vec<Candidate> {
-        let greedy =
-            Candidate { text: self.text.clone(), sql: self.sql.clone(), generated_tokens: self.generated_tokens };
+        let greedy = Candidate {
+            text: self.text.clone(),
+            sql: self.sql.clone(),
+            generated_tokens: self.generated_tokens,
+            min_p: self.min_p,
+        };
         std::iter::once(greedy).chain(self.samples.iter().cloned()).collect()
     }
 

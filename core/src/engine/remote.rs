@@ -181,12 +181,15 @@ fn snippet(s: &str) -> String {
 
 impl Backend for OpenAi {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        if req.sampling.rows().is_empty() {
+            return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
+        }
         let t0 = Instant::now();
         let p_unanswerable = if req.judge { Some(self.judge(req)?) } else { None };
         let messages = OpenAi::messages(req, &req.question);
         let seed = crate::engine::sample::prompt_seed(&req.question.bytes().map(u32::from).collect::<Vec<_>>());
         let mut cands = Vec::new();
-        for i in 0..req.sampling.candidates.max(1) {
+        for i in req.sampling.rows() {
             if cancel() {
                 return Err(CoreError::Cancelled);
             }
@@ -200,7 +203,7 @@ impl Backend for OpenAi {
             // The reply may or may not open a ```sql block; extraction takes the first statement either way.
             let sql = extract_sql(&text).or_else(|| extract_sql(&format!("```sql\n{text}")));
             let generated_tokens = reply["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-            cands.push(Candidate { text, sql, generated_tokens });
+            cands.push(Candidate { text, sql, generated_tokens, min_p: None });
         }
         let greedy = cands.remove(0);
         let elapsed = t0.elapsed().as_secs_f64();
@@ -209,6 +212,7 @@ impl Backend for OpenAi {
             sql: greedy.sql,
             prompt_tokens: 0,
             generated_tokens: greedy.generated_tokens,
+            min_p: None,
             prefill_s: 0.0,
             decode_s: elapsed,
             stop: StopReason::Eos,

@@ -17,7 +17,7 @@ use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, Sa
 use crate::engine::draft::{DraftPolicy, DraftStats, Drafter, Source};
 use crate::engine::model::{Config, KvCache, Rows, Transformer};
 use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
-use crate::engine::sample::{argmax, prompt_seed, sample_top_k, Rng};
+use crate::engine::sample::{argmax, prompt_seed, sample_top_k, token_prob, Rng};
 use crate::error::CoreError;
 use crate::sql::extract::{extract_sql, statement_end};
 use crate::sql::prompt::{build_conversation, build_judge_with, ChatTemplate, Prompt, ASSISTANT_PRIMER, JUDGE_TEXT};
@@ -341,13 +341,20 @@ impl Runtime {
             .drain(1..)
             .map(|r| {
                 let generated_tokens = r.generated_tokens();
-                Candidate { sql: extract_sql(&format!("{ASSISTANT_PRIMER}{}", r.text)), text: r.text, generated_tokens }
+                let min_p = Some(r.min_p);
+                Candidate {
+                    sql: extract_sql(&format!("{ASSISTANT_PRIMER}{}", r.text)),
+                    text: r.text,
+                    generated_tokens,
+                    min_p,
+                }
             })
             .collect();
         let greedy = rows.pop().expect("one row at least");
         Ok(Generation {
             sql: extract_sql(&format!("{ASSISTANT_PRIMER}{}", greedy.text)),
             generated_tokens: greedy.generated_tokens(),
+            min_p: Some(greedy.min_p),
             stop: greedy.stop.unwrap_or(StopReason::Length),
             text: greedy.text,
             prompt_tokens: prompt.len(),
@@ -380,12 +387,16 @@ impl Runtime {
         cancel: &dyn Fn() -> bool,
     ) -> Result<(Vec<Row>, DraftStats), CoreError> {
         let n = sampling.candidates.max(1);
+        if sampling.rows().is_empty() {
+            return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
+        }
         let seed = prompt_seed(prompt) ^ sampling.seed;
         // Drafts are verified by the multi-row pass, whose rows compute exactly what the one-token step does; the
         // candle path (our kernels off, or not on the CPU) has no such pass.
         let policy = if self.model.own_kernels() && self.model.on_cpu() { sampling.draft } else { DraftPolicy::OFF };
         let mut stats = DraftStats::default();
-        let mut rows: Vec<Row> = (0..n)
+        let mut rows: Vec<Row> = sampling
+            .rows()
             .map(|i| Row {
                 kv: kv.clone(),
                 logits: logits.clone(),
@@ -395,6 +406,7 @@ impl Runtime {
                 text: String::new(),
                 stop: None,
                 rng: (i > 0).then(|| Rng::new(seed, i as u64)),
+                min_p: 1.0,
             })
             .collect();
         drop((kv, logits));
@@ -418,6 +430,7 @@ impl Runtime {
                         r.stop = Some(StopReason::Eos);
                         break;
                     }
+                    r.min_p = r.min_p.min(token_prob(&r.logits, t));
                     r.ids.push(t);
                     r.text = self.decode(&r.ids)?;
                     let last = r.ids.len() == max_new_tokens;
@@ -533,6 +546,8 @@ struct Row {
     stop: Option<StopReason>,
     /// `None` for the greedy row.
     rng: Option<Rng>,
+    /// The lowest probability of a token it chose so far ([`Candidate::min_p`]).
+    min_p: f32,
     /// The draft's tokens not yet decided, each with the logits after it (computed by the last pass, its K/V
     /// already in `kv`).
     ahead: VecDeque<(u32, Vec<f32>)>,

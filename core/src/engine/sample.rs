@@ -45,6 +45,15 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// The probability `softmax(logits)[token]` (temperature 1): how sure the model was of the token chosen, whatever
+/// chose it. Computed in f64 with the largest logit subtracted, so no logit overflows.
+pub fn token_prob(logits: &[f32], token: u32) -> f32 {
+    let Some(&chosen) = logits.get(token as usize) else { return 0.0 };
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    (f64::from(chosen - max).exp() / total) as f32
+}
+
 /// Draw a token from the `top_k` most likely ones, with probabilities `softmax(logit / temperature)` among them.
 /// `temperature <= 0` or `top_k <= 1` is greedy. `scratch` is reused between calls.
 pub fn sample_top_k(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng, scratch: &mut Vec<f32>) -> u32 {
@@ -79,6 +88,19 @@ pub fn sample_top_k(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rn
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_prob_is_the_softmax_of_the_chosen_logit() {
+        let logits = [1.0f32, 2.0, 3.0];
+        let z: f64 = logits.iter().map(|&l| f64::from(l).exp()).sum();
+        for t in 0..3u32 {
+            let want = (f64::from(logits[t as usize]).exp() / z) as f32;
+            assert!((token_prob(&logits, t) - want).abs() < 1e-6);
+        }
+        // Large logits do not overflow; equal logits share the mass; a token past the vocabulary has none.
+        assert!((token_prob(&[1000.0, 1000.0], 1) - 0.5).abs() < 1e-6);
+        assert_eq!(token_prob(&[0.0], 3), 0.0);
+    }
 
     #[test]
     fn argmax_takes_the_first_of_equals() {

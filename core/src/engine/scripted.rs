@@ -13,7 +13,9 @@
 //! ```
 //!
 //! The first answer is the "greedy" one; a request for k candidates gets the first k (fewer if the rule has
-//! fewer). A request no rule matches gets an answer with no SQL in it. Not a model: never used to answer users.
+//! fewer; with `skip_greedy`, the second to the k-th). `"min_p": [0.9, 0.4]` gives the answers' confidences
+//! ([`Candidate::min_p`]; none when absent). A request no rule matches gets an answer with no SQL in it. Not a
+//! model: never used to answer users.
 
 use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, StopReason};
 use crate::error::CoreError;
@@ -29,6 +31,8 @@ struct Rule {
     answers: Vec<String>,
     #[serde(default)]
     p_unanswerable: Option<f32>,
+    #[serde(default)]
+    min_p: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -51,34 +55,40 @@ impl Scripted {
         Ok(Scripted { rules: script.rules })
     }
 
-    fn candidate(text: &str) -> Candidate {
+    fn candidate(text: &str, min_p: Option<f32>) -> Candidate {
         Candidate {
             text: text.to_string(),
             sql: extract_sql(&format!("{ASSISTANT_PRIMER}{text}")),
             generated_tokens: text.split_whitespace().count(),
+            min_p,
         }
     }
 }
 
 impl Backend for Scripted {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        if req.sampling.rows().is_empty() {
+            return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
+        }
         if cancel() {
             return Err(CoreError::Cancelled);
         }
         let rule = self.rules.iter().find(|r| req.question.contains(&r.pattern));
-        let texts: Vec<String> = match rule {
-            Some(r) if !r.answers.is_empty() => {
-                r.answers.iter().take(req.sampling.candidates.max(1)).cloned().collect()
-            }
-            _ => vec!["I have no scripted answer for that.".to_string()],
+        let mut cands: Vec<Candidate> = match rule {
+            Some(r) if r.answers.len() > usize::from(req.sampling.skip_greedy) => req
+                .sampling
+                .rows()
+                .filter_map(|i| Some(Scripted::candidate(r.answers.get(i)?, r.min_p.get(i).copied())))
+                .collect(),
+            _ => vec![Scripted::candidate("I have no scripted answer for that.", None)],
         };
-        let mut cands: Vec<Candidate> = texts.iter().map(|t| Scripted::candidate(t)).collect();
         let greedy = cands.remove(0);
         Ok(Generation {
             text: greedy.text,
             sql: greedy.sql,
             prompt_tokens: req.question.split_whitespace().count() + 1,
             generated_tokens: greedy.generated_tokens,
+            min_p: greedy.min_p,
             prefill_s: 0.0,
             decode_s: 0.0,
             stop: StopReason::Eos,
@@ -115,6 +125,12 @@ mod tests {
         assert_eq!(g.sql.as_deref(), Some("SELECT 1"));
         assert_eq!(g.samples.iter().map(|c| c.sql.clone().unwrap()).collect::<Vec<_>>(), vec!["SELECT 2"]);
         assert_eq!(g.p_unanswerable, Some(0.25));
+        // Without the greedy answer: the second and third.
+        req.sampling = Sampling { candidates: 3, skip_greedy: true, ..Sampling::default() };
+        let g = s.generate(&req, &|| false).unwrap();
+        let sqls: Vec<String> = g.candidates().into_iter().map(|c| c.sql.unwrap()).collect();
+        assert_eq!(sqls, vec!["SELECT 2", "SELECT 3"]);
+        req.sampling = Sampling::default();
         req.question = "anything else".into();
         assert_eq!(s.generate(&req, &|| false).unwrap().sql.as_deref(), Some("SELECT 0"));
         assert!(matches!(s.generate(&req, &|| true), Err(CoreError::Cancelled)));

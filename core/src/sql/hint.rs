@@ -7,12 +7,16 @@
 //! Only column references are edited (`t2.maker` → `t1.maker`; `maker` → `t1.maker`; `t3.x` → `t2.x`), in place,
 //! so the rest of the text stays as written. Text that does not parse, or an error without such a hint, gives
 //! nothing.
+//!
+//! [`join_by_foreign_key`] does the same for the join key PostgreSQL cannot name: `… JOIN cars_data AS t2 ON
+//! t1.makeid = t2.makeid` where `cars_data` has no `makeid` but a foreign key `cars_data.id → car_names.makeid`
+//! says which of its columns joins to `t1.makeid` (PostgreSQL's hint, `t1.makeid`, would join t1 to itself).
 
 use crate::sql::explain::comparison;
 use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
 use crate::sql::qualify::byte_offset;
-use crate::sql::schema::quote_ident;
-use sqlparser::ast::{Expr, Ident, Visit, Visitor};
+use crate::sql::schema::{quote_ident, Catalog, Table};
+use sqlparser::ast::{BinaryOperator, Expr, Ident, ObjectNamePart, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
@@ -73,27 +77,151 @@ pub fn apply_hint(sql: &str, error: &str) -> Vec<String> {
                 }
             }
         }
-        if changes.is_empty() {
-            continue;
-        }
-        changes.sort();
-        changes.dedup();
-        if changes.windows(2).any(|w| w[0].1 > w[1].0) {
-            continue;
-        }
-        let mut text = String::with_capacity(sql.len() + 8);
-        let mut last = 0;
-        for (start, end, with) in changes {
-            text.push_str(&sql[last..start]);
-            text.push_str(&with);
-            last = end;
-        }
-        text.push_str(&sql[last..]);
-        if text != sql && !out.contains(&text) && !compares_a_column_with_itself(&text) {
+        let Some(text) = edited(sql, changes) else { continue };
+        if !out.contains(&text) && !compares_a_column_with_itself(&text) {
             out.push(text);
         }
     }
     out
+}
+
+/// For `column a.x does not exist` where the query joins on `a.x = b.y`: the query with `a.x` written as the
+/// column of `a`'s table that a single-column foreign key pairs with `b.y` (either way round), every reference to
+/// `a.x` changed alike. Nothing when no such key exists, or `a`/`b` do not name one table of `catalog` each.
+pub fn join_by_foreign_key(sql: &str, error: &str, catalog: &Catalog) -> Vec<String> {
+    let message = error.lines().find_map(|l| l.trim_start().strip_prefix("ERROR:")).map(str::trim);
+    let Some(missing) = message.and_then(|m| m.strip_prefix("column ")?.strip_suffix(" does not exist")) else {
+        return Vec::new();
+    };
+    let missing = parts(missing);
+    if missing.len() != 2 || nesting_depth(sql) > MAX_NESTING {
+        return Vec::new();
+    }
+    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
+        return Vec::new();
+    };
+    let mut joins = Joins::default();
+    let _ = stmts.visit(&mut joins);
+    let table = |alias: &str| -> Option<&Table> {
+        let name = joins.aliases.iter().find(|(a, _)| a == alias).map(|(_, n)| n)?;
+        let mut found = catalog.tables.iter().filter(|t| match name.as_slice() {
+            [n] => t.name == *n,
+            [s, n] => t.schema == *s && t.name == *n,
+            _ => false,
+        });
+        let t = found.next()?;
+        found.next().is_none().then_some(t)
+    };
+    let Some(mine) = table(&missing[0]) else { return Vec::new() };
+    let mut fixes: Vec<String> = Vec::new();
+    for (a, b) in &joins.equal {
+        let other = if *a == missing {
+            b
+        } else if *b == missing {
+            a
+        } else {
+            continue;
+        };
+        let Some(theirs) = other.first().and_then(|alias| table(alias)).filter(|_| other.len() == 2) else {
+            continue;
+        };
+        let col = &other[1];
+        fn refers<'a>(t: &'a Table, to: &'a Table) -> impl Iterator<Item = &'a crate::sql::schema::ForeignKey> {
+            t.foreign_keys
+                .iter()
+                .filter(move |fk| fk.columns.len() == 1 && fk.ref_table == to.name && fk.ref_schema == to.schema)
+        }
+        // mine.c → theirs.col, or theirs.col → mine.c.
+        let forward = refers(mine, theirs).filter(|fk| fk.ref_columns[0] == *col).map(|fk| fk.columns[0].clone());
+        let backward = refers(theirs, mine).filter(|fk| fk.columns[0] == *col).map(|fk| fk.ref_columns[0].clone());
+        for c in forward.chain(backward) {
+            if c != missing[1] && !fixes.contains(&c) {
+                fixes.push(c);
+            }
+        }
+    }
+    let mut refs = Refs(Vec::new());
+    let _ = stmts.visit(&mut refs);
+    let mut out = Vec::new();
+    for c in fixes {
+        let mut changes: Vec<(usize, usize, String)> = Vec::new();
+        for r in refs.0.iter().filter(|r| r.iter().map(norm).collect::<Vec<_>>() == missing) {
+            let (Some(first), Some(last)) = (r.first(), r.last()) else { continue };
+            let start = byte_offset(sql, first.span.start.line, first.span.start.column);
+            let end = byte_offset(sql, last.span.end.line, last.span.end.column);
+            if let (Some(start), Some(end)) = (start, end) {
+                changes.push((start, end, format!("{}.{}", quote_ident(&missing[0]), quote_ident(&c))));
+            }
+        }
+        if let Some(text) = edited(sql, changes) {
+            if !out.contains(&text) && !compares_a_column_with_itself(&text) {
+                out.push(text);
+            }
+        }
+    }
+    out
+}
+
+/// `sql` with each `(start, end, text)` change made; `None` when there is none or two overlap.
+fn edited(sql: &str, mut changes: Vec<(usize, usize, String)>) -> Option<String> {
+    if changes.is_empty() {
+        return None;
+    }
+    changes.sort();
+    changes.dedup();
+    if changes.windows(2).any(|w| w[0].1 > w[1].0) {
+        return None;
+    }
+    let mut text = String::with_capacity(sql.len() + 8);
+    let mut last = 0;
+    for (start, end, with) in changes {
+        text.push_str(&sql[last..start]);
+        text.push_str(&with);
+        last = end;
+    }
+    text.push_str(&sql[last..]);
+    (text != sql).then_some(text)
+}
+
+/// The relations a query names (alias or own name → name parts, as PostgreSQL folds them) and its equalities
+/// between two column references.
+#[derive(Default)]
+struct Joins {
+    aliases: Vec<(String, Vec<String>)>,
+    equal: Vec<(Vec<String>, Vec<String>)>,
+}
+
+impl Visitor for Joins {
+    type Break = ();
+
+    fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table { name, alias, .. } = f {
+            let parts: Option<Vec<String>> = name
+                .0
+                .iter()
+                .map(|p| match p {
+                    ObjectNamePart::Identifier(id) => Some(norm(id)),
+                    _ => None,
+                })
+                .collect();
+            if let Some(parts) = parts {
+                let key = alias.as_ref().map(|a| norm(&a.name)).or_else(|| parts.last().cloned());
+                if let Some(key) = key {
+                    self.aliases.push((key, parts));
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::BinaryOp { left, op: BinaryOperator::Eq, right } = e {
+            if let (Expr::CompoundIdentifier(l), Expr::CompoundIdentifier(r)) = (left.as_ref(), right.as_ref()) {
+                self.equal.push((l.iter().map(norm).collect(), r.iter().map(norm).collect()));
+            }
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// Whether `sql` compares a column reference with itself (`t1.makeid = t1.makeid`): what a hint gives when the
@@ -242,6 +370,93 @@ mod tests {
         assert!(apply_hint(sql, &e).is_empty());
         assert!(compares_a_column_with_itself("SELECT 1 FROM a WHERE x = X"));
         assert!(!compares_a_column_with_itself("SELECT 1 FROM a AS t1 JOIN b AS t2 ON t1.x = t2.x"));
+    }
+
+    /// car_1's shape: cars_data.id → car_names.makeid; car_names.model → model_list.model (in schema car).
+    fn cars() -> Catalog {
+        use crate::sql::schema::{Column, ForeignKey};
+        let col = |n: &str| Column { name: n.into(), data_type: "integer".into(), ..Default::default() };
+        let fk = |c: &str, t: &str, r: &str| ForeignKey {
+            columns: vec![c.into()],
+            ref_schema: "car".into(),
+            ref_table: t.into(),
+            ref_columns: vec![r.into()],
+        };
+        let table = |name: &str, cols: &[&str], fks: Vec<ForeignKey>| Table {
+            schema: "car".into(),
+            name: name.into(),
+            kind: Default::default(),
+            columns: cols.iter().map(|c| col(c)).collect(),
+            primary_key: vec![],
+            foreign_keys: fks,
+            comment: None,
+        };
+        Catalog {
+            tables: vec![
+                table("car_names", &["makeid", "model", "make"], vec![fk("model", "model_list", "model")]),
+                table("cars_data", &["id", "horsepower", "year"], vec![fk("id", "car_names", "makeid")]),
+                table("model_list", &["modelid", "model", "maker"], vec![]),
+            ],
+        }
+    }
+
+    #[test]
+    fn a_join_column_the_table_lacks_takes_the_one_its_foreign_key_names() {
+        let e = err("column t2.makeid does not exist", "Perhaps you meant to reference the column \"t1.makeid\".");
+        // The key's referencing side lacks the column; every reference to it changes alike.
+        let sql = "SELECT t1.model, t2.makeid FROM car.car_names AS t1 JOIN cars_data AS t2 ON t1.makeid = t2.makeid \
+                   ORDER BY t2.horsepower LIMIT 1";
+        assert_eq!(
+            join_by_foreign_key(sql, &e, &cars()),
+            vec![
+                "SELECT t1.model, t2.id FROM car.car_names AS t1 JOIN cars_data AS t2 ON t1.makeid = t2.id \
+                   ORDER BY t2.horsepower LIMIT 1"
+            ]
+        );
+        // The referenced side lacks it (the key read the other way round), written on the right of `=`.
+        let e = err("column n.id does not exist", "");
+        let sql = "SELECT max(d.horsepower) FROM cars_data d JOIN car_names n ON d.id = n.id";
+        assert_eq!(
+            join_by_foreign_key(sql, &e, &cars()),
+            vec!["SELECT max(d.horsepower) FROM cars_data d JOIN car_names n ON d.id = n.makeid"]
+        );
+        // A table named without an alias is its own qualifier.
+        let e = err("column cars_data.makeid does not exist", "");
+        let sql = "SELECT count(*) FROM car_names JOIN cars_data ON car_names.makeid = cars_data.makeid";
+        assert_eq!(
+            join_by_foreign_key(sql, &e, &cars()),
+            vec!["SELECT count(*) FROM car_names JOIN cars_data ON car_names.makeid = cars_data.id"]
+        );
+    }
+
+    #[test]
+    fn no_join_key_without_a_foreign_key_between_the_two_tables() {
+        let catalog = cars();
+        for (sql, e) in [
+            // cars_data and model_list have no key between them.
+            (
+                "SELECT 1 FROM cars_data AS a JOIN model_list AS b ON a.modelid = b.modelid",
+                "column a.modelid does not exist",
+            ),
+            // Not a join equality.
+            (
+                "SELECT a.makeid FROM cars_data AS a JOIN car_names AS b ON a.id = b.makeid",
+                "column a.makeid does not exist",
+            ),
+            // An unknown table, an unqualified column, another error, text that does not parse.
+            ("SELECT 1 FROM nowhere AS a JOIN car_names AS b ON a.makeid = b.makeid", "column a.makeid does not exist"),
+            (
+                "SELECT 1 FROM cars_data AS a JOIN car_names AS b ON makeid = b.makeid",
+                "column \"makeid\" does not exist",
+            ),
+            (
+                "SELECT 1 FROM cars_data AS a JOIN car_names AS b ON a.makeid = b.makeid",
+                "relation \"x\" does not exist",
+            ),
+            ("SELECT FROM WHERE a.makeid = b.makeid", "column a.makeid does not exist"),
+        ] {
+            assert!(join_by_foreign_key(sql, &format!("ERROR:  {e}"), &catalog).is_empty(), "{sql}");
+        }
     }
 
     #[test]

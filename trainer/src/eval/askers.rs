@@ -134,6 +134,7 @@ impl Asker for ExtensionAsker {
                     decision: v["decision"].as_str().unwrap_or("").to_string(),
                     margin: n("margin"),
                     refused: !v["refused"].is_null(),
+                    greedy_alone: v["greedy_alone"].as_bool().unwrap_or(false),
                 };
                 if a.prediction.is_none() {
                     a.ask_error = Some(match (&v["refused"], &v["model_output"]) {

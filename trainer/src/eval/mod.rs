@@ -15,6 +15,7 @@ pub mod wikisql;
 
 mod askers;
 pub mod compare;
+pub mod confidence;
 pub mod context;
 mod exec;
 pub mod refusal;
@@ -126,6 +127,9 @@ pub struct Pipeline {
     pub decision: String,
     pub margin: usize,
     pub refused: bool,
+    /// The greedy answer was returned alone (copilot.confidence_threshold): no other candidate was decoded.
+    #[serde(default)]
+    pub greedy_alone: bool,
 }
 
 /// What asking produced for one question (one line of `<run>.asked.jsonl`).
@@ -213,6 +217,9 @@ pub struct Summary {
     pub mean_vote_margin: Option<f64>,
     #[serde(default)]
     pub refusals: usize,
+    /// Asks answered by the greedy answer alone (copilot.confidence_threshold).
+    #[serde(default)]
+    pub greedy_alone: usize,
     /// With `--schemas`: the share of questions whose context showed every table the gold query reads, over the
     /// questions whose gold tables parsed (`table_recall_n`), and the median count of tables shown.
     #[serde(default, skip_serializing_if = "Option::is_none")]

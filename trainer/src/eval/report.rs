@@ -64,6 +64,7 @@ pub fn markdown(r: &Report) -> String {
     let _ = writeln!(md, "| schema adherence (every table/column exists) | {}% |", pct(s.schema_ok));
     let _ = writeln!(md, "| no answer (ask error) | {} |", s.ask_errors);
     if s.repaired_asks + s.voted + s.refusals > 0 {
+        let _ = writeln!(md, "| asks answered by the greedy answer alone (sure, and it plans) | {} |", s.greedy_alone);
         let _ = writeln!(
             md,
             "| asks repaired from PostgreSQL's errors (answered after repair) | {} ({}) |",

@@ -18,7 +18,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-fn has_order_by(sql: &str) -> bool {
+pub(super) fn has_order_by(sql: &str) -> bool {
     use sqlparser::ast::Statement;
     let parsed =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, sql.trim().trim_end_matches(';'));
@@ -170,6 +170,7 @@ pub fn summarize(records: &[Record]) -> Summary {
             (!m.is_empty()).then(|| m.iter().sum::<usize>() as f64 / m.len() as f64)
         },
         refusals: pipes().filter(|p| p.refused).count(),
+        greedy_alone: pipes().filter(|p| p.greedy_alone).count(),
         table_recall_n: records.iter().filter(|r| r.gold_tables_shown.is_some()).count(),
         table_recall: {
             let shown: Vec<bool> = records.iter().filter_map(|r| r.gold_tables_shown).collect();
