@@ -26,16 +26,9 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Clone)]
 pub struct ConfidenceArgs {
-    /// The GGUF whose answers are measured (in-process, core's runtime).
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "../shared/data/spider")]
-    pub spider: PathBuf,
-    /// Train questions asked (a seeded sample of those whose SQLite file exists).
-    #[arg(long, default_value_t = 300)]
-    pub n: usize,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// The model whose answers are measured, on `--n` train questions (a seeded sample).
+    #[command(flatten)]
+    pub run: super::InProcess,
     /// Candidates per question, the greedy one first (copilot.candidates).
     #[arg(long, default_value_t = 4)]
     pub candidates: usize,
@@ -44,8 +37,6 @@ pub struct ConfidenceArgs {
     /// Time limit per SQLite statement.
     #[arg(long, default_value_t = 5000)]
     pub timeout_ms: u64,
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
     /// The recommended threshold is the lowest whose accuracy is within this many points of always voting.
     #[arg(long, default_value_t = 0.5)]
     pub max_loss_points: f64,
@@ -120,29 +111,18 @@ pub fn recommend(rows: &[Row], max_loss_points: f64) -> f32 {
 }
 
 pub fn run(args: &ConfidenceArgs) -> Result<()> {
-    if args.threads > 0 {
-        // SAFETY: first thing in the command, before any thread exists.
-        unsafe { copilot_core::engine::runtime::configure_threads(args.threads) };
-    }
+    let run = &args.run;
+    run.configure_threads();
     let t0 = Instant::now();
     let load_start = load_avg();
-    let mut train: Vec<spider::Example> = spider::load_train(&args.spider)?
-        .into_iter()
-        .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
-        .collect();
-    train.sort_by_key(|e| seeded_key(args.seed, &e.index.to_string()));
-    train.truncate(args.n);
+    let mut train = run.train()?;
+    train.sort_by_key(|e| seeded_key(run.seed, &e.index.to_string()));
+    train.truncate(run.n);
     // Grouped by database, so each schema prefix is prefilled once (the prefix cache), as in a session.
     train.sort_by(|a, b| (&a.db_id, a.index).cmp(&(&b.db_id, b.index)));
-    let path = copilot_core::engine::source::resolve(&args.model.to_string_lossy(), true)?;
-    let opts = copilot_core::engine::runtime::LoadOptions {
-        max_context: 8192,
-        prefix_cache_bytes: 256 << 20,
-        ..Default::default()
-    };
-    let mut rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
-    let mut contexts = spider::Contexts::new(&args.spider);
-    let mut sqlite = Sqlite::new(&args.spider);
+    let (path, mut rt) = run.runtime()?;
+    let mut contexts = spider::Contexts::new(&run.spider);
+    let mut sqlite = Sqlite::new(&run.spider);
     let timeout = Duration::from_millis(args.timeout_ms);
     let mut asked = Vec::new();
     for (i, e) in train.iter().enumerate() {
@@ -193,7 +173,7 @@ pub fn run(args: &ConfidenceArgs) -> Result<()> {
     let report = serde_json::json!({
         "model": path.display().to_string(),
         "selection": format!("Spider train, seed {}: {} questions (SQLite file present), {} candidates each",
-                             args.seed, asked.len(), args.candidates),
+                             run.seed, asked.len(), args.candidates),
         "machine": machine(),
         "load_avg_start": load_start,
         "load_avg_end": load_avg(),

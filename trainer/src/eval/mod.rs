@@ -117,6 +117,54 @@ pub struct EvalArgs {
     pub schemas: Option<String>,
 }
 
+/// A model run in-process (core's runtime) over a seeded sample of Spider **train** (eval-judge, eval-confidence):
+/// settings are chosen on training data, never on the dev questions they are measured on.
+#[derive(clap::Args, Clone)]
+pub struct InProcess {
+    /// The GGUF asked (in-process, core's runtime).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "../shared/data/spider")]
+    pub spider: PathBuf,
+    /// Questions asked (per set, where there are two).
+    #[arg(long, default_value_t = 300)]
+    pub n: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 2)]
+    pub threads: usize,
+}
+
+impl InProcess {
+    /// Set the inference threads. Call first in the command, before any thread exists.
+    pub fn configure_threads(&self) {
+        if self.threads > 0 {
+            // SAFETY: the caller runs this first in the command, before any thread exists.
+            unsafe { copilot_core::engine::runtime::configure_threads(self.threads) };
+        }
+    }
+
+    /// Spider train's questions whose SQLite file exists.
+    pub fn train(&self) -> anyhow::Result<Vec<crate::spider::Example>> {
+        Ok(crate::spider::load_train(&self.spider)?
+            .into_iter()
+            .filter(|e| crate::spider::sqlite_path(&self.spider, &e.db_id).is_file())
+            .collect())
+    }
+
+    /// The model, loaded as the engine serves it (8192 tokens, a 256 MB prefix cache), and its resolved path.
+    pub fn runtime(&self) -> anyhow::Result<(PathBuf, copilot_core::engine::runtime::Runtime)> {
+        let path = copilot_core::engine::source::resolve(&self.model.to_string_lossy(), true)?;
+        let opts = copilot_core::engine::runtime::LoadOptions {
+            max_context: 8192,
+            prefix_cache_bytes: 256 << 20,
+            ..Default::default()
+        };
+        let rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
+        Ok((path, rt))
+    }
+}
+
 /// What `copilot.ask_verbose` reported about how an answer was chosen (extension route).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Pipeline {

@@ -226,18 +226,9 @@ pub fn run(args: &RefusalArgs) -> Result<()> {
 
 #[derive(clap::Args, Clone)]
 pub struct JudgeArgs {
-    /// The GGUF whose judgement is calibrated (in-process, core's runtime).
-    #[arg(long)]
-    pub model: PathBuf,
-    #[arg(long, default_value = "../shared/data/spider")]
-    pub spider: PathBuf,
-    /// Questions per set (answerable, and the same number unanswerable).
-    #[arg(long, default_value_t = 300)]
-    pub n: usize,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    #[arg(long, default_value_t = 2)]
-    pub threads: usize,
+    /// The model whose judgement is calibrated; `--n` answerable questions and as many unanswerable.
+    #[command(flatten)]
+    pub run: super::InProcess,
     /// Output: a JSON report.
     #[arg(long, default_value = "reports/eval/judge_calibration.json")]
     pub out: PathBuf,
@@ -268,27 +259,16 @@ fn auc(answerable: &[f32], unanswerable: &[f32]) -> f64 {
 /// so `copilot.refusal_threshold` is chosen on training data, never on the dev questions it is measured on.
 pub fn calibrate(args: &JudgeArgs) -> Result<()> {
     use copilot_core::engine::backend::GenerateRequest;
-    if args.threads > 0 {
-        // SAFETY: first thing in the command, before any thread exists.
-        unsafe { copilot_core::engine::runtime::configure_threads(args.threads) };
-    }
+    let run = &args.run;
+    run.configure_threads();
     let t0 = Instant::now();
-    let train: Vec<spider::Example> = spider::load_train(&args.spider)?
-        .into_iter()
-        .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
-        .collect();
-    let unanswerable = pairs(&args.spider, &train, args.n, args.seed)?;
+    let train = run.train()?;
+    let unanswerable = pairs(&run.spider, &train, run.n, run.seed)?;
     let mut answerable: Vec<&spider::Example> = train.iter().collect();
-    answerable.sort_by_key(|e| seeded_key(args.seed ^ 1, &e.index.to_string()));
-    answerable.truncate(args.n);
-    let path = copilot_core::engine::source::resolve(&args.model.to_string_lossy(), true)?;
-    let opts = copilot_core::engine::runtime::LoadOptions {
-        max_context: 8192,
-        prefix_cache_bytes: 256 << 20,
-        ..Default::default()
-    };
-    let mut rt = copilot_core::engine::runtime::Runtime::load(&path, &opts)?;
-    let mut contexts = spider::Contexts::new(&args.spider);
+    answerable.sort_by_key(|e| seeded_key(run.seed ^ 1, &e.index.to_string()));
+    answerable.truncate(run.n);
+    let (path, mut rt) = run.runtime()?;
+    let mut contexts = spider::Contexts::new(&run.spider);
     let mut judge = |e: &spider::Example, db: &str| -> Result<(f32, Option<f32>)> {
         let (catalog, ctx) = contexts.get(db)?.clone();
         let g = copilot_core::sql::suggest::grounding(&e.question, &catalog);
@@ -331,7 +311,7 @@ pub fn calibrate(args: &JudgeArgs) -> Result<()> {
         "model": path.display().to_string(),
         "selection": format!("Spider train, seed {}: {} questions asked against their own database (answerable) and \
                               {} against another train database lacking their tables (unanswerable)",
-                              args.seed, p_ans.len(), p_un.len()),
+                              run.seed, p_ans.len(), p_un.len()),
         "machine": machine(),
         "wall_s": t0.elapsed().as_secs_f64(),
         "command": std::env::args().collect::<Vec<_>>().join(" "),
