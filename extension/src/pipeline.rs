@@ -43,7 +43,7 @@ use crate::gucs;
 use crate::shmem::{PipelineCounts, BOARD};
 use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest};
 use copilot_core::sql::gate;
-use copilot_core::sql::hint::{apply_hint, join_by_foreign_key};
+use copilot_core::sql::hint::{apply_hint, join_by_foreign_key, join_missing_table};
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::{Catalog, Qualifier};
 use copilot_core::sql::suggest::{grounding, similar_names};
@@ -160,10 +160,21 @@ fn tried(source: String, c: &Candidate, qualifier: &Qualifier) -> Tried {
     }
 }
 
-/// Check every candidate (each distinct SQL once).
-fn check_all(list: &mut [Tried], catalog: &Catalog) {
+/// Check every candidate from `from` on (each distinct SQL once; one equal to a candidate before `from` takes that
+/// one's outcome).
+fn check_all(list: &mut [Tried], from: usize, catalog: &Catalog) {
     let mut seen: BTreeMap<String, Result<String, String>> = BTreeMap::new();
-    for t in list.iter_mut() {
+    for t in &list[..from] {
+        let outcome = match (&t.plan, &t.error) {
+            (Some(plan), _) => Ok(plan.clone()),
+            (None, Some(why)) => Err(why.clone()),
+            (None, None) => continue,
+        };
+        if let Some(sql) = &t.sql {
+            seen.entry(sql.trim().to_string()).or_insert(outcome);
+        }
+    }
+    for t in list[from..].iter_mut() {
         let Some(sql) = t.sql.clone() else {
             t.error = Some("the model wrote no SQL".into());
             continue;
@@ -300,7 +311,7 @@ pub fn answer(
         );
         return Err(refuse(report, list, why, catalog, decoded));
     }
-    check_all(&mut list, catalog);
+    check_all(&mut list, 0, catalog);
     if greedy_first {
         let sure = list[0].min_p.is_some_and(|p| f64::from(p) >= sure_at);
         if list[0].plan.is_some() && sure {
@@ -316,7 +327,7 @@ pub fn answer(
             list.extend(
                 more.candidates.iter().enumerate().map(|(i, c)| tried(format!("sample {}", i + 1), c, qualifier)),
             );
-            check_all(&mut list[from..], catalog);
+            check_all(&mut list, from, catalog);
             decoded = k;
         }
     }
@@ -350,7 +361,7 @@ pub fn answer(
         report.repairs += 1;
         let Some(first) = fixed.candidates.first() else { break };
         let mut t = tried(format!("repair {}", report.repairs), first, qualifier);
-        check_all(std::slice::from_mut(&mut t), catalog);
+        check_all(std::slice::from_mut(&mut t), 0, catalog);
         list.push(t);
         last = list.len() - 1;
         hinted = apply_hints(&mut list, hinted, catalog, &mut report);
@@ -387,36 +398,47 @@ pub fn answer(
 }
 
 /// Each candidate from `from` on that failed with a PostgreSQL HINT naming the column or alias it meant, with that
-/// change made, or with a join column its table lacks replaced by the one a foreign key pairs with the other side
-/// ([`copilot_core::sql::hint`]), checked and added to the list (they take part in the vote like the
-/// others: the same answer with PostgreSQL's correction). Returns the list's length: where the next call starts.
+/// change made; with a join column its table lacks replaced by the one a foreign key pairs with the other side; or
+/// with a join added to the table that has a column no table of its FROM clause has ([`copilot_core::sql::hint`]) —
+/// checked and added to the list (they take part in the vote like the others: the same answer with the correction).
+/// A corrected query that fails again is corrected once more (a query may read two columns it never joined).
+/// Returns the list's length: where the next call starts.
 fn apply_hints(list: &mut Vec<Tried>, from: usize, catalog: &Catalog, report: &mut Report) -> usize {
-    let mut added: Vec<Tried> = Vec::new();
-    for t in &list[from..] {
-        let (Some(sql), Some(error)) = (&t.sql, &t.error) else { continue };
-        let hinted = apply_hint(sql, error).into_iter().map(|s| (s, "PostgreSQL's hint applied"));
-        let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
-        for (fixed, how) in hinted.chain(keyed) {
-            if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
-                continue;
+    const ROUNDS: usize = 2;
+    let mut next = from;
+    for _ in 0..ROUNDS {
+        let mut added: Vec<Tried> = Vec::new();
+        for t in &list[next..] {
+            let (Some(sql), Some(error)) = (&t.sql, &t.error) else { continue };
+            let hinted = apply_hint(sql, error).into_iter().map(|s| (s, "PostgreSQL's hint applied"));
+            let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
+            let joined = join_missing_table(sql, error, catalog).into_iter().map(|s| (s, "missing table joined"));
+            for (fixed, how) in hinted.chain(keyed).chain(joined) {
+                if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
+                    continue;
+                }
+                let mut h = Tried {
+                    source: format!("{}, {how}", t.source),
+                    text: t.text.clone(),
+                    sql: Some(fixed),
+                    written: None,
+                    min_p: None,
+                    error: None,
+                    group: None,
+                    rows: None,
+                    plan: None,
+                };
+                check_all(std::slice::from_mut(&mut h), 0, catalog);
+                report.hints_applied += 1;
+                added.push(h);
             }
-            let mut h = Tried {
-                source: format!("{}, {how}", t.source),
-                text: t.text.clone(),
-                sql: Some(fixed),
-                written: None,
-                min_p: None,
-                error: None,
-                group: None,
-                rows: None,
-                plan: None,
-            };
-            check_all(std::slice::from_mut(&mut h), catalog);
-            report.hints_applied += 1;
-            added.push(h);
         }
+        next = list.len();
+        if added.is_empty() {
+            break;
+        }
+        list.extend(added);
     }
-    list.extend(added);
     list.len()
 }
 

@@ -10,7 +10,8 @@
 //!
 //! [`join_by_foreign_key`] does the same for the join key PostgreSQL cannot name: `… JOIN cars_data AS t2 ON
 //! t1.makeid = t2.makeid` where `cars_data` has no `makeid` but a foreign key `cars_data.id → car_names.makeid`
-//! says which of its columns joins to `t1.makeid` (PostgreSQL's hint, `t1.makeid`, would join t1 to itself).
+//! says which of its columns joins to `t1.makeid` (PostgreSQL's hint, `t1.makeid`, would join t1 to itself), and
+//! [`join_missing_table`] for a column of a table the query never joined.
 
 use crate::sql::explain::comparison;
 use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
@@ -20,6 +21,9 @@ use sqlparser::ast::{BinaryOperator, Expr, Ident, ObjectNamePart, TableFactor, V
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
+
+mod missing_join;
+pub use missing_join::join_missing_table;
 
 /// The queries PostgreSQL's HINT in `error` (as `describe`d: `ERROR:  …` and `HINT:  …` lines) suggests, one per
 /// suggestion (a hint may offer two columns), each differing from `sql`.
@@ -373,7 +377,7 @@ mod tests {
     }
 
     /// car_1's shape: cars_data.id → car_names.makeid; car_names.model → model_list.model (in schema car).
-    fn cars() -> Catalog {
+    pub(super) fn cars() -> Catalog {
         use crate::sql::schema::{Column, ForeignKey};
         let col = |n: &str| Column { name: n.into(), data_type: "integer".into(), ..Default::default() };
         let fk = |c: &str, t: &str, r: &str| ForeignKey {

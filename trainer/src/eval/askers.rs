@@ -135,6 +135,9 @@ impl Asker for ExtensionAsker {
                     margin: n("margin"),
                     refused: !v["refused"].is_null(),
                     greedy_alone: v["greedy_alone"].as_bool().unwrap_or(false),
+                    winner_source: v["winner"]
+                        .as_u64()
+                        .and_then(|w| cands.get(w as usize)?["source"].as_str().map(str::to_string)),
                 };
                 if a.prediction.is_none() {
                     a.ask_error = Some(match (&v["refused"], &v["model_output"]) {

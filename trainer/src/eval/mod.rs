@@ -70,6 +70,10 @@ pub struct EvalArgs {
     /// Only these databases (repeat).
     #[arg(long = "db")]
     pub dbs: Vec<String>,
+    /// Only the questions at these positions of the split's file (comma-separated or repeated; the `index` of a
+    /// report's records), e.g. to ask again the questions an earlier run refused.
+    #[arg(long = "index", value_delimiter = ',')]
+    pub indexes: Vec<usize>,
     /// A fixed sample of N questions, stratified by hardness (seeded).
     #[arg(long)]
     pub sample: Option<usize>,
@@ -178,6 +182,10 @@ pub struct Pipeline {
     /// The greedy answer was returned alone (copilot.confidence_threshold): no other candidate was decoded.
     #[serde(default)]
     pub greedy_alone: bool,
+    /// Where the answer returned came from (ask_verbose's `source` of the winner: `greedy`, `sample 2, missing table
+    /// joined`, `repair 1`, …); absent when nothing was returned, or in reports made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub winner_source: Option<String>,
 }
 
 /// What asking produced for one question (one line of `<run>.asked.jsonl`).

@@ -75,6 +75,7 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
         .into_iter()
         .filter(|e| spider::sqlite_path(&args.spider, &e.db_id).is_file())
         .filter(|e| args.dbs.is_empty() || args.dbs.contains(&e.db_id))
+        .filter(|e| args.indexes.is_empty() || args.indexes.contains(&e.index))
         .map(|e| {
             let h = hardness_of(&e, schemas);
             (e, h)
@@ -95,6 +96,9 @@ fn select_questions(args: &EvalArgs, schemas: &HashMap<String, Schema>) -> Resul
     let mut desc = format!("Spider {split}: {executable} executable questions (of {total})");
     if !args.dbs.is_empty() {
         desc.push_str(&format!(" on {}", args.dbs.join(", ")));
+    }
+    if !args.indexes.is_empty() {
+        desc.push_str(&format!(", only the {} at positions given by --index", items.len() + taught.len()));
     }
     if let Some(share) = args.teach_share {
         desc.push_str(&format!(
