@@ -538,6 +538,31 @@ unsafe impl Sync for Outs {}
 /// would spill the accumulators out of the 16 AVX2 registers).
 const MAX_ROWS_AT_ONCE: usize = 8;
 
+/// How many weight rows ahead [`gemm_many`] asks the CPU to load a whole row (a row of the default model is
+/// 0.9–5 KB): its cache lines are then requested together, not one by one as the dot product reaches them.
+/// Measured on the 2-core Intel Xeon (decode of the default model, 8 questions): no prefetch 11.0 tok/s; the row
+/// itself just before use 15.8; 1 ahead 16.8; 2 ahead 17.0; 4 ahead 16.3; 8 ahead 15.6.
+const PREFETCH_ROWS: usize = 2;
+
+/// Ask the CPU to bring `w[at..at + len]` (clipped to `w`) towards the cache, a line at a time. A hint only: no
+/// result depends on it.
+#[inline]
+fn prefetch(w: &[u8], at: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let end = (at + len).min(w.len());
+        let mut i = at;
+        while i < end {
+            // SAFETY: `i < w.len()`, so the address is inside `w`; a prefetch reads nothing and cannot fault.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().add(i) as *const i8) };
+            i += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, at, len);
+}
+
 /// Rows handed to a thread at a time: enough work to hide the hand-out, few enough to balance 2 threads.
 const ROWS_PER_ITEM: usize = 16;
 
@@ -601,6 +626,7 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                 let mut vals = [0f32; MAX_ROWS_AT_ONCE];
                 for r in start..(start + ROWS_PER_ITEM).min(m.n) {
                     let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
+                    prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
                     for (chunk, acts) in act_refs.chunks(MAX_ROWS_AT_ONCE).enumerate() {
                         let v = &mut vals[..acts.len()];
                         dot_rows(m.kind, w, acts, simd, v);
