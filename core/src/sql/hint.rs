@@ -16,8 +16,8 @@
 use crate::sql::explain::comparison;
 use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
 use crate::sql::qualify::byte_offset;
-use crate::sql::schema::{quote_ident, Catalog, Table};
-use sqlparser::ast::{BinaryOperator, Expr, Ident, ObjectNamePart, TableFactor, Visit, Visitor};
+use crate::sql::schema::{quote_ident, Catalog, ForeignKey, Table};
+use sqlparser::ast::{BinaryOperator, Expr, Ident, ObjectNamePart, Statement, TableFactor, Visit, Visitor};
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
@@ -28,17 +28,15 @@ pub use missing_join::join_missing_table;
 /// The queries PostgreSQL's HINT in `error` (as `describe`d: `ERROR:  …` and `HINT:  …` lines) suggests, one per
 /// suggestion (a hint may offer two columns), each differing from `sql`.
 pub fn apply_hint(sql: &str, error: &str) -> Vec<String> {
-    let line = |tag: &str| error.lines().find_map(|l| l.trim_start().strip_prefix(tag)).map(str::trim);
-    let (Some(message), Some(hint)) = (line("ERROR:"), line("HINT:")) else {
+    let (Some(message), Some(hint)) = (line(error, "ERROR:"), line(error, "HINT:")) else {
         return Vec::new();
     };
-    let edit = if let Some(missing) = message.strip_prefix("column ").and_then(|m| m.strip_suffix(" does not exist")) {
+    let edit = if let Some(missing) = missing_column(message) {
         let Some(after) = hint.strip_prefix("Perhaps you meant to reference the column ") else {
             return Vec::new();
         };
         // Only the same column under another alias: PostgreSQL also suggests names a few letters away (`nope` →
         // `name`), a guess about meaning that is the model's to make (it sees the hint in a repair turn).
-        let missing = parts(missing);
         let meant = quoted(after).iter().map(|s| parts(s)).filter(|m| m.last() == missing.last()).collect();
         Edit::Column { missing, meant }
     } else if let Some(table) = message.strip_prefix("missing FROM-clause entry for table ") {
@@ -49,12 +47,7 @@ pub fn apply_hint(sql: &str, error: &str) -> Vec<String> {
     } else {
         return Vec::new();
     };
-    if nesting_depth(sql) > MAX_NESTING {
-        return Vec::new();
-    }
-    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return Vec::new();
-    };
+    let Some(stmts) = parse(sql) else { return Vec::new() };
     let mut refs = Refs(Vec::new());
     let _ = stmts.visit(&mut refs);
     let mut out: Vec<String> = Vec::new();
@@ -74,9 +67,7 @@ pub fn apply_hint(sql: &str, error: &str) -> Vec<String> {
                 _ => None,
             };
             if let Some((Some(first), Some(last), text)) = replace {
-                let start = byte_offset(sql, first.span.start.line, first.span.start.column);
-                let end = byte_offset(sql, last.span.end.line, last.span.end.column);
-                if let (Some(start), Some(end)) = (start, end) {
+                if let Some((start, end)) = byte_range(sql, first, last) {
                     changes.push((start, end, text));
                 }
             }
@@ -93,28 +84,16 @@ pub fn apply_hint(sql: &str, error: &str) -> Vec<String> {
 /// column of `a`'s table that a single-column foreign key pairs with `b.y` (either way round), every reference to
 /// `a.x` changed alike. Nothing when no such key exists, or `a`/`b` do not name one table of `catalog` each.
 pub fn join_by_foreign_key(sql: &str, error: &str, catalog: &Catalog) -> Vec<String> {
-    let message = error.lines().find_map(|l| l.trim_start().strip_prefix("ERROR:")).map(str::trim);
-    let Some(missing) = message.and_then(|m| m.strip_prefix("column ")?.strip_suffix(" does not exist")) else {
-        return Vec::new();
-    };
-    let missing = parts(missing);
-    if missing.len() != 2 || nesting_depth(sql) > MAX_NESTING {
+    let Some(missing) = line(error, "ERROR:").and_then(missing_column) else { return Vec::new() };
+    if missing.len() != 2 {
         return Vec::new();
     }
-    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return Vec::new();
-    };
+    let Some(stmts) = parse(sql) else { return Vec::new() };
     let mut joins = Joins::default();
     let _ = stmts.visit(&mut joins);
     let table = |alias: &str| -> Option<&Table> {
         let name = joins.aliases.iter().find(|(a, _)| a == alias).map(|(_, n)| n)?;
-        let mut found = catalog.tables.iter().filter(|t| match name.as_slice() {
-            [n] => t.name == *n,
-            [s, n] => t.schema == *s && t.name == *n,
-            _ => false,
-        });
-        let t = found.next()?;
-        found.next().is_none().then_some(t)
+        catalog_table(catalog, name)
     };
     let Some(mine) = table(&missing[0]) else { return Vec::new() };
     let mut fixes: Vec<String> = Vec::new();
@@ -130,11 +109,6 @@ pub fn join_by_foreign_key(sql: &str, error: &str, catalog: &Catalog) -> Vec<Str
             continue;
         };
         let col = &other[1];
-        fn refers<'a>(t: &'a Table, to: &'a Table) -> impl Iterator<Item = &'a crate::sql::schema::ForeignKey> {
-            t.foreign_keys
-                .iter()
-                .filter(move |fk| fk.columns.len() == 1 && fk.ref_table == to.name && fk.ref_schema == to.schema)
-        }
         // mine.c → theirs.col, or theirs.col → mine.c.
         let forward = refers(mine, theirs).filter(|fk| fk.ref_columns[0] == *col).map(|fk| fk.columns[0].clone());
         let backward = refers(theirs, mine).filter(|fk| fk.columns[0] == *col).map(|fk| fk.ref_columns[0].clone());
@@ -151,9 +125,7 @@ pub fn join_by_foreign_key(sql: &str, error: &str, catalog: &Catalog) -> Vec<Str
         let mut changes: Vec<(usize, usize, String)> = Vec::new();
         for r in refs.0.iter().filter(|r| r.iter().map(norm).collect::<Vec<_>>() == missing) {
             let (Some(first), Some(last)) = (r.first(), r.last()) else { continue };
-            let start = byte_offset(sql, first.span.start.line, first.span.start.column);
-            let end = byte_offset(sql, last.span.end.line, last.span.end.column);
-            if let (Some(start), Some(end)) = (start, end) {
+            if let Some((start, end)) = byte_range(sql, first, last) {
                 changes.push((start, end, format!("{}.{}", quote_ident(&missing[0]), quote_ident(&c))));
             }
         }
@@ -164,6 +136,64 @@ pub fn join_by_foreign_key(sql: &str, error: &str, catalog: &Catalog) -> Vec<Str
         }
     }
     out
+}
+
+/// The text after `tag` (`ERROR:`, `HINT:`) on its line of a `describe`d error.
+fn line<'a>(error: &'a str, tag: &str) -> Option<&'a str> {
+    error.lines().find_map(|l| l.trim_start().strip_prefix(tag)).map(str::trim)
+}
+
+/// The reference of `column … does not exist`, split into its parts.
+fn missing_column(message: &str) -> Option<Vec<String>> {
+    message.strip_prefix("column ")?.strip_suffix(" does not exist").map(parts)
+}
+
+/// `sql` parsed, unless it nests deeper than the gate allows or does not parse.
+fn parse(sql: &str) -> Option<Vec<Statement>> {
+    if nesting_depth(sql) > MAX_NESTING {
+        return None;
+    }
+    Parser::parse_sql(&PostgreSqlDialect {}, sql).ok()
+}
+
+/// Where the text from `first` to `last` (identifiers of `sql`) lies, as a byte range.
+fn byte_range(sql: &str, first: &Ident, last: &Ident) -> Option<(usize, usize)> {
+    let start = byte_offset(sql, first.span.start.line, first.span.start.column)?;
+    Some((start, byte_offset(sql, last.span.end.line, last.span.end.column)?))
+}
+
+/// A FROM entry naming a table: the name it goes by in the query (its alias, else its own last part) and its
+/// name's parts, as PostgreSQL folds them.
+fn named_table(f: &TableFactor) -> Option<(String, Vec<String>)> {
+    let TableFactor::Table { name, alias, .. } = f else { return None };
+    let parts: Vec<String> = name
+        .0
+        .iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(id) => Some(norm(id)),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let key = alias.as_ref().map(|a| norm(&a.name)).or_else(|| parts.last().cloned())?;
+    Some((key, parts))
+}
+
+/// The one table of `catalog` a name (`[table]` or `[schema, table]`) names; `None` when none or several do.
+fn catalog_table<'c>(catalog: &'c Catalog, name: &[String]) -> Option<&'c Table> {
+    let mut found = catalog.tables.iter().filter(|t| match name {
+        [n] => t.name == *n,
+        [s, n] => t.schema == *s && t.name == *n,
+        _ => false,
+    });
+    let t = found.next()?;
+    found.next().is_none().then_some(t)
+}
+
+/// `t`'s single-column foreign keys to `to`.
+fn refers<'a>(t: &'a Table, to: &'a Table) -> impl Iterator<Item = &'a ForeignKey> {
+    t.foreign_keys
+        .iter()
+        .filter(move |fk| fk.columns.len() == 1 && fk.ref_table == to.name && fk.ref_schema == to.schema)
 }
 
 /// `sql` with each `(start, end, text)` change made; `None` when there is none or two overlap.
@@ -199,22 +229,7 @@ impl Visitor for Joins {
     type Break = ();
 
     fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
-        if let TableFactor::Table { name, alias, .. } = f {
-            let parts: Option<Vec<String>> = name
-                .0
-                .iter()
-                .map(|p| match p {
-                    ObjectNamePart::Identifier(id) => Some(norm(id)),
-                    _ => None,
-                })
-                .collect();
-            if let Some(parts) = parts {
-                let key = alias.as_ref().map(|a| norm(&a.name)).or_else(|| parts.last().cloned());
-                if let Some(key) = key {
-                    self.aliases.push((key, parts));
-                }
-            }
-        }
+        self.aliases.extend(named_table(f));
         ControlFlow::Continue(())
     }
 

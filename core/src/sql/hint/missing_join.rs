@@ -9,13 +9,14 @@
 //! joins to, so the rest of the text stays as written. Where several tables or keys would do, each gives a query
 //! (at most [`MAX_OPTIONS`]); where none does, nothing.
 
-use super::{compares_a_column_with_itself, edited, parts, unquote, Refs};
-use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
+use super::{
+    byte_range, catalog_table, compares_a_column_with_itself, edited, line, missing_column, named_table, parse, refers,
+    unquote, Refs,
+};
+use crate::sql::gate::norm;
 use crate::sql::qualify::byte_offset;
 use crate::sql::schema::{quote_ident, Catalog, Table};
-use sqlparser::ast::{Ident, ObjectNamePart, OrderBy, Query, Select, SetExpr, Spanned, TableFactor, Visit, Visitor};
-use sqlparser::dialect::PostgreSqlDialect;
-use sqlparser::parser::Parser;
+use sqlparser::ast::{Ident, OrderBy, Query, Select, SetExpr, Spanned, Visit, Visitor};
 use std::ops::ControlFlow;
 
 /// The most queries one failure gives (one per table and key that would do).
@@ -32,11 +33,9 @@ enum Missing {
 /// For a column no table of its SELECT's FROM clause has (or an alias no FROM item gives), the query with a join to
 /// the table that has it, along a single-column foreign key from or to a table the SELECT already reads.
 pub fn join_missing_table(sql: &str, error: &str, catalog: &Catalog) -> Vec<String> {
-    let Some(message) = error.lines().find_map(|l| l.trim_start().strip_prefix("ERROR:")).map(str::trim) else {
-        return Vec::new();
-    };
-    let missing = if let Some(c) = message.strip_prefix("column ").and_then(|m| m.strip_suffix(" does not exist")) {
-        match parts(c).as_slice() {
+    let Some(message) = line(error, "ERROR:") else { return Vec::new() };
+    let missing = if let Some(c) = missing_column(message) {
+        match c.as_slice() {
             [name] => Missing::Column { qualifier: None, name: name.clone() },
             [q, name] => Missing::Column { qualifier: Some(q.clone()), name: name.clone() },
             _ => return Vec::new(),
@@ -46,12 +45,7 @@ pub fn join_missing_table(sql: &str, error: &str, catalog: &Catalog) -> Vec<Stri
     } else {
         return Vec::new();
     };
-    if nesting_depth(sql) > MAX_NESTING {
-        return Vec::new();
-    }
-    let Ok(stmts) = Parser::parse_sql(&PostgreSqlDialect {}, sql) else {
-        return Vec::new();
-    };
+    let Some(stmts) = parse(sql) else { return Vec::new() };
     let mut scopes = Scopes(Vec::new());
     let _ = stmts.visit(&mut scopes);
     let mut out: Vec<String> = Vec::new();
@@ -71,34 +65,20 @@ struct Scope {
     /// (qualifier, the table's name as written, index of the FROM item holding it).
     from: Vec<(String, Vec<String>, usize)>,
     /// Where each FROM item (a table and its joins) starts and ends, as (line, column) pairs.
-    ends: Vec<((u64, u64), (u64, u64))>,
+    spans: Vec<((u64, u64), (u64, u64))>,
     refs: Vec<Vec<Ident>>,
 }
 
 impl Scope {
     fn new(select: &Select, order_by: Option<&OrderBy>) -> Scope {
         let mut from = Vec::new();
-        let mut ends = Vec::new();
+        let mut spans = Vec::new();
         for (i, item) in select.from.iter().enumerate() {
             for factor in std::iter::once(&item.relation).chain(item.joins.iter().map(|j| &j.relation)) {
-                if let TableFactor::Table { name, alias, .. } = factor {
-                    let parts: Option<Vec<String>> = name
-                        .0
-                        .iter()
-                        .map(|p| match p {
-                            ObjectNamePart::Identifier(id) => Some(norm(id)),
-                            _ => None,
-                        })
-                        .collect();
-                    let Some(parts) = parts else { continue };
-                    let key = alias.as_ref().map(|a| norm(&a.name)).or_else(|| parts.last().cloned());
-                    if let Some(key) = key {
-                        from.push((key, parts, i));
-                    }
-                }
+                from.extend(named_table(factor).map(|(key, parts)| (key, parts, i)));
             }
             let span = item.span();
-            ends.push(((span.start.line, span.start.column), (span.end.line, span.end.column)));
+            spans.push(((span.start.line, span.start.column), (span.end.line, span.end.column)));
         }
         let mut all = Direct { refs: Vec::new(), nested: Vec::new() };
         let _ = select.visit(&mut all);
@@ -107,18 +87,7 @@ impl Scope {
         }
         let nested: Vec<_> = all.nested.iter().map(|r| r.span).collect();
         let refs = all.refs.into_iter().filter(|r| r.first().is_some_and(|id| !nested.contains(&id.span))).collect();
-        Scope { from, ends, refs }
-    }
-
-    /// The table a FROM entry names, if the catalog has exactly one such.
-    fn table<'c>(name: &[String], catalog: &'c Catalog) -> Option<&'c Table> {
-        let mut found = catalog.tables.iter().filter(|t| match name {
-            [n] => t.name == *n,
-            [s, n] => t.schema == *s && t.name == *n,
-            _ => false,
-        });
-        let t = found.next()?;
-        found.next().is_none().then_some(t)
+        Scope { from, spans, refs }
     }
 
     /// This SELECT with each join that would give it what `missing` names.
@@ -126,7 +95,7 @@ impl Scope {
         let read: Vec<Vec<String>> = self.refs.iter().map(|r| r.iter().map(norm).collect()).collect();
         let mut tables = Vec::new();
         for (_, name, _) in &self.from {
-            let Some(t) = Scope::table(name, catalog) else { return Vec::new() };
+            let Some(t) = catalog_table(catalog, name) else { return Vec::new() };
             tables.push(t);
         }
         let has = |t: &Table, c: &str| t.columns.iter().any(|col| col.name == c);
@@ -139,12 +108,12 @@ impl Scope {
                 (vec![name.clone()], None, None)
             }
             Missing::Column { qualifier: Some(q), name } => {
-                let Some(i) = self.from.iter().position(|(a, _, _)| a == q) else { return Vec::new() };
-                if !read.iter().any(|r| r.len() == 2 && r[0] == *q && r[1] == *name) || has(tables[i], name) {
+                // When a FROM table has the column, PostgreSQL's own hint names it: not a missing join.
+                if !self.from.iter().any(|(a, _, _)| a == q)
+                    || !read.iter().any(|r| r.len() == 2 && r[0] == *q && r[1] == *name)
+                    || tables.iter().any(|t| has(t, name))
+                {
                     return Vec::new();
-                }
-                if tables.iter().any(|t| has(t, name)) {
-                    return Vec::new(); // PostgreSQL's own hint names that column: not a missing join.
                 }
                 (vec![name.clone()], None, Some((q.clone(), name.clone())))
             }
@@ -169,20 +138,9 @@ impl Scope {
             }
             for (j, (key, name, item)) in self.from.iter().enumerate() {
                 let theirs = tables[j];
-                let single = |fk: &&crate::sql::schema::ForeignKey| fk.columns.len() == 1;
                 // target.c → theirs.d, or theirs.d → target.c: (target's column, theirs).
-                let forward = target
-                    .foreign_keys
-                    .iter()
-                    .filter(single)
-                    .filter(|fk| fk.ref_table == theirs.name && fk.ref_schema == theirs.schema)
-                    .map(|fk| (fk.columns[0].clone(), fk.ref_columns[0].clone()));
-                let backward = theirs
-                    .foreign_keys
-                    .iter()
-                    .filter(single)
-                    .filter(|fk| fk.ref_table == target.name && fk.ref_schema == target.schema)
-                    .map(|fk| (fk.ref_columns[0].clone(), fk.columns[0].clone()));
+                let forward = refers(target, theirs).map(|fk| (fk.columns[0].clone(), fk.ref_columns[0].clone()));
+                let backward = refers(theirs, target).map(|fk| (fk.ref_columns[0].clone(), fk.columns[0].clone()));
                 for (mine, other) in forward.chain(backward) {
                     let new_alias = alias.clone().unwrap_or_else(|| self.fresh_alias(&target.name));
                     // Written as the table it joins to is: schema-qualified when that one is, or when it lives in
@@ -201,7 +159,7 @@ impl Scope {
                         quote_ident(key),
                         quote_ident(&other)
                     );
-                    let ((l0, c0), (l1, c1)) = self.ends[*item];
+                    let ((l0, c0), (l1, c1)) = self.spans[*item];
                     let (Some(start), Some(end)) = (byte_offset(sql, l0, c0), byte_offset(sql, l1, c1)) else {
                         continue;
                     };
@@ -209,19 +167,13 @@ impl Scope {
                     let mut changes = vec![(at, at, join)];
                     if let Some((q, c)) = &rename {
                         for r in self.refs.iter().filter(|r| r.len() == 2 && norm(&r[0]) == *q && norm(&r[1]) == *c) {
-                            let (Some(s), Some(e)) = (
-                                byte_offset(sql, r[0].span.start.line, r[0].span.start.column),
-                                byte_offset(sql, r[0].span.end.line, r[0].span.end.column),
-                            ) else {
-                                continue;
-                            };
-                            changes.push((s, e, a.clone()));
+                            if let Some((s, e)) = byte_range(sql, &r[0], &r[0]) {
+                                changes.push((s, e, a.clone()));
+                            }
                         }
                     }
                     // A span that ended early would put the join inside an expression: keep only text that parses.
-                    if let Some(text) =
-                        edited(sql, changes).filter(|t| Parser::parse_sql(&PostgreSqlDialect {}, t).is_ok())
-                    {
+                    if let Some(text) = edited(sql, changes).filter(|t| parse(t).is_some()) {
                         out.push(text);
                     }
                 }
