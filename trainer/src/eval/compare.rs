@@ -100,7 +100,21 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             "command": r.command, "by_hardness": s.by_hardness,
         }));
     }
-    let machine = reports.first().map(|r| r.machine.clone()).unwrap_or_default();
+    // Runs compared across machines say so: the same seeded pipeline can answer differently on another CPU
+    // (floating-point sums in another order), so such a pairing measures the change and the machine together.
+    let mut machines: Vec<&str> = Vec::new();
+    for r in reports.iter() {
+        if !machines.contains(&r.machine.as_str()) {
+            machines.push(&r.machine);
+        }
+    }
+    let machine = match machines.as_slice() {
+        [one] => one.to_string(),
+        _ => format!(
+            "not the same for every run ({}); paired differences include the machines' floating-point differences",
+            reports.iter().map(|r| format!("{} on {}", r.run, r.machine)).collect::<Vec<_>>().join(", ")
+        ),
+    };
     std::fs::write(
         args.out.with_extension("json"),
         serde_json::to_string_pretty(&serde_json::json!({ "machine": machine, "runs": rows }))?,
