@@ -38,7 +38,8 @@ fn stem(w: &str) -> String {
     if let Some(s) = w.strip_suffix("ies") {
         return format!("{s}y");
     }
-    if let Some(s) = w.strip_suffix("es").filter(|s| ["s", "x", "z", "ch", "sh"].iter().any(|e| s.ends_with(e))) {
+    // `classes`, `boxes`, `matches` lose `es`; `courses`, `houses`, `cases` only their `s` (below).
+    if let Some(s) = w.strip_suffix("es").filter(|s| ["ss", "x", "z", "ch", "sh"].iter().any(|e| s.ends_with(e))) {
         return s.to_string();
     }
     for suffix in ["ing", "ed", "s"] {
@@ -106,6 +107,8 @@ mod tests {
         assert_eq!(terms("How many singers are from France?"), vec!["many", "singer", "france"]);
         assert_eq!(terms("List the countries' names"), vec!["country", "name"]);
         assert_eq!(terms("cities hosting boxes"), vec!["city", "host", "box"]);
+        // A plural and its singular meet, also where the singular ends in `e` or `ss`.
+        assert_eq!(terms("courses course classes class matches"), vec!["course", "course", "class", "class", "match"]);
         assert_eq!(terms("Ünïcode wörds stay"), vec!["ünïcode", "wörds", "stay"]);
         assert!(terms("  ?? !! ").is_empty());
     }

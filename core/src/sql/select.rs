@@ -14,7 +14,7 @@
 
 use crate::sql::examples;
 use crate::sql::schema::{Catalog, Table};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 /// How much of a table's best neighbour's score it inherits: a junction table the question does not name still
 /// ranks near the tables it joins.
@@ -37,34 +37,59 @@ pub struct Report {
     pub cost_kept: usize,
     /// False when the catalog fitted and was returned unchanged.
     pub selected: bool,
-    /// The schema the selection was narrowed to, when the catalog spans several.
-    pub schema: Option<String>,
+    /// The schemas the selection was narrowed to, when the catalog spans several (see [`focus_schemas`]): the
+    /// question's schema first, and a second one the question's words do not tell apart from it.
+    pub schemas: Vec<String>,
 }
 
-/// The schema a question is about, when the catalog spans several: the one whose two best-matching tables match it
-/// best together (a question names one table or joins a few, nearly always within one schema; ties go to the
-/// name). Tables of other schemas are then shown only on a foreign-key path from the chosen ones: tables of
+/// The schemas a question is about, when the catalog spans several: first the one whose two best-matching tables
+/// match it best together (a question names one table or joins a few, nearly always within one schema; ties go to
+/// the name). Tables of other schemas are then shown only on a foreign-key path from the chosen ones: tables of
 /// unrelated schemas that happen to share words with the question (`car_1.countries` beside `world_1.country`)
-/// otherwise end up joined together in the model's SQL. `None` for one schema, or when no table matches at all.
-fn focus_schema<'a>(tables: &'a [Table], own: &[f32]) -> Option<&'a str> {
-    let mut best: std::collections::BTreeMap<&str, [f32; 2]> = std::collections::BTreeMap::new();
-    for (t, &s) in tables.iter().zip(own) {
-        let b = best.entry(t.schema.as_str()).or_insert([0.0; 2]);
-        if s > b[0] {
-            *b = [s, b[0]];
-        } else if s > b[1] {
-            b[1] = s;
+/// otherwise end up joined together in the model's SQL. A second schema is kept beside the first when the question
+/// gives no word telling the two apart: every question word the first's two best tables contain is in the
+/// second's two best tables too (`How many singers are there?` against a `singer` schema and a `concert_singer`
+/// schema that both have a `singer` table). Of several such schemas the strongest is taken, so at most two schemas
+/// are shown. Empty for one schema, or when no table matches at all.
+fn focus_schemas<'a>(tables: &'a [Table], own: &[f32], words: &[HashSet<String>]) -> Vec<&'a str> {
+    // Per schema: its two best tables (score, index), best first.
+    let mut best: BTreeMap<&str, [(f32, Option<usize>); 2]> = BTreeMap::new();
+    for (i, (t, &s)) in tables.iter().zip(own).enumerate() {
+        let b = best.entry(t.schema.as_str()).or_insert([(0.0, None); 2]);
+        if s > b[0].0 {
+            *b = [(s, Some(i)), b[0]];
+        } else if s > b[1].0 {
+            b[1] = (s, Some(i));
         }
     }
     if best.len() < 2 {
-        return None;
+        return Vec::new();
     }
-    let (schema, top) =
-        best.iter().map(|(s, b)| (*s, b[0] + b[1])).fold(None, |acc: Option<(&str, f32)>, (s, v)| match acc {
+    let strength = |b: &[(f32, Option<usize>); 2]| b[0].0 + b[1].0;
+    // The strongest of `schemas`; ties go to the first (by name).
+    let strongest = |schemas: &mut dyn Iterator<Item = (&'a str, f32)>| {
+        schemas.fold(None, |acc: Option<(&'a str, f32)>, (s, v)| match acc {
             Some((_, w)) if w >= v => acc,
             _ => Some((s, v)),
-        })?;
-    (top > 0.0).then_some(schema)
+        })
+    };
+    let Some((first, top)) = strongest(&mut best.iter().map(|(s, b)| (*s, strength(b)))) else {
+        return Vec::new();
+    };
+    if top <= 0.0 {
+        return Vec::new();
+    }
+    let matched = |b: &[(f32, Option<usize>); 2]| -> HashSet<&str> {
+        b.iter().filter_map(|&(_, i)| i).flat_map(|i| words[i].iter().map(String::as_str)).collect()
+    };
+    let told = matched(&best[first]);
+    let second = strongest(
+        &mut best
+            .iter()
+            .filter(|(s, b)| **s != first && strength(b) > 0.0 && told.is_subset(&matched(b)))
+            .map(|(s, b)| (*s, strength(b))),
+    );
+    std::iter::once(first).chain(second.map(|(s, _)| s)).collect()
 }
 
 /// `catalog` cut to what `question` needs within `budget`, measured by `cost` (e.g. the rendered context's
@@ -81,7 +106,7 @@ pub fn select(
 }
 
 /// [`select`], with `focus` saying whether a catalog of several schemas is narrowed to the question's schema
-/// first (see [`focus_schema`]).
+/// first (see [`focus_schemas`]).
 pub fn select_with(
     catalog: &Catalog,
     question: &str,
@@ -108,7 +133,8 @@ pub fn select_with(
     let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
     let graph = fk_graph(tables);
     let vocab = Vocabulary::new(tables, &query);
-    let (own, scores) = scores(tables, &graph, &vocab, &query);
+    let docs: Vec<String> = tables.iter().map(|t| document(t, &vocab)).collect();
+    let (own, scores) = scores(tables, &docs, &graph, &vocab, &query);
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
     let wanted: HashSet<String> = examples::terms(&query).into_iter().collect();
@@ -133,9 +159,13 @@ pub fn select_with(
     // tables (most foreign keys) fill the budget instead.
     let mut candidates: Vec<usize> = order.iter().copied().filter(|&t| scores[t] > 0.0).collect();
     if focus {
-        if let Some(schema) = focus_schema(tables, &own) {
-            candidates.retain(|&t| tables[t].schema == schema);
-            report.schema = Some(schema.to_string());
+        // The question's words each table contains (its document's terms), for telling schemas apart.
+        let words: Vec<HashSet<String>> =
+            docs.iter().map(|d| examples::terms(d).into_iter().filter(|w| wanted.contains(w)).collect()).collect();
+        let schemas = focus_schemas(tables, &own, &words);
+        if !schemas.is_empty() {
+            candidates.retain(|&t| schemas.contains(&tables[t].schema.as_str()));
+            report.schemas = schemas.into_iter().map(str::to_string).collect();
         }
     }
     if candidates.is_empty() {
@@ -178,11 +208,16 @@ pub fn select_with(
 /// score has two fields, as BM25F does: the table's whole document (name, columns, comments, values) and its name
 /// alone, each with its own word rarities — `country` is a common column among hundreds of wide tables but a rare
 /// table name, and a question saying "country" most likely means the table of that name.
-fn scores(tables: &[Table], graph: &[Vec<usize>], vocab: &Vocabulary, query: &str) -> (Vec<f32>, Vec<f32>) {
-    let docs: Vec<String> = tables.iter().map(|t| document(t, vocab)).collect();
+fn scores(
+    tables: &[Table],
+    docs: &[String],
+    graph: &[Vec<usize>],
+    vocab: &Vocabulary,
+    query: &str,
+) -> (Vec<f32>, Vec<f32>) {
     let names: Vec<String> = tables.iter().map(|t| vocab.words(&t.name)).collect();
     let mut own = vec![0f32; tables.len()];
-    for (field, weight) in [(&docs, 1.0), (&names, NAME_WEIGHT)] {
+    for (field, weight) in [(docs, 1.0), (&names[..], NAME_WEIGHT)] {
         let refs: Vec<&str> = field.iter().map(String::as_str).collect();
         for (i, s) in examples::rank(query, &refs, tables.len()) {
             own[i] += weight * s;
@@ -236,9 +271,12 @@ impl Vocabulary {
             add(&t.name);
             t.columns.iter().for_each(|c| add(&c.name));
         }
+        // The question's words as written and as `examples::terms` reduces them (`schoolers` → `schooler`, so
+        // `highschooler` reads as `high schooler`).
         for w in query.split(|c: char| !c.is_alphanumeric()).filter(|w| w.chars().count() >= 2) {
             words.insert(w.to_lowercase());
         }
+        words.extend(examples::terms(query).into_iter().filter(|w| w.chars().count() >= 2));
         Vocabulary { words }
     }
 
@@ -547,11 +585,130 @@ mod tests {
         let q = "Which countries have the largest population, and what language do they speak?";
         let (kept, r) = select(&c, q, &[], 900, &chars);
         assert_eq!(qualified(&kept), ["world.country", "world.countrylanguage"], "{r:?}");
-        assert_eq!(r.schema.as_deref(), Some("world"));
+        assert_eq!(r.schemas, ["world"]);
         // Without focus the other schema's look-alike table comes too, within the same budget.
         let (loose, r) = select_with(&c, q, &[], 900, &chars, false);
         assert!(qualified(&loose).contains(&"cars.countries".to_string()), "{:?}", qualified(&loose));
-        assert_eq!(r.schema, None);
+        assert!(r.schemas.is_empty());
+    }
+
+    #[test]
+    fn a_plural_question_word_finds_the_singular_table_when_a_schema_is_chosen() {
+        // `transcripts` has two tables saying `course(s)`; `teaching` has the teachers and the courses they are
+        // arranged to teach, in tables named in the singular (`courses` must meet `course`, `teachers` `teacher`).
+        let mut c = schemas();
+        c.tables.push(in_schema(
+            table("courses", &["course_id", "course_name", "course_description"], &["course_id"], &[]),
+            "transcripts",
+            "transcripts",
+        ));
+        c.tables.push(in_schema(
+            table(
+                "course_sections",
+                &["section_id", "course_id", "section_name"],
+                &["section_id"],
+                &[("course_id", "courses", "course_id")],
+            ),
+            "transcripts",
+            "transcripts",
+        ));
+        c.tables.push(in_schema(
+            table("teacher", &["teacher_id", "name", "age"], &["teacher_id"], &[]),
+            "teaching",
+            "teaching",
+        ));
+        c.tables.push(in_schema(
+            table("course", &["course_id", "staring_date", "course"], &["course_id"], &[]),
+            "teaching",
+            "teaching",
+        ));
+        c.tables.push(in_schema(
+            table(
+                "course_arrange",
+                &["course_id", "teacher_id", "grade"],
+                &["course_id", "teacher_id"],
+                &[("course_id", "course", "course_id"), ("teacher_id", "teacher", "teacher_id")],
+            ),
+            "teaching",
+            "teaching",
+        ));
+        let (kept, r) = select(&c, "Show names of teachers and the number of courses they teach.", &[], 900, &chars);
+        assert_eq!(r.schemas, ["teaching"], "{r:?}");
+        assert!(qualified(&kept).contains(&"teaching.teacher".to_string()), "{:?}", qualified(&kept));
+    }
+
+    #[test]
+    fn a_plural_question_word_reads_a_run_together_table_name() {
+        let mut c = schemas();
+        c.tables.push(in_schema(table("highschooler", &["id", "name", "grade"], &["id"], &[]), "net", "net"));
+        for i in 0..3 {
+            c.tables.push(in_schema(
+                table(&format!("sales_{i}"), &["id", "first_name", "name", "grade", "amount"], &["id"], &[]),
+                "shop",
+                "shop",
+            ));
+        }
+        let (kept, r) = select(&c, "Show the names of all high schoolers in grade 10.", &[], 900, &chars);
+        assert_eq!(r.schemas.first().map(String::as_str), Some("net"), "{r:?}");
+        assert!(qualified(&kept).contains(&"net.highschooler".to_string()), "{:?}", qualified(&kept));
+    }
+
+    #[test]
+    fn look_alike_tables_of_two_schemas_are_both_shown_when_no_word_decides() {
+        let c = schemas();
+        let (kept, r) = select(&c, "What is the continent of each country?", &[], 900, &chars);
+        let shown = qualified(&kept);
+        assert!(
+            shown.contains(&"world.country".to_string()) && shown.contains(&"cars.countries".to_string()),
+            "{shown:?} {r:?}"
+        );
+    }
+
+    #[test]
+    fn a_schema_the_question_cannot_tell_apart_is_kept_beside_it() {
+        // Two schemas with a `singer` table; a third matches less of the question.
+        let mut c = schemas();
+        c.tables.push(in_schema(table("singer", &["singer_id", "name", "age"], &["singer_id"], &[]), "solo", "solo"));
+        c.tables.push(in_schema(
+            table("song", &["song_id", "title", "singer_id"], &["song_id"], &[("singer_id", "singer", "singer_id")]),
+            "solo",
+            "solo",
+        ));
+        c.tables.push(in_schema(
+            table("singer", &["singer_id", "name", "country", "age"], &["singer_id"], &[]),
+            "concerts",
+            "concerts",
+        ));
+        c.tables.push(in_schema(
+            table(
+                "singer_in_concert",
+                &["concert_id", "singer_id"],
+                &["concert_id", "singer_id"],
+                &[("singer_id", "singer", "singer_id")],
+            ),
+            "concerts",
+            "concerts",
+        ));
+        c.tables.push(in_schema(
+            table("concert", &["concert_id", "concert_name", "year"], &["concert_id"], &[]),
+            "concerts",
+            "concerts",
+        ));
+        // Nothing in the question tells `solo.singer` from `concerts.singer`: both schemas are shown.
+        let (kept, r) = select(&c, "What are the names and ages of all singers?", &[], 900, &chars);
+        let mut schemas = r.schemas.clone();
+        schemas.sort_unstable();
+        assert_eq!(schemas, ["concerts", "solo"], "{r:?}");
+        let shown = qualified(&kept);
+        assert!(
+            shown.contains(&"solo.singer".to_string()) && shown.contains(&"concerts.singer".to_string()),
+            "{shown:?}"
+        );
+        assert!(!shown.iter().any(|t| t.starts_with("world.") || t.starts_with("warehouse.")), "{shown:?}");
+        // A word only one of them has (`concert`) decides: that schema alone.
+        let (kept, r) = select(&c, "How many singers performed in each concert?", &[], 900, &chars);
+        assert_eq!(r.schemas, ["concerts"], "{r:?}");
+        assert!(qualified(&kept).iter().all(|t| t.starts_with("concerts.")), "{:?}", qualified(&kept));
     }
 
     #[test]
