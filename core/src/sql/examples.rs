@@ -56,11 +56,16 @@ fn stem(w: &str) -> String {
 /// it, best first (ties: the earlier document first), with their BM25 scores.
 pub fn rank(query: &str, documents: &[&str], k: usize) -> Vec<(usize, f32)> {
     let docs: Vec<Vec<String>> = documents.iter().map(|d| terms(d)).collect();
+    rank_terms(query, &docs, k)
+}
+
+/// [`rank`] over documents already cut into their [`terms`], for a caller that needs those terms too.
+pub fn rank_terms(query: &str, docs: &[Vec<String>], k: usize) -> Vec<(usize, f32)> {
     if docs.is_empty() || k == 0 {
         return Vec::new();
     }
     let mut df: HashMap<&str, usize> = HashMap::new();
-    for d in &docs {
+    for d in docs {
         let mut seen: Vec<&str> = d.iter().map(String::as_str).collect();
         seen.sort_unstable();
         seen.dedup();

@@ -133,7 +133,8 @@ pub fn select_with(
     let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
     let graph = fk_graph(tables);
     let vocab = Vocabulary::new(tables, &query);
-    let docs: Vec<String> = tables.iter().map(|t| document(t, &vocab)).collect();
+    // Each table's document as words, cut once: scored here, and read again to tell schemas apart.
+    let docs: Vec<Vec<String>> = tables.iter().map(|t| examples::terms(&document(t, &vocab))).collect();
     let (own, scores) = scores(tables, &docs, &graph, &vocab, &query);
     let mut order: Vec<usize> = (0..tables.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
@@ -161,7 +162,7 @@ pub fn select_with(
     if focus {
         // The question's words each table contains (its document's terms), for telling schemas apart.
         let words: Vec<HashSet<String>> =
-            docs.iter().map(|d| examples::terms(d).into_iter().filter(|w| wanted.contains(w)).collect()).collect();
+            docs.iter().map(|d| d.iter().filter(|w| wanted.contains(*w)).cloned().collect()).collect();
         let schemas = focus_schemas(tables, &own, &words);
         if !schemas.is_empty() {
             candidates.retain(|&t| schemas.contains(&tables[t].schema.as_str()));
@@ -210,16 +211,15 @@ pub fn select_with(
 /// table name, and a question saying "country" most likely means the table of that name.
 fn scores(
     tables: &[Table],
-    docs: &[String],
+    docs: &[Vec<String>],
     graph: &[Vec<usize>],
     vocab: &Vocabulary,
     query: &str,
 ) -> (Vec<f32>, Vec<f32>) {
-    let names: Vec<String> = tables.iter().map(|t| vocab.words(&t.name)).collect();
+    let names: Vec<Vec<String>> = tables.iter().map(|t| examples::terms(&vocab.words(&t.name))).collect();
     let mut own = vec![0f32; tables.len()];
     for (field, weight) in [(docs, 1.0), (&names[..], NAME_WEIGHT)] {
-        let refs: Vec<&str> = field.iter().map(String::as_str).collect();
-        for (i, s) in examples::rank(query, &refs, tables.len()) {
+        for (i, s) in examples::rank_terms(query, field, tables.len()) {
             own[i] += weight * s;
         }
     }
