@@ -130,7 +130,7 @@ pub fn select_with(
     }
     report.selected = true;
     let tables = &sorted.tables;
-    let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
+    let query = table_words(&std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" "));
     let graph = fk_graph(tables);
     let vocab = Vocabulary::new(tables, &query);
     // Each table's document as words, cut once: scored here, and read again to tell schemas apart.
@@ -256,6 +256,8 @@ impl Vocabulary {
     const MIN_PART: usize = 3;
     /// Shortest run-together name worth cutting.
     const MIN_COMPOUND: usize = 6;
+    /// Shortest piece when a name is cut into a known word and an unknown rest (see [`Self::known_end`]).
+    const MIN_END: usize = 4;
 
     fn new(tables: &[Table], query: &str) -> Self {
         let mut words = HashSet::new();
@@ -285,7 +287,8 @@ impl Vocabulary {
         let split = split_ident(ident);
         let mut out = split.clone();
         for part in split.split(' ') {
-            if let Some(pieces) = self.segment(&part.to_lowercase()) {
+            let part = part.to_lowercase();
+            if let Some(pieces) = self.segment(&part).or_else(|| self.known_end(&part)) {
                 for p in pieces {
                     out.push(' ');
                     out.push_str(p);
@@ -293,6 +296,26 @@ impl Vocabulary {
             }
         }
         out
+    }
+
+    /// `part` cut into a known word at one end and the unknown rest, when it has no cut into known words alone
+    /// (`surfacearea` with only `surface` known → `surface area`; `categoryname` → `category name`): the longest
+    /// known end wins, the start first on a tie. Both pieces have at least [`Self::MIN_END`] letters, so short
+    /// words do not cut long names apart (`category` is not `cat egory`).
+    fn known_end<'a>(&self, part: &'a str) -> Option<Vec<&'a str>> {
+        if part.len() < 2 * Self::MIN_END || !part.bytes().all(|b| b.is_ascii_alphabetic()) {
+            return None;
+        }
+        let n = part.len();
+        (Self::MIN_END..=n - Self::MIN_END).rev().find_map(|k| {
+            if self.words.contains(&part[..k]) {
+                Some(vec![&part[..k], &part[k..]])
+            } else if self.words.contains(&part[n - k..]) {
+                Some(vec![&part[..n - k], &part[n - k..]])
+            } else {
+                None
+            }
+        })
     }
 
     /// `part` as two or more known words (the fewest; ties: the longest first word), or `None`.
@@ -325,6 +348,24 @@ impl Vocabulary {
         }
         Some(pieces)
     }
+}
+
+/// The words of `text` that can name a table or column: numbers (`4`, `3.7`, `10,000`) are left out — as words
+/// they match codes and ratings in any table's values (`4:3`) — and so is `number` where it means counting
+/// (`the number of`, `total number of`), not a column holding numbers.
+fn table_words(text: &str) -> String {
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let counting = |i: usize| {
+        words[i].eq_ignore_ascii_case("number")
+            && words.get(i + 1).is_some_and(|w| w.eq_ignore_ascii_case("of"))
+            && i > 0
+            && ["the", "a", "total", "what", "how"].iter().any(|p| words[i - 1].eq_ignore_ascii_case(p))
+    };
+    (0..words.len())
+        .filter(|&i| words[i].chars().any(char::is_alphabetic) && !counting(i))
+        .map(|i| words[i])
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `SongReleaseYear`, `song_release_year` → `Song Release Year`, `song release year`.
@@ -814,11 +855,59 @@ mod tests {
         // "head", "of", "state" are the question's words; "surface"/"area" are nobody's: no cut.
         assert_eq!(v.segment("headofstate"), Some(vec!["head", "of", "state"]));
         assert_eq!(v.segment("surfacearea"), None);
+        assert_eq!(v.words("surfacearea"), "surfacearea");
         // A known word is not cut into smaller ones, nor is a short or non-alphabetic part.
         assert_eq!(v.segment("country"), None);
         assert_eq!(v.segment("codes1"), None);
         assert_eq!(v.words("CountryLanguage_2"), "Country Language 2");
         assert_eq!(v.words("countrylanguage"), "countrylanguage country language");
+        // A known word at one end, an unknown rest: cut there, the longest known end first.
+        let v = Vocabulary::new(&tables, "Which country has the largest surface? List each category name.");
+        assert_eq!(v.segment("surfacearea"), None);
+        assert_eq!(v.known_end("surfacearea"), Some(vec!["surface", "area"]));
+        assert_eq!(v.words("surfacearea"), "surfacearea surface area");
+        assert_eq!(v.known_end("categoryname"), Some(vec!["category", "name"]));
+        assert_eq!(v.known_end("productname"), Some(vec!["product", "name"]));
+        // Short known words do not cut (`cat`, `is`), nor a rest under four letters.
+        let v = Vocabulary::new(&tables, "Is the cat in a category?");
+        assert_eq!(v.known_end("category"), None);
+        assert_eq!(v.known_end("categoryid"), None);
+        assert_eq!(v.words("catalogue"), "catalogue");
+    }
+
+    #[test]
+    fn numbers_and_counting_words_do_not_pick_the_table() {
+        assert_eq!(
+            table_words("How many cars have 4 cylinders and cost 10,000 or 3.7 in 1990s?"),
+            "How many cars have cylinders and cost or in 1990s?"
+        );
+        assert_eq!(table_words("What is the number of singers?"), "What is the of singers?");
+        assert_eq!(table_words("the total Number of cars"), "the total of cars");
+        // `number` as a thing the question asks about stays.
+        assert_eq!(table_words("List each phone number of the staff"), "List each phone number of the staff");
+        assert_eq!(table_words("What number"), "What number");
+        // A question with a number: the table with the question's words wins over one whose values hold the
+        // number (`4:3`) and a column called `number`.
+        let mut tables = vec![
+            table("engine_data", &["id", "mpg", "cylinders", "horsepower", "year"], &["id"], &[]),
+            table("tv_channel", &["id", "series_name", "number", "pixel_aspect_ratio_par"], &["id"], &[]),
+        ];
+        tables[1].columns[3].values = vec!["4:3".into(), "16:9".into(), "4".into()];
+        // Distractors without digits in their names, so that `4` is as rare as `cylinders`.
+        let letter = |i: usize| char::from(b'k' + i as u8);
+        for i in 0..12 {
+            let cols: Vec<String> = (0..12).map(|c| format!("metric_{}{}", letter(i), letter(c))).collect();
+            let cols: Vec<&str> = cols.iter().map(String::as_str).collect();
+            tables.push(table(&format!("warehouse_fact_{}", letter(i)), &cols, &[], &[]));
+        }
+        let c = Catalog { tables };
+        // Room for either table alone, not both.
+        let one = (0..2).map(|i| chars(&Catalog { tables: vec![c.tables[i].clone()] })).max().unwrap() + 10;
+        assert!(one < chars(&Catalog { tables: c.tables[..2].to_vec() }));
+        let q = "What is the number of models with 4 cylinders?";
+        let (kept, r) = select(&c, q, &[], one, &chars);
+        assert!(r.selected);
+        assert_eq!(names(&kept), ["engine_data"], "{r:?}");
     }
 
     /// One table named for what the question asks among many wide tables that all have a column of that name.
