@@ -130,7 +130,14 @@ pub fn select_with(
     }
     report.selected = true;
     let tables = &sorted.tables;
-    let query = table_words(&std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" "));
+    // Numbers that are words of a table's name (`ledger_7`, `sales_2023`): a question saying them names the table.
+    let numbered: HashSet<String> = tables
+        .iter()
+        .flat_map(|t| examples::terms(&split_ident(&t.name)))
+        .filter(|w| !w.chars().any(char::is_alphabetic))
+        .collect();
+    let query = std::iter::once(question).chain(hints.iter().copied()).collect::<Vec<_>>().join(" ");
+    let query = table_words(&query, &numbered);
     let graph = fk_graph(tables);
     let vocab = Vocabulary::new(tables, &query);
     // Each table's document as words, cut once: scored here, and read again to tell schemas apart.
@@ -351,9 +358,10 @@ impl Vocabulary {
 }
 
 /// The words of `text` that can name a table or column: numbers (`4`, `3.7`, `10,000`) are left out — as words
-/// they match codes and ratings in any table's values (`4:3`) — and so is `number` where it means counting
-/// (`the number of`, `total number of`), not a column holding numbers.
-fn table_words(text: &str) -> String {
+/// they match codes and ratings in any table's values (`4:3`) — unless they are words of a table's name
+/// (`numbered`: `ledger 7` names `ledger_7`); and so is `number` where it means counting (`the number of`,
+/// `total number of`), not a column holding numbers.
+fn table_words(text: &str, numbered: &HashSet<String>) -> String {
     let words: Vec<&str> = text.split_whitespace().collect();
     let counting = |i: usize| {
         words[i].eq_ignore_ascii_case("number")
@@ -362,7 +370,14 @@ fn table_words(text: &str) -> String {
             && ["the", "a", "total", "what", "how"].iter().any(|p| words[i - 1].eq_ignore_ascii_case(p))
     };
     (0..words.len())
-        .filter(|&i| words[i].chars().any(char::is_alphabetic) && !counting(i))
+        .filter(|&i| {
+            let w = words[i];
+            let name_number = || {
+                let t = examples::terms(w);
+                !t.is_empty() && t.iter().all(|n| numbered.contains(n))
+            };
+            (w.chars().any(char::is_alphabetic) || name_number()) && !counting(i)
+        })
         .map(|i| words[i])
         .collect::<Vec<_>>()
         .join(" ")
@@ -877,15 +892,20 @@ mod tests {
 
     #[test]
     fn numbers_and_counting_words_do_not_pick_the_table() {
+        let none = HashSet::new();
         assert_eq!(
-            table_words("How many cars have 4 cylinders and cost 10,000 or 3.7 in 1990s?"),
+            table_words("How many cars have 4 cylinders and cost 10,000 or 3.7 in 1990s?", &none),
             "How many cars have cylinders and cost or in 1990s?"
         );
-        assert_eq!(table_words("What is the number of singers?"), "What is the of singers?");
-        assert_eq!(table_words("the total Number of cars"), "the total of cars");
+        assert_eq!(table_words("What is the number of singers?", &none), "What is the of singers?");
+        assert_eq!(table_words("the total Number of cars", &none), "the total of cars");
         // `number` as a thing the question asks about stays.
-        assert_eq!(table_words("List each phone number of the staff"), "List each phone number of the staff");
-        assert_eq!(table_words("What number"), "What number");
+        let q = "List each phone number of the staff";
+        assert_eq!(table_words(q, &none), q);
+        assert_eq!(table_words("What number", &none), "What number");
+        // A number that is a word of a table's name stays (`ledger_7`), punctuation and all.
+        let numbered: HashSet<String> = ["7".to_string()].into();
+        assert_eq!(table_words("Totals of ledger 7? And 8.", &numbered), "Totals of ledger 7? And");
         // A question with a number: the table with the question's words wins over one whose values hold the
         // number (`4:3`) and a column called `number`.
         let mut tables = vec![
@@ -908,6 +928,14 @@ mod tests {
         let (kept, r) = select(&c, q, &[], one, &chars);
         assert!(r.selected);
         assert_eq!(names(&kept), ["engine_data"], "{r:?}");
+        // Tables told apart only by a number in their names: the question's number picks one.
+        let tables: Vec<Table> = (1..=12)
+            .map(|i| table(&format!("ledger_{i}"), &["id", "account", "amount", "region"], &["id"], &[]))
+            .collect();
+        let c = Catalog { tables };
+        let one = chars(&Catalog { tables: vec![c.tables[6].clone()] }) + 10;
+        let (kept, _) = select(&c, "What is the total amount in ledger 7 by region?", &[], one, &chars);
+        assert_eq!(names(&kept), ["ledger_7"]);
     }
 
     /// One table named for what the question asks among many wide tables that all have a column of that name.
