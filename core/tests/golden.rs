@@ -59,7 +59,7 @@ fn schema_context_with_value_hints() {
 
 #[test]
 fn schema_context_without_comments_and_all_qualified() {
-    let opts = RenderOptions { unqualified_schemas: vec![], comments: false, bare_unique: false };
+    let opts = RenderOptions { unqualified_schemas: vec![], comments: false, ..RenderOptions::default() };
     check("concert_singer.qualified.sql", &catalog().render(&opts));
 }
 

@@ -178,7 +178,7 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
             let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
             let always = Catalog { tables: always };
             let left = budget.saturating_sub(tokens(&always));
-            let (mut chosen, _) = copilot_core::sql::select::select_with(
+            let (mut chosen, report) = copilot_core::sql::select::select_with(
                 &Catalog { tables: rest },
                 q,
                 &[],
@@ -195,6 +195,9 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
             // Shown with unique names bare (`copilot.bare_table_names`), which is never longer than the qualified
             // rendering the budget was counted on: the tables chosen do not depend on the setting.
             opts.bare_unique = gucs::BARE_TABLE_NAMES.get();
+            // When the selection was narrowed to the question's schema(s), that schema's tables are the bare ones
+            // (a look-alike schema shown beside it is written qualified), and the model's bare names resolve there.
+            opts.bare_schema = report.schemas.into_iter().next();
         }
     }
     let text = catalog.render(&opts);

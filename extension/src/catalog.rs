@@ -153,5 +153,5 @@ pub fn load(configured: &[String], values_per_column: usize) -> Result<(Catalog,
     let mut catalog = Catalog { tables };
     catalog.normalize();
     add_values(&mut catalog, &schemas, values_per_column)?;
-    Ok((catalog, RenderOptions { unqualified_schemas: search_path, comments: true, bare_unique: false }))
+    Ok((catalog, RenderOptions { unqualified_schemas: search_path, comments: true, ..RenderOptions::default() }))
 }

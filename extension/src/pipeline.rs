@@ -331,7 +331,7 @@ pub fn answer(
             decoded = k;
         }
     }
-    let mut hinted = apply_hints(&mut list, 0, catalog, &mut report);
+    let mut hinted = apply_hints(&mut list, 0, catalog, qualifier, &mut report);
 
     // Repair the greedy answer while nothing plans.
     let attempts = gucs::REPAIR_ATTEMPTS.get().max(0) as usize;
@@ -364,7 +364,7 @@ pub fn answer(
         check_all(std::slice::from_mut(&mut t), 0, catalog);
         list.push(t);
         last = list.len() - 1;
-        hinted = apply_hints(&mut list, hinted, catalog, &mut report);
+        hinted = apply_hints(&mut list, hinted, catalog, qualifier, &mut report);
     }
 
     let planned = list.iter().filter(|t| t.plan.is_some()).count();
@@ -402,8 +402,17 @@ pub fn answer(
 /// with a join added to the table that has a column no table of its FROM clause has ([`copilot_core::sql::hint`]) —
 /// checked and added to the list (they take part in the vote like the others: the same answer with the correction).
 /// A corrected query that fails again is corrected once more (a query may read two columns it never joined).
+/// And an answer whose bare table names were qualified with one schema is tried with them resolved in each other
+/// shown schema that has tables of those names ([`Qualifier::in_schema`]): a look-alike schema shown beside the
+/// question's, which the question's words could not tell apart, may be the one whose columns the answer reads.
 /// Returns the list's length: where the next call starts.
-fn apply_hints(list: &mut Vec<Tried>, from: usize, catalog: &Catalog, report: &mut Report) -> usize {
+fn apply_hints(
+    list: &mut Vec<Tried>,
+    from: usize,
+    catalog: &Catalog,
+    qualifier: &Qualifier,
+    report: &mut Report,
+) -> usize {
     const ROUNDS: usize = 2;
     let mut next = from;
     for _ in 0..ROUNDS {
@@ -413,7 +422,17 @@ fn apply_hints(list: &mut Vec<Tried>, from: usize, catalog: &Catalog, report: &m
             let hinted = apply_hint(sql, error).into_iter().map(|s| (s, "PostgreSQL's hint applied"));
             let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
             let joined = join_missing_table(sql, error, catalog).into_iter().map(|s| (s, "missing table joined"));
-            for (fixed, how) in hinted.chain(keyed).chain(joined) {
+            let shown = || catalog.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str()));
+            let mut schemas: Vec<&str> = shown().map(|(s, _)| s).collect();
+            schemas.sort_unstable();
+            schemas.dedup();
+            let elsewhere = t.written.as_deref().into_iter().flat_map(|w| {
+                schemas
+                    .iter()
+                    .filter_map(move |s| qualifier.in_schema(s, shown()).map(|q| q.qualify(w)))
+                    .map(|s| (s, "tables of a look-alike schema"))
+            });
+            for (fixed, how) in hinted.chain(keyed).chain(joined).chain(elsewhere) {
                 if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
                     continue;
                 }

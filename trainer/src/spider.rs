@@ -220,7 +220,7 @@ pub fn render_context(catalog: &Catalog, db_id: &str) -> String {
     catalog.render(&RenderOptions {
         unqualified_schemas: vec![db_id.to_lowercase()],
         comments: true,
-        bare_unique: false,
+        ..RenderOptions::default()
     })
 }
 

@@ -49,6 +49,31 @@ impl Qualifier {
         self.schemas.get(&norm(ident)).map(String::as_str)
     }
 
+    /// The same bare names resolved in `schema` instead, for those of them `tables` (`(schema, table)` pairs: what
+    /// was shown) has there; `None` when it has none of them, or each is already resolved there. A look-alike
+    /// schema shown beside the question's (both have a `singer` table) is reached this way when an answer
+    /// qualified with the first does not plan: `singer.age` may exist only in the other's `singer`.
+    pub fn in_schema<'a>(&self, schema: &str, tables: impl IntoIterator<Item = (&'a str, &'a str)>) -> Option<Self> {
+        let there: HashSet<&str> = tables.into_iter().filter(|(s, _)| *s == schema).map(|(_, t)| t).collect();
+        let mut moved = false;
+        let mut schemas = self.schemas.clone();
+        for (name, s) in schemas.iter_mut() {
+            if s != schema && there.contains(name.as_str()) {
+                *s = schema.to_string();
+                moved = true;
+            }
+        }
+        moved.then_some(Qualifier { schemas })
+    }
+
+    /// The schemas the bare names resolve to.
+    pub fn schemas(&self) -> impl Iterator<Item = &str> {
+        let mut v: Vec<&str> = self.schemas.values().map(String::as_str).collect();
+        v.sort_unstable();
+        v.dedup();
+        v.into_iter()
+    }
+
     /// `sql` with each bare name of a shown table qualified by its schema; unchanged when nothing is to be done or
     /// the text does not parse.
     pub fn qualify(&self, sql: &str) -> String {
@@ -130,6 +155,23 @@ mod tests {
             ("a", "x"),
             ("b", "x"),
         ])
+    }
+
+    #[test]
+    fn bare_names_can_be_resolved_in_a_look_alike_schema() {
+        let q = Qualifier::new([("singer", "singer"), ("singer", "song"), ("world_1", "city")]);
+        let shown =
+            [("concert_singer", "singer"), ("concert_singer", "concert"), ("singer", "singer"), ("singer", "song")];
+        let alt = q.in_schema("concert_singer", shown).expect("concert_singer has a singer table");
+        // `singer` moves, `song` (not in concert_singer) and `city` stay where they were.
+        assert_eq!(
+            alt.qualify("SELECT s.name FROM singer AS s JOIN song USING (singer_id) JOIN city ON true"),
+            "SELECT s.name FROM concert_singer.singer AS s JOIN singer.song USING (singer_id) JOIN world_1.city ON true"
+        );
+        assert_eq!(alt.schemas().collect::<Vec<_>>(), ["concert_singer", "singer", "world_1"]);
+        // Nothing to move: no alternative.
+        assert_eq!(q.in_schema("singer", shown), None);
+        assert_eq!(q.in_schema("nowhere", shown), None);
     }
 
     #[test]

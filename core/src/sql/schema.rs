@@ -82,11 +82,21 @@ pub struct RenderOptions {
     /// writes must then go through [`Catalog::qualifier`]'s [`Qualifier::qualify`] before it runs. Used for the
     /// tables selected from a large schema, where most come from schemas outside the search_path.
     pub bare_unique: bool,
+    /// With `bare_unique`: write bare only this schema's tables, as if it led the search_path, and every other
+    /// table qualified — the schema the question was found to be about, so that the model's bare `singer` means
+    /// that schema's, and a look-alike schema shown beside it is only reached by writing its name. A name that a
+    /// table of `unqualified_schemas` has stays that table's (the caller's search_path decides).
+    pub bare_schema: Option<String>,
 }
 
 impl Default for RenderOptions {
     fn default() -> Self {
-        RenderOptions { unqualified_schemas: vec!["public".into()], comments: true, bare_unique: false }
+        RenderOptions {
+            unqualified_schemas: vec!["public".into()],
+            comments: true,
+            bare_unique: false,
+            bare_schema: None,
+        }
     }
 }
 
@@ -247,31 +257,44 @@ impl Catalog {
 
     /// The tables of this catalog that `opts` writes bare although their schema is not in `unqualified_schemas`.
     pub fn qualifier(&self, opts: &RenderOptions) -> Qualifier {
-        let bare = self.bare_names(opts);
+        let bare = self.bare_tables(opts);
         Qualifier::new(
             self.tables
                 .iter()
-                .filter(|t| bare.contains(t.name.as_str()) && !opts.unqualified_schemas.contains(&t.schema))
+                .filter(|t| bare.contains(&(t.schema.as_str(), t.name.as_str())))
+                .filter(|t| !opts.unqualified_schemas.contains(&t.schema))
                 .map(|t| (t.schema.as_str(), t.name.as_str())),
         )
     }
 
-    /// Names written bare by `bare_unique`: those only one table of the catalog has.
-    fn bare_names(&self, opts: &RenderOptions) -> HashSet<&str> {
+    /// `(schema, name)` of the tables `bare_unique` writes bare: every table of `bare_schema` when it is set, else
+    /// each name only one table of the catalog has — but never a name a table of `unqualified_schemas` has (written
+    /// bare anyway, as the caller's search_path resolves it).
+    fn bare_tables(&self, opts: &RenderOptions) -> HashSet<(&str, &str)> {
         if !opts.bare_unique {
             return HashSet::new();
         }
-        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut by_name: HashMap<&str, Vec<&str>> = HashMap::new();
         for t in &self.tables {
-            *seen.entry(t.name.as_str()).or_default() += 1;
+            by_name.entry(t.name.as_str()).or_default().push(t.schema.as_str());
         }
-        seen.into_iter().filter(|(_, n)| *n == 1).map(|(name, _)| name).collect()
+        by_name
+            .into_iter()
+            .filter(|(_, schemas)| !schemas.iter().any(|s| opts.unqualified_schemas.iter().any(|u| u == s)))
+            .filter_map(|(name, schemas)| {
+                let schema = match (&opts.bare_schema, schemas.as_slice()) {
+                    (Some(b), _) => schemas.iter().copied().find(|s| s == b),
+                    (None, [one]) => Some(*one),
+                    (None, _) => None,
+                };
+                schema.map(|s| (s, name))
+            })
+            .collect()
     }
 
     /// The name the model is shown for `schema.name`.
-    fn shown_name(&self, schema: &str, name: &str, opts: &RenderOptions, bare: &HashSet<&str>) -> String {
-        let in_catalog = || self.tables.iter().any(|t| t.schema == schema && t.name == name);
-        if bare.contains(name) && in_catalog() {
+    fn shown_name(&self, schema: &str, name: &str, opts: &RenderOptions, bare: &HashSet<(&str, &str)>) -> String {
+        if bare.contains(&(schema, name)) {
             quote_ident(name)
         } else {
             qualified_name(schema, name, &opts.unqualified_schemas)
@@ -284,7 +307,7 @@ impl Catalog {
     pub fn render(&self, opts: &RenderOptions) -> String {
         let mut sorted = self.clone();
         sorted.normalize();
-        let bare = self.bare_names(opts);
+        let bare = self.bare_tables(opts);
         let mut out = String::new();
         for t in &sorted.tables {
             if opts.comments {
@@ -501,6 +524,24 @@ mod tests {
         // Without the option nothing is written bare and there is nothing to qualify.
         assert!(cat.qualifier(&RenderOptions::default()).is_empty());
         assert!(cat.render(&RenderOptions::default()).contains("CREATE TABLE world.city"));
+
+        // With a bare schema, only its tables are bare (a name another schema shares too); every other table is
+        // qualified, unique or not, and the model's bare names resolve to that schema.
+        let opts = RenderOptions { bare_unique: true, bare_schema: Some("b".into()), ..opts };
+        let out = cat.render(&opts);
+        assert!(out.contains("CREATE TABLE a.dup (") && out.contains("CREATE TABLE dup ("), "{out}");
+        assert!(out.contains("CREATE TABLE world.city (") && out.contains("REFERENCES world.country("), "{out}");
+        let q = cat.qualifier(&opts);
+        assert_eq!(
+            q.qualify("SELECT * FROM dup JOIN a.dup AS x USING (id) JOIN world.city USING (id)"),
+            "SELECT * FROM b.dup JOIN a.dup AS x USING (id) JOIN world.city USING (id)"
+        );
+        // A table of the caller's search_path with that name wins: the bare schema's stays qualified.
+        let mut with_public = cat.clone();
+        with_public.tables.push(t("public", "dup", None));
+        let out = with_public.render(&opts);
+        assert!(out.contains("CREATE TABLE b.dup (") && out.contains("CREATE TABLE dup ("), "{out}");
+        assert_eq!(with_public.qualifier(&opts).qualify("SELECT * FROM dup"), "SELECT * FROM dup");
     }
 
     #[test]

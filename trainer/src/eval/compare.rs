@@ -1,9 +1,10 @@
 //! `copilot-trainer eval-compare`: several eval reports side by side — execution accuracy, what changed against a
 //! baseline on the same questions (gained, lost, exact McNemar p), latency, and what the answer pipeline did.
 
+use super::score::summarize;
 use super::Report;
 use anyhow::{Context, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -20,6 +21,30 @@ pub struct CompareArgs {
     /// The same for reports on Spider-Syn's questions.
     #[arg(long)]
     pub syn_baseline: Option<String>,
+    /// Score every run on the questions all runs of its split (Spider dev, Spider-Syn) asked, so a run over a
+    /// sample and runs over every question are compared on the same questions.
+    #[arg(long)]
+    pub common: bool,
+}
+
+/// `reports` cut to the questions every report of the same split asked, their summaries recomputed.
+fn on_common_questions(reports: &mut [Report]) {
+    let syn = |r: &Report| r.selection.contains("Spider-Syn");
+    for split in [false, true] {
+        let mut common: Option<HashSet<usize>> = None;
+        for r in reports.iter().filter(|r| syn(r) == split) {
+            let asked: HashSet<usize> = r.records.iter().map(|x| x.index).collect();
+            common = Some(match common {
+                Some(c) => c.intersection(&asked).copied().collect(),
+                None => asked,
+            });
+        }
+        let Some(common) = common else { continue };
+        for r in reports.iter_mut().filter(|r| syn(r) == split) {
+            r.records.retain(|x| common.contains(&x.index));
+            r.summary = summarize(&r.records);
+        }
+    }
 }
 
 /// Two-sided exact McNemar p-value for `b` vs `c` discordant pairs.
@@ -49,6 +74,9 @@ pub fn run(args: &CompareArgs) -> Result<()> {
         let r: Report =
             serde_json::from_str(&text).with_context(|| format!("{} is not an eval report", p.display()))?;
         reports.push(r);
+    }
+    if args.common {
+        on_common_questions(&mut reports);
     }
     let by_name: HashMap<&str, &Report> = reports.iter().map(|r| (r.run.as_str(), r)).collect();
     let mut rows = Vec::new();
@@ -122,7 +150,12 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     let mut f = std::fs::File::create(args.out.with_extension("md"))?;
     writeln!(
         f,
-        "# Answer pipeline: what each part adds\n\nMachine: {machine}. Each run's own report has its command.\n"
+        "# Answer pipeline: what each part adds\n\nMachine: {machine}. Each run's own report has its command.{}\n",
+        if args.common {
+            " Every run is scored on the questions all runs of its split asked (`--common`)."
+        } else {
+            ""
+        }
     )?;
     writeln!(f, "{}", md.join("\n"))?;
     println!("{}", md.join("\n"));
@@ -131,7 +164,36 @@ pub fn run(args: &CompareArgs) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::mcnemar;
+    use super::{mcnemar, on_common_questions};
+    use crate::eval::Report;
+
+    #[test]
+    fn common_questions_cut_each_split_to_what_every_run_asked() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../reports/eval");
+        let read = |f: &str| -> Report {
+            serde_json::from_str(&std::fs::read_to_string(root.join(f)).expect("committed report")).expect("report")
+        };
+        // All of dev, a 100-question sample of it, and Spider-Syn (another split: left whole).
+        let mut reports = vec![
+            read("finetune_tuned_greedy.json"),
+            read("dev100_pipeline.json"),
+            read("finetune_tuned_syn_greedy.json"),
+        ];
+        let syn_n = reports[2].records.len();
+        let sample: Vec<usize> = reports[1].records.iter().map(|r| r.index).collect();
+        assert!(reports[0].records.len() > sample.len());
+        on_common_questions(&mut reports);
+        let mut asked: Vec<usize> = reports[0].records.iter().map(|r| r.index).collect();
+        let mut want = sample.clone();
+        asked.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(asked, want);
+        assert_eq!(reports[0].summary.n, sample.len());
+        let correct = reports[0].records.iter().filter(|r| r.ex).count();
+        assert!((reports[0].summary.ex - correct as f64 / sample.len() as f64).abs() < 1e-9);
+        assert_eq!(reports[2].records.len(), syn_n);
+        assert_eq!(reports[2].summary.n, syn_n);
+    }
 
     #[test]
     fn exact_mcnemar_matches_the_binomial_tail() {
