@@ -414,6 +414,11 @@ fn apply_hints(
     report: &mut Report,
 ) -> usize {
     const ROUNDS: usize = 2;
+    // The shown tables and their schemas, for the look-alike correction: the same for every candidate.
+    let shown = || catalog.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str()));
+    let mut schemas: Vec<&str> = shown().map(|(s, _)| s).collect();
+    schemas.sort_unstable();
+    schemas.dedup();
     let mut next = from;
     for _ in 0..ROUNDS {
         let mut added: Vec<Tried> = Vec::new();
@@ -422,10 +427,6 @@ fn apply_hints(
             let hinted = apply_hint(sql, error).into_iter().map(|s| (s, "PostgreSQL's hint applied"));
             let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
             let joined = join_missing_table(sql, error, catalog).into_iter().map(|s| (s, "missing table joined"));
-            let shown = || catalog.tables.iter().map(|t| (t.schema.as_str(), t.name.as_str()));
-            let mut schemas: Vec<&str> = shown().map(|(s, _)| s).collect();
-            schemas.sort_unstable();
-            schemas.dedup();
             let elsewhere = t.written.as_deref().into_iter().flat_map(|w| {
                 schemas
                     .iter()

@@ -66,14 +66,6 @@ impl Qualifier {
         moved.then_some(Qualifier { schemas })
     }
 
-    /// The schemas the bare names resolve to.
-    pub fn schemas(&self) -> impl Iterator<Item = &str> {
-        let mut v: Vec<&str> = self.schemas.values().map(String::as_str).collect();
-        v.sort_unstable();
-        v.dedup();
-        v.into_iter()
-    }
-
     /// `sql` with each bare name of a shown table qualified by its schema; unchanged when nothing is to be done or
     /// the text does not parse.
     pub fn qualify(&self, sql: &str) -> String {
@@ -168,7 +160,6 @@ mod tests {
             alt.qualify("SELECT s.name FROM singer AS s JOIN song USING (singer_id) JOIN city ON true"),
             "SELECT s.name FROM concert_singer.singer AS s JOIN singer.song USING (singer_id) JOIN world_1.city ON true"
         );
-        assert_eq!(alt.schemas().collect::<Vec<_>>(), ["concert_singer", "singer", "world_1"]);
         // Nothing to move: no alternative.
         assert_eq!(q.in_schema("singer", shown), None);
         assert_eq!(q.in_schema("nowhere", shown), None);

@@ -262,7 +262,6 @@ impl Catalog {
             self.tables
                 .iter()
                 .filter(|t| bare.contains(&(t.schema.as_str(), t.name.as_str())))
-                .filter(|t| !opts.unqualified_schemas.contains(&t.schema))
                 .map(|t| (t.schema.as_str(), t.name.as_str())),
         )
     }
