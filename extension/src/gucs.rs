@@ -31,6 +31,8 @@
 //! | `copilot.engine_memory_mb` | SIGHUP | 0 | address-space limit of the engine process (0 = none); applies at its next start |
 //! | `copilot.engine_path` | SIGHUP | '' = `copilot-engine` beside the library | the engine binary |
 //! | `copilot.grounding_threshold` | USERSET | 0.1 | a question whose words the schema speaks of no more than this share of is checked with the model |
+//! | `copilot.grounding_similarity` | USERSET | 0.375 | such a question is not put to the model when it is this close in meaning (cosine) to one of the tables (needs `copilot.embedding_model`) |
+//! | `copilot.embedding_model` | SIGHUP | /var/lib/copilot/models/all-minilm-l6-v2 | the sentence encoder the engine grounds questions with ('' = by spelling only; one that cannot load is logged and left out) |
 //! | `copilot.refusal_threshold` | USERSET | 0.2 | such a question is refused when the model's P(the schema cannot answer) reaches this (1 = never) |
 //! | `copilot.history` | SUSET | on | record every ask/run in `copilot.history` (skipped on a standby) |
 //! | `copilot.history_days` | SIGHUP | 90 | history rows older than this are deleted by the history writer (0 = keep all) |
@@ -74,6 +76,11 @@ pub static HISTORY_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
 pub static EXAMPLES: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.2);
 pub static GROUNDING_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.1);
+pub static GROUNDING_SIMILARITY: GucSetting<f64> = GucSetting::<f64>::new(0.375);
+/// Where `scripts/fetch-model --minilm` puts all-MiniLM-L6-v2 (scripts/models.tsv's `minilm` row).
+pub const DEFAULT_EMBEDDING_MODEL: &std::ffi::CStr = c"/var/lib/copilot/models/all-minilm-l6-v2";
+pub static EMBEDDING_MODEL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(DEFAULT_EMBEDDING_MODEL));
 pub static ENGINE_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
 pub static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
 pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -91,6 +98,16 @@ pub fn register(preloading: bool) {
         c"A file path, or hf:<owner>/<repo>/<file> resolved through the Hugging Face cache (no download). \
           Takes effect on reload: the worker restarts with the new model.",
         &MODEL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"copilot.embedding_model",
+        c"The sentence encoder the engine grounds questions with by meaning (empty: by spelling only).",
+        c"A sentence-transformers folder (config.json, tokenizer.json, model.safetensors), its model.safetensors, or \
+          hf:<owner>/<repo>/model.safetensors in the Hugging Face cache; scripts/fetch-model --minilm installs \
+          all-MiniLM-L6-v2. One that cannot load is logged and left out. Takes effect on reload.",
+        &EMBEDDING_MODEL,
         GucContext::Sighup,
         GucFlags::default(),
     );
@@ -319,6 +336,18 @@ fn register_answer_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_float_guc(
+        c"copilot.grounding_similarity",
+        c"A poorly grounded question this close in meaning to a table is answered without asking the model to judge it.",
+        c"The cosine between the question's and each table's sentence vector (name, comment and columns), by the \
+          engine's sentence encoder (copilot.embedding_model). Chosen on Spider train with copilot-trainer \
+          eval-grounding (reports/eval/grounding_calibration.md). Above 1: never.",
+        &GROUNDING_SIMILARITY,
+        0.0,
+        2.0,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_float_guc(
         c"copilot.refusal_threshold",
         c"Refuse a poorly grounded question when the model's probability that the schema cannot answer it reaches this.",
         c"Asked, in the same request, on the same cached schema prefix, only for questions at or below \
@@ -447,7 +476,7 @@ fn text(g: &GucSetting<Option<CString>>) -> String {
 /// What the engine process serves, as the settings say now; a change restarts it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineSpec {
-    Local { model: String },
+    Local { model: String, embedder: String },
     OpenAi { endpoint: String, model: String, key_file: String, timeout_ms: i32 },
 }
 
@@ -460,14 +489,14 @@ impl EngineSpec {
                 key_file: text(&API_KEY_FILE),
                 timeout_ms: REMOTE_TIMEOUT_MS.get(),
             },
-            _ => EngineSpec::Local { model: model() },
+            _ => EngineSpec::Local { model: model(), embedder: text(&EMBEDDING_MODEL) },
         }
     }
 
     /// How `copilot.status()` names it (never the key).
     pub fn describe(&self) -> String {
         match self {
-            EngineSpec::Local { model } => model.clone(),
+            EngineSpec::Local { model, .. } => model.clone(),
             EngineSpec::OpenAi { endpoint, model, .. } => format!("openai:{model} at {endpoint}"),
         }
     }

@@ -30,8 +30,10 @@
 //!    timeout, or every run failed), candidates are grouped by equal plans instead.
 //! 6. **Refusal**: `ask` raises `CopilotError::CannotAnswer` (SQLSTATE P0002), naming why and what tables exist,
 //!    instead of handing back SQL, when the schema names almost nothing the question asks about (at most
-//!    `copilot.grounding_threshold` of its words) and the model — asked in the same request, on the same cached
-//!    schema prefix, whether these tables can answer it — leans to no (at least `copilot.refusal_threshold`), or
+//!    `copilot.grounding_threshold` of its words), the question is not close in meaning to any table either (the
+//!    engine's sentence encoder, `copilot.embedding_model`: cosine below `copilot.grounding_similarity` — so
+//!    "musicians" still finds `singer`), and the model — asked in the same request, on the same cached schema
+//!    prefix, whether these tables can answer it — leans to no (at least `copilot.refusal_threshold`), or
 //!    when nothing plans after repair. (A model that wrote no SQL at all is
 //!    `NoSql`, 22000, with what it wrote in DETAIL.)
 //!
@@ -46,7 +48,7 @@ use copilot_core::sql::gate;
 use copilot_core::sql::hint::{apply_hint, join_by_foreign_key, join_missing_table};
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::{Catalog, Qualifier};
-use copilot_core::sql::suggest::{grounding, similar_names};
+use copilot_core::sql::suggest::{similar_names, Grounding};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -102,6 +104,9 @@ pub struct Report {
     pub p_unanswerable: Option<f32>,
     /// The share of the question's words the schema speaks of (`copilot_core::sql::suggest::grounding`).
     pub grounding: Option<f32>,
+    /// For a poorly grounded question, when the engine has a sentence encoder: the cosine between the question and
+    /// its closest table (at least `copilot.grounding_similarity`: the judge was not asked).
+    pub closeness: Option<f32>,
 }
 
 /// The SQL `ask` returns, and how it was chosen.
@@ -279,15 +284,21 @@ pub fn answer(
     let max_new_tokens = gucs::MAX_NEW_TOKENS.get().max(1) as usize;
     let threshold = gucs::REFUSAL_THRESHOLD.get();
     // Only a question the schema barely speaks of is put to the model's judgement (a cheap lexical check first).
-    let grounding = grounding(question, catalog);
+    let words = Grounding::of(question, catalog);
+    let grounding = words.as_ref().map(Grounding::share);
     let poorly_grounded = grounding.is_some_and(|g| f64::from(g) <= gucs::GROUNDING_THRESHOLD.get());
+    let judge = threshold < 1.0 && history.is_empty() && poorly_grounded;
     let req = GenerateRequest {
         schema_context: String::new(),
         history: history.to_vec(),
         question: question.to_string(),
         max_new_tokens,
         sampling: gucs::sampling(decoded),
-        judge: threshold < 1.0 && history.is_empty() && poorly_grounded,
+        judge,
+        // The engine may find the question close in meaning to a table, and then skip the judge.
+        grounding: words
+            .filter(|_| judge)
+            .map(|g| Box::new(Grounding { min_similarity: gucs::GROUNDING_SIMILARITY.get() as f32, ..g })),
         prose: false,
     };
     let (answer, _) = crate::api::generate(context, &req)?;
@@ -301,12 +312,17 @@ pub fn answer(
         question: question.to_string(),
         p_unanswerable: answer.p_unanswerable,
         grounding,
+        closeness: answer.closeness,
         ..Report::default()
     };
     if let Some(p) = answer.p_unanswerable.filter(|p| f64::from(*p) >= threshold) {
+        let near = match answer.closeness {
+            Some(c) => format!(", nor is it close in meaning to any of them (cosine {c:.2})"),
+            None => String::new(),
+        };
         let why = format!(
-            "the tables name almost nothing it asks about ({:.0} % of its words), and asked whether they can answer \
-             it, the model leans to no (p = {p:.2}, copilot.refusal_threshold = {threshold})",
+            "the tables name almost nothing it asks about ({:.0} % of its words){near}, and asked whether they can \
+             answer it, the model leans to no (p = {p:.2}, copilot.refusal_threshold = {threshold})",
             100.0 * grounding.unwrap_or(0.0)
         );
         return Err(refuse(report, list, why, catalog, decoded));

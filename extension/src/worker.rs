@@ -167,8 +167,11 @@ fn spawn_engine(
     let path = engine_path();
     let mut cmd = std::process::Command::new(&path);
     match spec {
-        EngineSpec::Local { model } => {
+        EngineSpec::Local { model, embedder } => {
             cmd.arg("--model").arg(model);
+            if !embedder.trim().is_empty() {
+                cmd.arg("--embedder").arg(embedder.trim());
+            }
         }
         EngineSpec::OpenAi { endpoint, model, key_file, timeout_ms } => {
             cmd.args(["--backend", "openai", "--endpoint", endpoint, "--remote-model", model]);
@@ -419,7 +422,20 @@ fn handle_event(ev: Event, running: &mut Option<Running>) {
         Event::Heartbeat => {}
         Event::Loaded(l) => {
             BOARD.exclusive().worker_loaded(&l.arch, l.file_bytes, l.load_s * 1000.0);
-            log!("copilot worker: model ready ({}, {} bytes, loaded in {:.2} s)", l.arch, l.file_bytes, l.load_s);
+            log!(
+                "copilot worker: model ready ({}, {} bytes, loaded in {:.2} s); sentence encoder: {}",
+                l.arch,
+                l.file_bytes,
+                l.load_s,
+                l.embedder
+            );
+            if l.debug_build {
+                warning!(
+                    "copilot worker: the engine ({}) is a debug build: answers will be one to two orders of magnitude \
+                     slower; install a release build (scripts/lib.sh install_extension --release)",
+                    engine_path().display()
+                );
+            }
         }
         Event::LoadFailed(reason) => {
             BOARD.exclusive().worker_failed(&reason);

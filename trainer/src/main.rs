@@ -42,6 +42,10 @@ enum Command {
     /// Calibrate copilot.refusal_threshold on Spider train: the model's P(unanswerable) on answerable and
     /// unanswerable train questions, refusal shares by threshold → reports/eval/judge_calibration.json.
     EvalJudge(eval::refusal::JudgeArgs),
+    /// Calibrate copilot.grounding_similarity on Spider train: with a sentence encoder, how many answerable,
+    /// paraphrased and unanswerable train questions still go to the cannot-answer judge, by minimum cosine →
+    /// reports/eval/grounding_calibration.{json,md}.
+    EvalGrounding(eval::grounding::GroundingArgs),
     /// Calibrate copilot.confidence_threshold on Spider train: when the greedy answer alone is as good as the vote
     /// among copilot.candidates → reports/eval/confidence_calibration.{json,md}.
     EvalConfidence(eval::confidence::ConfidenceArgs),
@@ -87,6 +91,7 @@ fn main() {
         Command::Eval(args) => eval::run(&args),
         Command::EvalRefusal(args) => eval::refusal::run(&args),
         Command::EvalJudge(args) => eval::refusal::calibrate(&args),
+        Command::EvalGrounding(args) => eval::grounding::run(&args),
         Command::EvalConfidence(args) => eval::confidence::run(&args),
         Command::EvalCompare(args) => eval::compare::run(&args),
         Command::EvalContext(args) => eval::context::run(&args),

@@ -103,6 +103,17 @@ pub fn load_train(root: &Path) -> Result<Vec<Example>> {
         .collect())
 }
 
+/// Spider-Syn's train paraphrases (`spider-syn/train_spider.json`, field `SpiderSynQuestion`), indexed as
+/// [`load_train`]'s rows: the same questions with schema words replaced by synonyms.
+pub fn load_train_syn(root: &Path) -> Result<Vec<Example>> {
+    let rows: Vec<SynRow> = read_json(&root.join("spider-syn/train_spider.json"))?;
+    Ok(rows
+        .into_iter()
+        .enumerate()
+        .map(|(index, r)| Example { index, db_id: r.db_id, question: r.syn_question, query: r.query })
+        .collect())
+}
+
 pub fn load_tables(root: &Path) -> Result<HashMap<String, SpiderTables>> {
     let all: Vec<SpiderTables> = read_json(&root.join("tables.json"))?;
     Ok(all.into_iter().map(|t| (t.db_id.clone(), t)).collect())

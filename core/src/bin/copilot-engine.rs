@@ -3,10 +3,12 @@
 //! its stdin and reads events from its stdout (frames of `copilot_core::engine::serve::wire`), and restarts it when
 //! it dies or stops answering.
 //!
-//! `copilot-engine --model SPEC [--threads N] [--max-context N] [--memory-mb N]`
+//! `copilot-engine --model SPEC [--embedder SPEC] [--threads N] [--max-context N] [--memory-mb N]`
 //! `copilot-engine --backend openai --endpoint URL --remote-model NAME [--api-key-file F] [--timeout-ms N]`
 //!
 //! - `SPEC`: a GGUF path, `hf:<owner>/<repo>/<file>` (Hugging Face cache, no download), or `script:<rules.json>`;
+//! - `--embedder`: a sentence encoder (a sentence-transformers folder or `hf:<repo>/model.safetensors`) that
+//!   grounds questions by meaning (`copilot_core::engine::embed`); one that cannot load is reported and left out;
 //! - `--backend openai`: answers come from an OpenAI-compatible server at `URL` (e.g. `http://10.0.0.5:8080/v1`);
 //!   the API key, if any, is read from a file so that it appears in no command line, log or error;
 //! - `--memory-mb`: the process's address space is limited to this (`RLIMIT_AS`), so a model too large for it fails
@@ -114,6 +116,7 @@ fn main() {
     let opts = LoadOptions {
         max_context: num("--max-context"),
         memory_limit_bytes: (memory_mb as u64) << 20,
+        embedder: arg(&args, "--embedder").filter(|s| !s.is_empty()),
         ..Default::default()
     };
     serve::serve(&source, &opts, cmd_rx, ev_tx.clone());

@@ -75,6 +75,11 @@ pub struct GenerateRequest {
     /// Also ask the model whether the schema can answer the question at all ([`Generation::p_unanswerable`]).
     #[serde(default)]
     pub judge: bool,
+    /// With `judge`: the question against the schema's words and tables. An engine with a sentence encoder skips
+    /// the judge when the question is close in meaning to a table ([`Generation::closeness`]); without one, or
+    /// without this, `judge` is asked as it is.
+    #[serde(default)]
+    pub grounding: Option<Box<crate::sql::suggest::Grounding>>,
     /// An answer in words, not SQL (`copilot.explain(…, narrative => true)`): the assistant's turn is not opened
     /// with a SQL block, and decoding stops only at the end of the turn or `max_new_tokens`.
     #[serde(default)]
@@ -142,6 +147,8 @@ pub struct Generation {
     pub decoded_rows: usize,
     /// With `judge`: the model's probability that the question cannot be answered from the schema.
     pub p_unanswerable: Option<f32>,
+    /// With `grounding` and a sentence encoder: the cosine between the question and its closest table.
+    pub closeness: Option<f32>,
     /// Speculative decoding's proposals and how many were kept, over every candidate.
     pub draft: DraftStats,
 }
@@ -153,6 +160,9 @@ pub struct Answer {
     pub candidates: Vec<Candidate>,
     #[serde(default)]
     pub p_unanswerable: Option<f32>,
+    /// [`Generation::closeness`].
+    #[serde(default)]
+    pub closeness: Option<f32>,
 }
 
 impl Generation {
@@ -169,7 +179,7 @@ impl Generation {
 
     /// What crosses to the extension: the candidates and the judge's verdict.
     pub fn answer(&self) -> Answer {
-        Answer { candidates: self.candidates(), p_unanswerable: self.p_unanswerable }
+        Answer { candidates: self.candidates(), p_unanswerable: self.p_unanswerable, closeness: self.closeness }
     }
 
     /// Decode speed in tokens per second (the first token comes from prefill and is not counted).
@@ -198,6 +208,9 @@ pub struct LoadOptions {
     /// Memory the process may use, in bytes (0 = no limit): a model that would need more is refused before any
     /// tensor is read, with how much it needs, rather than failing halfway or inviting the OOM killer.
     pub memory_limit_bytes: u64,
+    /// A sentence encoder ([`crate::engine::embed::Embedder::load`]'s spec) for grounding questions by meaning;
+    /// `None` = by spelling only.
+    pub embedder: Option<String>,
 }
 
 /// The schema-prefix KV cache's counters (see `prefix_cache`), for `copilot.status()` and the benchmarks.

@@ -7,6 +7,8 @@
 //! - [`runtime`]: load, tokenize, prefill, greedy decoding with SQL stop rules;
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
+//! - [`embed`]: a BERT-family sentence encoder (all-MiniLM-L6-v2) for telling whether a question speaks of the
+//!   schema by meaning, not only by its words;
 //! - [`source`]: model references (`/path/model.gguf`, `hf:<repo>/<file>`) resolved to local files;
 //! - [`draft`]: speculative decoding's drafts, by prompt lookup (verified by the multi-row pass);
 //! - [`sample`]: greedy and seeded top-k choice of the next token;
@@ -26,6 +28,8 @@ pub mod backend;
 #[cfg(feature = "model")]
 pub mod decode;
 pub mod draft;
+#[cfg(feature = "model")]
+pub mod embed;
 #[cfg(feature = "model")]
 pub mod kernels;
 #[cfg(feature = "model")]

@@ -221,6 +221,7 @@ impl Backend for OpenAi {
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
             samples: cands,
             p_unanswerable,
+            closeness: None,
             draft: Default::default(),
         })
     }

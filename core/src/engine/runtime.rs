@@ -80,6 +80,10 @@ pub struct Runtime {
     max_context: usize,
     /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
     drafter: Drafter,
+    /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
+    embedder: Option<crate::engine::embed::Embedder>,
+    /// What became of [`LoadOptions::embedder`], for the engine's log and status.
+    embedder_status: String,
 }
 
 fn md_str(ct: &gguf_file::Content, key: &str) -> Option<String> {
@@ -184,6 +188,14 @@ impl Runtime {
             identity,
         };
         let prefix_cache = PrefixCache::new(opts.prefix_cache_bytes);
+        // The encoder is an aid, not a requirement: without it questions are grounded by spelling, as before.
+        let (embedder, embedder_status) = match opts.embedder.as_deref().filter(|s| !s.trim().is_empty()) {
+            None => (None, "none (grounding by spelling only)".to_string()),
+            Some(spec) => match crate::engine::embed::Embedder::load(spec) {
+                Ok(e) => (Some(e), format!("{spec} (grounding by meaning)")),
+                Err(e) => (None, format!("{spec} could not be loaded ({e}); grounding by spelling only")),
+            },
+        };
         Ok(Runtime {
             model,
             prefix_cache,
@@ -193,7 +205,23 @@ impl Runtime {
             info,
             max_context,
             drafter: Drafter::default(),
+            embedder,
+            embedder_status,
         })
+    }
+
+    /// What became of the sentence encoder asked for at load ([`LoadOptions::embedder`]).
+    pub fn embedder_status(&self) -> &str {
+        &self.embedder_status
+    }
+
+    /// How close `g`'s question is to its closest table, by the sentence encoder (`None` without one).
+    pub fn closeness(&mut self, g: &crate::sql::suggest::Grounding) -> Result<Option<f32>, CoreError> {
+        let Some(e) = self.embedder.as_mut() else { return Ok(None) };
+        let tables: Vec<&str> = g.tables.iter().map(String::as_str).collect();
+        let q = e.embed(&[g.question.as_str()])?;
+        let t = e.embed(&tables)?;
+        Ok(g.closeness(|_, _| t.iter().map(|v| crate::engine::embed::cosine(&q[0], v)).collect()))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -365,6 +393,7 @@ impl Runtime {
             samples,
             decoded_rows,
             p_unanswerable: None,
+            closeness: None,
             draft,
         })
     }
@@ -610,11 +639,18 @@ impl Runtime {
 
 impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
-        let p = if req.judge { Some(self.p_unanswerable(req, cancel)?) } else { None };
+        // A question that spells little of the schema but is close in meaning to a table needs no judge.
+        let closeness = match (&req.grounding, req.judge) {
+            (Some(g), true) => self.closeness(g)?,
+            _ => None,
+        };
+        let near = closeness.zip(req.grounding.as_ref()).is_some_and(|(c, g)| c >= g.min_similarity);
+        let p = if req.judge && !near { Some(self.p_unanswerable(req, cancel)?) } else { None };
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
         let mut g =
             self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, req.prose, cancel)?;
         g.p_unanswerable = p;
+        g.closeness = closeness;
         Ok(g)
     }
 }

@@ -14,8 +14,10 @@
 //!
 //! The first answer is the "greedy" one; a request for k candidates gets the first k (fewer if the rule has
 //! fewer; with `skip_greedy`, the second to the k-th). `"min_p": [0.9, 0.4]` gives the answers' confidences
-//! ([`Candidate::min_p`]; none when absent). A request no rule matches gets an answer with no SQL in it. Not a
-//! model: never used to answer users.
+//! ([`Candidate::min_p`]; none when absent). `"closeness": 0.6` plays a sentence encoder: a judged request that
+//! carries its grounding gets this as the question's closeness to the schema, and no verdict when it reaches the
+//! grounding's `min_similarity` (as the local engine does). A request no rule matches gets an answer with no SQL in
+//! it. Not a model: never used to answer users.
 
 use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, StopReason};
 use crate::error::CoreError;
@@ -33,6 +35,8 @@ struct Rule {
     p_unanswerable: Option<f32>,
     #[serde(default)]
     min_p: Vec<f32>,
+    #[serde(default)]
+    closeness: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -83,6 +87,8 @@ impl Backend for Scripted {
             _ => vec![Scripted::candidate("I have no scripted answer for that.", None)],
         };
         let greedy = cands.remove(0);
+        let closeness = rule.and_then(|r| r.closeness).filter(|_| req.judge && req.grounding.is_some());
+        let near = closeness.zip(req.grounding.as_ref()).is_some_and(|(c, g)| c >= g.min_similarity);
         Ok(Generation {
             text: greedy.text,
             sql: greedy.sql,
@@ -96,7 +102,12 @@ impl Backend for Scripted {
             prefix_cache_hit: false,
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
             samples: cands,
-            p_unanswerable: if req.judge { Some(rule.and_then(|r| r.p_unanswerable).unwrap_or(0.0)) } else { None },
+            p_unanswerable: if req.judge && !near {
+                Some(rule.and_then(|r| r.p_unanswerable).unwrap_or(0.0))
+            } else {
+                None
+            },
+            closeness,
             draft: Default::default(),
         })
     }
@@ -134,6 +145,23 @@ mod tests {
         req.question = "anything else".into();
         assert_eq!(s.generate(&req, &|| false).unwrap().sql.as_deref(), Some("SELECT 0"));
         assert!(matches!(s.generate(&req, &|| true), Err(CoreError::Cancelled)));
+        // A judged request with its grounding: a rule's closeness at the minimum spares it the verdict.
+        std::fs::write(
+            &path,
+            r#"{"rules": [{"match": "musicians", "answers": ["SELECT 1"], "p_unanswerable": 0.9, "closeness": 0.5}]}"#,
+        )
+        .unwrap();
+        let mut s = Scripted::load(&path).unwrap();
+        let grounding = crate::sql::suggest::Grounding { min_similarity: 0.5, ..Default::default() };
+        req.question = "how many musicians?".into();
+        req.grounding = Some(Box::new(grounding.clone()));
+        let g = s.generate(&req, &|| false).unwrap();
+        assert_eq!((g.closeness, g.p_unanswerable), (Some(0.5), None));
+        req.grounding = Some(Box::new(crate::sql::suggest::Grounding { min_similarity: 0.6, ..grounding }));
+        let g = s.generate(&req, &|| false).unwrap();
+        assert_eq!((g.closeness, g.p_unanswerable), (Some(0.5), Some(0.9)));
+        req.grounding = None;
+        assert_eq!(s.generate(&req, &|| false).unwrap().closeness, None);
         std::fs::write(&path, "not json").unwrap();
         assert!(Scripted::load(&path).unwrap_err().to_string().contains("not a valid answer script"));
         std::fs::remove_dir_all(&dir).unwrap();

@@ -44,6 +44,13 @@ pub struct Loaded {
     pub load_s: f64,
     /// The model file, for its checksum (none for a script).
     pub path: Option<std::path::PathBuf>,
+    /// What became of the sentence encoder asked for (`LoadOptions::embedder`), for the worker's log.
+    #[serde(default)]
+    pub embedder: String,
+    /// The engine was built without optimisation (a debug build): its kernels run one to two orders of magnitude
+    /// slower, which the worker says in the log rather than leaving users to guess why every ask times out.
+    #[serde(default)]
+    pub debug_build: bool,
 }
 
 /// The text a panic carried, if any.
@@ -63,7 +70,14 @@ impl Engine {
                 .unwrap_or_else(|p| Err(CoreError::Model(format!("loading panicked: {}", panic_message(p.as_ref()))))),
             #[cfg(feature = "remote")]
             Source::Remote(cfg) => {
-                let loaded = Loaded { arch: "openai".into(), file_bytes: 0, load_s: 0.0, path: None };
+                let loaded = Loaded {
+                    arch: "openai".into(),
+                    file_bytes: 0,
+                    load_s: 0.0,
+                    path: None,
+                    embedder: "none (a remote engine's questions are grounded by spelling)".into(),
+                    debug_build: cfg!(debug_assertions),
+                };
                 Ok((Engine::Remote(crate::engine::remote::OpenAi::new(cfg.clone())), loaded))
             }
         }
@@ -73,8 +87,14 @@ impl Engine {
         if let Some(path) = spec.strip_prefix("script:") {
             let t0 = Instant::now();
             let s = Scripted::load(std::path::Path::new(path))?;
-            let loaded =
-                Loaded { arch: "script".into(), file_bytes: 0, load_s: t0.elapsed().as_secs_f64(), path: None };
+            let loaded = Loaded {
+                arch: "script".into(),
+                file_bytes: 0,
+                load_s: t0.elapsed().as_secs_f64(),
+                path: None,
+                embedder: "scripted".into(),
+                debug_build: cfg!(debug_assertions),
+            };
             return Ok((Engine::Script(s), loaded));
         }
         Engine::load_model(spec, opts)
@@ -85,8 +105,14 @@ impl Engine {
         let path = crate::engine::source::resolve(spec, false)?;
         let rt = Runtime::load(&path, opts)?;
         let info = rt.info();
-        let loaded =
-            Loaded { arch: info.arch.clone(), file_bytes: info.file_bytes, load_s: info.load_s, path: Some(path) };
+        let loaded = Loaded {
+            arch: info.arch.clone(),
+            file_bytes: info.file_bytes,
+            load_s: info.load_s,
+            path: Some(path),
+            embedder: rt.embedder_status().to_string(),
+            debug_build: cfg!(debug_assertions),
+        };
         Ok((Engine::Model(Box::new(rt)), loaded))
     }
 

@@ -262,46 +262,111 @@ fn stem(w: &str) -> String {
 /// containing the other when both have at least four letters). A question about something the schema does not hold
 /// scores near 0; one about its tables, near 1. `None` when the question has no content word.
 pub fn grounding(question: &str, catalog: &Catalog) -> Option<f32> {
-    let mut vocab: Vec<String> = Vec::new();
-    let mut add = |text: &str| {
-        for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 1) {
-            vocab.push(stem(w));
+    Grounding::of(question, catalog).map(|g| g.share())
+}
+
+/// A question against a schema: which of its content words the schema spells, and — for a question that spells
+/// almost none of them — whether it is still close in meaning to one of the tables ([`Grounding::closeness`], with
+/// a sentence encoder in the engine): "How many musicians are there?" spells nothing of `singer(singer_id, name,
+/// …)` but means it. It crosses to the engine with a request that may put the question to the model's
+/// cannot-answer judge; a question close to a table skips the judge.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Grounding {
+    /// The question as asked.
+    pub question: String,
+    /// The question's content words, lower case.
+    pub words: Vec<String>,
+    /// For each word: does a schema word match it by spelling?
+    pub spelled: Vec<bool>,
+    /// Each table as a sentence: its name, comment and column names in words (`singer: singer id, name, age`).
+    pub tables: Vec<String>,
+    /// The question counts as grounded when its vector and some table's have at least this cosine
+    /// (`copilot.grounding_similarity`).
+    pub min_similarity: f32,
+}
+
+/// Tables described for matching by meaning (the first ones, in catalog order).
+const MEANING_TABLES: usize = 500;
+
+/// A name in words: `song_release_year` → `song release year`.
+fn in_words(name: &str) -> String {
+    name.split(|c: char| c == '_' || c.is_whitespace()).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+impl Grounding {
+    /// The grounding of `question` in `catalog`; `None` when the question has no content word.
+    pub fn of(question: &str, catalog: &Catalog) -> Option<Grounding> {
+        let mut stems: Vec<String> = Vec::new();
+        let mut add = |text: &str| {
+            for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 1) {
+                stems.push(stem(w));
+            }
+        };
+        for t in &catalog.tables {
+            add(&t.name);
+            add(t.comment.as_deref().unwrap_or(""));
+            for c in &t.columns {
+                add(&c.name);
+                add(c.comment.as_deref().unwrap_or(""));
+                c.values.iter().for_each(|v| add(v));
+            }
         }
-    };
-    for t in &catalog.tables {
-        add(&t.name);
-        add(t.comment.as_deref().unwrap_or(""));
-        for c in &t.columns {
-            add(&c.name);
-            add(c.comment.as_deref().unwrap_or(""));
-            c.values.iter().for_each(|v| add(v));
+        // Quoted values are data, not schema words.
+        let mut unquoted = String::new();
+        let mut quote: Option<char> = None;
+        for ch in question.chars() {
+            match quote {
+                Some(q) if ch == q => quote = None,
+                Some(_) => {}
+                None if ch == '"' || ch == '\'' || ch == '“' => quote = Some(if ch == '“' { '”' } else { ch }),
+                None => unquoted.push(ch),
+            }
         }
-    }
-    // Quoted values are data, not schema words.
-    let mut unquoted = String::new();
-    let mut quote: Option<char> = None;
-    for ch in question.chars() {
-        match quote {
-            Some(q) if ch == q => quote = None,
-            Some(_) => {}
-            None if ch == '"' || ch == '\'' || ch == '“' => quote = Some(if ch == '“' { '”' } else { ch }),
-            None => unquoted.push(ch),
+        let words: Vec<String> = unquoted
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.len() > 1 && !w.chars().all(|c| c.is_ascii_digit()))
+            .map(|w| w.to_lowercase())
+            .filter(|w| !STOPWORDS.contains(&w.as_str()))
+            .collect();
+        if words.is_empty() {
+            return None;
         }
+        let matches = |w: &str| {
+            let s = stem(w);
+            stems
+                .iter()
+                .any(|v| *v == s || (s.len() >= 4 && v.len() >= 4 && (v.contains(&s) || s.contains(v.as_str()))))
+        };
+        let spelled = words.iter().map(|w| matches(w)).collect();
+        let tables = catalog
+            .tables
+            .iter()
+            .take(MEANING_TABLES)
+            .map(|t| {
+                let cols: Vec<String> = t.columns.iter().map(|c| in_words(&c.name)).collect();
+                match t.comment.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+                    Some(c) => format!("{} ({c}): {}", in_words(&t.name), cols.join(", ")),
+                    None => format!("{}: {}", in_words(&t.name), cols.join(", ")),
+                }
+            })
+            .collect();
+        Some(Grounding { question: question.to_string(), words, spelled, tables, min_similarity: 1.0 })
     }
-    let words: Vec<String> = unquoted
-        .split(|c: char| !c.is_alphanumeric())
-        .filter(|w| w.len() > 1 && !w.chars().all(|c| c.is_ascii_digit()))
-        .map(|w| w.to_lowercase())
-        .filter(|w| !STOPWORDS.contains(&w.as_str()))
-        .collect();
-    if words.is_empty() {
-        return None;
+
+    /// The share of the question's words the schema spells.
+    pub fn share(&self) -> f32 {
+        self.spelled.iter().filter(|s| **s).count() as f32 / self.words.len().max(1) as f32
     }
-    let matches = |w: &str| {
-        let s = stem(w);
-        vocab.iter().any(|v| *v == s || (s.len() >= 4 && v.len() >= 4 && (v.contains(&s) || s.contains(v.as_str()))))
-    };
-    Some(words.iter().filter(|w| matches(w)).count() as f32 / words.len() as f32)
+
+    /// How close in meaning the question is to its closest table: the largest `similarity(question, table)` over
+    /// the tables' sentences (`None` without tables).
+    pub fn closeness(&self, similarity: impl FnOnce(&str, &[&str]) -> Vec<f32>) -> Option<f32> {
+        if self.tables.is_empty() {
+            return None;
+        }
+        let tables: Vec<&str> = self.tables.iter().map(String::as_str).collect();
+        similarity(&self.question, &tables).into_iter().reduce(f32::max)
+    }
 }
 
 #[cfg(test)]
@@ -329,5 +394,42 @@ mod grounding_tests {
         assert_eq!(grounding("What is the average age of singers by country?", &c), Some(1.0));
         assert_eq!(grounding("How many flights depart from the airport 'APG'?", &c), Some(0.0));
         assert_eq!(grounding("How many are there?", &c), None);
+    }
+
+    #[test]
+    fn a_question_that_spells_no_table_is_compared_by_meaning_with_each_table() {
+        let col = |n: &str| Column { name: n.into(), data_type: "text".into(), ..Default::default() };
+        let table = |name: &str, comment: Option<&str>, cols: Vec<Column>| Table {
+            schema: String::new(),
+            name: name.into(),
+            kind: Default::default(),
+            columns: cols,
+            primary_key: vec![],
+            foreign_keys: vec![],
+            comment: comment.map(Into::into),
+        };
+        let c = Catalog {
+            tables: vec![
+                table(
+                    "singer",
+                    Some("People who sing"),
+                    vec![col("singer_id"), Column { values: vec!["Netherlands".into()], ..col("citizenship") }],
+                ),
+                table("concert", None, vec![col("concert_name"), col("year")]),
+            ],
+        };
+        let g = Grounding::of("How many musicians are from 'Singer Land' in Netherlands?", &c).unwrap();
+        // The quoted value is not a word of the question; a value hint spells a word.
+        assert_eq!(g.words, ["musicians", "netherlands"]);
+        assert_eq!(g.spelled, [false, true]);
+        assert_eq!(g.tables, ["singer (People who sing): singer id, citizenship", "concert: concert name, year"]);
+        let mut asked = None;
+        let close = g.closeness(|q, tables| {
+            asked = Some((q.to_string(), tables.len()));
+            vec![0.3, 0.6]
+        });
+        assert_eq!(close, Some(0.6));
+        assert_eq!(asked, Some(("How many musicians are from 'Singer Land' in Netherlands?".to_string(), 2)));
+        assert_eq!(Grounding { tables: vec![], ..g }.closeness(|_, _| vec![1.0]), None);
     }
 }

@@ -18,6 +18,7 @@ pub mod compare;
 pub mod confidence;
 pub mod context;
 mod exec;
+pub mod grounding;
 pub mod refusal;
 mod run;
 mod score;
