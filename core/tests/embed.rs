@@ -87,6 +87,15 @@ fn the_runtime_skips_the_judge_for_a_question_close_to_a_table() {
     let g = ask(&mut plain, "How many musicians are there?", 0.3);
     assert_eq!(g.closeness, None);
     assert!(g.p_unanswerable.is_some());
+    // Under a memory limit the model fits but the model and the encoder do not: the encoder is left out.
+    let model_bytes = std::fs::metadata(&model).unwrap().len();
+    let tight = LoadOptions {
+        embedder: opts.embedder.clone(),
+        memory_limit_bytes: copilot_core::engine::runtime::memory_needed(model_bytes) + (1 << 20),
+        ..Default::default()
+    };
+    let rt = Runtime::load(std::path::Path::new(&model), &tight).unwrap();
+    assert!(rt.embedder_status().contains("left out"), "{}", rt.embedder_status());
     // An encoder that cannot load leaves the engine working, and says why.
     let bad = LoadOptions { embedder: Some("/nonexistent/encoder".into()), ..Default::default() };
     let rt = Runtime::load(std::path::Path::new(&model), &bad).unwrap();

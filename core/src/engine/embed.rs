@@ -102,6 +102,14 @@ impl Embedder {
         Ok(e)
     }
 
+    /// The size of the weights file `spec` names, when it is a local folder or file (what loading it will add to
+    /// the engine's memory, about once for the mapped file and once for the tensors).
+    pub fn weights_bytes(spec: &str) -> Option<u64> {
+        let p = Path::new(spec);
+        let file = if p.is_dir() { p.join("model.safetensors") } else { p.to_path_buf() };
+        std::fs::metadata(file).ok().map(|m| m.len())
+    }
+
     /// Build from weights named as in a sentence-transformers BERT (`embeddings.*`, `encoder.layer.N.*`, optionally
     /// under `bert.`).
     pub fn from_weights(

@@ -191,6 +191,16 @@ impl Runtime {
         // The encoder is an aid, not a requirement: without it questions are grounded by spelling, as before.
         let (embedder, embedder_status) = match opts.embedder.as_deref().filter(|s| !s.trim().is_empty()) {
             None => (None, "none (grounding by spelling only)".to_string()),
+            // Under a memory limit, an encoder that would not fit beside the model is left out (an allocation
+            // failure would abort the engine, and the worker would restart it into the same failure).
+            Some(spec)
+                if opts.memory_limit_bytes > 0
+                    && memory_needed(file_bytes)
+                        + 2 * crate::engine::embed::Embedder::weights_bytes(spec).unwrap_or(0)
+                        > opts.memory_limit_bytes =>
+            {
+                (None, format!("{spec} left out: with the model it needs more than the engine's memory limit of {} MB; grounding by spelling only", opts.memory_limit_bytes >> 20))
+            }
             Some(spec) => match crate::engine::embed::Embedder::load(spec) {
                 Ok(e) => (Some(e), format!("{spec} (grounding by meaning)")),
                 Err(e) => (None, format!("{spec} could not be loaded ({e}); grounding by spelling only")),
