@@ -86,6 +86,14 @@ pub struct GenerateRequest {
     pub prose: bool,
 }
 
+impl GenerateRequest {
+    /// The judge is not asked: the request's question came `closeness` (cosine) to a table, at least its
+    /// grounding's `min_similarity`. The one rule every backend that grounds by meaning applies.
+    pub fn close_to_a_table(&self, closeness: Option<f32>) -> bool {
+        closeness.zip(self.grounding.as_ref()).is_some_and(|(c, g)| c >= g.min_similarity)
+    }
+}
+
 /// Why decoding stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StopReason {

@@ -654,7 +654,7 @@ impl Backend for Runtime {
             (Some(g), true) => self.closeness(g)?,
             _ => None,
         };
-        let near = closeness.zip(req.grounding.as_ref()).is_some_and(|(c, g)| c >= g.min_similarity);
+        let near = req.close_to_a_table(closeness);
         let p = if req.judge && !near { Some(self.p_unanswerable(req, cancel)?) } else { None };
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
         let mut g =

@@ -88,7 +88,7 @@ impl Backend for Scripted {
         };
         let greedy = cands.remove(0);
         let closeness = rule.and_then(|r| r.closeness).filter(|_| req.judge && req.grounding.is_some());
-        let near = closeness.zip(req.grounding.as_ref()).is_some_and(|(c, g)| c >= g.min_similarity);
+        let near = req.close_to_a_table(closeness);
         Ok(Generation {
             text: greedy.text,
             sql: greedy.sql,
