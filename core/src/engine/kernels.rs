@@ -10,8 +10,11 @@
 //! and ggml use), and apply each sub-block's scale inside the integer pipeline (`madd`), so the only float work is
 //! one multiply-add per 256 weights.
 //!
-//! Used for one row of activations (decode, and the final projection). Several rows (prefill) stay on candle's
-//! tiled matmul, which reuses each weight tile across rows and already beats llama.cpp there.
+//! Used for every product of the quantized layers: one row of activations (decode, the final projection), a few
+//! (candidates, speculative verification) and a prompt's hundreds ([`gemm_many`] keeps each group of weight rows
+//! in cache while the prompt's rows go past). Candle's tiled matmul, which a prompt used before, keeps a second,
+//! unpacked copy of every weight (1.33–2.2× its size); reading the GGUF blocks for prompts too means the weights
+//! are held once.
 //!
 //! Every kernel has a scalar twin written straight from the block layout; tests hold the two together and hold
 //! both to candle's dequantization.
@@ -69,8 +72,14 @@ impl Default for Q8K {
 /// rule, so results match what candle computes for the same activations up to summation order).
 pub fn quantize_q8k(x: &[f32], out: &mut Vec<Q8K>) {
     assert_eq!(x.len() % QK_K, 0, "activation length {} is not a multiple of {QK_K}", x.len());
-    out.clear();
-    for xs in x.chunks_exact(QK_K) {
+    out.resize(x.len() / QK_K, Q8K::default());
+    quantize_q8k_into(x, out);
+}
+
+/// [`quantize_q8k`] into blocks already allocated: `out` holds exactly `x.len() / 256` blocks.
+fn quantize_q8k_into(x: &[f32], out: &mut [Q8K]) {
+    assert_eq!(x.len(), out.len() * QK_K, "{} activations for {} blocks", x.len(), out.len());
+    for (xs, slot) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let mut b = Q8K::default();
         let (mut amax, mut max) = (0f32, 0f32);
         for &v in xs {
@@ -89,11 +98,40 @@ pub fn quantize_q8k(x: &[f32], out: &mut Vec<Q8K>) {
             }
             b.d = 1.0 / iscale;
         }
-        out.push(b);
+        *slot = b;
     }
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+/// Each of `xs` quantized into the matching row of `act` (resized to `xs[r].len() / 256` blocks). A prompt's
+/// rows (hundreds × up to 8,960 values per product) are shared out over candle's thread pool; a few rows (decode,
+/// candidates) are quantized on the calling thread, where handing out would cost more than it saves.
+pub(crate) fn quantize_rows(xs: &[&[f32]], act: &mut [Vec<Q8K>]) {
+    for (a, x) in act.iter_mut().zip(xs) {
+        assert_eq!(x.len() % QK_K, 0, "activation length {} is not a multiple of {QK_K}", x.len());
+        a.resize(x.len() / QK_K, Q8K::default());
+    }
+    if xs.len() <= MAX_ROWS_AT_ONCE {
+        for (a, x) in act.iter_mut().zip(xs) {
+            quantize_q8k_into(x, a);
+        }
+        return;
+    }
+    struct Rows(*mut Vec<Q8K>);
+    // SAFETY: each pool work item r writes row r only (`execute_chunked` hands every index to exactly one
+    // worker), no row is read while the pool runs, and `act` outlives the call (it returns when all are done).
+    unsafe impl Sync for Rows {}
+    let rows = Rows(act.as_mut_ptr());
+    let rows = &rows;
+    candle_core::utils::barrier_pool().execute_chunked(xs.len(), |range| {
+        for r in range {
+            // SAFETY: r < xs.len() <= act.len(), and row r belongs to this work item alone (see `Rows`).
+            let a = unsafe { &mut *rows.0.add(r) };
+            quantize_q8k_into(xs[r], a);
+        }
+    });
+}
+
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
 }
 
@@ -102,7 +140,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 /// (scales) and 4-7 (mins); sub-blocks 4-7 have their low 4 bits in the nibbles of bytes 8-11 and their top 2
 /// bits in the spare top bits of bytes 0-3 (scales) and 4-7 (mins).
 #[inline(always)]
-fn q4k_scales_mins(s: &[u8]) -> [u8; 16] {
+pub(crate) fn q4k_scales_mins(s: &[u8]) -> [u8; 16] {
     let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
     let (s0, s1, s2) = (w(0), w(4), w(8));
     let sc_lo = s0 & 0x3f3f_3f3f;
@@ -518,6 +556,14 @@ pub fn dot_rows(kind: Kind, row: &[u8], acts: &[&[Q8K]], simd: bool, out: &mut [
     }
 }
 
+/// Which pass a product belongs to: a decoding step of one or a few rows, whose results must not depend on how
+/// many rows share it ([`gemm_many`]), or a prompt ([`crate::engine::prompt_kernels::gemm_prompt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pass {
+    Step,
+    Prompt,
+}
+
 /// One weight matrix for [`gemm_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
@@ -607,9 +653,7 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
         let mut act = act.borrow_mut();
         let have = act.len();
         act.resize_with(rows.max(have), Vec::new);
-        for (a, x) in act.iter_mut().zip(xs) {
-            quantize_q8k(x, a);
-        }
+        quantize_rows(xs, &mut act[..rows]);
         let act: &[Vec<Q8K>] = &act[..rows];
         let act_refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
         let act_refs = &act_refs;
@@ -624,10 +668,16 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                 let row_bytes = k / QK_K * m.kind.block_bytes();
                 let start = (item - first[mi]) * ROWS_PER_ITEM;
                 let mut vals = [0f32; MAX_ROWS_AT_ONCE];
-                for r in start..(start + ROWS_PER_ITEM).min(m.n) {
-                    let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
-                    prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
-                    for (chunk, acts) in act_refs.chunks(MAX_ROWS_AT_ONCE).enumerate() {
+                // Input rows outside, this item's weight rows inside: the item's weights (16 rows, 14–80 KB for
+                // the default model) stay in cache while a prompt's hundreds of input rows go past them, so each
+                // weight is read from memory once per pass. With a few input rows (decode) there is one chunk and
+                // the weights stream through, a row or two ahead (`prefetch`).
+                for (chunk, acts) in act_refs.chunks(MAX_ROWS_AT_ONCE).enumerate() {
+                    for r in start..(start + ROWS_PER_ITEM).min(m.n) {
+                        let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
+                        if chunk == 0 {
+                            prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                        }
                         let v = &mut vals[..acts.len()];
                         dot_rows(m.kind, w, acts, simd, v);
                         for (jj, v) in v.iter().enumerate() {

@@ -4,6 +4,7 @@
 //!   caller-owned KV state;
 //! - [`kernels`], [`decode`]: the decoding step's weight products (AVX2 over the GGUF blocks) and its per-token
 //!   arithmetic on plain vectors;
+//! - [`prompt_kernels`]: a prompt's weight products (AVX-512 VNNI over the same blocks; no second copy of them);
 //! - [`runtime`]: load, tokenize, prefill, greedy decoding with SQL stop rules;
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
 //! - [`tokenizer`]: the tokenizer built from the GGUF's metadata;
@@ -36,6 +37,8 @@ pub mod kernels;
 pub mod model;
 #[cfg(feature = "model")]
 pub mod prefix_cache;
+#[cfg(feature = "model")]
+pub mod prompt_kernels;
 #[cfg(feature = "remote")]
 pub mod remote;
 #[cfg(feature = "model")]

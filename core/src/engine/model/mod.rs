@@ -81,6 +81,10 @@ pub struct Transformer {
     max_positions: usize,
     /// Decode with our kernels (on by default; off = candle's matmul everywhere, for comparisons).
     own_kernels: bool,
+    /// Prompts (several rows) through our kernels too (on by default with them): candle's matmul would keep a
+    /// tiled copy of every weight a prompt uses, 1.33–2.2× the weights' own size, beside the GGUF blocks decoding
+    /// reads. Off = prompts on candle's tiled matmul (the layout of before; for comparisons).
+    own_prefill: bool,
 }
 
 impl Transformer {
@@ -129,6 +133,7 @@ impl Transformer {
             sin,
             max_positions,
             own_kernels: kernels::simd_available(),
+            own_prefill: true,
         })
     }
 
@@ -139,12 +144,23 @@ impl Transformer {
     /// every layer weight now, the weights shared out over `threads` threads, so the rewrite is done at load and
     /// in parallel. The vocabulary projection is left alone: only single rows (ours) ever reach it. Threads started
     /// here inherit the caller's signal mask (in the server: everything blocked).
+    ///
+    /// Weights whose prompts go through our kernels ([`Transformer::prefill_on_own_kernels`]) are left alone: candle
+    /// never multiplies several rows with them, so preparing them would only build the copy we avoid.
     pub fn prepare(&self, threads: usize) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());
         }
-        let all: Vec<&Linear> =
-            self.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]).collect();
+        let ours = self.prefill_on_own_kernels();
+        let all: Vec<&Linear> = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
+            .filter(|l| !(ours && Linear::kernels_cover(&[l])))
+            .collect();
+        if all.is_empty() {
+            return Ok(());
+        }
         let threads = threads.clamp(1, all.len().max(1));
         std::thread::scope(|s| {
             let all = &all;
@@ -167,6 +183,17 @@ impl Transformer {
     /// Use our decode kernels (the default where the CPU has AVX2) or candle's matmul for every product.
     pub fn set_own_kernels(&mut self, on: bool) {
         self.own_kernels = on;
+    }
+
+    /// Prompts through our kernels (the default) or candle's tiled matmul (see the field's note). Decoding is
+    /// not affected; with our kernels off ([`Transformer::set_own_kernels`]) prompts are candle's either way.
+    pub fn set_own_prefill(&mut self, on: bool) {
+        self.own_prefill = on;
+    }
+
+    /// True when a prompt's products run on our kernels (for the formats they cover).
+    pub fn prefill_on_own_kernels(&self) -> bool {
+        self.own_kernels && self.own_prefill && self.device.is_cpu()
     }
 
     pub fn on_cpu(&self) -> bool {

@@ -1,4 +1,5 @@
-//! The prompt pass: several tokens at once over candle's tensor ops and tiled quantized matmul.
+//! The prompt pass: several tokens at once — candle's tensor ops for attention and norms, our kernels for the
+//! projections (every weight read once for all the prompt's rows; candle's tiled matmul when told so).
 
 use super::kv::LayerKv;
 use super::{KvCache, Layer, Transformer};
@@ -30,6 +31,7 @@ impl Transformer {
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
         // As in `step`: the cache changes only once the whole pass has succeeded.
+        let ours = self.prefill_on_own_kernels();
         let mut layers = Vec::with_capacity(self.layers.len());
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
@@ -37,13 +39,13 @@ impl Transformer {
                 Some(l) => l.full(self.cfg.n_kv_head, self.cfg.head_dim, device)?,
                 None => None,
             };
-            let (attn, (k, v)) = self.attention(layer, &h, prev.as_ref(), mask.as_ref(), &cos, &sin)?;
+            let (attn, (k, v)) = self.attention(layer, &h, prev.as_ref(), mask.as_ref(), (&cos, &sin), ours)?;
             layers.push(LayerKv::from_base(k, v)?);
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
-            let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, self.own_kernels)?;
+            let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, ours)?;
             let g = candle_nn::ops::silu(&gu[0])?;
-            x = (x + layer.down.forward(&(g * &gu[1])?, self.own_kernels)?)?;
+            x = (x + layer.down.forward(&(g * &gu[1])?, ours)?)?;
         }
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_eps as f32)?;
@@ -59,12 +61,12 @@ impl Transformer {
         x: &Tensor,
         prev: Option<&(Tensor, Tensor)>,
         mask: Option<&Tensor>,
-        cos: &Tensor,
-        sin: &Tensor,
+        (cos, sin): (&Tensor, &Tensor),
+        own_kernels: bool,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
-        let qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], x, self.own_kernels)?;
+        let qkv = Linear::forward_many(&[&layer.wq, &layer.wk, &layer.wv], x, own_kernels)?;
         let shape = |y: &Tensor, bias: &Option<Tensor>, heads: usize| -> Result<Tensor> {
             let y = match bias {
                 Some(bias) => y.broadcast_add(bias)?,
@@ -90,7 +92,7 @@ impl Transformer {
         // so (b, n_head, t, d) reshapes, without a copy, into (b, n_kv_head, n_rep * t, d).
         let y = attend(&q, &k, &v, mask, c.n_kv_head)?; // (b, n_head, t, d)
         let y = y.transpose(1, 2)?.reshape((b, t, c.n_embd))?;
-        Ok((layer.wo.forward(&y, self.own_kernels)?, (k, v)))
+        Ok((layer.wo.forward(&y, own_kernels)?, (k, v)))
     }
 }
 

@@ -66,9 +66,10 @@ impl Target {
     }
 }
 
-/// A quantized linear layer (`y = x · Wᵀ`). One row of activations (decoding) goes through our own kernels
-/// ([`crate::engine::kernels`]) when the weights are a format they cover; several rows (prefill) and other formats go
-/// through candle's quantized matmul. Both read the same weight bytes (the `QTensor` is shared, not copied).
+/// A quantized linear layer (`y = x · Wᵀ`). Rows of activations go through our own kernels
+/// ([`crate::engine::kernels`]) when the weights are a format they cover — one row (decoding) and, unless the
+/// model was told otherwise ([`super::Transformer::set_own_prefill`]), several (a prompt); other formats go through
+/// candle's quantized matmul. Our kernels read the weights' GGUF blocks in place, so no second copy of them exists.
 pub(super) struct Linear {
     pub(super) mm: QMatMul,
     pub(super) n: usize,
@@ -95,15 +96,18 @@ impl Linear {
         Ok(Linear::forward_many(&[self], x, own_kernels)?.remove(0))
     }
 
-    /// The products of several layers that read the same input (q/k/v; gate/up). One row of activations on our
-    /// kernels is one pass over the thread pool for all of them; otherwise each goes through candle.
+    /// The products of several layers that read the same input (q/k/v; gate/up), for every row of `x` (its last
+    /// dimension is the layers' input width). With `own_kernels`, on the CPU, for formats our kernels cover, all
+    /// rows of all layers are one pass over the weights ([`Linear::matmul_rows`]); otherwise each layer goes
+    /// through candle's quantized matmul (which keeps a tiled copy of a weight once several rows have used it).
     pub(super) fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
         let k = layers[0].k;
-        if !(own_kernels && x.elem_count() == k && x.device().is_cpu() && Linear::kernels_cover(layers)) {
+        if !(own_kernels && x.device().is_cpu() && x.dims().last() == Some(&k) && Linear::kernels_cover(layers)) {
             return layers.iter().map(|l| l.mm.forward(x)).collect();
         }
         let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-        let ys = Linear::matvec_many(layers, &xs)?;
+        let rows: Vec<&[f32]> = xs.chunks_exact(k).collect();
+        let ys = Linear::products(layers, &rows, kernels::Pass::Prompt)?;
         layers
             .iter()
             .zip(ys)
@@ -118,13 +122,8 @@ impl Linear {
     }
 
     /// True when our kernels can multiply every one of `layers` (formats they cover, same input width).
-    fn kernels_cover(layers: &[&Linear]) -> bool {
+    pub(super) fn kernels_cover(layers: &[&Linear]) -> bool {
         layers.iter().all(|l| l.raw().is_some() && l.k == layers[0].k)
-    }
-
-    /// `ys[i] = layers[i] · x` for one row `x` on the CPU (see [`Linear::matmul_rows`]).
-    pub(super) fn matvec_many(layers: &[&Linear], x: &[f32]) -> Result<Vec<Vec<f32>>> {
-        Linear::matmul_rows(layers, &[x])
     }
 
     /// `ys[i][r * n_i .. (r + 1) * n_i] = layers[i] · xs[r]` for rows on the CPU: our kernels in one pass over
@@ -132,6 +131,13 @@ impl Linear {
     /// at a time — either way each row gets exactly the products it would get alone, so batching rows never
     /// changes a result.
     pub(super) fn matmul_rows(layers: &[&Linear], xs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        Linear::products(layers, xs, kernels::Pass::Step)
+    }
+
+    /// [`Linear::matmul_rows`] for a decoding step (`Pass::Step`: bit-identical per row however many share it) or
+    /// a prompt (`Pass::Prompt`: [`crate::engine::prompt_kernels`] where the CPU has them; equal up to float
+    /// summation order).
+    fn products(layers: &[&Linear], xs: &[&[f32]], pass: kernels::Pass) -> Result<Vec<Vec<f32>>> {
         let k = layers[0].k;
         if !Linear::kernels_cover(layers) {
             let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| Vec::with_capacity(l.n * xs.len())).collect();
@@ -153,7 +159,10 @@ impl Linear {
             .collect();
         let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n * xs.len()]).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-        kernels::gemm_many(&mats, k, xs, &mut outs);
+        match pass {
+            kernels::Pass::Step => kernels::gemm_many(&mats, k, xs, &mut outs),
+            kernels::Pass::Prompt => crate::engine::prompt_kernels::gemm_prompt(&mats, k, xs, &mut outs),
+        }
         Ok(ys)
     }
 }
