@@ -668,16 +668,27 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                 let row_bytes = k / QK_K * m.kind.block_bytes();
                 let start = (item - first[mi]) * ROWS_PER_ITEM;
                 let mut vals = [0f32; MAX_ROWS_AT_ONCE];
-                // Input rows outside, this item's weight rows inside: the item's weights (16 rows, 14–80 KB for
-                // the default model) stay in cache while a prompt's hundreds of input rows go past them, so each
-                // weight is read from memory once per pass. With a few input rows (decode) there is one chunk and
-                // the weights stream through, a row or two ahead (`prefetch`).
+                // A few input rows (decode, candidates): the weights stream through, a row or two ahead
+                // (`prefetch`). More (a prompt, where the prompt kernels are not available): input rows outside,
+                // this item's weight rows inside, so the item's weights (16 rows, 14–80 KB for the default model)
+                // stay in cache while the prompt's rows go past them.
+                if act_refs.len() <= MAX_ROWS_AT_ONCE {
+                    for r in start..(start + ROWS_PER_ITEM).min(m.n) {
+                        let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
+                        prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                        let v = &mut vals[..act_refs.len()];
+                        dot_rows(m.kind, w, act_refs, simd, v);
+                        for (j, v) in v.iter().enumerate() {
+                            // SAFETY: j * m.n + r < rows * m.n = ys[mi].len(), and weight row r of matrix mi (for
+                            // every input row) belongs to this item alone (see `Outs`).
+                            unsafe { *outs.0[mi].add(j * m.n + r) = *v };
+                        }
+                    }
+                    continue;
+                }
                 for (chunk, acts) in act_refs.chunks(MAX_ROWS_AT_ONCE).enumerate() {
                     for r in start..(start + ROWS_PER_ITEM).min(m.n) {
                         let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
-                        if chunk == 0 {
-                            prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
-                        }
                         let v = &mut vals[..acts.len()];
                         dot_rows(m.kind, w, acts, simd, v);
                         for (jj, v) in v.iter().enumerate() {
@@ -694,19 +705,30 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     /// Weights of a plausible spread quantized by candle, their raw blocks, and candle's dequantization.
     fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        quantized_spread(dtype, n, k, seed, 0.2)
+    }
+
+    /// [`quantized`] with values spread over `spread` (uniform, centred on 0).
+    pub(crate) fn quantized_spread(
+        dtype: GgmlDType,
+        n: usize,
+        k: usize,
+        seed: u64,
+        spread: f32,
+    ) -> (Vec<u8>, Vec<f32>) {
         let dev = Device::Cpu;
         let mut s = seed;
         let vals: Vec<f32> = (0..n * k)
             .map(|_| {
                 s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 0.2
+                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * spread
             })
             .collect();
         let t = Tensor::from_vec(vals, (n, k), &dev).unwrap();

@@ -482,16 +482,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn quantized(dtype: GgmlDType, n: usize, k: usize, seed: u64) -> Vec<u8> {
-        let dev = Device::Cpu;
-        let mut s = seed;
-        let vals: Vec<f32> = (0..n * k)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 3.0
-            })
-            .collect();
-        let t = Tensor::from_vec(vals, (n, k), &dev).unwrap();
-        QTensor::quantize(&t, dtype).unwrap().data().unwrap().to_vec()
+        kernels::tests::quantized_spread(dtype, n, k, seed, 3.0).0
     }
 
     fn rows(r: usize, k: usize, seed: u64) -> Vec<Vec<f32>> {
