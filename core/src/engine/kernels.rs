@@ -182,7 +182,7 @@ pub fn dot_q4k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
 /// 4 bits are in `ql` (64 bytes: positions 0-31 and 64-95 in the nibbles of bytes 0-31, 32-63 and 96-127 in bytes
 /// 32-63) and high 2 bits in `qh` (32 bytes, four positions per byte).
 #[inline(always)]
-fn q6k_quants(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
+pub(crate) fn q6k_quants(ql: &[u8], qh: &[u8], l: usize) -> [u8; 4] {
     [
         (ql[l] & 0xF) | ((qh[l] & 3) << 4),
         (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),

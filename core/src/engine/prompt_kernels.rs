@@ -130,10 +130,9 @@ fn unpack(kind: Kind, b: &[u8], out: &mut [u8; QK_K]) {
             for h in 0..2 {
                 let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
                 for l in 0..32 {
-                    out[128 * h + l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
-                    out[128 * h + 32 + l] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
-                    out[128 * h + 64 + l] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
-                    out[128 * h + 96 + l] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+                    for (k, q) in kernels::q6k_quants(ql, qh, l).into_iter().enumerate() {
+                        out[128 * h + 32 * k + l] = q;
+                    }
                 }
             }
         }
