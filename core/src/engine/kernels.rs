@@ -10,11 +10,11 @@
 //! and ggml use), and apply each sub-block's scale inside the integer pipeline (`madd`), so the only float work is
 //! one multiply-add per 256 weights.
 //!
-//! Used for every product of the quantized layers: one row of activations (decode, the final projection), a few
-//! (candidates, speculative verification) and a prompt's hundreds ([`gemm_many`] keeps each group of weight rows
-//! in cache while the prompt's rows go past). Candle's tiled matmul, which a prompt used before, keeps a second,
-//! unpacked copy of every weight (1.33–2.2× its size); reading the GGUF blocks for prompts too means the weights
-//! are held once.
+//! Used for one row of activations (decode, the final projection) and a few (candidates, speculative
+//! verification); a prompt's hundreds go through [`crate::engine::prompt_kernels`] where the CPU has AVX-512 VNNI,
+//! else through [`gemm_many`] here (which then keeps each group of weight rows in cache while the prompt's rows go
+//! past). Either way the GGUF blocks are read in place: candle's tiled matmul, which prompts used before, keeps a
+//! second, unpacked copy of every weight (1.33–2.2× its size).
 //!
 //! Every kernel has a scalar twin written straight from the block layout; tests hold the two together and hold
 //! both to candle's dequantization.
