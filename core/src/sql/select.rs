@@ -5,8 +5,10 @@
 //! table's name (counted three times), its columns' names, comments and value hints, identifiers split at `_` and
 //! case changes — plus a share of their foreign-key neighbours' scores. Then, best first, a table is taken with
 //! the tables on the shortest foreign-key path to those already taken and the tables it references that the
-//! question names too (a join path stays whole: all or none), as long as the rendered context fits the budget. When it does not, columns go before tables: the chosen tables' columns that
-//! are neither keys nor named by the question are dropped, widest table first, before a table is given up.
+//! question names too (a join path stays whole: all or none), as long as the rendered context fits the budget. When
+//! it does not, columns go before tables: the new tables' columns that are neither keys nor named by the question are
+//! dropped, widest table first, before a table is given up. Tables taken before keep their columns (they rank higher:
+//! `addresses` keeps `country` rather than make room for a table the question barely names).
 //! Below the budget nothing changes: the catalog is returned as it was. The result depends only on the catalog,
 //! the question and the budget (ties go to the name), so the same question sees the same context.
 //!
@@ -199,7 +201,8 @@ pub fn select_with(
                 work.extend(graph[u].iter().copied().filter(|&n| own[n] > 0.0 && !with.contains(&n)));
             }
         }
-        if let Some(fit) = fit(tables, &with, &named, budget, cost) {
+        let new: Vec<usize> = with.iter().copied().filter(|u| !chosen.contains(u)).collect();
+        if let Some(fit) = fit(&best, tables, &new, t, &named, budget, cost) {
             chosen = with;
             best = fit;
         }
@@ -463,23 +466,36 @@ fn path_to(graph: &[Vec<usize>], t: usize, chosen: &[usize]) -> Vec<usize> {
     vec![t]
 }
 
-/// The catalog of tables `with`, whole if it fits the budget, else with the columns that are neither keys nor
-/// `named` by the query (per table, by name or by a value hint) dropped from the widest tables first until it fits; `None` if even that does not fit.
+/// The `chosen` catalog with the `new` tables added (the `ranked` one and those it brings: its join path, the tables
+/// it references that the query names): whole if that fits the budget, else with the new tables' columns that are
+/// neither keys nor `named` by the query (per table, by name or by a value hint) dropped — the tables it brings
+/// before the `ranked` one, widest first — until it fits; `None` if even that does not fit. The tables chosen
+/// before keep their columns: a lower-ranked table never costs a better one a column the question may need.
 fn fit(
+    chosen: &Catalog,
     tables: &[Table],
-    with: &[usize],
+    new: &[usize],
+    ranked: usize,
     named: &[HashSet<&str>],
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
 ) -> Option<Catalog> {
-    let mut cat = Catalog { tables: with.iter().map(|&i| tables[i].clone()).collect() };
+    let mut cat = chosen.clone();
+    let first = cat.tables.len();
+    cat.tables.extend(new.iter().map(|&i| tables[i].clone()));
     if cost(&cat) <= budget {
         return Some(cat);
     }
-    // Droppable columns, widest table first, a table's last columns first.
+    // Droppable columns of the new tables only (what was chosen before ranks higher and stays as it is): of the
+    // tables that come with the `ranked` one before its own, widest table first, a table's last columns first.
     let mut droppable: Vec<(usize, String)> = Vec::new();
-    let mut by_width: Vec<usize> = (0..cat.tables.len()).collect();
-    by_width.sort_by(|&a, &b| cat.tables[b].columns.len().cmp(&cat.tables[a].columns.len()).then(a.cmp(&b)));
+    let mut by_width: Vec<usize> = (first..cat.tables.len()).collect();
+    by_width.sort_by(|&a, &b| {
+        (new[a - first] == ranked)
+            .cmp(&(new[b - first] == ranked))
+            .then(cat.tables[b].columns.len().cmp(&cat.tables[a].columns.len()))
+            .then(a.cmp(&b))
+    });
     for ti in by_width {
         let t = &cat.tables[ti];
         let keys: HashSet<&str> = t
@@ -489,7 +505,7 @@ fn fit(
             .map(String::as_str)
             .collect();
         for c in t.columns.iter().rev() {
-            if !keys.contains(c.name.as_str()) && !named[with[ti]].contains(c.name.as_str()) {
+            if !keys.contains(c.name.as_str()) && !named[new[ti - first]].contains(c.name.as_str()) {
                 droppable.push((ti, c.name.clone()));
             }
         }
@@ -982,6 +998,24 @@ mod tests {
         let q = "How many distinct languages are spoken in each country?";
         let (kept, _) = select(&c, q, &[], 400, &chars);
         assert!(names(&kept).contains(&"countrylanguage"), "{:?}", names(&kept));
+    }
+
+    #[test]
+    fn a_table_taken_first_keeps_its_columns_when_lower_ranked_ones_come_after_it() {
+        let c = crowded_catalog();
+        let q = "Which country has the largest population?";
+        // The country table comes first, with countrylanguage (it references country and the question names it
+        // too). Room for both whole and then some: the sales tables the question's words also match come after
+        // them, and only as far as they fit by themselves.
+        let first = Catalog { tables: c.tables[..2].to_vec() };
+        let budget = chars(&first) + 150;
+        let (kept, r) = select(&c, q, &[], budget, &chars);
+        assert!(r.selected && chars(&kept) <= budget, "{r:?}");
+        assert!(kept.tables.len() > 2, "lower-ranked tables fill the rest: {:?}", names(&kept));
+        for t in &first.tables {
+            let shown = kept.tables.iter().find(|k| k.name == t.name).expect("kept");
+            assert_eq!(shown, t, "{} is shown whole ({:?})", t.name, names(&kept));
+        }
     }
 
     #[test]

@@ -67,6 +67,61 @@ pub(super) fn context_tables(context: &str, default_schema: &str) -> Vec<String>
     out
 }
 
+/// The columns a context shows, as `schema.table.column` (lowercase; unqualified tables in `default_schema`): the
+/// column definitions of its `CREATE TABLE` / `CREATE VIEW` lines, comments (value hints) and constraints left out.
+pub(super) fn context_columns(context: &str, default_schema: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for line in context.lines() {
+        let Some(rest) = line.strip_prefix("CREATE TABLE ").or_else(|| line.strip_prefix("CREATE VIEW ")) else {
+            continue;
+        };
+        let Some((name, body)) = rest.split_once(" (") else { continue };
+        let table = name.replace('"', "").to_lowercase();
+        let table = if table.contains('.') { table } else { format!("{}.{table}", default_schema.to_lowercase()) };
+        // Comments out, then the definitions split at the commas outside parentheses and quotes.
+        let mut text = String::new();
+        let mut rest = body;
+        while let Some(i) = rest.find("/*") {
+            text.push_str(&rest[..i]);
+            rest = rest[i..].find("*/").map_or("", |j| &rest[i + j + 2..]);
+        }
+        text.push_str(rest);
+        let (mut depth, mut quoted, mut item) = (0i32, false, String::new());
+        let mut items = Vec::new();
+        for ch in text.chars() {
+            match ch {
+                '"' => quoted = !quoted,
+                '(' if !quoted => depth += 1,
+                ')' if !quoted => depth -= 1,
+                ',' if !quoted && depth == 0 => {
+                    items.push(std::mem::take(&mut item));
+                    continue;
+                }
+                _ => {}
+            }
+            if depth >= 0 {
+                item.push(ch);
+            }
+        }
+        items.push(item);
+        for it in items {
+            let it = it.trim();
+            let upper = it.to_uppercase();
+            if ["PRIMARY KEY", "FOREIGN KEY", "UNIQUE", "CHECK", "CONSTRAINT"].iter().any(|k| upper.starts_with(k)) {
+                continue;
+            }
+            let col = match it.strip_prefix('"') {
+                Some(q) => q.split('"').next().unwrap_or_default().to_string(),
+                None => it.split_whitespace().next().unwrap_or_default().to_string(),
+            };
+            if !col.is_empty() {
+                out.insert(format!("{table}.{}", col.to_lowercase()));
+            }
+        }
+    }
+    out
+}
+
 impl Asker for ExtensionAsker {
     fn label(&self) -> String {
         "copilot.model".into()
@@ -301,5 +356,15 @@ mod tests {
                    CREATE TABLE concert_singer.\"Stadium\" (stadium_id integer);\n\
                    CREATE VIEW w.v (a text /* e.g. 'CREATE TABLE x (' */);\n";
         assert_eq!(super::context_tables(ctx, "public"), ["concert_singer.stadium", "public.singer", "w.v"]);
+    }
+
+    #[test]
+    fn context_columns_reads_the_column_definitions_without_comments_or_constraints() {
+        let ctx = "-- singer: people who sing\n\
+                   CREATE TABLE singer (singer_id integer, \"Song Name\" text /* e.g. 'a, b', 'c (d' */, age numeric(4, 1), \
+                   PRIMARY KEY (singer_id), FOREIGN KEY (age) REFERENCES x(y));\n\
+                   CREATE VIEW w.v (a text);\n";
+        let cols: Vec<String> = super::context_columns(ctx, "public").into_iter().collect();
+        assert_eq!(cols, ["public.singer.age", "public.singer.singer_id", "public.singer.song name", "w.v.a"]);
     }
 }

@@ -2,12 +2,14 @@
 //!
 //! With every loaded Spider schema (and any distractor schema) visible at once, each question's
 //! `copilot.context(question)` is read at each budget: is every table the gold query reads among the tables shown
-//! (gold-table recall)? How many tables, how many characters (the extension estimates tokens as characters / 3),
-//! and how long does `context()` take (catalog read, scoring, selection — what every ask pays before the model)?
+//! (gold-table recall)? And every column the gold query names, in those tables (gold-column recall: a table shown
+//! without the column asked for fails the question as surely as a missing table)? How many tables, how many
+//! characters (the extension estimates tokens as characters / 3), and how long does `context()` take (catalog read,
+//! scoring, selection — what every ask pays before the model)?
 
-use super::askers::context_tables;
+use super::askers::{context_columns, context_tables};
 use super::run::{hardness_of, stratified_sample};
-use super::score::gold_tables;
+use super::score::{gold_columns, gold_tables};
 use super::spider_match::{self, Schema};
 use crate::host::{load_avg, machine, utc_now};
 use crate::spider;
@@ -47,6 +49,7 @@ struct Miss {
     db_id: String,
     question: String,
     gold_tables: Vec<String>,
+    /// Gold tables not shown, then gold columns (`schema.table.column`) of shown tables that were dropped.
     missing: Vec<String>,
     tables_shown: usize,
 }
@@ -58,6 +61,8 @@ struct AtBudget {
     /// Questions whose gold tables parsed (the recall's denominator).
     scored: usize,
     recall: f64,
+    /// Questions whose every gold table is shown with every column the gold query names (of `scored`).
+    column_recall: f64,
     tables_p50: usize,
     tables_p95: usize,
     chars_p50: usize,
@@ -120,8 +125,8 @@ pub fn run(args: &ContextArgs) -> Result<()> {
     let mut budgets = Vec::new();
     for &b in &args.budgets {
         pg.execute("SELECT set_config('copilot.context_budget_tokens', $1, false)", &[&b.to_string()])?;
-        let (mut tabs, mut chars, mut ms, mut hits, mut scored, mut misses) =
-            (Vec::new(), Vec::new(), Vec::new(), 0usize, 0usize, Vec::new());
+        let (mut tabs, mut chars, mut ms, mut hits, mut whole, mut scored, mut misses) =
+            (Vec::new(), Vec::new(), Vec::new(), 0usize, 0usize, 0usize, Vec::new());
         for (ex, _) in &items {
             let t = Instant::now();
             let ctx: String = pg
@@ -134,9 +139,17 @@ pub fn run(args: &ContextArgs) -> Result<()> {
             chars.push(ctx.len());
             let Some(gold) = gold_tables(ex, schemas.get(&ex.db_id)) else { continue };
             scored += 1;
-            let missing: Vec<String> = gold.iter().filter(|t| !shown.contains(t)).cloned().collect();
-            if missing.is_empty() {
+            let mut missing: Vec<String> = gold.iter().filter(|t| !shown.contains(t)).cloned().collect();
+            let tables_missing = missing.len();
+            let columns = context_columns(&ctx, "public");
+            missing.extend(gold_columns(ex, schemas.get(&ex.db_id)).unwrap_or_default().into_iter().filter(|c| {
+                !columns.contains(c) && c.rsplit_once('.').is_some_and(|(t, _)| shown.contains(&t.to_string()))
+            }));
+            if tables_missing == 0 {
                 hits += 1;
+            }
+            if missing.is_empty() {
+                whole += 1;
             } else {
                 misses.push(Miss {
                     db_id: ex.db_id.clone(),
@@ -152,6 +165,7 @@ pub fn run(args: &ContextArgs) -> Result<()> {
             questions: items.len(),
             scored,
             recall: if scored == 0 { 0.0 } else { hits as f64 / scored as f64 },
+            column_recall: if scored == 0 { 0.0 } else { whole as f64 / scored as f64 },
             tables_p50: pctl(&mut tabs, 50.0).unwrap_or(0),
             tables_p95: pctl(&mut tabs, 95.0).unwrap_or(0),
             chars_p50: pctl(&mut chars, 50.0).unwrap_or(0),
@@ -161,9 +175,11 @@ pub fn run(args: &ContextArgs) -> Result<()> {
             misses,
         };
         info!(
-            "budget {b}: recall {:.1}% ({} of {scored}), tables p50 {}, chars p50 {}, context() p50 {:.0} ms",
+            "budget {b}: recall {:.1}% ({} of {scored}), with every gold column {:.1}%, tables p50 {}, chars p50 {}, \
+             context() p50 {:.0} ms",
             100.0 * at.recall,
             hits,
+            100.0 * at.column_recall,
             at.tables_p50,
             at.chars_p50,
             at.context_ms_p50

@@ -110,6 +110,14 @@ pub fn gold_tables(ex: &Example, schema: Option<&Schema>) -> Option<Vec<String>>
     Some(tree.tables().into_iter().map(|t| format!("{db}.{t}")).collect())
 }
 
+/// The columns the question's gold query names, as `db_id.table.column` (lowercase); None when the gold does not
+/// parse against its schema.
+pub fn gold_columns(ex: &Example, schema: Option<&Schema>) -> Option<Vec<String>> {
+    let tree = spider_match::parse(&ex.query, schema?).ok()?;
+    let db = ex.db_id.to_lowercase();
+    Some(tree.columns().into_iter().map(|c| format!("{db}.{c}")).collect())
+}
+
 pub fn summarize(records: &[Record]) -> Summary {
     let n = records.len();
     let pipes = || records.iter().filter_map(|r| r.pipeline.as_ref());

@@ -173,6 +173,54 @@ impl SqlTree {
         out
     }
 
+    /// Every column of a table the query names, as `table.column` (lowercase): in its select list, conditions,
+    /// grouping and ordering, and in every nested query. `*` and columns of derived tables are left out, and so is
+    /// the right side of `a = b` (the parser masks it as a value: mostly a join key).
+    pub fn columns(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        self.collect_columns(&mut out);
+        let tables = self.tables();
+        out.retain(|c| c.split_once('.').is_some_and(|(t, _)| tables.contains(t)));
+        out
+    }
+
+    fn collect_columns(&self, out: &mut std::collections::BTreeSet<String>) {
+        let mut col = |c: &ColUnit| {
+            if c.col != "__all__" {
+                out.insert(c.col.trim_matches('_').to_lowercase());
+            }
+        };
+        let mut units: Vec<&ValUnit> = self.select.iter().map(|(_, v)| v).collect();
+        for conds in [&self.from_conds, &self.where_, &self.having] {
+            units.extend(conds.units.iter().map(|u| &u.val_unit));
+        }
+        units.extend(self.order_by.iter().flat_map(|(_, v)| v));
+        for v in units {
+            col(&v.left);
+            if let Some(r) = &v.right {
+                col(r);
+            }
+        }
+        self.group_by.iter().for_each(&mut col);
+        for t in &self.from_tables {
+            if let TableUnit::Sql(q) = t {
+                q.collect_columns(out);
+            }
+        }
+        for conds in [&self.from_conds, &self.where_, &self.having] {
+            for u in &conds.units {
+                for v in [&u.val1, &u.val2] {
+                    if let Val::Sql(q) = v {
+                        q.collect_columns(out);
+                    }
+                }
+            }
+        }
+        for q in [&self.intersect, &self.union, &self.except].into_iter().flatten() {
+            q.collect_columns(out);
+        }
+    }
+
     fn collect_tables(&self, out: &mut std::collections::BTreeSet<String>) {
         for t in &self.from_tables {
             match t {

@@ -203,3 +203,30 @@ fn a_query_reads_the_tables_of_its_nested_queries_too() {
     let one = parse("SELECT count(*) FROM (SELECT * FROM Singer) AS s", &concert()).unwrap();
     assert_eq!(one.tables().into_iter().collect::<Vec<_>>(), ["singer"]);
 }
+
+#[test]
+fn a_query_names_the_columns_of_its_clauses_and_nested_queries() {
+    let t = parse(
+        "SELECT T1.name, count(*) FROM stadium AS T1 JOIN concert AS T2 ON T1.stadium_id = T2.stadium_id \
+         WHERE T2.year > 2013 GROUP BY T1.stadium_id HAVING avg(T1.capacity) > 10 \
+         EXCEPT SELECT name FROM stadium WHERE stadium_id IN (SELECT stadium_id FROM concert WHERE theme = 'x')",
+        &concert(),
+    )
+    .unwrap();
+    let cols: Vec<String> = t.columns().into_iter().collect();
+    assert_eq!(
+        cols,
+        [
+            "concert.stadium_id",
+            "concert.theme",
+            "concert.year",
+            "stadium.capacity",
+            "stadium.name",
+            "stadium.stadium_id"
+        ]
+    );
+    let derived = parse("SELECT count(*) FROM (SELECT name FROM singer) AS s", &concert()).unwrap();
+    assert_eq!(derived.columns().into_iter().collect::<Vec<_>>(), ["singer.name"], "count(*) names no column");
+    let ordered = parse("SELECT name FROM singer ORDER BY age DESC", &concert()).unwrap();
+    assert_eq!(ordered.columns().into_iter().collect::<Vec<_>>(), ["singer.age", "singer.name"]);
+}
