@@ -81,12 +81,31 @@ fn the_runtime_skips_the_judge_for_a_question_close_to_a_table() {
     assert!(g.p_unanswerable.is_some(), "a minimum no cosine reaches: the judge is asked");
     let far = ask(&mut rt, "Which airline flies to the most airports?", 0.3);
     assert!(far.closeness.unwrap() < close, "an unrelated question is farther from every table");
+    // A ranking request: every table's cosine, in the grounding's order, nothing generated.
+    let rank = |rt: &mut Runtime, q: &str| {
+        let req = GenerateRequest {
+            question: q.into(),
+            rank_tables: true,
+            grounding: Some(Box::new(Grounding::of(q, &catalog).unwrap())),
+            ..Default::default()
+        };
+        let g = rt.generate(&req, &|| false).unwrap();
+        assert_eq!((g.generated_tokens, g.answer().candidates.len()), (0, 0), "a ranking generates nothing");
+        g.table_closeness.expect("a ranking's scores")
+    };
+    let scores = rank(&mut rt, "How many musicians are there?");
+    assert_eq!(scores.len(), 2);
+    assert!(scores[0] > scores[1], "musicians: singer before stadium ({scores:?})");
+    assert!((scores[0] - close).abs() < 1e-6, "the closest table's score is the question's closeness");
+    let scores = rank(&mut rt, "Which arena holds the most people?");
+    assert!(scores[1] > scores[0], "arena: stadium before singer ({scores:?})");
     // Without an encoder the judge is asked as before.
     let mut plain = Runtime::load(std::path::Path::new(&model), &LoadOptions::default()).unwrap();
     assert!(plain.embedder_status().contains("spelling only"));
     let g = ask(&mut plain, "How many musicians are there?", 0.3);
     assert_eq!(g.closeness, None);
     assert!(g.p_unanswerable.is_some());
+    assert_eq!(rank(&mut plain, "How many musicians are there?"), Vec::<f32>::new(), "no encoder: no scores");
     // Under a memory limit the model fits but the model and the encoder do not: the encoder is left out.
     let model_bytes = std::fs::metadata(&model).unwrap().len();
     let tight = LoadOptions {

@@ -9,8 +9,10 @@
 use crate::errors::{CopilotError, OrRaise};
 use crate::shmem::{Latch, Metrics, Owner, Poll, Readiness, Ticket, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
-use copilot_core::engine::backend::{Answer, GenerateRequest};
+use copilot_core::engine::backend::{Answer, GenerateRequest, BY_MEANING};
 use copilot_core::sql::schema::{Catalog, Qualifier};
+use copilot_core::sql::select::Closeness;
+use copilot_core::sql::suggest::Grounding;
 use pgrx::prelude::*;
 use std::cell::Cell;
 use std::time::{Duration, Instant};
@@ -178,14 +180,11 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
             let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
             let always = Catalog { tables: always };
             let left = budget.saturating_sub(tokens(&always));
-            let (mut chosen, report) = copilot_core::sql::select::select_with(
-                &Catalog { tables: rest },
-                q,
-                &[],
-                left,
-                &tokens,
-                gucs::SCHEMA_FOCUS.get(),
-            );
+            let rest = Catalog { tables: rest };
+            let focus = gucs::SCHEMA_FOCUS.get();
+            let closeness = if focus { meaning_of_tables(q, &rest) } else { Closeness::new() };
+            let (mut chosen, report) =
+                copilot_core::sql::select::select_with(&rest, q, &[], left, &tokens, focus, &closeness);
             chosen.tables.extend(always.tables);
             chosen.normalize();
             if chosen.is_empty() {
@@ -203,6 +202,32 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
     let text = catalog.render(&opts);
     let qualifier = catalog.qualifier(&opts);
     Ok((catalog, text, qualifier))
+}
+
+/// How close in meaning each table of a catalog spanning several schemas is to the question, by the engine's
+/// sentence encoder: a ranking request through the board (nothing is generated; the encoder caches the tables'
+/// vectors, so a schema's tables are encoded once). Empty — the tables are then chosen by their words — for one
+/// schema, when the engine is not ready or has no encoder, or when the request fails or would not fit the board.
+fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
+    let several = catalog.tables.iter().any(|t| t.schema != catalog.tables[0].schema);
+    let status = BOARD.share().status();
+    if !several || status.state != crate::shmem::WorkerState::Ready || !status.embedder.ends_with(BY_MEANING) {
+        return Closeness::new();
+    }
+    let Some(grounding) = Grounding::of(question, catalog) else { return Closeness::new() };
+    let req = GenerateRequest {
+        question: question.to_string(),
+        rank_tables: true,
+        grounding: Some(Box::new(grounding)),
+        ..Default::default()
+    };
+    // The ranking is part of this ask (or context call), not an answer of its own: copilot.last_ask() keeps the
+    // answer's metrics.
+    let last = LAST_ASK.get();
+    let scores = generate("", &req).map(|(a, _)| a.table_closeness.unwrap_or_default()).unwrap_or_default();
+    LAST_ASK.set(last);
+    // Grounding::of describes the catalog's first tables, in order: the scores line up with them.
+    catalog.tables.iter().zip(scores).map(|(t, c)| ((t.schema.clone(), t.name.clone()), c)).collect()
 }
 
 /// Turn a natural-language question into one SQL query over the tables the caller can read: several candidate
@@ -419,13 +444,13 @@ fn status() -> TableIterator<
         c.hits as i64,
         c.misses as i64,
         c.evictions as i64,
-        pgrx::JsonB(answers_json(&s.pipeline, crate::history::JOURNAL.share().counts())),
+        pgrx::JsonB(answers_json(&s.pipeline, crate::history::JOURNAL.share().counts(), &s.embedder)),
     );
     TableIterator::once(row)
 }
 
 /// The answer pipeline's counters as `copilot.status()` shows them.
-fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)) -> serde_json::Value {
+fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64), encoder: &str) -> serde_json::Value {
     let ratio = |a: u64, b: u64| if b == 0 { serde_json::Value::Null } else { serde_json::json!(a as f64 / b as f64) };
     serde_json::json!({
         "asks": p.asks,
@@ -441,6 +466,9 @@ fn answers_json(p: &crate::shmem::PipelineCounts, (written, dropped): (u64, u64)
         "greedy_alone": p.greedy_alone,
         "history_written": written,
         "history_dropped": dropped,
+        // The sentence encoder questions are grounded with (copilot.embedding_model), as the engine loaded it:
+        // by meaning, or left out and why (then by spelling only). NULL until a model is loaded.
+        "sentence_encoder": (!encoder.is_empty()).then_some(encoder),
     })
 }
 

@@ -300,6 +300,7 @@ pub fn answer(
             .filter(|_| judge)
             .map(|g| Box::new(Grounding { min_similarity: gucs::GROUNDING_SIMILARITY.get() as f32, ..g })),
         prose: false,
+        rank_tables: false,
     };
     let (answer, _) = crate::api::generate(context, &req)?;
     let mut list: Vec<Tried> = answer

@@ -371,6 +371,8 @@ pub struct Status {
     pub model: String,
     pub model_sha256: String,
     pub model_arch: String,
+    /// What became of the sentence encoder (the engine's words: loaded, left out and why, or none).
+    pub embedder: String,
     pub model_bytes: u64,
     pub load_ms: f64,
     pub threads: u32,
@@ -411,6 +413,7 @@ pub struct Board {
     model: Text<MESSAGE_BYTES>,
     model_sha256: Text<64>,
     model_arch: Text<64>,
+    embedder: Text<MESSAGE_BYTES>,
     model_bytes: u64,
     load_ms: f64,
     threads: u32,
@@ -492,6 +495,7 @@ impl Board {
         self.model.set(model);
         self.model_sha256.clear();
         self.model_arch.clear();
+        self.embedder.clear();
         self.model_bytes = 0;
         self.load_ms = 0.0;
         self.threads = threads;
@@ -508,9 +512,10 @@ impl Board {
         wake
     }
 
-    pub fn worker_loaded(&mut self, arch: &str, bytes: u64, load_ms: f64) {
+    pub fn worker_loaded(&mut self, arch: &str, bytes: u64, load_ms: f64, embedder: &str) {
         self.set_worker_state(WorkerState::Ready);
         self.model_arch.set(arch);
+        self.embedder.set(embedder);
         self.model_bytes = bytes;
         self.load_ms = load_ms;
     }
@@ -757,6 +762,7 @@ impl Board {
             model: self.model.get().to_string(),
             model_sha256: self.model_sha256.get().to_string(),
             model_arch: self.model_arch.get().to_string(),
+            embedder: self.embedder.get().to_string(),
             model_bytes: self.model_bytes,
             load_ms: self.load_ms,
             threads: self.threads,
@@ -785,7 +791,7 @@ mod tests {
     fn board() -> Box<Board> {
         let mut b = Board::boxed();
         b.worker_start(100, Latch(1), "m.gguf", 2);
-        b.worker_loaded("qwen2", 10, 1.0);
+        b.worker_loaded("qwen2", 10, 1.0, "none");
         b
     }
 
@@ -814,6 +820,16 @@ mod tests {
             assert_eq!(Failure::try_from(f.code()), Ok(f));
         }
         assert!(Failure::try_from(0).is_err());
+    }
+
+    #[test]
+    fn the_encoder_the_engine_loaded_is_shown_until_the_next_start() {
+        let mut b = board();
+        assert_eq!(b.status().embedder, "none");
+        b.worker_start(101, Latch(2), "m.gguf", 2);
+        assert_eq!(b.status().embedder, "", "a new start forgets the last engine's encoder");
+        b.worker_loaded("qwen2", 10, 1.0, "/models/minilm (grounding by meaning)");
+        assert_eq!(b.status().embedder, "/models/minilm (grounding by meaning)");
     }
 
     #[test]

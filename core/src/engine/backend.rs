@@ -84,7 +84,16 @@ pub struct GenerateRequest {
     /// with a SQL block, and decoding stops only at the end of the turn or `max_new_tokens`.
     #[serde(default)]
     pub prose: bool,
+    /// Only score the `grounding`'s tables by meaning against its question ([`Generation::table_closeness`]), for
+    /// choosing the tables of a large schema; nothing is generated. An engine without a sentence encoder answers
+    /// with no scores.
+    #[serde(default)]
+    pub rank_tables: bool,
 }
+
+/// How an engine's status says its sentence encoder loaded (after the encoder's path): questions are grounded, and
+/// a large schema's tables chosen, by meaning too (`rank_tables` gets scores).
+pub const BY_MEANING: &str = "(grounding by meaning)";
 
 impl GenerateRequest {
     /// The judge is not asked: the request's question came `closeness` (cosine) to a table, at least its
@@ -159,6 +168,9 @@ pub struct Generation {
     pub closeness: Option<f32>,
     /// Speculative decoding's proposals and how many were kept, over every candidate.
     pub draft: DraftStats,
+    /// With `rank_tables`: each of the grounding's tables' cosine to its question, in its order (empty without a
+    /// sentence encoder); `None` for a request that generates.
+    pub table_closeness: Option<Vec<f32>>,
 }
 
 /// What crosses from the engine to the extension for one request: every candidate (the greedy one first) and the
@@ -171,6 +183,9 @@ pub struct Answer {
     /// [`Generation::closeness`].
     #[serde(default)]
     pub closeness: Option<f32>,
+    /// [`Generation::table_closeness`].
+    #[serde(default)]
+    pub table_closeness: Option<Vec<f32>>,
 }
 
 impl Generation {
@@ -185,9 +200,36 @@ impl Generation {
         std::iter::once(greedy).chain(self.samples.iter().cloned()).collect()
     }
 
-    /// What crosses to the extension: the candidates and the judge's verdict.
+    /// What crosses to the extension: the candidates and the judge's verdict (a ranking of tables: only its scores).
     pub fn answer(&self) -> Answer {
-        Answer { candidates: self.candidates(), p_unanswerable: self.p_unanswerable, closeness: self.closeness }
+        Answer {
+            candidates: if self.table_closeness.is_some() { Vec::new() } else { self.candidates() },
+            p_unanswerable: self.p_unanswerable,
+            closeness: self.closeness,
+            table_closeness: self.table_closeness.clone(),
+        }
+    }
+
+    /// The answer to a `rank_tables` request: the tables' scores, nothing generated.
+    pub fn ranked(table_closeness: Vec<f32>) -> Generation {
+        Generation {
+            text: String::new(),
+            sql: None,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+            prefill_s: 0.0,
+            decode_s: 0.0,
+            stop: StopReason::Eos,
+            prefix_tokens: 0,
+            prefix_cache_hit: false,
+            min_p: None,
+            samples: Vec::new(),
+            decoded_rows: 0,
+            p_unanswerable: None,
+            closeness: None,
+            draft: DraftStats::default(),
+            table_closeness: Some(table_closeness),
+        }
     }
 
     /// Decode speed in tokens per second (the first token comes from prefill and is not counted).

@@ -181,6 +181,10 @@ fn snippet(s: &str) -> String {
 
 impl Backend for OpenAi {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        if req.rank_tables {
+            // No sentence encoder here: the tables are chosen by their words.
+            return Ok(Generation::ranked(Vec::new()));
+        }
         if req.sampling.rows().is_empty() {
             return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
         }
@@ -223,6 +227,7 @@ impl Backend for OpenAi {
             p_unanswerable,
             closeness: None,
             draft: Default::default(),
+            table_closeness: None,
         })
     }
 }

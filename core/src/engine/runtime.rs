@@ -202,7 +202,7 @@ impl Runtime {
                 (None, format!("{spec} left out: with the model it needs more than the engine's memory limit of {} MB; grounding by spelling only", opts.memory_limit_bytes >> 20))
             }
             Some(spec) => match crate::engine::embed::Embedder::load(spec) {
-                Ok(e) => (Some(e), format!("{spec} (grounding by meaning)")),
+                Ok(e) => (Some(e), format!("{spec} {}", crate::engine::backend::BY_MEANING)),
                 Err(e) => (None, format!("{spec} could not be loaded ({e}); grounding by spelling only")),
             },
         };
@@ -225,13 +225,22 @@ impl Runtime {
         &self.embedder_status
     }
 
-    /// How close `g`'s question is to its closest table, by the sentence encoder (`None` without one).
-    pub fn closeness(&mut self, g: &crate::sql::suggest::Grounding) -> Result<Option<f32>, CoreError> {
-        let Some(e) = self.embedder.as_mut() else { return Ok(None) };
+    /// Each of `g`'s tables' cosine to its question, in its order, by the sentence encoder (empty without one).
+    pub fn table_closeness(&mut self, g: &crate::sql::suggest::Grounding) -> Result<Vec<f32>, CoreError> {
+        let Some(e) = self.embedder.as_mut() else { return Ok(Vec::new()) };
         let tables: Vec<&str> = g.tables.iter().map(String::as_str).collect();
         let q = e.embed(&[g.question.as_str()])?;
         let t = e.embed(&tables)?;
-        Ok(g.closeness(|_, _| t.iter().map(|v| crate::engine::embed::cosine(&q[0], v)).collect()))
+        Ok(t.iter().map(|v| crate::engine::embed::cosine(&q[0], v)).collect())
+    }
+
+    /// How close `g`'s question is to its closest table, by the sentence encoder (`None` without one).
+    pub fn closeness(&mut self, g: &crate::sql::suggest::Grounding) -> Result<Option<f32>, CoreError> {
+        if self.embedder.is_none() {
+            return Ok(None);
+        }
+        let cosines = self.table_closeness(g)?;
+        Ok(g.closeness(|_, _| cosines))
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -405,6 +414,7 @@ impl Runtime {
             p_unanswerable: None,
             closeness: None,
             draft,
+            table_closeness: None,
         })
     }
 
@@ -649,6 +659,12 @@ impl Runtime {
 
 impl Backend for Runtime {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        if req.rank_tables {
+            return Ok(Generation::ranked(match &req.grounding {
+                Some(g) => self.table_closeness(g)?,
+                None => Vec::new(),
+            }));
+        }
         // A question that spells little of the schema but is close in meaning to a table needs no judge.
         let closeness = match (&req.grounding, req.judge) {
             (Some(g), true) => self.closeness(g)?,

@@ -71,6 +71,10 @@ impl Scripted {
 
 impl Backend for Scripted {
     fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        if req.rank_tables {
+            // The script plays no sentence encoder for tables: they are chosen by their words.
+            return Ok(Generation::ranked(Vec::new()));
+        }
         if req.sampling.rows().is_empty() {
             return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
         }
@@ -109,6 +113,7 @@ impl Backend for Scripted {
             },
             closeness,
             draft: Default::default(),
+            table_closeness: None,
         })
     }
 }
@@ -162,6 +167,10 @@ mod tests {
         assert_eq!((g.closeness, g.p_unanswerable), (Some(0.5), Some(0.9)));
         req.grounding = None;
         assert_eq!(s.generate(&req, &|| false).unwrap().closeness, None);
+        // A ranking of tables: no scores from the script (tables are chosen by their words), nothing generated.
+        let rank = GenerateRequest { rank_tables: true, ..req.clone() };
+        let a = s.generate(&rank, &|| false).unwrap().answer();
+        assert_eq!((a.table_closeness, a.candidates.len()), (Some(Vec::new()), 0));
         std::fs::write(&path, "not json").unwrap();
         assert!(Scripted::load(&path).unwrap_err().to_string().contains("not a valid answer script"));
         std::fs::remove_dir_all(&dir).unwrap();

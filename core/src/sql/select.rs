@@ -94,6 +94,35 @@ fn focus_schemas<'a>(tables: &'a [Table], own: &[f32], words: &[HashSet<String>]
     std::iter::once(first).chain(second.map(|(s, _)| s)).collect()
 }
 
+/// The schema whose two tables closest in meaning to the question are closest together (the sum of their cosines),
+/// and that strength for every schema (`f32::MIN` for one without a scored table); `None` without any score.
+#[allow(clippy::type_complexity)]
+fn closest_schema<'a>(tables: &'a [Table], near: &[Option<f32>]) -> Option<(&'a str, Box<dyn Fn(&str) -> f32 + 'a>)> {
+    let mut best: BTreeMap<&str, [f32; 2]> = BTreeMap::new();
+    for (t, c) in tables.iter().zip(near) {
+        let Some(c) = *c else { continue };
+        let b = best.entry(t.schema.as_str()).or_insert([f32::MIN; 2]);
+        if c > b[0] {
+            *b = [c, b[0]];
+        } else if c > b[1] {
+            b[1] = c;
+        }
+    }
+    let strength = |b: &[f32; 2]| b[0] + b[1].max(0.0);
+    let closest = best.iter().fold(None, |acc: Option<(&str, f32)>, (s, b)| match acc {
+        Some((_, v)) if v >= strength(b) => acc,
+        _ => Some((s, strength(b))),
+    })?;
+    Some((closest.0, Box::new(move |s: &str| best.get(s).map_or(f32::MIN, strength))))
+}
+
+/// How close in meaning each table is to the question (cosine by the engine's sentence encoder), by schema and
+/// name; empty without an encoder.
+pub type Closeness = std::collections::HashMap<(String, String), f32>;
+
+/// Tables a schema added for its meaning brings, closest first.
+const MEANING_TABLES: usize = 3;
+
 /// `catalog` cut to what `question` needs within `budget`, measured by `cost` (e.g. the rendered context's
 /// estimated tokens). `hints` are more texts about the question (verified examples' questions and SQL) scored with
 /// it. The catalog is returned unchanged when it fits.
@@ -104,11 +133,13 @@ pub fn select(
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
 ) -> (Catalog, Report) {
-    select_with(catalog, question, hints, budget, cost, true)
+    select_with(catalog, question, hints, budget, cost, true, &Closeness::new())
 }
 
 /// [`select`], with `focus` saying whether a catalog of several schemas is narrowed to the question's schema
-/// first (see [`focus_schemas`]).
+/// first (see [`focus_schemas`]), and the tables' `closeness` in meaning to the question: with it the focus also
+/// keeps the schema closest in meaning (its two closest tables together, see [`closest_schema`]) when the words
+/// missed it, with its tables closest in meaning, and shows the schemas the closer in meaning first.
 pub fn select_with(
     catalog: &Catalog,
     question: &str,
@@ -116,6 +147,7 @@ pub fn select_with(
     budget: usize,
     cost: &dyn Fn(&Catalog) -> usize,
     focus: bool,
+    closeness: &Closeness,
 ) -> (Catalog, Report) {
     let mut sorted = catalog.clone();
     sorted.normalize();
@@ -172,9 +204,34 @@ pub fn select_with(
         // The question's words each table contains (its document's terms), for telling schemas apart.
         let words: Vec<HashSet<String>> =
             docs.iter().map(|d| d.iter().filter(|w| wanted.contains(*w)).cloned().collect()).collect();
-        let schemas = focus_schemas(tables, &own, &words);
+        let mut schemas = focus_schemas(tables, &own, &words);
+        let near: Vec<Option<f32>> =
+            tables.iter().map(|t| closeness.get(&(t.schema.clone(), t.name.clone())).copied()).collect();
+        let by_meaning = closest_schema(tables, &near);
+        if let Some((closest, strength)) = &by_meaning {
+            // The words' schemas, the closer in meaning first; and the schema closest in meaning, if the words
+            // missed it ("nations" for a `country` table).
+            schemas.sort_by(|a, b| strength(b).total_cmp(&strength(a)).then(a.cmp(b)));
+            let several = tables.iter().any(|t| t.schema != tables[0].schema);
+            if several && !schemas.contains(closest) {
+                schemas.push(closest);
+            }
+        }
         if !schemas.is_empty() {
-            candidates.retain(|&t| schemas.contains(&tables[t].schema.as_str()));
+            // Best first within each schema, the schemas in their order; a schema added by meaning brings its
+            // tables closest in meaning.
+            let mut focused: Vec<usize> = Vec::new();
+            for s in &schemas {
+                focused.extend(candidates.iter().copied().filter(|&t| tables[t].schema == *s));
+                if by_meaning.as_ref().is_some_and(|(c, _)| c == s) {
+                    let mut close: Vec<usize> = (0..tables.len())
+                        .filter(|&t| tables[t].schema == *s && near[t].is_some() && !focused.contains(&t))
+                        .collect();
+                    close.sort_by(|&a, &b| near[b].unwrap_or(0.0).total_cmp(&near[a].unwrap_or(0.0)).then(a.cmp(&b)));
+                    focused.extend(close.into_iter().take(MEANING_TABLES));
+                }
+            }
+            candidates = focused;
             report.schemas = schemas.into_iter().map(str::to_string).collect();
         }
     }
@@ -659,7 +716,7 @@ mod tests {
         assert_eq!(qualified(&kept), ["world.country", "world.countrylanguage"], "{r:?}");
         assert_eq!(r.schemas, ["world"]);
         // Without focus the other schema's look-alike table comes too, within the same budget.
-        let (loose, r) = select_with(&c, q, &[], 900, &chars, false);
+        let (loose, r) = select_with(&c, q, &[], 900, &chars, false, &Closeness::new());
         assert!(qualified(&loose).contains(&"cars.countries".to_string()), "{:?}", qualified(&loose));
         assert!(r.schemas.is_empty());
     }
@@ -1016,6 +1073,60 @@ mod tests {
             let shown = kept.tables.iter().find(|k| k.name == t.name).expect("kept");
             assert_eq!(shown, t, "{} is shown whole ({:?})", t.name, names(&kept));
         }
+    }
+
+    fn near(pairs: &[(&str, &str, f32)]) -> Closeness {
+        pairs.iter().map(|(s, t, c)| ((s.to_string(), t.to_string()), *c)).collect()
+    }
+
+    #[test]
+    fn the_schema_closest_in_meaning_is_shown_when_the_words_miss_it() {
+        let c = schemas();
+        let q = "Which nations are in Europe?";
+        let meaning = near(&[
+            ("world", "country", 0.62),
+            ("world", "countrylanguage", 0.41),
+            ("cars", "countries", 0.55),
+            ("cars", "car_makers", 0.2),
+            ("people", "customers", 0.1),
+        ]);
+        let (kept, r) = select_with(&c, q, &[], 600, &chars, true, &meaning);
+        assert!(r.selected && chars(&kept) <= 600, "{r:?}");
+        assert_eq!(r.schemas.first().map(String::as_str), Some("world"), "{r:?}");
+        assert!(kept.tables.iter().any(|t| t.schema == "world" && t.name == "country"), "{:?}", names(&kept));
+        // Without the encoder the words alone decide, as before.
+        let (_, words) = select(&c, q, &[], 600, &chars);
+        assert_ne!(
+            words.schemas.first().map(String::as_str),
+            Some("world"),
+            "the test needs a question the words miss"
+        );
+    }
+
+    #[test]
+    fn of_the_schemas_the_words_keep_the_closer_in_meaning_comes_first() {
+        let c = schemas();
+        let q = "How many countries are there?";
+        let (_, words) = select(&c, q, &[], 600, &chars);
+        assert!(words.schemas.len() >= 2, "look-alike schemas both kept by the words: {words:?}");
+        for first in ["world", "cars"] {
+            let (table, other) = if first == "world" { ("country", "countries") } else { ("countries", "country") };
+            let meaning = near(&[(first, table, 0.7), (if first == "world" { "cars" } else { "world" }, other, 0.3)]);
+            let (_, r) = select_with(&c, q, &[], 600, &chars, true, &meaning);
+            assert_eq!(r.schemas.first().map(String::as_str), Some(first), "{r:?}");
+            assert!(r.schemas.len() >= 2, "the other look-alike stays beside it: {r:?}");
+        }
+    }
+
+    #[test]
+    fn meaning_does_not_narrow_a_catalog_of_one_schema() {
+        let c = catalog();
+        let meaning = near(&[("public", "stadium", 0.9), ("public", "singer", 0.2)]);
+        let q = "How many singers are there?";
+        let (a, ra) = select_with(&c, q, &[], 600, &chars, true, &meaning);
+        let (b, rb) = select(&c, q, &[], 600, &chars);
+        assert!(ra.schemas.is_empty(), "{ra:?}");
+        assert_eq!((names(&a), ra), (names(&b), rb));
     }
 
     #[test]
