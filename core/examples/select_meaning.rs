@@ -14,7 +14,7 @@ mod spider_catalog;
 
 use copilot_core::engine::embed::{cosine, Embedder};
 use copilot_core::sql::schema::{Catalog, RenderOptions};
-use copilot_core::sql::select::select;
+use copilot_core::sql::select::{select, select_with, Closeness};
 use copilot_core::sql::suggest::Grounding;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -49,12 +49,16 @@ fn main() {
     let (mut words_right, mut words_kept, mut meaning_right, mut n) = (0usize, 0usize, 0usize, 0usize);
     let (mut reordered_right, mut pair_kept, mut union_kept, mut union_sizes) = (0usize, 0usize, 0usize, 0usize);
     let (mut union_first_right, mut words_sizes) = (0usize, 0usize);
+    let (mut selected_first_right, mut selected_kept_right, mut selected_sizes, mut selected_tables_right) =
+        (0usize, 0usize, 0usize, 0usize);
+    let mut words_tables_right = 0usize;
     let mut disagree = Vec::new();
     for q in dev.as_array().expect("dev") {
         let (Some(question), Some(db)) = (q["question"].as_str(), q["db_id"].as_str()) else { continue };
         let db = db.to_lowercase();
         n += 1;
-        let (_, report) = select(&catalog, question, &[], budget, &tokens);
+        let (by_words_kept, report) = select(&catalog, question, &[], budget, &tokens);
+        words_tables_right += usize::from(by_words_kept.tables.iter().any(|t| t.schema == db));
         let by_words = report.schemas.first().cloned().unwrap_or_default();
         words_right += usize::from(by_words == db);
         words_kept += usize::from(report.schemas.contains(&db));
@@ -77,6 +81,18 @@ fn main() {
             .0
             .to_string();
         meaning_right += usize::from(by_meaning == db);
+        // What selection does with the encoder's scores (as the extension passes them).
+        let near: Closeness = catalog
+            .tables
+            .iter()
+            .zip(&vecs)
+            .map(|(t, v)| ((t.schema.clone(), t.name.clone()), cosine(&qv[0], v)))
+            .collect();
+        let (kept, with_meaning) = select_with(&catalog, question, &[], budget, &tokens, true, &near);
+        selected_first_right += usize::from(with_meaning.schemas.first() == Some(&db));
+        selected_kept_right += usize::from(with_meaning.schemas.contains(&db));
+        selected_sizes += with_meaning.schemas.len().max(1);
+        selected_tables_right += usize::from(kept.tables.iter().any(|t| t.schema == db));
         let score = |s: &str| best.get(s).map_or(f32::MIN, |b| b[0] + b[1].max(0.0));
         // The words' schemas, the one closer in meaning first.
         let mut ordered = report.schemas.clone();
@@ -120,6 +136,11 @@ fn main() {
             "words_schemas_and_meaning_mean_schemas": union_sizes as f64 / n.max(1) as f64,
             "words_schemas_and_meaning_closer_first_right_pct": pct(union_first_right),
             "words_mean_schemas": words_sizes as f64 / n.max(1) as f64,
+            "words_selection_shows_a_table_of_it_pct": pct(words_tables_right),
+            "select_with_meaning_first_schema_right_pct": pct(selected_first_right),
+            "select_with_meaning_schemas_kept_right_pct": pct(selected_kept_right),
+            "select_with_meaning_mean_schemas": selected_sizes as f64 / n.max(1) as f64,
+            "select_with_meaning_shows_a_table_of_it_pct": pct(selected_tables_right),
             "disagreements": disagree,
         }))
         .expect("json")
