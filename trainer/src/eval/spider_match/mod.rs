@@ -202,46 +202,43 @@ impl SqlTree {
             }
         }
         self.group_by.iter().for_each(&mut col);
-        for t in &self.from_tables {
-            if let TableUnit::Sql(q) = t {
-                q.collect_columns(out);
-            }
-        }
-        for conds in [&self.from_conds, &self.where_, &self.having] {
-            for u in &conds.units {
-                for v in [&u.val1, &u.val2] {
-                    if let Val::Sql(q) = v {
-                        q.collect_columns(out);
-                    }
-                }
-            }
-        }
-        for q in [&self.intersect, &self.union, &self.except].into_iter().flatten() {
+        for q in self.nested() {
             q.collect_columns(out);
         }
     }
 
     fn collect_tables(&self, out: &mut std::collections::BTreeSet<String>) {
         for t in &self.from_tables {
-            match t {
-                TableUnit::Table(n) => {
-                    out.insert(n.trim_matches('_').to_lowercase());
-                }
-                TableUnit::Sql(q) => q.collect_tables(out),
+            if let TableUnit::Table(n) = t {
+                out.insert(n.trim_matches('_').to_lowercase());
             }
         }
+        for q in self.nested() {
+            q.collect_tables(out);
+        }
+    }
+
+    /// The queries nested in this one: derived tables, subqueries in conditions, the other sides of set operations.
+    fn nested(&self) -> Vec<&SqlTree> {
+        let mut out: Vec<&SqlTree> = self
+            .from_tables
+            .iter()
+            .filter_map(|t| match t {
+                TableUnit::Sql(q) => Some(q.as_ref()),
+                TableUnit::Table(_) => None,
+            })
+            .collect();
         for conds in [&self.from_conds, &self.where_, &self.having] {
             for u in &conds.units {
                 for v in [&u.val1, &u.val2] {
                     if let Val::Sql(q) = v {
-                        q.collect_tables(out);
+                        out.push(q);
                     }
                 }
             }
         }
-        for q in [&self.intersect, &self.union, &self.except].into_iter().flatten() {
-            q.collect_tables(out);
-        }
+        out.extend([&self.intersect, &self.union, &self.except].into_iter().flatten().map(|q| q.as_ref()));
+        out
     }
 }
 
