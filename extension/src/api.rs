@@ -205,9 +205,11 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
 }
 
 /// How close in meaning each table of a catalog spanning several schemas is to the question, by the engine's
-/// sentence encoder: a ranking request through the board (nothing is generated; the encoder caches the tables'
-/// vectors, so a schema's tables are encoded once). Empty — the tables are then chosen by their words — for one
-/// schema, when the engine is not ready or has no encoder, or when the request fails or would not fit the board.
+/// sentence encoder: ranking requests through the board (nothing is generated; the encoder caches the tables'
+/// vectors, so a schema's tables are encoded once), as many as the tables' sentences need to fit the board's
+/// request size (a few hundred wide tables take more than one). Empty — the tables are then chosen by their words —
+/// for one schema, when the engine is not ready or has no encoder, or when a request fails; a table past
+/// [`Grounding::of`]'s first tables gets no score.
 fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
     let several = catalog.tables.iter().any(|t| t.schema != catalog.tables[0].schema);
     let status = BOARD.share().status();
@@ -215,16 +217,53 @@ fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
         return Closeness::new();
     }
     let Some(grounding) = Grounding::of(question, catalog) else { return Closeness::new() };
-    let req = GenerateRequest {
-        question: question.to_string(),
-        rank_tables: true,
-        grounding: Some(Box::new(grounding)),
-        ..Default::default()
-    };
-    // The ranking is part of this ask (or context call), not an answer of its own: copilot.last_ask() keeps the
+    // Room for the sentences in one request: the board's input less the question and the request's other fields.
+    let room = INPUT_BYTES.saturating_sub(4 * question.len() + 4096);
+    let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
+    let mut used = 0;
+    for sentence in &grounding.tables {
+        // Counted twice over for JSON's escapes (a request that still does not fit fails, and the words decide); a
+        // sentence alone over the room is cut at a character.
+        let mut cost = 2 * sentence.len() + 4;
+        let sentence = if cost > room {
+            let mut end = room / 2 - 4;
+            while !sentence.is_char_boundary(end) {
+                end -= 1;
+            }
+            cost = room;
+            sentence[..end].to_string()
+        } else {
+            sentence.clone()
+        };
+        if used + cost > room && !chunks.last().is_some_and(Vec::is_empty) {
+            chunks.push(Vec::new());
+            used = 0;
+        }
+        used += cost;
+        if let Some(c) = chunks.last_mut() {
+            c.push(sentence);
+        }
+    }
+    // The rankings are part of this ask (or context call), not answers of their own: copilot.last_ask() keeps the
     // answer's metrics.
     let last = LAST_ASK.get();
-    let scores = generate("", &req).map(|(a, _)| a.table_closeness.unwrap_or_default()).unwrap_or_default();
+    let mut scores: Vec<f32> = Vec::with_capacity(grounding.tables.len());
+    for tables in chunks {
+        let want = tables.len();
+        let req = GenerateRequest {
+            question: question.to_string(),
+            rank_tables: true,
+            grounding: Some(Box::new(Grounding { tables, ..grounding.clone() })),
+            ..Default::default()
+        };
+        match generate("", &req).map(|(a, _)| a.table_closeness.unwrap_or_default()) {
+            Ok(part) if part.len() == want => scores.extend(part),
+            _ => {
+                scores.clear();
+                break;
+            }
+        }
+    }
     LAST_ASK.set(last);
     // Grounding::of describes the catalog's first tables, in order: the scores line up with them.
     catalog.tables.iter().zip(scores).map(|(t, c)| ((t.schema.clone(), t.name.clone()), c)).collect()
