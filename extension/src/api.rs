@@ -258,7 +258,11 @@ fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
         };
         match generate("", &req).map(|(a, _)| a.table_closeness.unwrap_or_default()) {
             Ok(part) if part.len() == want => scores.extend(part),
-            _ => {
+            other => {
+                let why = other.map_or_else(|e| e.to_string(), |p| format!("{} scores for {want} tables", p.len()));
+                pgrx::debug1!(
+                    "copilot: the tables could not be ranked by meaning ({why}); they are chosen by their words"
+                );
                 scores.clear();
                 break;
             }
