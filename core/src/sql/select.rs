@@ -94,10 +94,9 @@ fn focus_schemas<'a>(tables: &'a [Table], own: &[f32], words: &[HashSet<String>]
     std::iter::once(first).chain(second.map(|(s, _)| s)).collect()
 }
 
-/// The schema whose two tables closest in meaning to the question are closest together (the sum of their cosines),
-/// and that strength for every schema (`f32::MIN` for one without a scored table); `None` without any score.
-#[allow(clippy::type_complexity)]
-fn closest_schema<'a>(tables: &'a [Table], near: &[Option<f32>]) -> Option<(&'a str, Box<dyn Fn(&str) -> f32 + 'a>)> {
+/// Each schema's closeness in meaning to the question: the sum of the cosines of its two tables closest to it (a
+/// question names one table or joins a few); only schemas with a scored table.
+fn schema_closeness<'a>(tables: &'a [Table], near: &[Option<f32>]) -> BTreeMap<&'a str, f32> {
     let mut best: BTreeMap<&str, [f32; 2]> = BTreeMap::new();
     for (t, c) in tables.iter().zip(near) {
         let Some(c) = *c else { continue };
@@ -108,12 +107,7 @@ fn closest_schema<'a>(tables: &'a [Table], near: &[Option<f32>]) -> Option<(&'a 
             b[1] = c;
         }
     }
-    let strength = |b: &[f32; 2]| b[0] + b[1].max(0.0);
-    let closest = best.iter().fold(None, |acc: Option<(&str, f32)>, (s, b)| match acc {
-        Some((_, v)) if v >= strength(b) => acc,
-        _ => Some((s, strength(b))),
-    })?;
-    Some((closest.0, Box::new(move |s: &str| best.get(s).map_or(f32::MIN, strength))))
+    best.into_iter().map(|(s, b)| (s, b[0] + b[1].max(0.0))).collect()
 }
 
 /// How close in meaning each table is to the question (cosine by the engine's sentence encoder), by schema and
@@ -138,7 +132,7 @@ pub fn select(
 
 /// [`select`], with `focus` saying whether a catalog of several schemas is narrowed to the question's schema
 /// first (see [`focus_schemas`]), and the tables' `closeness` in meaning to the question: with it the focus also
-/// keeps the schema closest in meaning (its two closest tables together, see [`closest_schema`]) when the words
+/// keeps the schema closest in meaning (its two closest tables together, see [`schema_closeness`]) when the words
 /// missed it, with its tables closest in meaning, and shows the schemas the closer in meaning first.
 pub fn select_with(
     catalog: &Catalog,
@@ -207,13 +201,19 @@ pub fn select_with(
         let mut schemas = focus_schemas(tables, &own, &words);
         let near: Vec<Option<f32>> =
             tables.iter().map(|t| closeness.get(&(t.schema.clone(), t.name.clone())).copied()).collect();
-        let by_meaning = closest_schema(tables, &near);
-        if let Some((closest, strength)) = &by_meaning {
+        let meaning = schema_closeness(tables, &near);
+        let strength = |s: &str| meaning.get(s).copied().unwrap_or(f32::MIN);
+        // The closest schema; ties go to the name.
+        let closest = meaning.iter().fold(None, |acc: Option<(&str, f32)>, (&s, &v)| match acc {
+            Some((_, w)) if w >= v => acc,
+            _ => Some((s, v)),
+        });
+        if let Some((closest, _)) = closest {
             // The words' schemas, the closer in meaning first; and the schema closest in meaning, if the words
             // missed it ("nations" for a `country` table).
             schemas.sort_by(|a, b| strength(b).total_cmp(&strength(a)).then(a.cmp(b)));
             let several = tables.iter().any(|t| t.schema != tables[0].schema);
-            if several && !schemas.contains(closest) {
+            if several && !schemas.contains(&closest) {
                 schemas.push(closest);
             }
         }
@@ -223,7 +223,7 @@ pub fn select_with(
             let mut focused: Vec<usize> = Vec::new();
             for s in &schemas {
                 focused.extend(candidates.iter().copied().filter(|&t| tables[t].schema == *s));
-                if by_meaning.as_ref().is_some_and(|(c, _)| c == s) {
+                if closest.is_some_and(|(c, _)| c == *s) {
                     let mut close: Vec<usize> = (0..tables.len())
                         .filter(|&t| tables[t].schema == *s && near[t].is_some() && !focused.contains(&t))
                         .collect();
