@@ -219,6 +219,10 @@ fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
     let Some(grounding) = Grounding::of(question, catalog) else { return Closeness::new() };
     // Room for the sentences in one request: the board's input less the question and the request's other fields.
     let room = INPUT_BYTES.saturating_sub(4 * question.len() + 4096);
+    if room < 1024 {
+        // A question this long (copilot.max_question_chars raised) leaves no room for the tables: by the words.
+        return Closeness::new();
+    }
     let mut chunks: Vec<Vec<String>> = vec![Vec::new()];
     let mut used = 0;
     for sentence in &grounding.tables {
