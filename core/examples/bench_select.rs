@@ -9,9 +9,7 @@
 #[path = "common/spider_catalog.rs"]
 mod spider_catalog;
 
-use copilot_core::sql::schema::{Catalog, RenderOptions};
 use copilot_core::sql::select::select;
-use serde_json::Value;
 use std::time::Instant;
 
 fn main() {
@@ -22,15 +20,10 @@ fn main() {
     };
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (n, budget, distractors) = (arg(2, 300), arg(3, 1000), arg(4, 300));
-    let read = |f: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(format!("{spider}/{f}")).expect("read")).expect("json")
-    };
-    let (dbs, dev) = (read("tables.json"), read("dev.json"));
-    let catalog = spider_catalog::catalog(&dbs, &dev, distractors);
-    let opts = RenderOptions { unqualified_schemas: vec!["public".into()], ..Default::default() };
-    let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
+    let (dev, catalog) = spider_catalog::load(spider, distractors);
+    let tokens = spider_catalog::tokens;
     let t0 = Instant::now();
-    let full = catalog.render(&opts).len();
+    let full = catalog.render(&spider_catalog::render_options()).len();
     let render_ms = t0.elapsed().as_secs_f64() * 1e3;
     let questions: Vec<&str> =
         dev.as_array().expect("dev").iter().filter_map(|q| q["question"].as_str()).take(n).collect();

@@ -13,10 +13,9 @@
 mod spider_catalog;
 
 use copilot_core::engine::embed::{cosine, Embedder};
-use copilot_core::sql::schema::{Catalog, RenderOptions};
+use copilot_core::sql::schema::Catalog;
 use copilot_core::sql::select::{select, select_with, Closeness};
 use copilot_core::sql::suggest::Grounding;
-use serde_json::Value;
 use std::collections::BTreeMap;
 
 fn main() {
@@ -27,13 +26,8 @@ fn main() {
     };
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (budget, distractors) = (arg(3, 1000), arg(4, 300));
-    let read = |f: &str| -> Value {
-        serde_json::from_str(&std::fs::read_to_string(format!("{spider}/{f}")).expect("read")).expect("json")
-    };
-    let (dbs, dev) = (read("tables.json"), read("dev.json"));
-    let catalog = spider_catalog::catalog(&dbs, &dev, distractors);
-    let opts = RenderOptions { unqualified_schemas: vec!["public".into()], ..Default::default() };
-    let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
+    let (dev, catalog) = spider_catalog::load(spider, distractors);
+    let tokens = spider_catalog::tokens;
     let mut enc = Embedder::load(encoder).expect("encoder");
     // The tables as sentences, as the grounding check sends them (every table: one grounding per table).
     let sentences: Vec<String> = catalog

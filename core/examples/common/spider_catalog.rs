@@ -1,7 +1,7 @@
 //! The catalog `scripts/bench-schema` builds, without PostgreSQL: the Spider dev databases as schemas (from
 //! `tables.json`) plus wide generated `warehouse` distractors (30 columns, chained by foreign keys), built by the same
 //! rule as the script's SQL. Shared by the schema-selection examples.
-use copilot_core::sql::schema::{Catalog, Column, ForeignKey, RelationKind, Table};
+use copilot_core::sql::schema::{Catalog, Column, ForeignKey, RelationKind, RenderOptions, Table};
 use serde_json::Value;
 
 pub fn spider_tables(db: &Value) -> Vec<Table> {
@@ -191,4 +191,24 @@ pub fn catalog(dbs: &Value, dev: &Value, distractors: usize) -> Catalog {
         .collect();
     tables.extend(warehouse(distractors));
     Catalog { tables }
+}
+
+/// Spider's `dev.json` from `spider` (a directory), and the catalog above built from its `tables.json`.
+pub fn load(spider: &str, distractors: usize) -> (Value, Catalog) {
+    let read = |f: &str| -> Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("{spider}/{f}")).expect("read")).expect("json")
+    };
+    let (dbs, dev) = (read("tables.json"), read("dev.json"));
+    let catalog = catalog(&dbs, &dev, distractors);
+    (dev, catalog)
+}
+
+/// How the context is rendered with every schema visible (search_path = public).
+pub fn render_options() -> RenderOptions {
+    RenderOptions { unqualified_schemas: vec!["public".into()], ..Default::default() }
+}
+
+/// A catalog's cost as the extension counts it: rendered characters / 3 (estimated tokens).
+pub fn tokens(c: &Catalog) -> usize {
+    c.render(&render_options()).len().div_ceil(3)
 }
