@@ -48,6 +48,7 @@ fn the_runtime_skips_the_judge_for_a_question_close_to_a_table() {
     let mut rt =
         Runtime::load(std::path::Path::new(&model), &opts).expect("load the tiny model (scripts/fetch-model --tiny)");
     assert!(rt.embedder_status().contains("by meaning"), "{}", rt.embedder_status());
+    assert!(rt.ranks_tables());
     let col = |n: &str| Column { name: n.into(), data_type: "text".into(), ..Default::default() };
     let table = |name: &str, cols: &[&str]| Table {
         schema: String::new(),
@@ -102,6 +103,7 @@ fn the_runtime_skips_the_judge_for_a_question_close_to_a_table() {
     // Without an encoder the judge is asked as before.
     let mut plain = Runtime::load(std::path::Path::new(&model), &LoadOptions::default()).unwrap();
     assert!(plain.embedder_status().contains("spelling only"));
+    assert!(!plain.ranks_tables());
     let g = ask(&mut plain, "How many musicians are there?", 0.3);
     assert_eq!(g.closeness, None);
     assert!(g.p_unanswerable.is_some());
@@ -115,8 +117,10 @@ fn the_runtime_skips_the_judge_for_a_question_close_to_a_table() {
     };
     let rt = Runtime::load(std::path::Path::new(&model), &tight).unwrap();
     assert!(rt.embedder_status().contains("left out"), "{}", rt.embedder_status());
+    assert!(!rt.ranks_tables(), "an encoder left out ranks nothing");
     // An encoder that cannot load leaves the engine working, and says why.
     let bad = LoadOptions { embedder: Some("/nonexistent/encoder".into()), ..Default::default() };
     let rt = Runtime::load(std::path::Path::new(&model), &bad).unwrap();
     assert!(rt.embedder_status().contains("could not be loaded"), "{}", rt.embedder_status());
+    assert!(!rt.ranks_tables());
 }

@@ -9,7 +9,7 @@
 use crate::errors::{CopilotError, OrRaise};
 use crate::shmem::{Latch, Metrics, Owner, Poll, Readiness, Ticket, BOARD, INPUT_BYTES, SLOTS};
 use crate::{catalog, gucs};
-use copilot_core::engine::backend::{Answer, GenerateRequest, BY_MEANING};
+use copilot_core::engine::backend::{Answer, GenerateRequest};
 use copilot_core::sql::schema::{Catalog, Qualifier};
 use copilot_core::sql::select::Closeness;
 use copilot_core::sql::suggest::Grounding;
@@ -213,7 +213,7 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
 fn meaning_of_tables(question: &str, catalog: &Catalog) -> Closeness {
     let several = catalog.tables.iter().any(|t| t.schema != catalog.tables[0].schema);
     let status = BOARD.share().status();
-    if !several || status.state != crate::shmem::WorkerState::Ready || !status.embedder.ends_with(BY_MEANING) {
+    if !several || status.state != crate::shmem::WorkerState::Ready || !status.ranks_tables {
         return Closeness::new();
     }
     let Some(grounding) = Grounding::of(question, catalog) else { return Closeness::new() };

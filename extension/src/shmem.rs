@@ -373,6 +373,8 @@ pub struct Status {
     pub model_arch: String,
     /// What became of the sentence encoder (the engine's words: loaded, left out and why, or none).
     pub embedder: String,
+    /// The engine scores tables by meaning (`rank_tables` requests get scores); false until it says so.
+    pub ranks_tables: bool,
     pub model_bytes: u64,
     pub load_ms: f64,
     pub threads: u32,
@@ -414,6 +416,7 @@ pub struct Board {
     model_sha256: Text<64>,
     model_arch: Text<64>,
     embedder: Text<MESSAGE_BYTES>,
+    ranks_tables: bool,
     model_bytes: u64,
     load_ms: f64,
     threads: u32,
@@ -496,6 +499,7 @@ impl Board {
         self.model_sha256.clear();
         self.model_arch.clear();
         self.embedder.clear();
+        self.ranks_tables = false;
         self.model_bytes = 0;
         self.load_ms = 0.0;
         self.threads = threads;
@@ -512,10 +516,11 @@ impl Board {
         wake
     }
 
-    pub fn worker_loaded(&mut self, arch: &str, bytes: u64, load_ms: f64, embedder: &str) {
+    pub fn worker_loaded(&mut self, arch: &str, bytes: u64, load_ms: f64, embedder: &str, ranks_tables: bool) {
         self.set_worker_state(WorkerState::Ready);
         self.model_arch.set(arch);
         self.embedder.set(embedder);
+        self.ranks_tables = ranks_tables;
         self.model_bytes = bytes;
         self.load_ms = load_ms;
     }
@@ -763,6 +768,7 @@ impl Board {
             model_sha256: self.model_sha256.get().to_string(),
             model_arch: self.model_arch.get().to_string(),
             embedder: self.embedder.get().to_string(),
+            ranks_tables: self.ranks_tables,
             model_bytes: self.model_bytes,
             load_ms: self.load_ms,
             threads: self.threads,
@@ -791,7 +797,7 @@ mod tests {
     fn board() -> Box<Board> {
         let mut b = Board::boxed();
         b.worker_start(100, Latch(1), "m.gguf", 2);
-        b.worker_loaded("qwen2", 10, 1.0, "none");
+        b.worker_loaded("qwen2", 10, 1.0, "none", false);
         b
     }
 
@@ -826,10 +832,14 @@ mod tests {
     fn the_encoder_the_engine_loaded_is_shown_until_the_next_start() {
         let mut b = board();
         assert_eq!(b.status().embedder, "none");
+        assert!(!b.status().ranks_tables);
         b.worker_start(101, Latch(2), "m.gguf", 2);
-        assert_eq!(b.status().embedder, "", "a new start forgets the last engine's encoder");
-        b.worker_loaded("qwen2", 10, 1.0, "/models/minilm (grounding by meaning)");
+        b.worker_loaded("qwen2", 10, 1.0, "/models/minilm (grounding by meaning)", true);
         assert_eq!(b.status().embedder, "/models/minilm (grounding by meaning)");
+        assert!(b.status().ranks_tables);
+        b.worker_start(102, Latch(3), "m.gguf", 2);
+        assert_eq!(b.status().embedder, "", "a new start forgets the last engine's encoder");
+        assert!(!b.status().ranks_tables, "and that it ranked tables: the next engine may not");
     }
 
     #[test]

@@ -421,7 +421,7 @@ fn handle_event(ev: Event, running: &mut Option<Running>) {
     match ev {
         Event::Heartbeat => {}
         Event::Loaded(l) => {
-            BOARD.exclusive().worker_loaded(&l.arch, l.file_bytes, l.load_s * 1000.0, &l.embedder);
+            BOARD.exclusive().worker_loaded(&l.arch, l.file_bytes, l.load_s * 1000.0, &l.embedder, l.ranks_tables);
             log!(
                 "copilot worker: model ready ({}, {} bytes, loaded in {:.2} s); sentence encoder: {}",
                 l.arch,

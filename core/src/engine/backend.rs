@@ -91,8 +91,8 @@ pub struct GenerateRequest {
     pub rank_tables: bool,
 }
 
-/// How an engine's status says its sentence encoder loaded (after the encoder's path): questions are grounded, and
-/// a large schema's tables chosen, by meaning too (`rank_tables` gets scores).
+/// How an engine's status text says its sentence encoder loaded (after the encoder's path): questions are grounded,
+/// and a large schema's tables chosen, by meaning too. For people; programs read `serve::Loaded::ranks_tables`.
 pub const BY_MEANING: &str = "(grounding by meaning)";
 
 impl GenerateRequest {

@@ -225,6 +225,11 @@ impl Runtime {
         &self.embedder_status
     }
 
+    /// A sentence encoder loaded: [`Runtime::table_closeness`] gives scores.
+    pub fn ranks_tables(&self) -> bool {
+        self.embedder.is_some()
+    }
+
     /// Each of `g`'s tables' cosine to its question, in its order, by the sentence encoder (empty without one).
     pub fn table_closeness(&mut self, g: &crate::sql::suggest::Grounding) -> Result<Vec<f32>, CoreError> {
         let Some(e) = self.embedder.as_mut() else { return Ok(Vec::new()) };

@@ -47,6 +47,10 @@ pub struct Loaded {
     /// What became of the sentence encoder asked for (`LoadOptions::embedder`), for the worker's log.
     #[serde(default)]
     pub embedder: String,
+    /// The engine scores tables by meaning: `rank_tables` requests get scores (a sentence encoder loaded). An
+    /// engine that says nothing (an older one) does not.
+    #[serde(default)]
+    pub ranks_tables: bool,
     /// The engine was built without optimisation (a debug build): its kernels run one to two orders of magnitude
     /// slower, which the worker says in the log rather than leaving users to guess why every ask times out.
     #[serde(default)]
@@ -76,6 +80,7 @@ impl Engine {
                     load_s: 0.0,
                     path: None,
                     embedder: "none (a remote engine's questions are grounded by spelling)".into(),
+                    ranks_tables: false,
                     debug_build: cfg!(debug_assertions),
                 };
                 Ok((Engine::Remote(crate::engine::remote::OpenAi::new(cfg.clone())), loaded))
@@ -93,6 +98,7 @@ impl Engine {
                 load_s: t0.elapsed().as_secs_f64(),
                 path: None,
                 embedder: "scripted".into(),
+                ranks_tables: false,
                 debug_build: cfg!(debug_assertions),
             };
             return Ok((Engine::Script(s), loaded));
@@ -111,6 +117,7 @@ impl Engine {
             load_s: info.load_s,
             path: Some(path),
             embedder: rt.embedder_status().to_string(),
+            ranks_tables: rt.ranks_tables(),
             debug_build: cfg!(debug_assertions),
         };
         Ok((Engine::Model(Box::new(rt)), loaded))
@@ -400,7 +407,9 @@ mod tests {
         let (etx, erx) = std::sync::mpsc::channel();
         let spec = Source::Spec(script(&dir));
         let h = std::thread::spawn(move || serve(&spec, &LoadOptions::default(), crx, etx));
-        assert!(matches!(erx.recv().unwrap(), Event::Loaded(Loaded { ref arch, .. }) if arch == "script"));
+        assert!(
+            matches!(erx.recv().unwrap(), Event::Loaded(Loaded { ref arch, ranks_tables: false, .. }) if arch == "script")
+        );
         let job =
             |id| Job { id, req: GenerateRequest { question: "q".into(), ..Default::default() }, prefix_cache_bytes: 0 };
         ctx.send(Command::Run(job(1))).unwrap();
