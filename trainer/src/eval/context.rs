@@ -30,7 +30,7 @@ pub struct ContextArgs {
     /// The schemas shown at once (`copilot.context` reads them with search_path = public).
     #[arg(long, value_name = "SCHEMA,SCHEMA,…")]
     pub schemas: String,
-    /// `copilot.context_budget_tokens` values to measure (0 = the extension's default).
+    /// `copilot.context_budget_tokens` values to measure (0 = what `copilot.max_context_tokens` leaves).
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub budgets: Vec<i64>,
     /// A fixed sample of N dev questions, stratified by hardness (seeded; the same questions `eval --sample N`
