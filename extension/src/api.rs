@@ -177,6 +177,7 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
         let budget = gucs::context_budget_tokens();
         let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
         if tokens(&catalog) > budget {
+            let budget = gucs::selected_context_tokens();
             let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
             let always = Catalog { tables: always };
             let left = budget.saturating_sub(tokens(&always));

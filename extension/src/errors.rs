@@ -26,7 +26,7 @@ pub enum CopilotError {
     Catalog(String),
     #[error("no tables you can SELECT from in {scope}")]
     NoReadableTables { scope: String },
-    #[error("not even the table this question needs most fits copilot.context_budget_tokens ({budget} tokens)")]
+    #[error("not even the table this question needs most fits the context chosen for it ({budget} tokens: copilot.selected_context_tokens, at most copilot.context_budget_tokens)")]
     ContextBudgetTooSmall { budget: usize },
     #[error("the schema context is {bytes} bytes, more than the {limit} a request can carry")]
     ContextTooLarge { bytes: usize, limit: usize },
@@ -163,8 +163,8 @@ impl CopilotError {
             }
             ContextTooLarge { .. } => "Narrow copilot.schemas to the schemas the question is about.",
             ContextBudgetTooSmall { .. } => {
-                "Raise copilot.context_budget_tokens (or copilot.max_context_tokens), or exclude wide tables with \
-                 copilot.exclude_tables."
+                "Raise copilot.selected_context_tokens and copilot.context_budget_tokens (or \
+                 copilot.max_context_tokens), or exclude wide tables with copilot.exclude_tables."
             }
             ModelFailed { .. } | Worker { failure: Failure::ModelUnavailable, .. } => {
                 "Fix copilot.model (a GGUF file path, or hf:<owner>/<repo>/<file> in the Hugging Face cache) and run \

@@ -8,7 +8,8 @@
 //! | `copilot.prefix_cache_mb` | SIGHUP | 256 | memory for the schema-prefix KV cache (0 = off) |
 //! | `copilot.max_new_tokens` | USERSET | 256 | longest answer, in tokens |
 //! | `copilot.schemas` | USERSET | '' = the caller's search_path | comma-separated schemas the context is built from |
-//! | `copilot.context_budget_tokens` | USERSET | 1000 (0 = what max_context_tokens leaves) | past it, the question's tables and columns are chosen |
+//! | `copilot.context_budget_tokens` | USERSET | 0 = what max_context_tokens leaves | past it, the question's tables and columns are chosen |
+//! | `copilot.selected_context_tokens` | USERSET | 1000 | the size of a chosen context (never more than context_budget_tokens) |
 //! | `copilot.schema_focus` | USERSET | on | a selection spanning several schemas keeps to the question's schema (and FK paths out of it) |
 //! | `copilot.bare_table_names` | USERSET | on | tables chosen from a large schema are shown by unique bare names (SQL qualified back) |
 //! | `copilot.include_tables` | USERSET | '' | tables always shown (name or schema.name) |
@@ -56,10 +57,11 @@ pub static MAX_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(8192);
 pub static PREFIX_CACHE_MB: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static MAX_NEW_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(256);
 pub static SCHEMAS: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-/// 1,000 estimated tokens: the budget reports/large_schema.md measures (gold-table recall 98.3 %, EX within 2 points
-/// of asking each database alone, p50 1.41×); every Spider dev database, value hints included, renders below it
-/// (the largest, 938), so schemas of that size are shown whole as before. See context.md (2026-12-05, session 11).
-pub static CONTEXT_BUDGET_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+pub static CONTEXT_BUDGET_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// 1,000 estimated tokens: the size reports/large_schema.md measures (gold-table recall 98.3 %, EX within 2 points
+/// of asking each database alone, p50 1.41×). A schema that fits the window is shown whole (selecting inside one
+/// schema cost accuracy and time when measured); see context.md (2026-12-05, session 11).
+pub static SELECTED_CONTEXT_TOKENS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 pub static BARE_TABLE_NAMES: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static SCHEMA_FOCUS: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static INCLUDE_TABLES: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -240,10 +242,21 @@ fn register_session_gucs() {
         c"copilot.context_budget_tokens",
         c"Largest schema context shown with a question, in estimated tokens; past it the question's tables are chosen.",
         c"When the readable schema is larger, the tables and columns the question speaks of are chosen (with their \
-          join paths and keys), within this budget (default 1000). 0 = what copilot.max_context_tokens leaves after the \
-          answer and the rest of the prompt. Tokens are estimated as characters / 3.",
+          join paths and keys), within copilot.selected_context_tokens (and never more than this). 0 = what \
+          copilot.max_context_tokens leaves after the answer and the rest of the prompt. Tokens are estimated as \
+          characters / 3.",
         &CONTEXT_BUDGET_TOKENS,
         0,
+        1_000_000,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.selected_context_tokens",
+        c"Size of the context chosen for a question from a schema larger than copilot.context_budget_tokens.",
+        c"In estimated tokens (characters / 3); the smaller of this and copilot.context_budget_tokens.",
+        &SELECTED_CONTEXT_TOKENS,
+        1,
         1_000_000,
         GucContext::Userset,
         GucFlags::default(),
@@ -521,6 +534,11 @@ pub fn context_budget_tokens() -> usize {
         n if n > 0 => n as usize,
         _ => (MAX_CONTEXT_TOKENS.get() - MAX_NEW_TOKENS.get() - 1024).max(256) as usize,
     }
+}
+
+/// The size of a question's chosen context: `copilot.selected_context_tokens`, never more than the budget.
+pub fn selected_context_tokens() -> usize {
+    (SELECTED_CONTEXT_TOKENS.get().max(1) as usize).min(context_budget_tokens())
 }
 
 pub fn include_tables() -> Vec<String> {

@@ -140,7 +140,7 @@ mod tests {
     }
 
     #[pg_test(
-        error = "copilot: not even the table this question needs most fits copilot.context_budget_tokens (5 tokens)"
+        error = "copilot: not even the table this question needs most fits the context chosen for it (5 tokens: copilot.selected_context_tokens, at most copilot.context_budget_tokens)"
     )]
     fn a_budget_too_small_for_any_table_is_a_clear_error() {
         large_schema();
