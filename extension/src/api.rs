@@ -177,10 +177,11 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
         let budget = gucs::context_budget_tokens();
         let tokens = |c: &Catalog| c.render(&opts).len().div_ceil(3);
         if tokens(&catalog) > budget {
-            let budget = gucs::selected_context_tokens();
+            // Past the budget, the question's tables are chosen within a size of their own (at most the budget).
+            let size = gucs::selected_context_tokens();
             let (always, rest): (Vec<_>, Vec<_>) = catalog.tables.drain(..).partition(|t| named(t, &include));
             let always = Catalog { tables: always };
-            let left = budget.saturating_sub(tokens(&always));
+            let left = size.saturating_sub(tokens(&always));
             let rest = Catalog { tables: rest };
             let focus = gucs::SCHEMA_FOCUS.get();
             let closeness = if focus { meaning_of_tables(q, &rest) } else { Closeness::new() };
@@ -189,7 +190,7 @@ pub(crate) fn context_and_qualifier(question: Option<&str>) -> Result<(Catalog, 
             chosen.tables.extend(always.tables);
             chosen.normalize();
             if chosen.is_empty() {
-                return Err(CopilotError::ContextBudgetTooSmall { budget });
+                return Err(CopilotError::ContextBudgetTooSmall { budget: size });
             }
             catalog = chosen;
             // Shown with unique names bare (`copilot.bare_table_names`), which is never longer than the qualified
