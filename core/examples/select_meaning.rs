@@ -118,7 +118,7 @@ fn main() {
         serde_json::to_string_pretty(&serde_json::json!({
             "command": format!("cargo run --release -p copilot-core --example select_meaning -- {}", args[1..].join(" ")),
             "encoder": encoder,
-            "machine": machine(),
+            "machine": copilot_core::engine::host::machine(),
             "questions": n,
             "tables": catalog.tables.len(),
             "budget_tokens": budget,
@@ -140,14 +140,4 @@ fn main() {
         }))
         .expect("json")
     );
-}
-
-/// The CPU and its cores, for the report (the scores themselves do not depend on the machine).
-fn machine() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = info
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map_or("unknown CPU", |l| l.trim_start_matches([' ', '\t', ':']));
-    format!("{cpu}, {} cores", std::thread::available_parallelism().map_or(0, |n| n.get()))
 }

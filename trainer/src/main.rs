@@ -12,7 +12,7 @@ mod bench;
 mod data;
 mod eval;
 mod export;
-mod host;
+use copilot_core::engine::host;
 mod model;
 mod seed;
 mod spider;

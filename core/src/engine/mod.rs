@@ -17,7 +17,8 @@
 //! - [`scripted`]: answers from a JSON file instead of a model, for testing what surrounds the model;
 //! - [`serve`]: the engine as a service (jobs in, events out) and the framing of its process boundary;
 //! - [`backend`]: the generation trait the extension's worker and the trainer's evaluator call;
-//! - [`alloc`]: the process-wide allocator policy the model's working memory needs.
+//! - [`alloc`]: the process-wide allocator policy the model's working memory needs;
+//! - [`host`]: the machine a measurement ran on (CPU, cores, memory, load, time), for every report.
 //!
 //! Everything that runs a model locally (model, kernels, decode, runtime, prefix_cache, tokenizer, alloc) is behind
 //! the `model` feature (candle); without it the engine room is the service, its wire format and the backends that
@@ -31,6 +32,7 @@ pub mod decode;
 pub mod draft;
 #[cfg(feature = "model")]
 pub mod embed;
+pub mod host;
 #[cfg(feature = "model")]
 pub mod kernels;
 #[cfg(feature = "model")]
