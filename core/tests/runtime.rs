@@ -364,3 +364,98 @@ fn no_tokens_asked_none_decoded_with_or_without_drafts() {
     let g = rt.generate(&request("How many singers are there?", 0), &|| false).unwrap();
     assert_eq!((g.generated_tokens, g.stop, g.text.as_str()), (0, StopReason::Length, ""));
 }
+
+/// Several jobs decoded together — one pass over the weights per step for all their rows, a job joining between
+/// two passes, others ending before the rest — give each job exactly what it gets alone: every candidate's text,
+/// stop and token count, with and without drafts.
+#[test]
+fn jobs_decoded_together_give_each_what_it_gets_alone() {
+    use copilot_core::engine::backend::Sampling;
+    use copilot_core::engine::draft::DraftPolicy;
+    use copilot_core::engine::runtime::Begun;
+    let mut rt = runtime().lock().unwrap();
+    rt.set_prefix_cache_bytes(64 << 20);
+    rt.clear_prefix_cache();
+    let other = "CREATE TABLE concert (concert_id integer PRIMARY KEY, name text, year integer);\n";
+    let mut reqs = Vec::new();
+    for (i, q) in QUESTIONS.iter().enumerate() {
+        let mut r = schema_request(if i % 2 == 0 { CONTEXT } else { other }, q);
+        r.max_new_tokens = [32, 8, 24, 1, 16][i];
+        r.sampling = Sampling {
+            candidates: [1, 3, 1, 2, 2][i],
+            draft: if i % 2 == 0 { DraftPolicy::default() } else { DraftPolicy::OFF },
+            ..Sampling::default()
+        };
+        reqs.push(r);
+    }
+    let alone: Vec<_> = reqs.iter().map(|r| rt.generate(r, &|| false).unwrap()).collect();
+    // Together: the first four start at once, the last joins after three passes.
+    let begin = |rt: &mut copilot_core::engine::runtime::Runtime, r| match rt.begin(r, &|| false).unwrap() {
+        Begun::Decoding(d) => d,
+        Begun::Answered(_) => panic!("a generation request is decoded"),
+    };
+    let mut jobs: Vec<_> = reqs[..4].iter().map(|r| begin(&mut rt, r)).collect();
+    let mut passes = 0;
+    let mut most_rows = 0;
+    while jobs.iter().any(|d| !d.is_done()) || jobs.len() < reqs.len() {
+        if passes == 3 {
+            jobs.push(begin(&mut rt, &reqs[4]));
+        }
+        most_rows = most_rows.max(jobs.iter().map(|d| d.rows_going()).sum::<usize>());
+        let mut all: Vec<&mut _> = jobs.iter_mut().map(|d| &mut **d).collect();
+        rt.advance(&mut all).unwrap();
+        passes += 1;
+    }
+    assert!(most_rows >= 6, "several jobs' rows shared passes ({most_rows} at most)");
+    for (i, (d, a)) in jobs.into_iter().zip(&alone).enumerate() {
+        let g = rt.finish(*d).unwrap();
+        let what = format!("job {i}: {:?}", QUESTIONS[i]);
+        assert_eq!(
+            (g.text.as_str(), g.stop, g.generated_tokens),
+            (a.text.as_str(), a.stop, a.generated_tokens),
+            "{what}"
+        );
+        assert_eq!(g.samples, a.samples, "{what}");
+        assert_eq!(g.decoded_rows, a.decoded_rows, "{what}");
+    }
+    rt.set_prefix_cache_bytes(0);
+}
+
+/// The engine's job loop with a model: jobs sent together are decoded together, each answered as alone; a cancel
+/// ends its job only.
+#[test]
+fn the_engine_serves_jobs_together_and_cancels_one() {
+    use copilot_core::engine::serve::{serve, Command, Event, Job, Source};
+    let alone: Vec<_> = {
+        let mut rt = runtime().lock().unwrap();
+        QUESTIONS[..3].iter().map(|q| rt.generate(&schema_request(CONTEXT, q), &|| false).unwrap()).collect()
+    };
+    let (ctx, crx) = std::sync::mpsc::channel();
+    let (etx, erx) = std::sync::mpsc::channel();
+    let spec = Source::Spec(model_path().display().to_string());
+    let h = std::thread::spawn(move || serve(&spec, &LoadOptions::default(), crx, etx));
+    assert!(matches!(erx.recv().unwrap(), Event::Loaded(_)));
+    let job = |id: u64, q: &str| Job { id, req: schema_request(CONTEXT, q), prefix_cache_bytes: 64 << 20 };
+    for (i, q) in QUESTIONS[..3].iter().enumerate() {
+        ctx.send(Command::Run(job(i as u64 + 1, q))).unwrap();
+    }
+    let mut long = job(9, "Write a long query over every column of singer, with many conditions.");
+    long.req.max_new_tokens = 200;
+    ctx.send(Command::Run(long)).unwrap();
+    ctx.send(Command::Cancel(9)).unwrap();
+    let mut done = std::collections::BTreeMap::new();
+    while done.len() < 4 {
+        if let Event::Finished { id, outcome, .. } = erx.recv().unwrap() {
+            done.insert(id, outcome);
+        }
+    }
+    for (i, a) in alone.iter().enumerate() {
+        let d = done[&(i as u64 + 1)].as_ref().expect("answered");
+        assert_eq!(d.answer.candidates[0].sql, a.sql, "job {}", i + 1);
+        assert_eq!(d.generated_tokens, a.generated_tokens, "job {}", i + 1);
+    }
+    assert!(matches!(&done[&9], Err(f) if f.kind() == copilot_core::error::ErrorKind::Cancelled), "{:?}", done[&9]);
+    ctx.send(Command::Shutdown).unwrap();
+    drop(ctx);
+    h.join().unwrap();
+}

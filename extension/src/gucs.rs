@@ -87,6 +87,9 @@ pub const DEFAULT_EMBEDDING_MODEL: &std::ffi::CStr = c"/var/lib/copilot/models/a
 pub static EMBEDDING_MODEL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(DEFAULT_EMBEDDING_MODEL));
 pub static ENGINE_MEMORY_MB: GucSetting<i32> = GucSetting::<i32>::new(0);
+/// Requests the engine decodes together (one pass over the weights per step for all of them): as many as the board
+/// has slots, so no session's request waits for another's to end (reports/concurrency.md).
+pub static DECODE_TOGETHER: GucSetting<i32> = GucSetting::<i32>::new(crate::shmem::SLOTS as i32);
 pub static BACKEND: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(Some(c"local"));
 pub static ENDPOINT: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 pub static REMOTE_MODEL: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
@@ -137,6 +140,18 @@ pub fn register(preloading: bool) {
         1 << 24,
         GucContext::Sighup,
         GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"copilot.decode_together",
+        c"How many requests the engine works on at once (1 = one at a time, in arrival order).",
+        c"Requests decode together: each step is one pass over the model's weights for the next token of every one of \
+          them, and a new request's prompt is read between two steps. Each request's tokens are the same as alone. \
+          Takes effect on reload.",
+        &DECODE_TOGETHER,
+        1,
+        crate::shmem::SLOTS as i32,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_string_guc(
         c"copilot.backend",

@@ -356,8 +356,8 @@ pub enum Outcome<'a> {
 /// What [`Board::reap`] did.
 #[derive(Debug, Default, PartialEq)]
 pub struct Reaped {
-    /// The running request was abandoned: stop generating it.
-    pub cancel_running: bool,
+    /// Running requests that were abandoned: stop generating them.
+    pub cancel: Vec<Ticket>,
     /// Sessions to wake (their pending requests failed).
     pub wake: Vec<Latch>,
 }
@@ -707,15 +707,15 @@ impl Board {
         }
     }
 
-    /// Periodic housekeeping by the worker: free abandoned slots (asking to cancel the running one first), free
+    /// Periodic housekeeping by the worker: free abandoned slots (asking to cancel the running ones first), free
     /// the slots of owners that are gone (`alive(pid, latch)` says whether a session still exists), and fail
     /// pending requests while the model cannot be served.
-    pub fn reap(&mut self, running: Option<Ticket>, alive: impl Fn(i32, Latch) -> bool) -> Reaped {
+    pub fn reap(&mut self, running: &[Ticket], alive: impl Fn(i32, Latch) -> bool) -> Reaped {
         let mut out = Reaped::default();
         let failed = (self.worker_state() == WorkerState::Failed).then(|| self.message.get().to_string());
         for i in 0..SLOTS {
             let s = &mut self.slots[i];
-            let is_running = running.is_some_and(|t| t.slot == i && t.ticket == s.ticket);
+            let is_running = running.iter().any(|t| t.slot == i && t.ticket == s.ticket);
             let state = s.state();
             if matches!(state, SlotState::Pending | SlotState::Running | SlotState::Done | SlotState::Failed)
                 && !alive(s.owner_pid, s.owner_latch)
@@ -723,7 +723,7 @@ impl Board {
                 s.set_state(SlotState::Abandoned);
             }
             match (s.state(), is_running) {
-                (SlotState::Abandoned, true) => out.cancel_running = true,
+                (SlotState::Abandoned, true) => out.cancel.push(Ticket { slot: i, ticket: s.ticket }),
                 (SlotState::Abandoned, false) => {
                     s.set_state(SlotState::Free);
                     if state != SlotState::Done && state != SlotState::Failed {
@@ -890,7 +890,7 @@ mod tests {
         let mut b = board();
         let (t, _) = b.claim(owner(7), "", "q").unwrap();
         assert!(b.abandon(t).is_some());
-        let r = b.reap(None, |_, _| true);
+        let r = b.reap(&[], |_, _| true);
         assert_eq!(r, Reaped::default());
         // The slot is free and reused by someone else: the old ticket can neither read nor free it.
         let (t2, _) = b.claim(owner(8), "", "other").unwrap();
@@ -910,13 +910,35 @@ mod tests {
         let (t, _) = b.claim(owner(7), "", "q").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(b.abandon(t), Some(Latch(1)), "the worker is woken");
-        let r = b.reap(Some(j.ticket), |_, _| true);
-        assert!(r.cancel_running, "the running generation must be stopped");
+        let r = b.reap(&[j.ticket], |_, _| true);
+        assert_eq!(r.cancel, vec![j.ticket], "the running generation must be stopped");
         assert_eq!(b.status().queue_depth, 0, "abandoned is not queued");
         // The generation ends (cancelled or not): nobody is woken, the slot is free, one cancel counted.
         assert!(b.finish(j.ticket, answered("SELECT 1")).is_none());
         assert_eq!((b.status().cancelled, b.status().served), (1, 0));
         assert!(b.claim(owner(8), "", "q").is_some());
+    }
+
+    #[test]
+    fn several_requests_run_at_once_and_only_the_abandoned_one_is_cancelled() {
+        let mut b = board();
+        let (t1, _) = b.claim(owner(7), "", "q1").unwrap();
+        let (t2, _) = b.claim(owner(8), "", "q2").unwrap();
+        let (t3, _) = b.claim(owner(9), "", "q3").unwrap();
+        let running: Vec<Ticket> = (0..3).map(|_| b.next_pending().unwrap().ticket).collect();
+        assert_eq!(running, vec![t1, t2, t3], "taken in ticket order, all running together");
+        assert!(b.next_pending().is_none());
+        assert_eq!(b.status().queue_depth, 3);
+        assert!(b.abandon(t2).is_some());
+        let r = b.reap(&running, |_, _| true);
+        assert_eq!(r.cancel, vec![t2], "only the abandoned request is stopped");
+        assert_eq!(r, b.reap(&running, |_, _| true), "asked again until it ends");
+        // The others finish and are read; the cancelled one frees its slot when its end is reported.
+        assert_eq!(b.finish(t1, answered("SELECT 1")), Some(owner(7).latch));
+        assert!(b.finish(t2, Outcome::Cancelled).is_none());
+        assert_eq!(b.finish(t3, answered("SELECT 3")), Some(owner(9).latch));
+        assert!(matches!(b.poll(t3), Poll::Answered { answer, .. } if answer == "SELECT 3"));
+        assert_eq!((b.status().served, b.status().cancelled), (2, 1));
     }
 
     #[test]
@@ -929,7 +951,7 @@ mod tests {
         assert_eq!(b.abandon_owner(7), Some(Latch(1)));
         assert!(b.abandon_owner(7).is_none(), "nothing left to abandon");
         assert_eq!(b.poll(other), Poll::Waiting, "another session's request is untouched");
-        assert!(b.reap(Some(j.ticket), |_, _| true).cancel_running);
+        assert_eq!(b.reap(&[j.ticket], |_, _| true).cancel, vec![j.ticket]);
         b.finish(j.ticket, Outcome::Cancelled);
         assert_eq!(b.next_pending().unwrap().ticket, other);
     }
@@ -942,8 +964,8 @@ mod tests {
         let (alive, _) = b.claim(owner(9), "", "q3").unwrap();
         let j = b.next_pending().unwrap();
         assert_eq!(j.ticket, gone_running);
-        let r = b.reap(Some(j.ticket), |pid, _| pid == 9);
-        assert!(r.cancel_running, "the running request's owner is gone: stop generating");
+        let r = b.reap(&[j.ticket], |pid, _| pid == 9);
+        assert_eq!(r.cancel, vec![j.ticket], "the running request's owner is gone: stop generating");
         assert_eq!(b.poll(gone_pending), Poll::Lost, "a gone owner's queued request is dropped");
         assert_eq!(b.poll(alive), Poll::Waiting, "a live owner's request stays");
         assert!(b.finish(j.ticket, answered("SELECT 1")).is_none(), "nobody to wake");
@@ -965,7 +987,7 @@ mod tests {
         // The new worker cannot load the model: the queued request fails with the reason.
         b.worker_failed("no such file");
         assert_eq!(b.readiness(), Readiness::Failed { message: "no such file".into(), model: "m.gguf".into() });
-        let r = b.reap(None, |_, _| true);
+        let r = b.reap(&[], |_, _| true);
         assert_eq!(r.wake, vec![owner(8).latch]);
         assert_eq!(b.poll(running), Poll::Failed(Failure::ModelUnavailable, "no such file".into()));
         assert!(b.next_pending().is_none(), "nothing runs on a failed worker");

@@ -260,7 +260,7 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// What the worker keeps about the job the engine is running.
+/// What the worker keeps about each job the engine is running (up to `copilot.decode_together` at once).
 struct Running {
     ticket: Ticket,
     id: u64,
@@ -283,7 +283,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
         .map_err(|e| warning!("copilot worker: no eventfd ({e}); polling the engine every 2 ms instead"))
         .ok();
     let mut engine: Option<EngineProc> = None;
-    let mut running: Option<Running> = None;
+    let mut running: Vec<Running> = Vec::new();
     let mut next_id = 0u64;
     // Restarts: after a quick death, wait longer before the next try (1 s, 2 s, 4 s … 30 s).
     let mut backoff = Duration::from_secs(0);
@@ -302,7 +302,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 }
             }
         }
-        let timeout = if running.is_some() && bell.is_none() { POLL_WAIT } else { IDLE_WAIT };
+        let timeout = if !running.is_empty() && bell.is_none() { POLL_WAIT } else { IDLE_WAIT };
         if !wait(bell.as_deref(), timeout) {
             break;
         }
@@ -316,7 +316,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
                 if let Some(e) = engine.take() {
                     let _ = e.kill();
                 }
-                running = None;
+                running.clear();
                 let wake = {
                     let mut b = BOARD.exclusive();
                     let wake = b.engine_lost("the engine's settings changed; it restarted with the new ones");
@@ -360,7 +360,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
             let how = e.kill();
             let reason = format!("the copilot engine process {why} and {how}; it is being restarted");
             warning!("copilot worker: {reason}");
-            running = None;
+            running.clear();
             let wake = BOARD.exclusive().engine_lost(&reason);
             wake.into_iter().for_each(Latch::set);
             backoff = if quick {
@@ -374,34 +374,45 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
 
         let Some(e) = engine.as_mut() else { continue };
         let mut b = BOARD.exclusive();
-        let reaped = b.reap(running.as_ref().map(|r| r.ticket), |pid, latch| latch.owned_by(pid));
+        let tickets: Vec<Ticket> = running.iter().map(|r| r.ticket).collect();
+        let reaped = b.reap(&tickets, |pid, latch| latch.owned_by(pid));
         reaped.wake.into_iter().for_each(Latch::set);
-        if reaped.cancel_running {
-            if let Some(r) = running.as_mut().filter(|r| !r.cancelled) {
+        let cancel: Vec<u64> = running
+            .iter_mut()
+            .filter(|r| !r.cancelled && reaped.cancel.contains(&r.ticket))
+            .map(|r| {
                 r.cancelled = true;
-                let id = r.id;
-                drop(b);
-                e.send(Command::Cancel(id));
-                continue;
-            }
+                r.id
+            })
+            .collect();
+        if !cancel.is_empty() {
+            drop(b);
+            cancel.into_iter().for_each(|id| e.send(Command::Cancel(id)));
+            continue;
         }
-        if running.is_none() {
-            if let Some(taken) = b.next_pending() {
-                drop(b);
-                match serde_json::from_str::<GenerateRequest>(&taken.payload) {
-                    Ok(mut req) => {
-                        req.schema_context = taken.context;
-                        next_id += 1;
-                        let job = Job { id: next_id, req, prefix_cache_bytes: gucs::prefix_cache_bytes() };
-                        running = Some(Running { ticket: taken.ticket, id: next_id, cancelled: false });
-                        e.send(Command::Run(job));
-                    }
-                    Err(err) => {
-                        let why = format!("malformed request: {err}");
-                        let failed = Outcome::Failed(Failure::Engine(ErrorKind::Inference), &why);
-                        if let Some(owner) = BOARD.exclusive().finish(taken.ticket, failed) {
-                            owner.set();
-                        }
+        // Up to `copilot.decode_together` requests go to the engine, which decodes them together; the rest wait on
+        // the board in ticket order.
+        let together = gucs::DECODE_TOGETHER.get().clamp(1, crate::shmem::SLOTS as i32) as usize;
+        let mut taken_all = Vec::new();
+        while running.len() + taken_all.len() < together {
+            let Some(taken) = b.next_pending() else { break };
+            taken_all.push(taken);
+        }
+        drop(b);
+        for taken in taken_all {
+            match serde_json::from_str::<GenerateRequest>(&taken.payload) {
+                Ok(mut req) => {
+                    req.schema_context = taken.context;
+                    next_id += 1;
+                    let job = Job { id: next_id, req, prefix_cache_bytes: gucs::prefix_cache_bytes() };
+                    running.push(Running { ticket: taken.ticket, id: next_id, cancelled: false });
+                    e.send(Command::Run(job));
+                }
+                Err(err) => {
+                    let why = format!("malformed request: {err}");
+                    let failed = Outcome::Failed(Failure::Engine(ErrorKind::Inference), &why);
+                    if let Some(owner) = BOARD.exclusive().finish(taken.ticket, failed) {
+                        owner.set();
                     }
                 }
             }
@@ -417,7 +428,7 @@ pub extern "C-unwind" fn copilot_worker_main(_arg: pg_sys::Datum) {
     log!("copilot worker: stopped");
 }
 
-fn handle_event(ev: Event, running: &mut Option<Running>) {
+fn handle_event(ev: Event, running: &mut Vec<Running>) {
     match ev {
         Event::Heartbeat => {}
         Event::Loaded(l) => {
@@ -443,7 +454,8 @@ fn handle_event(ev: Event, running: &mut Option<Running>) {
         }
         Event::Checksum(h) => BOARD.exclusive().set_model_sha256(&h),
         Event::Finished { id, outcome, elapsed_ms, cache } => {
-            let Some(r) = running.take_if(|r| r.id == id) else { return };
+            let Some(at) = running.iter().position(|r| r.id == id) else { return };
+            let r = running.swap_remove(at);
             let mut b = BOARD.exclusive();
             b.set_prefix_cache(PrefixCacheCounters {
                 entries: cache.entries,

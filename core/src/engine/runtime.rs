@@ -366,6 +366,32 @@ impl Runtime {
         prose: bool,
         cancel: &dyn Fn() -> bool,
     ) -> Result<Generation, CoreError> {
+        let d = self.begin_with_prefix(prompt, prefix_len, max_new_tokens, sampling, prose, cancel)?;
+        self.decode_alone(d, cancel)
+    }
+
+    /// Run one job's decoding to its end, alone: [`Runtime::advance`] with one job until it is done.
+    fn decode_alone(&mut self, mut d: Decoding, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        while !d.is_done() {
+            if cancel() {
+                return Err(CoreError::Cancelled);
+            }
+            self.advance(&mut [&mut d])?;
+        }
+        self.finish(d)
+    }
+
+    /// Everything of [`Runtime::generate_with_prefix`] before the first decoding pass: the prefix state, the
+    /// prefill of the rest, and the candidates' rows ready to decode.
+    pub fn begin_with_prefix(
+        &mut self,
+        prompt: &[u32],
+        prefix_len: usize,
+        max_new_tokens: usize,
+        sampling: &Sampling,
+        prose: bool,
+        cancel: &dyn Fn() -> bool,
+    ) -> Result<Decoding, CoreError> {
         if prompt.is_empty() {
             return Err(CoreError::Inference("empty prompt".into()));
         }
@@ -375,19 +401,225 @@ impl Runtime {
                 limit: self.max_context.saturating_sub(max_new_tokens),
             });
         }
+        if sampling.rows().is_empty() {
+            return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
+        }
         let prefix_len = prefix_len.min(prompt.len() - 1);
         let t0 = Instant::now();
-        let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
+        let (kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
+        let mut kv = kv;
         let logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        let seed = prompt_seed(prompt) ^ sampling.seed;
+        // Drafts are verified by the multi-row pass, whose rows compute exactly what the one-token step does; the
+        // candle path (our kernels off, or not on the CPU) has no such pass.
+        let policy = if self.batchable() { sampling.draft } else { DraftPolicy::OFF };
+        let rows: Vec<Row> = sampling
+            .rows()
+            .map(|i| Row {
+                kv: kv.clone(),
+                logits: logits.clone(),
+                ahead: VecDeque::new(),
+                draft: None,
+                ids: Vec::new(),
+                text: String::new(),
+                stop: None,
+                rng: (i > 0).then(|| Rng::new(seed, i as u64)),
+                min_p: 1.0,
+            })
+            .collect();
+        Ok(Decoding {
+            rows,
+            prompt: prompt.to_vec(),
+            sampling: sampling.clone(),
+            stop: StopRules { max_new_tokens, prose },
+            policy,
+            stats: DraftStats::default(),
+            next: Vec::new(),
+            done: max_new_tokens == 0,
+            prefix_len,
+            cache_hit,
+            prefill_s,
+            decode_started: Instant::now(),
+            p_unanswerable: None,
+            closeness: None,
+        })
+    }
 
-        let t1 = Instant::now();
+    /// Several sequences' rows may share a pass only where every row computes exactly what a pass of its own
+    /// would: our kernels on the CPU ([`Transformer::step_many`]).
+    fn batchable(&self) -> bool {
+        self.model.own_kernels() && self.model.on_cpu()
+    }
+
+    /// One decoding step of every job in `jobs` that is not done: each chooses its rows' next tokens from the
+    /// logits it has (and drafts), then all their rows go through one pass over the weights together. A job none
+    /// of whose rows goes on is done (see [`Decoding::is_done`]) and takes no part in the pass.
+    ///
+    /// With one job this is exactly the loop a job alone has always run: the one-row, one-token case is the
+    /// single-token pass, anything else one [`Transformer::step_many`] pass. With several, their rows share one
+    /// pass; every row computes what it would alone, so each job's tokens do not depend on what else is decoded
+    /// (tested). Where that does not hold (our kernels off), each job runs its own pass, one after the other.
+    /// On an error in the pass every job's state is left as before it; the error is the pass's, for all of them.
+    pub fn advance(&mut self, jobs: &mut [&mut Decoding]) -> Result<(), CoreError> {
         let mut drafter = std::mem::take(&mut self.drafter);
-        let decoded =
-            self.decode_rows((kv, logits), prompt, sampling, StopRules { max_new_tokens, prose }, &mut drafter, cancel);
+        let planned = self.plan_all(jobs, &mut drafter);
+        let result = planned.and_then(|()| self.pass(jobs, &mut drafter));
         self.drafter = drafter;
-        let (mut rows, draft) = decoded?;
-        let decode_s = t1.elapsed().as_secs_f64();
+        result
+    }
+
+    fn plan_all(&self, jobs: &mut [&mut Decoding], drafter: &mut Drafter) -> Result<(), CoreError> {
+        let mut scratch = Vec::new();
+        for d in jobs.iter_mut().filter(|d| !d.done) {
+            self.plan(d, drafter, &mut scratch)?;
+            if d.next.is_empty() {
+                d.done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Choose each going row's next token (and what it drafts) into `d.next`; rows that end are marked so.
+    ///
+    /// With `sampling.draft` on, a row that goes on carries, after the token just chosen, a draft of the tokens
+    /// likely to follow ([`crate::engine::draft::lookup`]) through the same pass; the pass returns the logits after
+    /// every one of them. The next token is then chosen from those logits exactly as without a draft (argmax, or
+    /// the row's generator drawn once per token, in the same order); while it equals the drafted token the
+    /// following logits are already known and no pass is needed. At the first difference the rest of the draft's
+    /// K/V is dropped. So every row's tokens are the same as without drafts; only the number of passes changes.
+    fn plan(&self, d: &mut Decoding, drafter: &mut Drafter, scratch: &mut Vec<f32>) -> Result<(), CoreError> {
+        let StopRules { max_new_tokens, prose } = d.stop;
+        let (sampling, prompt, policy) = (&d.sampling, &d.prompt, d.policy);
+        d.next.clear();
+        for (i, r) in d.rows.iter_mut().enumerate().filter(|(_, r)| r.stop.is_none()) {
+            loop {
+                let t = match &mut r.rng {
+                    None => argmax(&r.logits),
+                    Some(rng) => sample_top_k(&r.logits, sampling.temperature, sampling.top_k, rng, scratch),
+                };
+                if self.stop_ids.contains(&t) {
+                    r.stop = Some(StopReason::Eos);
+                    break;
+                }
+                r.min_p = r.min_p.min(token_prob(&r.logits, t));
+                r.ids.push(t);
+                r.text = self.decode(&r.ids)?;
+                let last = r.ids.len() == max_new_tokens;
+                if prose {
+                    if last {
+                        r.stop = Some(StopReason::Length);
+                    }
+                } else if let Some(p) = r.text.find("```") {
+                    r.text.truncate(p);
+                    r.stop = Some(StopReason::Fence);
+                } else if let Some(end) = statement_end(&r.text) {
+                    r.text.truncate(end + 1);
+                    r.stop = Some(StopReason::StatementEnd);
+                } else if last {
+                    r.stop = Some(StopReason::Length);
+                }
+                if r.stop.is_some() {
+                    // The answer ended: what was left of a draft was neither right nor wrong.
+                    if let Some((src, kept)) = r.draft.take() {
+                        drafter.record_outcome(src, kept, kept);
+                    }
+                    break;
+                }
+                // The draft guessed this token: the logits after it came with the last pass.
+                if r.ahead.front().is_some_and(|(d, _)| *d == t) {
+                    r.logits = r.ahead.pop_front().expect("checked").1;
+                    d.stats.accepted += 1;
+                    if let Some((_, kept)) = &mut r.draft {
+                        *kept += 1;
+                    }
+                    continue;
+                }
+                if let Some((src, kept)) = r.draft.take() {
+                    // Guessed wrong from here on (forget the positions it added), or used up.
+                    let wrong = !r.ahead.is_empty();
+                    drafter.record_outcome(src, kept + usize::from(wrong), kept);
+                    r.kv.rewind(r.kv.len() - r.ahead.len());
+                    r.ahead.clear();
+                }
+                let mut tokens = vec![t];
+                let room = max_new_tokens - r.ids.len() - 1;
+                if let Some((draft, src)) = drafter.propose(prompt, &r.ids, policy, room) {
+                    tokens.extend(draft);
+                    r.draft = Some((src, 0));
+                }
+                d.next.push((i, tokens));
+                break;
+            }
+        }
+        for (_, t) in &d.next {
+            if t.len() > 1 {
+                d.stats.proposed += t.len() - 1;
+                d.stats.passes += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the rows the jobs planned: one pass for all of them when they may share it, else one per job.
+    fn pass(&self, jobs: &mut [&mut Decoding], drafter: &mut Drafter) -> Result<(), CoreError> {
+        let mut going: Vec<&mut Decoding> = jobs.iter_mut().filter(|d| !d.done).map(|d| &mut **d).collect();
+        if going.is_empty() {
+            return Ok(());
+        }
+        if going.len() > 1 && !self.batchable() {
+            for d in going {
+                self.pass_of(&mut [d], drafter)?;
+            }
+            return Ok(());
+        }
+        self.pass_of(&mut going, drafter)
+    }
+
+    fn pass_of(&self, going: &mut [&mut Decoding], drafter: &mut Drafter) -> Result<(), CoreError> {
+        let t_pass = Instant::now();
+        let pass_rows: usize = going.iter().flat_map(|d| &d.next).map(|(_, t)| t.len()).sum();
+        let single = going.len() == 1 && matches!(going[0].next.as_slice(), [(_, t)] if t.len() == 1);
+        if single {
+            // One row, one token: the single-token pass (what greedy decoding of one candidate has always run).
+            let d = &mut *going[0];
+            let (i, t) = &d.next[0];
+            let r = &mut d.rows[*i];
+            r.logits = self.model.forward(t, &mut r.kv)?.to_vec1::<f32>()?;
+        } else {
+            let mut seqs: Vec<Rows> = Vec::with_capacity(pass_rows);
+            for d in going.iter_mut() {
+                let Decoding { rows, next, .. } = &mut **d;
+                let mut rest: &mut [Row] = rows;
+                let mut at = 0;
+                for (i, t) in next.iter() {
+                    // `next` is in row order: split each planned row off the rest.
+                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - at);
+                    let (row, tail) = tail.split_first_mut().expect("a planned row exists");
+                    seqs.push(Rows { cache: &mut row.kv, tokens: t });
+                    rest = tail;
+                    at = i + 1;
+                }
+            }
+            let mut logits = self.model.step_many(&mut seqs)?.into_iter();
+            drop(seqs);
+            for d in going.iter_mut() {
+                let Decoding { rows, next, .. } = &mut **d;
+                for (i, t) in next.iter() {
+                    let r = &mut rows[*i];
+                    r.logits = logits.next().expect("a row per token");
+                    r.ahead = t[1..].iter().map(|&d| (d, logits.next().expect("a row per token"))).collect();
+                }
+            }
+        }
+        drafter.record_pass(pass_rows, t_pass.elapsed().as_secs_f64() * 1e3);
+        Ok(())
+    }
+
+    /// A job's answer once it is done (or where it stands, if not).
+    pub fn finish(&self, d: Decoding) -> Result<Generation, CoreError> {
+        let decode_s = d.decode_started.elapsed().as_secs_f64();
+        let Decoding { mut rows, prompt, stats, prefix_len, cache_hit, prefill_s, p_unanswerable, closeness, .. } = d;
         let decoded_rows = rows.iter().map(|r| r.ids.len()).sum();
         let samples = rows
             .drain(1..)
@@ -416,161 +648,11 @@ impl Runtime {
             prefix_cache_hit: cache_hit,
             samples,
             decoded_rows,
-            p_unanswerable: None,
-            closeness: None,
-            draft,
+            p_unanswerable,
+            closeness,
+            draft: stats,
             table_closeness: None,
         })
-    }
-
-    /// Decode `sampling.candidates` rows from one prompt state and its last logits until each stops.
-    ///
-    /// With `sampling.draft` on, a row that goes on carries, after the token just chosen, a draft of the tokens
-    /// likely to follow ([`draft::lookup`]) through the same pass; the pass returns the logits after every one of
-    /// them. The next token is then chosen from those logits exactly as without a draft (argmax, or the row's
-    /// generator drawn once per token, in the same order); while it equals the drafted token the following logits
-    /// are already known and no pass is needed. At the first difference the rest of the draft's K/V is dropped. So
-    /// every row's tokens are the same as without drafts; only the number of passes changes.
-    fn decode_rows(
-        &self,
-        (kv, logits): (KvCache, Vec<f32>),
-        prompt: &[u32],
-        sampling: &Sampling,
-        StopRules { max_new_tokens, prose }: StopRules,
-        drafter: &mut Drafter,
-        cancel: &dyn Fn() -> bool,
-    ) -> Result<(Vec<Row>, DraftStats), CoreError> {
-        let n = sampling.candidates.max(1);
-        if sampling.rows().is_empty() {
-            return Err(CoreError::Inference("skip_greedy needs at least two candidates".into()));
-        }
-        let seed = prompt_seed(prompt) ^ sampling.seed;
-        // Drafts are verified by the multi-row pass, whose rows compute exactly what the one-token step does; the
-        // candle path (our kernels off, or not on the CPU) has no such pass.
-        let policy = if self.model.own_kernels() && self.model.on_cpu() { sampling.draft } else { DraftPolicy::OFF };
-        let mut stats = DraftStats::default();
-        let mut rows: Vec<Row> = sampling
-            .rows()
-            .map(|i| Row {
-                kv: kv.clone(),
-                logits: logits.clone(),
-                ahead: VecDeque::new(),
-                draft: None,
-                ids: Vec::new(),
-                text: String::new(),
-                stop: None,
-                rng: (i > 0).then(|| Rng::new(seed, i as u64)),
-                min_p: 1.0,
-            })
-            .collect();
-        drop((kv, logits));
-        let mut scratch = Vec::new();
-        if max_new_tokens == 0 {
-            return Ok((rows, stats));
-        }
-        loop {
-            if cancel() {
-                return Err(CoreError::Cancelled);
-            }
-            // Each row still going: the tokens of its next pass (the token chosen, then its draft).
-            let mut next: Vec<(usize, Vec<u32>)> = Vec::with_capacity(n);
-            for (i, r) in rows.iter_mut().enumerate().filter(|(_, r)| r.stop.is_none()) {
-                loop {
-                    let t = match &mut r.rng {
-                        None => argmax(&r.logits),
-                        Some(rng) => sample_top_k(&r.logits, sampling.temperature, sampling.top_k, rng, &mut scratch),
-                    };
-                    if self.stop_ids.contains(&t) {
-                        r.stop = Some(StopReason::Eos);
-                        break;
-                    }
-                    r.min_p = r.min_p.min(token_prob(&r.logits, t));
-                    r.ids.push(t);
-                    r.text = self.decode(&r.ids)?;
-                    let last = r.ids.len() == max_new_tokens;
-                    if prose {
-                        if last {
-                            r.stop = Some(StopReason::Length);
-                        }
-                    } else if let Some(p) = r.text.find("```") {
-                        r.text.truncate(p);
-                        r.stop = Some(StopReason::Fence);
-                    } else if let Some(end) = statement_end(&r.text) {
-                        r.text.truncate(end + 1);
-                        r.stop = Some(StopReason::StatementEnd);
-                    } else if last {
-                        r.stop = Some(StopReason::Length);
-                    }
-                    if r.stop.is_some() {
-                        // The answer ended: what was left of a draft was neither right nor wrong.
-                        if let Some((src, kept)) = r.draft.take() {
-                            drafter.record_outcome(src, kept, kept);
-                        }
-                        break;
-                    }
-                    // The draft guessed this token: the logits after it came with the last pass.
-                    if r.ahead.front().is_some_and(|(d, _)| *d == t) {
-                        r.logits = r.ahead.pop_front().expect("checked").1;
-                        stats.accepted += 1;
-                        if let Some((_, kept)) = &mut r.draft {
-                            *kept += 1;
-                        }
-                        continue;
-                    }
-                    if let Some((src, kept)) = r.draft.take() {
-                        // Guessed wrong from here on (forget the positions it added), or used up.
-                        let wrong = !r.ahead.is_empty();
-                        drafter.record_outcome(src, kept + usize::from(wrong), kept);
-                        r.kv.rewind(r.kv.len() - r.ahead.len());
-                        r.ahead.clear();
-                    }
-                    let mut tokens = vec![t];
-                    let room = max_new_tokens - r.ids.len() - 1;
-                    if let Some((d, src)) = drafter.propose(prompt, &r.ids, policy, room) {
-                        tokens.extend(d);
-                        r.draft = Some((src, 0));
-                    }
-                    next.push((i, tokens));
-                    break;
-                }
-            }
-            if next.is_empty() {
-                break;
-            }
-            for (_, t) in &next {
-                if t.len() > 1 {
-                    stats.proposed += t.len() - 1;
-                    stats.passes += 1;
-                }
-            }
-            let t_pass = Instant::now();
-            let pass_rows: usize = next.iter().map(|(_, t)| t.len()).sum();
-            match next.as_slice() {
-                // One row, one token: the single-token pass (what greedy decoding of one candidate has always run).
-                [(i, t)] if t.len() == 1 => {
-                    let r = &mut rows[*i];
-                    r.logits = self.model.forward(t, &mut r.kv)?.to_vec1::<f32>()?;
-                }
-                _ => {
-                    let mut going: Vec<&mut Row> = rows
-                        .iter_mut()
-                        .enumerate()
-                        .filter(|(i, _)| next.iter().any(|(j, _)| j == i))
-                        .map(|(_, r)| r)
-                        .collect();
-                    let mut seqs: Vec<Rows> =
-                        going.iter_mut().zip(&next).map(|(r, (_, t))| Rows { cache: &mut r.kv, tokens: t }).collect();
-                    let mut logits = self.model.step_many(&mut seqs)?.into_iter();
-                    drop(seqs);
-                    for (r, (_, t)) in going.into_iter().zip(&next) {
-                        r.logits = logits.next().expect("a row per token");
-                        r.ahead = t[1..].iter().map(|&d| (d, logits.next().expect("a row per token"))).collect();
-                    }
-                }
-            }
-            drafter.record_pass(pass_rows, t_pass.elapsed().as_secs_f64() * 1e3);
-        }
-        Ok((rows, stats))
     }
 
     /// The prompt tokens for a request and the length of its schema prefix within them.
@@ -607,6 +689,45 @@ struct Row {
     ahead: VecDeque<(u32, Vec<f32>)>,
     /// Where the pending draft came from, and how many of its tokens were kept so far.
     draft: Option<(Source, usize)>,
+}
+
+/// One job between decoding passes: its candidates' rows and what its answer reports. Made by
+/// [`Runtime::begin`] (or [`Runtime::begin_with_prefix`]), moved on by [`Runtime::advance`] — alone or together
+/// with other jobs' — and turned into the answer by [`Runtime::finish`].
+pub struct Decoding {
+    rows: Vec<Row>,
+    prompt: Vec<u32>,
+    sampling: Sampling,
+    stop: StopRules,
+    policy: DraftPolicy,
+    stats: DraftStats,
+    /// The rows of the coming pass: (row, the token chosen and its draft), in row order.
+    next: Vec<(usize, Vec<u32>)>,
+    done: bool,
+    prefix_len: usize,
+    cache_hit: bool,
+    prefill_s: f64,
+    decode_started: Instant,
+    p_unanswerable: Option<f32>,
+    closeness: Option<f32>,
+}
+
+impl Decoding {
+    /// Every row has stopped: [`Runtime::finish`] gives the answer.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Rows still decoding.
+    pub fn rows_going(&self) -> usize {
+        self.rows.iter().filter(|r| r.stop.is_none()).count()
+    }
+}
+
+/// A request once its prompt is read: answered already (nothing to decode), or ready to decode.
+pub enum Begun {
+    Answered(Box<Generation>),
+    Decoding(Box<Decoding>),
 }
 
 impl Row {
@@ -662,13 +783,15 @@ impl Runtime {
     }
 }
 
-impl Backend for Runtime {
-    fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+impl Runtime {
+    /// Everything of answering `req` before its first decoding pass: grounding, the judge, the prompt and its
+    /// prefill. A ranking request is answered here; any other is returned ready for [`Runtime::advance`].
+    pub fn begin(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Begun, CoreError> {
         if req.rank_tables {
-            return Ok(Generation::ranked(match &req.grounding {
+            return Ok(Begun::Answered(Box::new(Generation::ranked(match &req.grounding {
                 Some(g) => self.table_closeness(g)?,
                 None => Vec::new(),
-            }));
+            }))));
         }
         // A question that spells little of the schema but is close in meaning to a table needs no judge.
         let closeness = match (&req.grounding, req.judge) {
@@ -678,10 +801,19 @@ impl Backend for Runtime {
         let near = req.close_to_a_table(closeness);
         let p = if req.judge && !near { Some(self.p_unanswerable(req, cancel)?) } else { None };
         let (tokens, prefix_len) = self.prompt_tokens(req)?;
-        let mut g =
-            self.generate_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, req.prose, cancel)?;
-        g.p_unanswerable = p;
-        g.closeness = closeness;
-        Ok(g)
+        let mut d =
+            self.begin_with_prefix(&tokens, prefix_len, req.max_new_tokens, &req.sampling, req.prose, cancel)?;
+        d.p_unanswerable = p;
+        d.closeness = closeness;
+        Ok(Begun::Decoding(Box::new(d)))
+    }
+}
+
+impl Backend for Runtime {
+    fn generate(&mut self, req: &GenerateRequest, cancel: &dyn Fn() -> bool) -> Result<Generation, CoreError> {
+        match self.begin(req, cancel)? {
+            Begun::Answered(g) => Ok(*g),
+            Begun::Decoding(d) => self.decode_alone(*d, cancel),
+        }
     }
 }

@@ -143,6 +143,47 @@ impl Engine {
         .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))))
     }
 
+    /// Start one job: a model's job is read and prefilled and comes back ready to decode (see [`Engine::advance`]);
+    /// any other engine answers it here, whole. A panic is an error with its message.
+    pub fn begin(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<Begun, CoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            #[cfg(feature = "model")]
+            Engine::Model(rt) => {
+                rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
+                Ok(match rt.begin(&job.req, cancel)? {
+                    crate::engine::runtime::Begun::Answered(g) => Begun::Answered(g),
+                    crate::engine::runtime::Begun::Decoding(d) => Begun::Decoding(d),
+                })
+            }
+            Engine::Script(s) => s.generate(&job.req, cancel).map(|g| Begun::Answered(Box::new(g))),
+            #[cfg(feature = "remote")]
+            Engine::Remote(r) => r.generate(&job.req, cancel).map(|g| Begun::Answered(Box::new(g))),
+        }))
+        .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))))
+    }
+
+    /// One decoding pass shared by the jobs in `jobs` ([`crate::engine::runtime::Runtime::advance`]); a panic is
+    /// an error with its message, for all of them.
+    #[cfg(feature = "model")]
+    pub fn advance(&mut self, jobs: &mut [&mut Decoding]) -> Result<(), CoreError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
+            Engine::Model(rt) => rt.advance(jobs),
+            #[allow(unreachable_patterns)]
+            _ => Err(CoreError::Inference("only a local model decodes in passes".into())),
+        }))
+        .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))))
+    }
+
+    /// The answer of a job [`Engine::advance`] has finished.
+    #[cfg(feature = "model")]
+    pub fn finish(&self, d: Decoding) -> Result<crate::Generation, CoreError> {
+        match self {
+            Engine::Model(rt) => rt.finish(d),
+            #[allow(unreachable_patterns)]
+            _ => Err(CoreError::Inference("only a local model decodes in passes".into())),
+        }
+    }
+
     pub fn cache_stats(&self) -> CacheStats {
         match self {
             #[cfg(feature = "model")]
@@ -151,6 +192,16 @@ impl Engine {
             _ => CacheStats::default(),
         }
     }
+}
+
+#[cfg(feature = "model")]
+use crate::engine::runtime::Decoding;
+
+/// A job once started ([`Engine::begin`]).
+pub enum Begun {
+    Answered(Box<crate::Generation>),
+    #[cfg(feature = "model")]
+    Decoding(Box<Decoding>),
 }
 
 /// One request to answer.
@@ -318,18 +369,130 @@ fn serve_split(
             return;
         }
     };
-    while let Ok(job) = jobs.recv() {
-        let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id).cloned().unwrap_or_default();
-        let t0 = Instant::now();
-        let outcome = engine.run(&job, &|| flag.load(Ordering::Relaxed));
-        cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&job.id);
-        let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
-        let outcome = outcome.as_ref().map(Done::from).map_err(Failed::from);
-        let cache = engine.cache_stats().into();
-        if events.send(Event::Finished { id: job.id, outcome, elapsed_ms, cache }).is_err() {
+    let mut active: Vec<Active> = Vec::new();
+    let mut open = true;
+    loop {
+        // Start at most one job between two passes, so a prompt's prefill holds the others up once; wait for one
+        // only when nothing is decoding.
+        let job = if active.is_empty() {
+            match jobs.recv() {
+                Ok(j) => Some(j),
+                Err(_) => return,
+            }
+        } else if open {
+            match jobs.try_recv() {
+                Ok(j) => Some(j),
+                Err(std::sync::mpsc::TryRecvError::Empty) => None,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    open = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if let Some(job) = job {
+            let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id).cloned().unwrap_or_default();
+            let t0 = Instant::now();
+            match engine.begin(&job, &|| flag.load(Ordering::Relaxed)) {
+                Ok(Begun::Answered(g)) => {
+                    if !report(&engine, cancels, events, job.id, t0, Ok(Done::from(&*g))) {
+                        return;
+                    }
+                }
+                #[cfg(feature = "model")]
+                Ok(Begun::Decoding(d)) => active.push(Active { id: job.id, t0, flag, d }),
+                Err(e) => {
+                    if !report(&engine, cancels, events, job.id, t0, Err(Failed::from(&e))) {
+                        return;
+                    }
+                }
+            }
+        }
+        if !decode_pass(&mut engine, &mut active, cancels, events) {
             return;
         }
     }
+}
+
+/// A job decoding in the engine's shared passes.
+#[cfg_attr(not(feature = "model"), allow(dead_code))]
+struct Active {
+    id: u64,
+    t0: Instant,
+    flag: Arc<AtomicBool>,
+    #[cfg(feature = "model")]
+    d: Box<Decoding>,
+}
+
+/// Send a finished job's event and forget its cancel flag; false when nobody listens any more.
+fn report(
+    engine: &Engine,
+    cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    events: &Sender<Event>,
+    id: u64,
+    t0: Instant,
+    outcome: Result<Done, Failed>,
+) -> bool {
+    cancels.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+    let elapsed_ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let cache = engine.cache_stats().into();
+    events.send(Event::Finished { id, outcome, elapsed_ms, cache }).is_ok()
+}
+
+/// One pass for every job decoding (those cancelled leave first, answered `Cancelled`); the jobs it finishes are
+/// answered. An error of the pass fails every job in it (their states are the pass's, not one job's).
+#[cfg(feature = "model")]
+fn decode_pass(
+    engine: &mut Engine,
+    active: &mut Vec<Active>,
+    cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    events: &Sender<Event>,
+) -> bool {
+    let mut ok = true;
+    active.retain(|a| {
+        let cancelled = a.flag.load(Ordering::Relaxed);
+        if cancelled {
+            ok &= report(engine, cancels, events, a.id, a.t0, Err(Failed::from(&CoreError::Cancelled)));
+        }
+        !cancelled
+    });
+    if active.is_empty() {
+        return ok;
+    }
+    let result = {
+        let mut ds: Vec<&mut Decoding> = active.iter_mut().map(|a| &mut *a.d).collect();
+        engine.advance(&mut ds)
+    };
+    if let Err(e) = result {
+        let failed = Failed::from(&e);
+        for a in active.drain(..) {
+            ok &= report(engine, cancels, events, a.id, a.t0, Err(failed.clone()));
+        }
+        return ok;
+    }
+    let mut i = 0;
+    while i < active.len() {
+        if active[i].d.is_done() {
+            let a = active.remove(i);
+            let outcome = engine.finish(*a.d);
+            let outcome = outcome.as_ref().map(Done::from).map_err(Failed::from);
+            ok &= report(engine, cancels, events, a.id, a.t0, outcome);
+        } else {
+            i += 1;
+        }
+    }
+    ok
+}
+
+#[cfg(not(feature = "model"))]
+fn decode_pass(
+    _engine: &mut Engine,
+    _active: &mut Vec<Active>,
+    _cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    _events: &Sender<Event>,
+) -> bool {
+    true
 }
 
 /// The framing on the engine's pipes: each message is a 4-byte little-endian length and that many bytes of JSON.
