@@ -431,7 +431,7 @@ impl Runtime {
         Ok(Decoding {
             rows,
             prompt: prompt.to_vec(),
-            sampling: sampling.clone(),
+            sampling: *sampling,
             stop: StopRules { max_new_tokens, prose },
             policy,
             stats: DraftStats::default(),

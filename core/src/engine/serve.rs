@@ -3,8 +3,10 @@
 //! worker starts and supervises so that a crash of the model never reaches the database).
 //!
 //! [`Engine::load`] loads what a model reference names (a GGUF path, `hf:…`, or `script:<rules.json>`), with any
-//! panic caught and reported with its message. [`serve`] runs jobs one at a time in arrival order from a channel
-//! of [`Command`]s and sends [`Event`]s back; a job's cancel flag is checked between prefill chunks and tokens.
+//! panic caught and reported with its message. [`serve`] takes jobs in arrival order from a channel of
+//! [`Command`]s and sends [`Event`]s back: a model decodes every job it has started together, one pass over the
+//! weights per step for all of them, starting the next job between two passes (other engines answer one job at a
+//! time); a job's cancel flag is checked between prefill chunks and between passes.
 //! [`wire`] is the framing both ends of the process boundary speak.
 
 use crate::engine::backend::{Answer, Backend, CacheStats, GenerateRequest, LoadOptions};
@@ -126,21 +128,6 @@ impl Engine {
     #[cfg(not(feature = "model"))]
     fn load_model(spec: &str, _opts: &LoadOptions) -> Result<(Engine, Loaded), CoreError> {
         Err(CoreError::Model(format!("{spec}: this build of copilot-core has no local model engine (feature `model`)")))
-    }
-
-    /// Answer one job; a panic is an error with its message.
-    pub fn run(&mut self, job: &Job, cancel: &dyn Fn() -> bool) -> Result<crate::Generation, CoreError> {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
-            #[cfg(feature = "model")]
-            Engine::Model(rt) => {
-                rt.set_prefix_cache_bytes(job.prefix_cache_bytes);
-                rt.generate(&job.req, cancel)
-            }
-            Engine::Script(s) => s.generate(&job.req, cancel),
-            #[cfg(feature = "remote")]
-            Engine::Remote(r) => r.generate(&job.req, cancel),
-        }))
-        .unwrap_or_else(|p| Err(CoreError::Inference(format!("inference panicked: {}", panic_message(p.as_ref())))))
     }
 
     /// Start one job: a model's job is read and prefilled and comes back ready to decode (see [`Engine::advance`]);
@@ -342,7 +329,8 @@ pub fn serve(source: &Source, opts: &LoadOptions, commands: Receiver<Command>, e
     drop(router);
 }
 
-/// The job loop of [`serve`]: jobs in order, each with the cancel flag the router keeps for it.
+/// The job loop of [`serve`]: jobs started in order, each with the cancel flag the router keeps for it; a model's
+/// jobs decode together ([`Engine::advance`]), each answered when it ends.
 fn serve_split(
     source: &Source,
     opts: &LoadOptions,
