@@ -406,8 +406,7 @@ impl Runtime {
         }
         let prefix_len = prefix_len.min(prompt.len() - 1);
         let t0 = Instant::now();
-        let (kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
-        let mut kv = kv;
+        let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
         let logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let seed = prompt_seed(prompt) ^ sampling.seed;
@@ -590,15 +589,12 @@ impl Runtime {
             let mut seqs: Vec<Rows> = Vec::with_capacity(pass_rows);
             for d in going.iter_mut() {
                 let Decoding { rows, next, .. } = &mut **d;
-                let mut rest: &mut [Row] = rows;
-                let mut at = 0;
-                for (i, t) in next.iter() {
-                    // `next` is in row order: split each planned row off the rest.
-                    let (_, tail) = std::mem::take(&mut rest).split_at_mut(i - at);
-                    let (row, tail) = tail.split_first_mut().expect("a planned row exists");
-                    seqs.push(Rows { cache: &mut row.kv, tokens: t });
-                    rest = tail;
-                    at = i + 1;
+                // `next` is in row order: each row takes its planned tokens, if any.
+                let mut planned = next.iter().peekable();
+                for (i, row) in rows.iter_mut().enumerate() {
+                    if let Some((_, t)) = planned.next_if(|(j, _)| *j == i) {
+                        seqs.push(Rows { cache: &mut row.kv, tokens: t });
+                    }
                 }
             }
             let mut logits = self.model.step_many(&mut seqs)?.into_iter();
