@@ -5,10 +5,11 @@
 //! the default Q4_K_M model at 20 tok/s where llama.cpp does 35: its x86 path repacks Q4_K into tiles that carry
 //! f32 scales (6 bits a weight instead of 4.5, a third more bytes streamed per token), and its Q6_K dot product,
 //! kept compact, runs at ~17 GB/s against ~35 GB/s for a streaming kernel. The kernels here read the compact
-//! blocks directly (Q4_K 144 bytes, Q6_K 210 bytes per 256 weights), multiply with AVX2 integer dot products
-//! against the activation quantized to 8 bits per 256-value block (the same Q8_K activation quantization candle
-//! and ggml use), and apply each sub-block's scale inside the integer pipeline (`madd`), so the only float work is
-//! one multiply-add per 256 weights.
+//! blocks directly (Q4_K 144 bytes, Q6_K 210 bytes per 256 weights), multiply with integer dot products (AVX-512
+//! VNNI `vpdpbusd` where the CPU has it, the same sums from AVX2 `maddubs` + `madd` elsewhere) against the
+//! activation quantized to 8 bits per 256-value block (the same Q8_K activation quantization candle and ggml use),
+//! laid out so that each 32-bit lane sums one weight sub-block ([`lanes`]): a block's scales are then applied once
+//! per block and activation row, which is what lets several rows share a pass cheaply.
 //!
 //! Used for one row of activations (decode, the final projection) and a few (candidates, speculative
 //! verification); a prompt's hundreds go through [`crate::engine::prompt_kernels`] where the CPU has AVX-512 VNNI,
@@ -66,6 +67,59 @@ impl Default for Q8K {
     fn default() -> Q8K {
         Q8K { qs: [0; QK_K], bsums: [0; QK_K / 16], d: 0.0 }
     }
+}
+
+/// One block of [`Q8K`] activations arranged for the sub-block-lane kernels ([`lanes`]): its 256 values in the
+/// order that puts, in every 32-bit lane of the kernels' registers, four values of one weight sub-block, and its
+/// 16-value sums in the order of those lanes (for Q4_K's mins, and ×32 for Q6_K's +32 offset). Built once per
+/// activation row and pass ([`arrange`]), then read by every weight row of the pass.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+pub struct Q8KLanes {
+    pub qs: [i8; QK_K],
+    pub bsums_q4k: [i16; 16],
+    pub bsums_q6k: [i32; 16],
+    pub d: f32,
+}
+
+impl Default for Q8KLanes {
+    fn default() -> Q8KLanes {
+        Q8KLanes { qs: [0; QK_K], bsums_q4k: [0; 16], bsums_q6k: [0; 16], d: 0.0 }
+    }
+}
+
+/// Where value `v` of a block goes in [`Q8KLanes::qs`]. Both weight formats load a block's quants as 8 registers
+/// of 32 values, register r holding values 32r..32r+32 (Q4_K: the low, then the high nibbles of each 32 bytes;
+/// Q6_K: the four quarters of each 128-value half). The kernels transpose each group g of 4 registers (values
+/// 128g..128g+128) as 4×4 blocks of 32-bit words within each 128-bit half, so transposed register t of group g
+/// holds, in half h (bytes 16h..16h+16) and word p, the 4 values 128g + 32p + 16h + 4t .. +4. Word (h, p) of a
+/// group therefore always meets the same 16 consecutive values, 128g + 32p + 16h .. +16: one Q6_K sub-block (16
+/// values) or half of one Q4_K sub-block (32 values), and the activations follow the same path.
+#[inline(always)]
+fn lane_slot(v: usize) -> usize {
+    let (g, p, h, t, b) = (v / 128, (v / 32) % 4, (v / 16) % 2, (v / 4) % 4, v % 4);
+    32 * (4 * g + t) + 16 * h + 4 * p + b
+}
+
+/// [`Q8KLanes`] of one activation block.
+pub fn arrange(y: &Q8K) -> Q8KLanes {
+    let mut o = Q8KLanes { d: y.d, ..Q8KLanes::default() };
+    for (v, &q) in y.qs.iter().enumerate() {
+        o.qs[lane_slot(v)] = q;
+    }
+    // The 16 values of word (h, p) in group g have sum bsums[8g + 2p + h]. Q4_K packs the two groups' words
+    // into 16-bit lanes as [g0 h0 p0..3, g1 h0 p0..3, g0 h1 p0..3, g1 h1 p0..3]; Q6_K keeps them as 32-bit
+    // lanes, group by group, [h0 p0..3, h1 p0..3].
+    for g in 0..2 {
+        for h in 0..2 {
+            for p in 0..4 {
+                let s = y.bsums[8 * g + 2 * p + h];
+                o.bsums_q4k[8 * h + 4 * g + p] = s;
+                o.bsums_q6k[8 * g + 4 * h + p] = 32 * s as i32;
+            }
+        }
+    }
+    o
 }
 
 /// Quantize `x` (a multiple of 256 long) block by block: the value of largest magnitude maps to ∓127 (ggml's Q8_K
@@ -127,6 +181,34 @@ pub(crate) fn quantize_rows(xs: &[&[f32]], act: &mut [Vec<Q8K>]) {
             // SAFETY: r < xs.len() <= act.len(), and row r belongs to this work item alone (see `Rows`).
             let a = unsafe { &mut *rows.0.add(r) };
             quantize_q8k_into(xs[r], a);
+        }
+    });
+}
+
+/// Each row of `act` arranged for the decode kernels into the matching row of `lanes` (resized to match): on
+/// the calling thread for a few rows, over candle's pool for a prompt's (as [`quantize_rows`]).
+pub(crate) fn arrange_rows(act: &[Vec<Q8K>], lanes: &mut [Vec<Q8KLanes>]) {
+    let fill = |a: &Vec<Q8K>, l: &mut Vec<Q8KLanes>| {
+        l.clear();
+        l.extend(a.iter().map(arrange));
+    };
+    if act.len() <= MAX_ROWS_AT_ONCE {
+        for (a, l) in act.iter().zip(lanes.iter_mut()) {
+            fill(a, l);
+        }
+        return;
+    }
+    struct Rows(*mut Vec<Q8KLanes>);
+    // SAFETY: each pool work item r writes row r only (`execute_chunked` hands every index to exactly one
+    // worker), no row is read while the pool runs, and `lanes` outlives the call (it returns when all are done).
+    unsafe impl Sync for Rows {}
+    assert!(lanes.len() >= act.len());
+    let rows = Rows(lanes.as_mut_ptr());
+    let rows = &rows;
+    candle_core::utils::barrier_pool().execute_chunked(act.len(), |range| {
+        for r in range {
+            // SAFETY: r < act.len() <= lanes.len(), and row r belongs to this work item alone (see `Rows`).
+            fill(&act[r], unsafe { &mut *rows.0.add(r) });
         }
     });
 }
@@ -263,255 +345,231 @@ pub fn simd_available() -> bool {
     }
 }
 
+/// The decode kernels: one weight row against `R` activation rows at once, lanes by sub-block.
+///
+/// Per block, the weight quants are unpacked once into 8 registers and transposed (see [`lane_slot`]) so that
+/// each 32-bit lane meets values of one sub-block only; then, per activation row, 8 `vpdpbusd` (4 u8 × i8
+/// products into each 32-bit lane) sum a whole block into two registers whose lanes are sub-block sums, and the
+/// scales are applied to those sums once per block — not once per 32 values, as a kernel whose lanes follow the
+/// block's own order must (`maddubs` + `madd` by the scale for every 32 values). On the 2-core EPYC that halves
+/// the instructions per row and block, which is what several rows in a pass pay for (see context.md, session
+/// 13). Each row's integer sums are exact and its float steps are the same whatever `R` is, so every result is
+/// bit-identical to the one-row result; the AVX2 variant makes each `vpdpbusd` from `maddubs` + `madd` by ones
+/// (exact: no 16-bit sum can saturate with these quants), so it computes the same bits as the VNNI one.
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{f16_at, q4k_scales_mins, Q4K_BYTES, Q6K_BYTES, Q8K};
+mod lanes {
+    use super::{f16_at, q4k_scales_mins, Q8KLanes, Q4K_BYTES, Q6K_BYTES};
+    pub(super) use std::arch::x86_64::__m256;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU must support AVX2.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
+    pub(super) unsafe fn hsum(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_movehdup_ps(s));
         _mm_cvtss_f32(s)
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `row` holds `a.len()` Q4_K blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4k(row: &[u8], a: &[Q8K]) -> f32 {
-        debug_assert!(row.len() >= a.len() * Q4K_BYTES);
-        // SAFETY: the caller guarantees AVX2/FMA and that `row` holds `a.len()` blocks of Q4K_BYTES bytes, so
-        // every load below (block i of the row, the 256 quants and 16 sums of activation block i) is in bounds.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0F);
-            // Byte shuffles that turn the 16 unpacked scale/min bytes (in both 128-bit lanes) into 16-bit lanes:
-            // `spread(j)` repeats scale j in all 16 lanes; `MINS` lays out min0,min0,min1,min1,… (one per bsum).
-            let spread = |j: i8| _mm256_set1_epi16(j as i16 | (0x80u16 as i16) << 8);
-            let sc_idx = [spread(0), spread(1), spread(2), spread(3), spread(4), spread(5), spread(6), spread(7)];
-            let z = -128i8; // 0x80: shuffle writes a zero byte
-            #[rustfmt::skip]
-            let mins_idx = _mm256_setr_epi8(
-                8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z,
-                12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15, z,
-            );
-            let mut acc = _mm256_setzero_ps();
-            for (i, y) in a.iter().enumerate() {
-                let b = &row[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
-                let d = y.d * f16_at(b, 0);
-                let dmin = y.d * f16_at(b, 2);
-                let sm = q4k_scales_mins(&b[4..16]);
-                let sm = _mm256_broadcastsi128_si256(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-                let qs = b.as_ptr().add(16);
-                let ys = y.qs.as_ptr();
-                let mut isum = _mm256_setzero_si256();
-                for j in 0..4 {
-                    let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                    let lo = _mm256_and_si256(q, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
-                    let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
-                    // u8 × i8 pairs → i16 (|·| ≤ 2·15·127), then × the sub-block scale and pairwise → i32.
-                    let slo = _mm256_shuffle_epi8(sm, sc_idx[2 * j]);
-                    let shi = _mm256_shuffle_epi8(sm, sc_idx[2 * j + 1]);
-                    let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), slo);
-                    let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), shi);
-                    isum = _mm256_add_epi32(isum, _mm256_add_epi32(plo, phi));
-                }
-                // The mins: Σ_j min_j · (sum of the activations of sub-block j), from the 16-value sums.
-                let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-                let msum = _mm256_madd_epi16(bs, _mm256_shuffle_epi8(sm, mins_idx));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
-                acc = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc);
+    macro_rules! dp_vnni {
+        ($acc:expr, $w:expr, $y:expr) => {
+            _mm256_dpbusd_epi32($acc, $w, $y)
+        };
+    }
+    macro_rules! dp_avx2 {
+        ($acc:expr, $w:expr, $y:expr) => {
+            _mm256_add_epi32($acc, _mm256_madd_epi16(_mm256_maddubs_epi16($w, $y), _mm256_set1_epi16(1)))
+        };
+    }
+    /// 4×4 transpose of 32-bit words within each 128-bit half: word p of output t = word t of input p.
+    macro_rules! transpose4 {
+        ($r0:expr, $r1:expr, $r2:expr, $r3:expr) => {{
+            let t0 = _mm256_unpacklo_epi32($r0, $r1);
+            let t1 = _mm256_unpackhi_epi32($r0, $r1);
+            let t2 = _mm256_unpacklo_epi32($r2, $r3);
+            let t3 = _mm256_unpackhi_epi32($r2, $r3);
+            [
+                _mm256_unpacklo_epi64(t0, t2),
+                _mm256_unpackhi_epi64(t0, t2),
+                _mm256_unpacklo_epi64(t1, t3),
+                _mm256_unpackhi_epi64(t1, t3),
+            ]
+        }};
+    }
+    /// The two group sums of one activation block against a block's transposed quants `w0` (values 0-127) and
+    /// `w1` (128-255): 32-bit lanes (h, p) as in [`super::lane_slot`].
+    macro_rules! block_sums {
+        ($dp:ident, $w0:expr, $w1:expr, $y:expr) => {{
+            let yq = $y.qs.as_ptr() as *const __m256i;
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for t in 0..4 {
+                s0 = $dp!(s0, $w0[t], _mm256_load_si256(yq.add(t)));
+                s1 = $dp!(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
             }
-            hsum(acc)
-        }
+            (s0, s1)
+        }};
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `row` holds `a.len()` Q6_K blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q6k(row: &[u8], a: &[Q8K]) -> f32 {
-        debug_assert!(row.len() >= a.len() * Q6K_BYTES);
-        // SAFETY: the caller guarantees AVX2/FMA and that `row` holds `a.len()` blocks of Q6K_BYTES bytes, so
-        // every load below (block i of the row, the 256 quants and 16 sums of activation block i) is in bounds.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let m30 = _mm256_set1_epi8(0x30);
-            let mut acc = _mm256_setzero_ps();
-            // Byte shuffles that spread scales s, s+1 over 8 lanes each, for the 8 scale pairs of a block.
-            let pair =
-                |s: i8| _mm_set_epi8(s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s, s, s, s, s, s, s, s);
-            let idx = [pair(0), pair(2), pair(4), pair(6), pair(8), pair(10), pair(12), pair(14)];
-            for (i, y) in a.iter().enumerate() {
-                let b = &row[i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
-                let p = b.as_ptr();
-                let d = y.d * f16_at(b, 208);
-                let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
-                // Quants are stored +32: Σ sc·(q−32)·y = Σ sc·q·y − 32·Σ sc·bsum.
-                let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-                let corr = _mm256_madd_epi16(bs, _mm256_cvtepi8_epi16(sc));
-                let mut isum = _mm256_setzero_si256();
-                let ys = y.qs.as_ptr();
-                for h in 0..2 {
-                    let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
-                    let ql1 = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                        ),
-                    ];
-                    for (k, q) in q.iter().enumerate() {
-                        let yk = _mm256_loadu_si256(ys.add(128 * h + 32 * k) as *const __m256i);
-                        let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx[4 * h + k]));
-                        isum = _mm256_add_epi32(isum, _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yk), s));
-                    }
-                }
-                let isum = _mm256_sub_epi32(isum, _mm256_slli_epi32(corr, 5));
-                acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
-            }
-            hsum(acc)
-        }
-    }
+    macro_rules! kernels {
+        ($m:ident, $feat:literal, $dp:ident) => {
+            pub mod $m {
+                use super::*;
 
-    /// [`dot_q4k`] of one row against `R` activation rows at once: the weights are unpacked (nibbles, scales and
-    /// mins) once per block for all rows, and each row's integer and float steps are exactly those of `dot_q4k`,
-    /// in the same order, so every result is bit-identical to the single-row one.
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `row` holds `a[r].len()` Q4_K blocks for every `r` (all equal).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4k_rows<const R: usize>(row: &[u8], a: [&[Q8K]; R]) -> [f32; R] {
-        let nb = a[0].len();
-        debug_assert!(row.len() >= nb * Q4K_BYTES && a.iter().all(|x| x.len() == nb));
-        // SAFETY: the caller guarantees AVX2/FMA and that `row` holds `nb` blocks and every activation row `nb`
-        // blocks, so every load below (block i of the row, the 256 quants and 16 sums of activation block i) is in
-        // bounds.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let spread = |j: i8| _mm256_set1_epi16(j as i16 | (0x80u16 as i16) << 8);
-            let sc_idx = [spread(0), spread(1), spread(2), spread(3), spread(4), spread(5), spread(6), spread(7)];
-            let z = -128i8;
-            #[rustfmt::skip]
-            let mins_idx = _mm256_setr_epi8(
-                8, z, 8, z, 9, z, 9, z, 10, z, 10, z, 11, z, 11, z,
-                12, z, 12, z, 13, z, 13, z, 14, z, 14, z, 15, z, 15, z,
-            );
-            let mut acc = [_mm256_setzero_ps(); R];
-            for i in 0..nb {
-                let b = &row[i * Q4K_BYTES..(i + 1) * Q4K_BYTES];
-                let (dw, dminw) = (f16_at(b, 0), f16_at(b, 2));
-                let sm = q4k_scales_mins(&b[4..16]);
-                let sm = _mm256_broadcastsi128_si256(_mm_loadu_si128(sm.as_ptr() as *const __m128i));
-                let qs = b.as_ptr().add(16);
-                let mut isum = [_mm256_setzero_si256(); R];
-                for j in 0..4 {
-                    let q = _mm256_loadu_si256(qs.add(32 * j) as *const __m256i);
-                    let lo = _mm256_and_si256(q, m4);
-                    let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-                    let slo = _mm256_shuffle_epi8(sm, sc_idx[2 * j]);
-                    let shi = _mm256_shuffle_epi8(sm, sc_idx[2 * j + 1]);
-                    for r in 0..R {
-                        let ys = a[r][i].qs.as_ptr();
-                        let ylo = _mm256_loadu_si256(ys.add(64 * j) as *const __m256i);
-                        let yhi = _mm256_loadu_si256(ys.add(64 * j + 32) as *const __m256i);
-                        let plo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, ylo), slo);
-                        let phi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, yhi), shi);
-                        isum[r] = _mm256_add_epi32(isum[r], _mm256_add_epi32(plo, phi));
-                    }
-                }
-                let mins = _mm256_shuffle_epi8(sm, mins_idx);
-                for r in 0..R {
-                    let y = &a[r][i];
-                    let (d, dmin) = (y.d * dw, y.d * dminw);
-                    let bs = _mm256_loadu_si256(y.bsums.as_ptr() as *const __m256i);
-                    let msum = _mm256_madd_epi16(bs, mins);
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_set1_ps(d), acc[r]);
-                    acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), _mm256_set1_ps(dmin), acc[r]);
-                }
-            }
-            acc.map(|v| hsum(v))
-        }
-    }
-
-    /// [`dot_q6k`] of one row against `R` activation rows at once (see [`dot_q4k_rows`]; bit-identical per row).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; `row` holds `a[r].len()` Q6_K blocks for every `r` (all equal).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q6k_rows<const R: usize>(row: &[u8], a: [&[Q8K]; R]) -> [f32; R] {
-        let nb = a[0].len();
-        debug_assert!(row.len() >= nb * Q6K_BYTES && a.iter().all(|x| x.len() == nb));
-        // SAFETY: as in `dot_q4k_rows`, every load is within block i of the row or of an activation row.
-        unsafe {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let m30 = _mm256_set1_epi8(0x30);
-            let mut acc = [_mm256_setzero_ps(); R];
-            let pair =
-                |s: i8| _mm_set_epi8(s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s + 1, s, s, s, s, s, s, s, s);
-            let idx = [pair(0), pair(2), pair(4), pair(6), pair(8), pair(10), pair(12), pair(14)];
-            for i in 0..nb {
-                let b = &row[i * Q6K_BYTES..(i + 1) * Q6K_BYTES];
-                let p = b.as_ptr();
-                let dw = f16_at(b, 208);
-                let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
-                let sc16 = _mm256_cvtepi8_epi16(sc);
-                let mut corr = [_mm256_setzero_si256(); R];
-                for r in 0..R {
-                    let bs = _mm256_loadu_si256(a[r][i].bsums.as_ptr() as *const __m256i);
-                    corr[r] = _mm256_madd_epi16(bs, sc16);
-                }
-                let mut isum = [_mm256_setzero_si256(); R];
-                for h in 0..2 {
-                    let ql0 = _mm256_loadu_si256(p.add(64 * h) as *const __m256i);
-                    let ql1 = _mm256_loadu_si256(p.add(64 * h + 32) as *const __m256i);
-                    let qh = _mm256_loadu_si256(p.add(128 + 32 * h) as *const __m256i);
-                    let q = [
-                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
-                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
-                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30),
-                        ),
-                    ];
-                    for (k, q) in q.iter().enumerate() {
-                        let s = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, idx[4 * h + k]));
-                        for r in 0..R {
-                            let yk = _mm256_loadu_si256(a[r][i].qs.as_ptr().add(128 * h + 32 * k) as *const __m256i);
-                            isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(_mm256_maddubs_epi16(*q, yk), s));
+                /// Q4_K row · `R` activation rows, added block by block to `sums` (one 8-lane float sum per
+                /// activation row, reduced by [`hsum`] once the row is done): a row may come in pieces of blocks,
+                /// and the sums see the same operations in the same order either way.
+                ///
+                /// # Safety
+                /// The CPU must have the features named in `target_feature`; `row` holds `a[r].len()` Q4_K blocks
+                /// for every `r` (all equal).
+                #[target_feature(enable = $feat)]
+                pub unsafe fn q4k<const R: usize>(row: &[u8], a: [&[Q8KLanes]; R], sums: &mut [__m256; R]) {
+                    let nb = a[0].len();
+                    debug_assert!(row.len() >= nb * Q4K_BYTES && a.iter().all(|x| x.len() == nb));
+                    // SAFETY: the caller guarantees the CPU features, that `row` holds `nb` blocks and that every
+                    // activation row has `nb` blocks, so block i of the row (bytes i·144..(i+1)·144) and block i
+                    // of each activation row (through `ap[r].add(i)`, i < nb) are in bounds; `Q8KLanes` is
+                    // 32-byte aligned, as the aligned loads of its quants need.
+                    unsafe {
+                        let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
+                        let m4 = _mm256_set1_epi8(0x0F);
+                        let mut acc = *sums;
+                        for i in 0..nb {
+                            let b = std::slice::from_raw_parts(row.as_ptr().add(i * Q4K_BYTES), Q4K_BYTES);
+                            let dw = _mm256_set1_ps(f16_at(b, 0));
+                            let dminw = _mm256_set1_ps(f16_at(b, 2));
+                            // Scales and mins of sub-blocks 0-7, each repeated for the two halves (16-bit lanes
+                            // [s0..s7, s0..s7]: the order `packs` gives the group sums, see `bsums_q4k`).
+                            let sm = q4k_scales_mins(&b[4..16]);
+                            let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+                            let sc16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(sm, sm));
+                            let mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
+                            let qs = b.as_ptr().add(16) as *const __m256i;
+                            let (q0, q1) = (_mm256_loadu_si256(qs), _mm256_loadu_si256(qs.add(1)));
+                            let (q2, q3) = (_mm256_loadu_si256(qs.add(2)), _mm256_loadu_si256(qs.add(3)));
+                            let w0 = transpose4!(
+                                _mm256_and_si256(q0, m4),
+                                _mm256_and_si256(_mm256_srli_epi16(q0, 4), m4),
+                                _mm256_and_si256(q1, m4),
+                                _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4)
+                            );
+                            let w1 = transpose4!(
+                                _mm256_and_si256(q2, m4),
+                                _mm256_and_si256(_mm256_srli_epi16(q2, 4), m4),
+                                _mm256_and_si256(q3, m4),
+                                _mm256_and_si256(_mm256_srli_epi16(q3, 4), m4)
+                            );
+                            for r in 0..R {
+                                let y = &*ap[r].add(i);
+                                let (s0, s1) = block_sums!($dp, w0, w1, y);
+                                // |lane| ≤ 16 · 15 · 127: exact in 16 bits, so `packs` never saturates.
+                                let isum = _mm256_madd_epi16(_mm256_packs_epi32(s0, s1), sc16);
+                                let bs = _mm256_load_si256(y.bsums_q4k.as_ptr() as *const __m256i);
+                                let msum = _mm256_madd_epi16(bs, mn16);
+                                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
+                                let t = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dminw, t);
+                                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), acc[r]);
+                            }
                         }
+                        *sums = acc;
                     }
                 }
-                for r in 0..R {
-                    let d = a[r][i].d * dw;
-                    let v = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(corr[r], 5));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_set1_ps(d), acc[r]);
+
+                /// Q6_K row · `R` activation rows.
+                ///
+                /// # Safety
+                /// As [`q4k`], with Q6_K blocks.
+                #[target_feature(enable = $feat)]
+                pub unsafe fn q6k<const R: usize>(row: &[u8], a: [&[Q8KLanes]; R], sums: &mut [__m256; R]) {
+                    let nb = a[0].len();
+                    debug_assert!(row.len() >= nb * Q6K_BYTES && a.iter().all(|x| x.len() == nb));
+                    // SAFETY: as in `q4k`: block i of the row is bytes i·210..(i+1)·210 and i < nb everywhere.
+                    unsafe {
+                        let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
+                        let m4 = _mm256_set1_epi8(0x0F);
+                        let m30 = _mm256_set1_epi8(0x30);
+                        // Scale of word (h, p) in group g: sub-block 8g + 2p + h.
+                        let idx0 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+                        let idx1 = _mm_setr_epi8(8, 10, 12, 14, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+                        let mut acc = *sums;
+                        for i in 0..nb {
+                            let p = row.as_ptr().add(i * Q6K_BYTES);
+                            let dw = _mm256_set1_ps(f16_at(std::slice::from_raw_parts(p, Q6K_BYTES), 208));
+                            let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
+                            let sc0 = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx0));
+                            let sc1 = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx1));
+                            // The stored (+32) 6-bit quants of half h: low 4 bits from `ql`, high 2 from `qh`.
+                            macro_rules! half {
+                                ($h:expr) => {{
+                                    let ql0 = _mm256_loadu_si256(p.add(64 * $h) as *const __m256i);
+                                    let ql1 = _mm256_loadu_si256(p.add(64 * $h + 32) as *const __m256i);
+                                    let qh = _mm256_loadu_si256(p.add(128 + 32 * $h) as *const __m256i);
+                                    transpose4!(
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(ql0, m4),
+                                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(ql1, m4),
+                                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
+                                            _mm256_and_si256(qh, m30)
+                                        ),
+                                        _mm256_or_si256(
+                                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)
+                                        )
+                                    )
+                                }};
+                            }
+                            let (w0, w1) = (half!(0), half!(1));
+                            for r in 0..R {
+                                let y = &*ap[r].add(i);
+                                let (s0, s1) = block_sums!($dp, w0, w1, y);
+                                // Σ sc·(q − 32)·y per sub-block: the +32 offset comes off with 32·(its 16-value sum).
+                                let bs = y.bsums_q6k.as_ptr() as *const __m256i;
+                                let v0 = _mm256_sub_epi32(s0, _mm256_load_si256(bs));
+                                let v1 = _mm256_sub_epi32(s1, _mm256_load_si256(bs.add(1)));
+                                let isum = _mm256_add_epi32(_mm256_mullo_epi32(v0, sc0), _mm256_mullo_epi32(v1, sc1));
+                                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
+                                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), acc[r]);
+                            }
+                        }
+                        *sums = acc;
+                    }
                 }
             }
-            acc.map(|v| hsum(v))
-        }
+        };
     }
+
+    kernels!(vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dp_vnni);
+    kernels!(avx2, "avx2,fma", dp_avx2);
 }
 
-/// Dot product of one row of `kind` blocks with quantized activations, on the fastest path this CPU has.
+/// True when the AVX-512 VNNI variant of the decode kernels can run (else their AVX2 variant, same results).
+#[cfg(target_arch = "x86_64")]
+fn vnni_available() -> bool {
+    simd_available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// Dot product of one row of `kind` blocks with quantized activations, on the fastest path this CPU has (with
+/// `simd`; without it, the scalar kernels). The SIMD path is [`rows_lanes`] with one row, so it gives exactly
+/// what a pass of several rows gives each of them.
 pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     assert!(row.len() >= a.len() * kind.block_bytes(), "row of {} bytes for {} blocks", row.len(), a.len());
     #[cfg(target_arch = "x86_64")]
     if simd && simd_available() {
-        // SAFETY: AVX2 and FMA were detected at run time just above, and the row holds `a.len()` blocks (asserted).
-        return unsafe {
-            match kind {
-                Kind::Q4K => avx2::dot_q4k(row, a),
-                Kind::Q6K => avx2::dot_q6k(row, a),
-            }
-        };
+        let lanes: Vec<Q8KLanes> = a.iter().map(arrange).collect();
+        let mut out = 0f32;
+        rows_lanes(kind, row, row.len(), 0..1, &[&lanes], |_, _, v| out = v);
+        return out;
     }
     let _ = simd;
     match kind {
@@ -520,39 +578,136 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     }
 }
 
-/// [`dot`] of one weight row against several activation rows, into `out` (one value per activation row): the
-/// weights are unpacked once for up to four rows at a time. Bit-identical to calling [`dot`] row by row.
-pub fn dot_rows(kind: Kind, row: &[u8], acts: &[&[Q8K]], simd: bool, out: &mut [f32]) {
-    assert_eq!(acts.len(), out.len());
-    #[cfg(target_arch = "x86_64")]
-    if simd && simd_available() && acts.len() > 1 {
-        let nb = acts[0].len();
-        assert!(acts.iter().all(|a| a.len() == nb), "activation rows of different widths");
-        assert!(row.len() >= nb * kind.block_bytes(), "row of {} bytes for {nb} blocks", row.len());
-        let mut start = 0;
-        while start < acts.len() {
-            let n = (acts.len() - start).min(4);
-            let a = &acts[start..start + n];
-            let o = &mut out[start..start + n];
-            // SAFETY: AVX2 and FMA were detected at run time just above; every activation row has `nb` blocks and
-            // the weight row holds `nb` blocks (asserted).
-            unsafe {
-                match (kind, n) {
-                    (Kind::Q4K, 4) => o.copy_from_slice(&avx2::dot_q4k_rows(row, [a[0], a[1], a[2], a[3]])),
-                    (Kind::Q4K, 3) => o.copy_from_slice(&avx2::dot_q4k_rows(row, [a[0], a[1], a[2]])),
-                    (Kind::Q4K, 2) => o.copy_from_slice(&avx2::dot_q4k_rows(row, [a[0], a[1]])),
-                    (Kind::Q6K, 4) => o.copy_from_slice(&avx2::dot_q6k_rows(row, [a[0], a[1], a[2], a[3]])),
-                    (Kind::Q6K, 3) => o.copy_from_slice(&avx2::dot_q6k_rows(row, [a[0], a[1], a[2]])),
-                    (Kind::Q6K, 2) => o.copy_from_slice(&avx2::dot_q6k_rows(row, [a[0], a[1]])),
-                    (_, _) => o[0] = dot(kind, row, a[0], simd),
+/// Activation bytes a pass may keep in the L1 cache (32 KB on the CPUs seen) while weight rows stream past them:
+/// 8 rows of 1,536 values (18 KB) still run whole, 2 rows of 8,960 (27 KB) go in pieces (measured both ways).
+const L1_ACTS_BYTES: usize = 24 * 1024;
+/// Blocks per piece when a pass's activation rows do not fit [`L1_ACTS_BYTES`] (4: 8 rows × 1.5 KB).
+const BLOCKS_PER_PIECE: usize = 4;
+
+/// Weight rows `wrows` of `w` (`row_bytes` each, `kind` blocks) against arranged activation rows `acts` (at most
+/// [`MAX_ROWS_AT_ONCE`], all of one width), calling `put(weight row, activation row, value)` for every product.
+/// The weights are unpacked once per block for all activation rows. When the activation rows outgrow the L1 cache
+/// (long rows, e.g. the 8,960-wide down projection with 2+ rows: 13 KB a row), the weight rows are walked piece by
+/// piece — [`BLOCKS_PER_PIECE`] blocks of every weight row, then the next piece — so each piece of the activations
+/// stays in L1 while up to [`ROWS_PER_ITEM`] weight rows use it; each product's float sums see the same operations
+/// in the same order either way (only where they wait between pieces changes). So every value is bit-identical
+/// to what its activation row gets alone, with either variant of the kernels.
+///
+/// Panics without AVX2 and FMA ([`simd_available`]) or with more than [`ROWS_PER_ITEM`] weight rows.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn rows_lanes(
+    kind: Kind,
+    w: &[u8],
+    row_bytes: usize,
+    wrows: std::ops::Range<usize>,
+    acts: &[&[Q8KLanes]],
+    put: impl FnMut(usize, usize, f32),
+) {
+    assert!(simd_available(), "the decode kernels need AVX2 and FMA");
+    assert!(wrows.len() <= ROWS_PER_ITEM, "{} weight rows at once", wrows.len());
+    let Some(first) = acts.first() else { return };
+    let (nb, bb, n_act) = (first.len(), kind.block_bytes(), acts.len());
+    assert!(n_act <= MAX_ROWS_AT_ONCE, "{n_act} activation rows at once");
+    assert!(acts.iter().all(|a| a.len() == nb), "activation rows of different widths");
+    assert!(row_bytes >= nb * bb && w.len() >= wrows.end * row_bytes, "weights too short for {nb} blocks a row");
+    let vnni = vnni_available();
+    let piece =
+        if n_act >= 2 && n_act * nb * std::mem::size_of::<Q8KLanes>() > L1_ACTS_BYTES { BLOCKS_PER_PIECE } else { nb };
+    let job = Job { kind, vnni, w, row_bytes, wrows, nb, piece };
+    match n_act {
+        1 => job.run::<1>(acts, put),
+        2 => job.run::<2>(acts, put),
+        3 => job.run::<3>(acts, put),
+        4 => job.run::<4>(acts, put),
+        5 => job.run::<5>(acts, put),
+        6 => job.run::<6>(acts, put),
+        7 => job.run::<7>(acts, put),
+        _ => job.run::<8>(acts, put),
+    }
+}
+
+/// One [`rows_lanes`] call, checked, for `N` activation rows.
+#[cfg(target_arch = "x86_64")]
+struct Job<'a> {
+    kind: Kind,
+    vnni: bool,
+    w: &'a [u8],
+    row_bytes: usize,
+    wrows: std::ops::Range<usize>,
+    nb: usize,
+    piece: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Job<'_> {
+    /// Blocks `kc..ke` of weight row `r` against the same blocks of `acts`, added to `sums`.
+    #[inline(always)]
+    fn blocks<const N: usize>(
+        &self,
+        r: usize,
+        kc: usize,
+        ke: usize,
+        acts: &[&[Q8KLanes]],
+        sums: &mut [lanes::__m256; N],
+    ) {
+        let bb = self.kind.block_bytes();
+        let row = &self.w[r * self.row_bytes + kc * bb..r * self.row_bytes + ke * bb];
+        let a: [&[Q8KLanes]; N] = std::array::from_fn(|j| &acts[j][kc..ke]);
+        // SAFETY: `rows_lanes` checked AVX2 and FMA, and `vnni` is set only where `vnni_available` found AVX-512
+        // F/VL/VNNI; `row` and every `a[j]` hold ke − kc blocks (sliced just above).
+        unsafe {
+            match (self.kind, self.vnni) {
+                (Kind::Q4K, true) => lanes::vnni::q4k(row, a, sums),
+                (Kind::Q4K, false) => lanes::avx2::q4k(row, a, sums),
+                (Kind::Q6K, true) => lanes::vnni::q6k(row, a, sums),
+                (Kind::Q6K, false) => lanes::avx2::q6k(row, a, sums),
+            }
+        }
+    }
+
+    fn run<const N: usize>(&self, acts: &[&[Q8KLanes]], mut put: impl FnMut(usize, usize, f32)) {
+        let (nb, piece, bb, row_bytes) = (self.nb, self.piece, self.kind.block_bytes(), self.row_bytes);
+        if piece == nb {
+            // Whole rows, streamed a row or two ahead.
+            for r in self.wrows.clone() {
+                prefetch(self.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                // SAFETY: an all-zero bit pattern is a valid __m256 (eight 0.0f32).
+                let mut sums: [lanes::__m256; N] = unsafe { std::mem::zeroed() };
+                self.blocks(r, 0, nb, acts, &mut sums);
+                for (j, s) in sums.iter().enumerate() {
+                    // SAFETY: AVX2 was checked by `rows_lanes`.
+                    put(r, j, unsafe { lanes::hsum(*s) });
                 }
             }
-            start += n;
+            return;
         }
-        return;
-    }
-    for (o, a) in out.iter_mut().zip(acts) {
-        *o = dot(kind, row, a, simd);
+        // SAFETY: an all-zero bit pattern is a valid __m256 (eight 0.0f32).
+        let mut sums: [[lanes::__m256; N]; ROWS_PER_ITEM] = unsafe { std::mem::zeroed() };
+        let mut kc = 0;
+        while kc < nb {
+            let ke = (kc + piece).min(nb);
+            let end = self.wrows.end;
+            for (i, r) in self.wrows.clone().enumerate() {
+                // Ask for the weights needed two rows ahead: this piece of row r + 2, or past the item's last
+                // rows, the next piece of its first rows.
+                let (ahead, at) = if r + PREFETCH_ROWS < end {
+                    (r + PREFETCH_ROWS, kc)
+                } else {
+                    (r + PREFETCH_ROWS - self.wrows.len(), ke)
+                };
+                if at < nb {
+                    prefetch(self.w, ahead * row_bytes + at * bb, (at + piece).min(nb).saturating_sub(at) * bb);
+                }
+                self.blocks(r, kc, ke, acts, &mut sums[i]);
+            }
+            kc = ke;
+        }
+        for (r, sums) in self.wrows.clone().zip(&sums) {
+            for (j, s) in sums.iter().enumerate() {
+                // SAFETY: AVX2 was checked by `rows_lanes`.
+                put(r, j, unsafe { lanes::hsum(*s) });
+            }
+        }
     }
 }
 
@@ -580,8 +735,8 @@ pub(crate) struct Outs(pub(crate) Vec<*mut f32>);
 // pointer stays valid until the pool call returns (it returns only when all workers are done).
 unsafe impl Sync for Outs {}
 
-/// Activation rows one weight row is multiplied with in one go ([`dot_rows`] takes up to four at a time; more
-/// would spill the accumulators out of the 16 AVX2 registers).
+/// Activation rows one weight row is multiplied with in one go ([`rows_lanes`]): the kernels keep one 8-lane sum
+/// per activation row in a register, and the AVX-512 variant has 32 of them.
 const MAX_ROWS_AT_ONCE: usize = 8;
 
 /// How many weight rows ahead [`gemm_many`] asks the CPU to load a whole row (a row of the default model is
@@ -648,59 +803,66 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
     let total = *first.last().unwrap();
     thread_local! {
         static ACT: std::cell::RefCell<Vec<Vec<Q8K>>> = const { std::cell::RefCell::new(Vec::new()) };
+        static LANES: std::cell::RefCell<Vec<Vec<Q8KLanes>>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    ACT.with(|act| {
-        let mut act = act.borrow_mut();
-        let have = act.len();
-        act.resize_with(rows.max(have), Vec::new);
-        quantize_rows(xs, &mut act[..rows]);
-        let act: &[Vec<Q8K>] = &act[..rows];
-        let act_refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
-        let act_refs = &act_refs;
-        let simd = simd_available();
-        let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
-        let outs = &outs;
-        let first = &first;
-        candle_core::utils::barrier_pool().execute_chunked(total, |items| {
-            for item in items {
-                let mi = first.partition_point(|&f| f <= item) - 1;
-                let m = &mats[mi];
-                let row_bytes = k / QK_K * m.kind.block_bytes();
-                let start = (item - first[mi]) * ROWS_PER_ITEM;
-                let mut vals = [0f32; MAX_ROWS_AT_ONCE];
-                // A few input rows (decode, candidates): the weights stream through, a row or two ahead
-                // (`prefetch`). More (a prompt, where the prompt kernels are not available): input rows outside,
-                // this item's weight rows inside, so the item's weights (16 rows, 14–80 KB for the default model)
-                // stay in cache while the prompt's rows go past them.
-                if act_refs.len() <= MAX_ROWS_AT_ONCE {
-                    for r in start..(start + ROWS_PER_ITEM).min(m.n) {
-                        let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
-                        prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
-                        let v = &mut vals[..act_refs.len()];
-                        dot_rows(m.kind, w, act_refs, simd, v);
-                        for (j, v) in v.iter().enumerate() {
-                            // SAFETY: j * m.n + r < rows * m.n = ys[mi].len(), and weight row r of matrix mi (for
-                            // every input row) belongs to this item alone (see `Outs`).
-                            unsafe { *outs.0[mi].add(j * m.n + r) = *v };
-                        }
-                    }
-                    continue;
-                }
-                for (chunk, acts) in act_refs.chunks(MAX_ROWS_AT_ONCE).enumerate() {
-                    for r in start..(start + ROWS_PER_ITEM).min(m.n) {
-                        let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
-                        let v = &mut vals[..acts.len()];
-                        dot_rows(m.kind, w, acts, simd, v);
-                        for (jj, v) in v.iter().enumerate() {
-                            let j = chunk * MAX_ROWS_AT_ONCE + jj;
-                            // SAFETY: j * m.n + r < rows * m.n = ys[mi].len(), and weight row r of matrix mi (for
-                            // every input row) belongs to this item alone (see `Outs`).
-                            unsafe { *outs.0[mi].add(j * m.n + r) = *v };
-                        }
-                    }
-                }
+    ACT.with_borrow_mut(|act| {
+        LANES.with_borrow_mut(|lanes| {
+            let have = act.len();
+            act.resize_with(rows.max(have), Vec::new);
+            quantize_rows(xs, &mut act[..rows]);
+            let act: &[Vec<Q8K>] = &act[..rows];
+            let simd = simd_available();
+            if simd {
+                let have = lanes.len();
+                lanes.resize_with(rows.max(have), Vec::new);
+                arrange_rows(act, &mut lanes[..rows]);
             }
-        });
+            let act_refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
+            let lane_refs: Vec<&[Q8KLanes]> =
+                if simd { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };
+            let (act_refs, lane_refs) = (&act_refs, &lane_refs);
+            let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
+            let outs = &outs;
+            let first = &first;
+            candle_core::utils::barrier_pool().execute_chunked(total, |items| {
+                for item in items {
+                    let mi = first.partition_point(|&f| f <= item) - 1;
+                    let m = &mats[mi];
+                    let row_bytes = k / QK_K * m.kind.block_bytes();
+                    let start = (item - first[mi]) * ROWS_PER_ITEM;
+                    let wrows = start..(start + ROWS_PER_ITEM).min(m.n);
+                    // Input rows `from..` against this item's weight rows: value (weight row r, input row j).
+                    let put = |from: usize| {
+                        move |r: usize, j: usize, v: f32| {
+                            // SAFETY: (from + j) * m.n + r < rows * m.n = ys[mi].len(), and weight row r of matrix
+                            // mi (for every input row) belongs to this item alone (see `Outs`).
+                            unsafe { *outs.0[mi].add((from + j) * m.n + r) = v };
+                        }
+                    };
+                    // A few input rows (decode, candidates, several sessions): all of them against each weight
+                    // row as it streams through. More (a prompt, where the prompt kernels are not available): input
+                    // rows in groups outside, this item's weight rows inside, so the item's weights (16 rows, 14–80
+                    // KB for the default model) stay in cache while the prompt's rows go past them.
+                    for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
+                        let to = (from + MAX_ROWS_AT_ONCE).min(rows);
+                        #[cfg(target_arch = "x86_64")]
+                        if simd {
+                            rows_lanes(m.kind, m.w, row_bytes, wrows.clone(), &lane_refs[from..to], put(from));
+                            continue;
+                        }
+                        let _ = lane_refs;
+                        let put = put(from);
+                        for r in wrows.clone() {
+                            let w = &m.w[r * row_bytes..(r + 1) * row_bytes];
+                            prefetch(m.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                            for (j, a) in act_refs[from..to].iter().enumerate() {
+                                put(r, j, dot(m.kind, w, a, false));
+                            }
+                        }
+                    }
+                }
+            });
+        })
     });
 }
 
@@ -885,6 +1047,131 @@ pub(crate) mod tests {
             // Bit for bit: batching must not change an answer.
             assert_eq!(&a[r * 37..(r + 1) * 37], ya.as_slice(), "row {r}, Q4_K");
             assert_eq!(&b[r * 19..(r + 1) * 19], yb.as_slice(), "row {r}, Q6_K");
+        }
+    }
+
+    #[test]
+    fn arranged_lanes_hold_one_sub_block_each() {
+        // Every value lands in a distinct slot, and the 16 values that share a 32-bit word pair (h, p) of a group
+        // are consecutive (one Q6_K sub-block, half a Q4_K one), with their sum where the kernels look for it.
+        let mut y = Q8K::default();
+        for (v, q) in y.qs.iter_mut().enumerate() {
+            *q = (v % 251) as i8 - 100;
+        }
+        for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+            *s = g.iter().map(|&q| q as i16).sum();
+        }
+        let l = arrange(&y);
+        let mut seen = [false; QK_K];
+        for v in 0..QK_K {
+            assert!(!std::mem::replace(&mut seen[lane_slot(v)], true), "slot of {v} taken twice");
+            assert_eq!(l.qs[lane_slot(v)], y.qs[v]);
+        }
+        for g in 0..2 {
+            for h in 0..2 {
+                for p in 0..4 {
+                    // Word (h, p) of the 4 transposed registers of group g.
+                    let vals: Vec<usize> = (0..4)
+                        .flat_map(|t| (0..4).map(move |b| 32 * (4 * g + t) + 16 * h + 4 * p + b))
+                        .map(|slot| (0..QK_K).find(|&v| lane_slot(v) == slot).unwrap())
+                        .collect();
+                    let lo = *vals.iter().min().unwrap();
+                    assert_eq!(lo % 16, 0);
+                    assert!(vals.iter().all(|&v| v - lo < 16), "group {g} word ({h}, {p}): {vals:?}");
+                    let sum: i32 = vals.iter().map(|&v| y.qs[v] as i32).sum();
+                    assert_eq!(l.bsums_q6k[8 * g + 4 * h + p], 32 * sum);
+                    assert_eq!(l.bsums_q4k[8 * h + 4 * g + p] as i32, sum);
+                }
+            }
+        }
+    }
+
+    /// `rows_lanes` over weight rows of `kind`, returning values[activation row][weight row].
+    #[cfg(target_arch = "x86_64")]
+    fn lanes_products(kind: Kind, w: &[u8], n: usize, k: usize, xs: &[Vec<f32>]) -> Vec<Vec<f32>> {
+        let row_bytes = k / QK_K * kind.block_bytes();
+        let lanes: Vec<Vec<Q8KLanes>> = xs
+            .iter()
+            .map(|x| {
+                let mut a = Vec::new();
+                quantize_q8k(x, &mut a);
+                a.iter().map(arrange).collect()
+            })
+            .collect();
+        let refs: Vec<&[Q8KLanes]> = lanes.iter().map(|l| l.as_slice()).collect();
+        let mut out = vec![vec![f32::NAN; n]; xs.len()];
+        for start in (0..n).step_by(ROWS_PER_ITEM) {
+            rows_lanes(kind, w, row_bytes, start..(start + ROWS_PER_ITEM).min(n), &refs, |r, j, v| out[j][r] = v);
+        }
+        out
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn long_rows_in_pieces_give_what_each_row_gives_alone() {
+        if !simd_available() {
+            eprintln!("no AVX2: the SIMD kernels are not built for this CPU");
+            return;
+        }
+        // 8,960 columns: 2+ activation rows outgrow L1 and the weight rows are walked in pieces; one row is not.
+        let k = 8960;
+        for (dtype, kind) in [(GgmlDType::Q4K, Kind::Q4K), (GgmlDType::Q6K, Kind::Q6K)] {
+            let n = 19;
+            let (raw, _) = quantized(dtype, n, k, 41);
+            let xs: Vec<Vec<f32>> = (0..8).map(|r| activations(k, 50 + r)).collect();
+            assert!(2 * (k / QK_K) * std::mem::size_of::<Q8KLanes>() > L1_ACTS_BYTES, "the test must take pieces");
+            for count in [8, 5, 2] {
+                let together = lanes_products(kind, &raw, n, k, &xs[..count]);
+                for (j, x) in xs[..count].iter().enumerate() {
+                    let alone = lanes_products(kind, &raw, n, k, std::slice::from_ref(x));
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&together[j]), bits(&alone[0]), "{kind:?}: {count} rows, row {j}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn vnni_and_avx2_variants_compute_the_same_bits() {
+        if !vnni_available() {
+            eprintln!("no AVX-512 VNNI on this CPU: only the AVX2 variant runs here");
+            return;
+        }
+        for (dtype, kind) in [(GgmlDType::Q4K, Kind::Q4K), (GgmlDType::Q6K, Kind::Q6K)] {
+            let k = 1536;
+            let (raw, _) = quantized_spread(dtype, 3, k, 61, 2.0);
+            let lanes: Vec<Vec<Q8KLanes>> = (0..3)
+                .map(|r| {
+                    let mut a = Vec::new();
+                    quantize_q8k(&activations(k, 70 + r), &mut a);
+                    a.iter().map(arrange).collect()
+                })
+                .collect();
+            let row_bytes = k / QK_K * kind.block_bytes();
+            for r in 0..3 {
+                let row = &raw[r * row_bytes..(r + 1) * row_bytes];
+                let a: [&[Q8KLanes]; 3] = std::array::from_fn(|j| lanes[j].as_slice());
+                // SAFETY: AVX2/FMA and AVX-512 F/VL/VNNI were detected above; the row and the activation rows hold
+                // k / 256 blocks each.
+                let (v, x) = unsafe {
+                    let mut v: [lanes::__m256; 3] = std::mem::zeroed();
+                    let mut x: [lanes::__m256; 3] = std::mem::zeroed();
+                    match kind {
+                        Kind::Q4K => {
+                            lanes::vnni::q4k(row, a, &mut v);
+                            lanes::avx2::q4k(row, a, &mut x);
+                        }
+                        Kind::Q6K => {
+                            lanes::vnni::q6k(row, a, &mut v);
+                            lanes::avx2::q6k(row, a, &mut x);
+                        }
+                    }
+                    (v.map(|s| lanes::hsum(s)), x.map(|s| lanes::hsum(s)))
+                };
+                assert_eq!(v.map(f32::to_bits), x.map(f32::to_bits), "{kind:?} row {r}");
+                assert!(v.iter().all(|s| s.is_finite() && *s != 0.0));
+            }
         }
     }
 
