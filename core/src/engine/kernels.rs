@@ -8,7 +8,7 @@
 //! blocks directly (Q4_K 144 bytes, Q6_K 210 bytes per 256 weights), multiply with integer dot products (AVX-512
 //! VNNI `vpdpbusd` where the CPU has it, the same sums from AVX2 `maddubs` + `madd` elsewhere) against the
 //! activation quantized to 8 bits per 256-value block (the same Q8_K activation quantization candle and ggml use),
-//! laid out so that each 32-bit lane sums one weight sub-block ([`lanes`]): a block's scales are then applied once
+//! laid out so that each 32-bit lane sums one weight sub-block (module `lanes`): a block's scales are then applied once
 //! per block and activation row, which is what lets several rows share a pass cheaply.
 //!
 //! Used for one row of activations (decode, the final projection) and a few (candidates, speculative
@@ -69,7 +69,7 @@ impl Default for Q8K {
     }
 }
 
-/// One block of [`Q8K`] activations arranged for the sub-block-lane kernels ([`lanes`]): its 256 values in the
+/// One block of [`Q8K`] activations arranged for the sub-block-lane kernels (module `lanes`): its 256 values in the
 /// order that puts, in every 32-bit lane of the kernels' registers, four values of one weight sub-block, and its
 /// 16-value sums in the order of those lanes (for Q4_K's mins, and ×32 for Q6_K's +32 offset). Built once per
 /// activation row and pass ([`arrange`]), then read by every weight row of the pass.
@@ -560,7 +560,7 @@ fn vnni_available() -> bool {
 }
 
 /// Dot product of one row of `kind` blocks with quantized activations, on the fastest path this CPU has (with
-/// `simd`; without it, the scalar kernels). The SIMD path is [`rows_lanes`] with one row, so it gives exactly
+/// `simd`; without it, the scalar kernels). The SIMD path is `rows_lanes` with one row, so it gives exactly
 /// what a pass of several rows gives each of them.
 pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     assert!(row.len() >= a.len() * kind.block_bytes(), "row of {} bytes for {} blocks", row.len(), a.len());
@@ -580,8 +580,10 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
 
 /// Activation bytes a pass may keep in the L1 cache (32 KB on the CPUs seen) while weight rows stream past them:
 /// 8 rows of 1,536 values (18 KB) still run whole, 2 rows of 8,960 (27 KB) go in pieces (measured both ways).
+#[cfg(target_arch = "x86_64")]
 const L1_ACTS_BYTES: usize = 24 * 1024;
 /// Blocks per piece when a pass's activation rows do not fit [`L1_ACTS_BYTES`] (4: 8 rows × 1.5 KB).
+#[cfg(target_arch = "x86_64")]
 const BLOCKS_PER_PIECE: usize = 4;
 
 /// Weight rows `wrows` of `w` (`row_bytes` each, `kind` blocks) against arranged activation rows `acts` (at most
@@ -689,11 +691,12 @@ impl Job<'_> {
             let end = self.wrows.end;
             for (i, r) in self.wrows.clone().enumerate() {
                 // Ask for the weights needed two rows ahead: this piece of row r + 2, or past the item's last
-                // rows, the next piece of its first rows.
+                // rows, the next piece of its first rows (wrapping within the item, however few rows it has).
+                let (start, len) = (self.wrows.start, self.wrows.len());
                 let (ahead, at) = if r + PREFETCH_ROWS < end {
                     (r + PREFETCH_ROWS, kc)
                 } else {
-                    (r + PREFETCH_ROWS - self.wrows.len(), ke)
+                    (start + (r + PREFETCH_ROWS - start) % len, ke)
                 };
                 if at < nb {
                     prefetch(self.w, ahead * row_bytes + at * bb, (at + piece).min(nb).saturating_sub(at) * bb);
@@ -735,7 +738,7 @@ pub(crate) struct Outs(pub(crate) Vec<*mut f32>);
 // pointer stays valid until the pool call returns (it returns only when all workers are done).
 unsafe impl Sync for Outs {}
 
-/// Activation rows one weight row is multiplied with in one go ([`rows_lanes`]): the kernels keep one 8-lane sum
+/// Activation rows one weight row is multiplied with in one go (`rows_lanes`): the kernels keep one 8-lane sum
 /// per activation row in a register, and the AVX-512 variant has 32 of them.
 const MAX_ROWS_AT_ONCE: usize = 8;
 
@@ -1056,7 +1059,7 @@ pub(crate) mod tests {
         // are consecutive (one Q6_K sub-block, half a Q4_K one), with their sum where the kernels look for it.
         let mut y = Q8K::default();
         for (v, q) in y.qs.iter_mut().enumerate() {
-            *q = (v % 251) as i8 - 100;
+            *q = ((v * 37 % 255) as i32 - 127) as i8; // -127..=127, spread over the block
         }
         for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
             *s = g.iter().map(|&q| q as i16).sum();
