@@ -156,59 +156,43 @@ fn quantize_q8k_into(x: &[f32], out: &mut [Q8K]) {
     }
 }
 
-/// Each of `xs` quantized into the matching row of `act` (resized to `xs[r].len() / 256` blocks). A prompt's
-/// rows (hundreds × up to 8,960 values per product) are shared out over candle's thread pool; a few rows (decode,
-/// candidates) are quantized on the calling thread, where handing out would cost more than it saves.
-pub(crate) fn quantize_rows(xs: &[&[f32]], act: &mut [Vec<Q8K>]) {
+/// Each of `xs` quantized into the matching row of `act` (resized to `xs[r].len() / 256` blocks) and, unless
+/// `lanes` is empty, arranged for the decode kernels into the matching row of `lanes`. A prompt's rows (hundreds ×
+/// up to 8,960 values per product) are shared out over candle's thread pool; a few rows (decode, candidates) are
+/// done on the calling thread, where handing out would cost more than it saves.
+pub(crate) fn quantize_rows(xs: &[&[f32]], act: &mut [Vec<Q8K>], lanes: &mut [Vec<Q8KLanes>]) {
+    assert!(lanes.is_empty() || lanes.len() >= xs.len(), "{} rows to arrange into {}", xs.len(), lanes.len());
     for (a, x) in act.iter_mut().zip(xs) {
         assert_eq!(x.len() % QK_K, 0, "activation length {} is not a multiple of {QK_K}", x.len());
         a.resize(x.len() / QK_K, Q8K::default());
     }
+    let one = |x: &[f32], a: &mut Vec<Q8K>, l: Option<&mut Vec<Q8KLanes>>| {
+        quantize_q8k_into(x, a);
+        if let Some(l) = l {
+            l.clear();
+            l.extend(a.iter().map(arrange));
+        }
+    };
     if xs.len() <= MAX_ROWS_AT_ONCE {
+        let mut lanes = lanes.iter_mut();
         for (a, x) in act.iter_mut().zip(xs) {
-            quantize_q8k_into(x, a);
+            one(x, a, lanes.next());
         }
         return;
     }
-    struct Rows(*mut Vec<Q8K>);
-    // SAFETY: each pool work item r writes row r only (`execute_chunked` hands every index to exactly one
-    // worker), no row is read while the pool runs, and `act` outlives the call (it returns when all are done).
+    struct Rows(*mut Vec<Q8K>, *mut Vec<Q8KLanes>, bool);
+    // SAFETY: each pool work item r writes row r of `act` (and of `lanes`) only (`execute_chunked` hands every
+    // index to exactly one worker), no row is read while the pool runs, and both outlive the call (it returns
+    // when all are done).
     unsafe impl Sync for Rows {}
-    let rows = Rows(act.as_mut_ptr());
+    let rows = Rows(act.as_mut_ptr(), lanes.as_mut_ptr(), !lanes.is_empty());
     let rows = &rows;
     candle_core::utils::barrier_pool().execute_chunked(xs.len(), |range| {
         for r in range {
-            // SAFETY: r < xs.len() <= act.len(), and row r belongs to this work item alone (see `Rows`).
-            let a = unsafe { &mut *rows.0.add(r) };
-            quantize_q8k_into(xs[r], a);
-        }
-    });
-}
-
-/// Each row of `act` arranged for the decode kernels into the matching row of `lanes` (resized to match): on
-/// the calling thread for a few rows, over candle's pool for a prompt's (as [`quantize_rows`]).
-pub(crate) fn arrange_rows(act: &[Vec<Q8K>], lanes: &mut [Vec<Q8KLanes>]) {
-    let fill = |a: &Vec<Q8K>, l: &mut Vec<Q8KLanes>| {
-        l.clear();
-        l.extend(a.iter().map(arrange));
-    };
-    if act.len() <= MAX_ROWS_AT_ONCE {
-        for (a, l) in act.iter().zip(lanes.iter_mut()) {
-            fill(a, l);
-        }
-        return;
-    }
-    struct Rows(*mut Vec<Q8KLanes>);
-    // SAFETY: each pool work item r writes row r only (`execute_chunked` hands every index to exactly one
-    // worker), no row is read while the pool runs, and `lanes` outlives the call (it returns when all are done).
-    unsafe impl Sync for Rows {}
-    assert!(lanes.len() >= act.len());
-    let rows = Rows(lanes.as_mut_ptr());
-    let rows = &rows;
-    candle_core::utils::barrier_pool().execute_chunked(act.len(), |range| {
-        for r in range {
-            // SAFETY: r < act.len() <= lanes.len(), and row r belongs to this work item alone (see `Rows`).
-            fill(&act[r], unsafe { &mut *rows.0.add(r) });
+            // SAFETY: r < xs.len() <= act.len() (and <= lanes.len() when arranging, asserted), and row r belongs
+            // to this work item alone (see `Rows`).
+            let (a, l) = unsafe { (&mut *rows.0.add(r), rows.2.then(|| &mut *rows.1.add(r))) };
+            one(xs[r], a, l);
         }
     });
 }
@@ -810,16 +794,13 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
     }
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
+            let simd = simd_available();
             let have = act.len();
             act.resize_with(rows.max(have), Vec::new);
-            quantize_rows(xs, &mut act[..rows]);
+            let have = lanes.len();
+            lanes.resize_with(if simd { rows.max(have) } else { have }, Vec::new);
+            quantize_rows(xs, &mut act[..rows], if simd { &mut lanes[..rows] } else { &mut [] });
             let act: &[Vec<Q8K>] = &act[..rows];
-            let simd = simd_available();
-            if simd {
-                let have = lanes.len();
-                lanes.resize_with(rows.max(have), Vec::new);
-                arrange_rows(act, &mut lanes[..rows]);
-            }
             let act_refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
             let lane_refs: Vec<&[Q8KLanes]> =
                 if simd { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };

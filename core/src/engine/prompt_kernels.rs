@@ -184,7 +184,7 @@ pub fn gemm_prompt(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32
         let have = act.len();
         act.resize_with(rows.max(have), Vec::new);
         sums.resize_with(rows.max(have), Vec::new);
-        kernels::quantize_rows(xs, &mut act[..rows]);
+        kernels::quantize_rows(xs, &mut act[..rows], &mut []);
         for (s, a) in sums.iter_mut().zip(act.iter()).take(rows) {
             s.clear();
             s.extend(a.iter().map(Sums::of));
