@@ -128,14 +128,14 @@ impl TrainableModel {
         let embed = Embedding::new(w.token_embd, &device)?;
         let norm = w.norm;
         let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {
-            // Q4_0/Q5_0 weights compute as the same weights in Q8_0 (exact; see `widened_q8`).
-            let q = match (opts.base, widened_q8(&q)?) {
-                (BaseMode::F32, _) | (_, None) => q,
-                (_, Some(wide)) => Arc::new(wide),
-            };
             match opts.base {
+                // Widens Q4_0/Q5_0 for its forward product itself (and lays Q8_0 out in tiles).
                 BaseMode::Quantized => Frozen::quantized_q8_backward(q),
-                BaseMode::QuantizedExact => Ok(Frozen::quantized(q)),
+                // Q4_0/Q5_0 weights compute as the same weights in Q8_0 (exact; see `widened_q8`).
+                BaseMode::QuantizedExact => Ok(Frozen::quantized(match widened_q8(&q)? {
+                    Some(wide) => Arc::new(wide),
+                    None => q,
+                })),
                 BaseMode::F32 => Frozen::dense(q),
             }
         };

@@ -10,6 +10,9 @@
 //! ±1/√k (PyTorch's Kaiming-uniform with a = √5), `B` zero, so a new adapter leaves the model unchanged. The
 //! random numbers come from a seeded generator of our own: the same seed gives the same adapter on any machine.
 
+use crate::engine::kernels::{Kind, Matrix, QK_K};
+use crate::engine::prompt_kernels::gemm_prompt;
+use crate::tune::tiles::{self, Q8Tiles};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, Var};
 use std::sync::Arc;
@@ -17,18 +20,79 @@ use std::sync::Arc;
 /// `x·Wᵀ` for a frozen quantized `W`, differentiable with respect to `x`.
 ///
 /// The backward pass needs `∂L/∂x = ∂L/∂y · W`: a product with `W` untransposed, which the quantized layout (blocks
-/// along each row of `W`) cannot feed to a quantized dot. Two ways, chosen by `wt`:
+/// along each row of `W`) cannot feed to a quantized dot. Two ways, chosen by `bwd`:
 /// - `None`: dequantize `W` to f32 for that product (exact; costs a dequantization of the weight and an f32 matmul
 ///   every backward pass);
-/// - `Some(Wᵀ)`: `W` transposed and re-quantized to Q8_0 once at load, so the backward pass is a quantized matmul
-///   like the forward one (8-bit weights — finer than the 4-bit originals — and the incoming gradient rounded to
-///   8 bits per block of 32, as the forward pass rounds activations). 2.2× faster per step on the default 1.5B model
-///   (measured on the 2-core CI machine; docs/finetuning.md).
-pub struct FrozenQMatMul(pub Arc<QTensor>, pub Option<Arc<QTensor>>);
+/// - `Some(product)`: `W` transposed and re-quantized to Q8_0 once at load ([`transposed_q8`]), so the backward
+///   pass is a quantized matmul like the forward one (8-bit weights — finer than the 4-bit originals — and the
+///   incoming gradient rounded to 8 bits per block of 32, as the forward pass rounds activations). 2.2× faster per
+///   step on the default 1.5B model with candle's Q8_0 product (measured on the 2-core CI machine;
+///   docs/finetuning.md), more with [`Q8Tiles`].
+pub struct FrozenQMatMul {
+    w: Arc<QTensor>,
+    fwd: Product,
+    bwd: Option<Product>,
+}
 
 impl FrozenQMatMul {
+    /// Candle's product forward, the exact (dequantizing) one backward.
     pub fn exact(w: Arc<QTensor>) -> FrozenQMatMul {
-        FrozenQMatMul(w, None)
+        FrozenQMatMul { fwd: Product::Candle(w.clone()), w, bwd: None }
+    }
+
+    /// Candle's product forward, the transposed Q8_0 copy of `w` ([`Product::of`]: tiles where the CPU runs them)
+    /// backward.
+    pub fn with_transposed(w: Arc<QTensor>) -> Result<FrozenQMatMul> {
+        let bwd = Some(Product::of(Arc::new(transposed_q8(&w)?))?);
+        Ok(FrozenQMatMul { fwd: Product::Candle(w.clone()), w, bwd })
+    }
+}
+
+/// A frozen weight's product `x·Mᵀ` with no backward pass of its own: candle's quantized matmul; for a Q8_0
+/// weight on a CPU with AVX-512 VNNI, the same product over [`Q8Tiles`] (see its module: a training step of the
+/// bench's model went 5.2× faster with them); for Q4_K and Q6_K weights, the inference engine's own prompt
+/// kernels over the GGUF blocks ([`gemm_prompt`]: the products the model computes when it reads a prompt).
+#[derive(Clone)]
+pub enum Product {
+    Candle(Arc<QTensor>),
+    Tiles(Arc<Q8Tiles>),
+    Blocks(Arc<QTensor>, Kind),
+}
+
+impl Product {
+    /// `q`'s product: tiles where `q` is Q8_0 and this CPU runs them (the tiles hold their own copy), the engine's
+    /// kernels for Q4_K/Q6_K rows of whole blocks, else candle's.
+    pub fn of(q: Arc<QTensor>) -> Result<Product> {
+        let (_, k) = q.shape().dims2()?;
+        Ok(match Kind::from_ggml(q.dtype()) {
+            Some(kind) if k % QK_K == 0 => Product::Blocks(q, kind),
+            _ if q.dtype() == GgmlDType::Q8_0 && tiles::available() => {
+                Product::Tiles(Arc::new(Q8Tiles::from_q8_0(&q)?))
+            }
+            _ => Product::Candle(q),
+        })
+    }
+}
+
+impl CustomOp1 for Product {
+    fn name(&self) -> &'static str {
+        "frozen-product"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        match self {
+            Product::Candle(q) => <QTensor as CustomOp1>::cpu_fwd(q, storage, layout),
+            Product::Tiles(t) => t.cpu_fwd(storage, layout),
+            Product::Blocks(q, kind) => {
+                let (n, k) = q.shape().dims2()?;
+                let (x, shape) = tiles::input_rows(storage, layout, k, n)?;
+                let w = q.data()?;
+                let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+                let mut y = vec![0f32; rows.len() * n];
+                gemm_prompt(&[Matrix { kind: *kind, w: &w, n }], k, &rows, &mut [&mut y]);
+                Ok((CpuStorage::F32(y), shape))
+            }
+        }
     }
 }
 
@@ -88,16 +152,16 @@ impl CustomOp1 for FrozenQMatMul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        <QTensor as CustomOp1>::cpu_fwd(&self.0, storage, layout)
+        self.fwd.cpu_fwd(storage, layout)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        match &self.1 {
+        match &self.bwd {
             // ∂L/∂x = ∂L/∂y · W = ∂L/∂y · (Wᵀ)ᵀ: a quantized matmul against the transposed copy.
-            Some(wt) => Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(wt.as_ref())?)),
+            Some(wt) => Ok(Some(grad_res.contiguous()?.apply_op1_no_bwd(wt)?)),
             // ∂L/∂x = ∂L/∂y · W, with W (n × k) dequantized for this product only.
             None => {
-                let w = self.0.dequantize(arg.device())?;
+                let w = self.w.dequantize(arg.device())?;
                 Ok(Some(grad_res.broadcast_matmul(&w)?))
             }
         }
@@ -110,39 +174,56 @@ impl CustomOp1 for FrozenQMatMul {
 #[derive(Clone)]
 pub struct Frozen {
     pub q: Arc<QTensor>,
-    /// Q8_0 copy of Wᵀ for the backward pass (see [`FrozenQMatMul`]); `None` = dequantize on the fly.
-    qt: Option<Arc<QTensor>>,
+    /// The forward product: candle's over `q`, or [`Product::of`] `q` (widened where it is Q4_0/Q5_0) — see
+    /// [`Frozen::quantized_q8_backward`].
+    fwd: Product,
+    /// The product with the Q8_0 copy of Wᵀ for the backward pass (see [`FrozenQMatMul`]); `None` = dequantize
+    /// on the fly.
+    bwd: Option<Product>,
     dense: Option<Tensor>,
 }
 
 impl Frozen {
     /// Quantized, with the exact backward pass (dequantizing on the fly).
     pub fn quantized(q: Arc<QTensor>) -> Frozen {
-        Frozen { q, qt: None, dense: None }
+        Frozen { fwd: Product::Candle(q.clone()), q, bwd: None, dense: None }
     }
 
     /// Quantized, with a transposed Q8_0 copy for fast backward passes (falls back to the exact pass where the
-    /// output width is not a multiple of 32).
+    /// output width is not a multiple of 32). Q4_0/Q5_0 weights compute forward as the same weights in Q8_0
+    /// ([`widened_q8`], exact), Q8_0 products go through [`Q8Tiles`] where the CPU has AVX-512 VNNI, Q4_K/Q6_K
+    /// forward products through the engine's prompt kernels ([`Product::Blocks`]); `q`
+    /// stays as given (the weights merged into, and what the exact backward pass dequantizes) beside the tiles'
+    /// own copies — for a Q5_0 weight 94 bytes per 32 values where the widened Q8_0 copies took 68 (measured:
+    /// 2.99 vs 2.84 GB peak on the 0.5B bench, still under PyTorch's 5.6 GB).
     pub fn quantized_q8_backward(q: Arc<QTensor>) -> Result<Frozen> {
         let (n, _) = q.shape().dims2()?;
-        let qt = match n % 32 {
-            0 => Some(Arc::new(transposed_q8(&q)?)),
+        let fwd = match widened_q8(&q)? {
+            Some(wide) => Product::of(Arc::new(wide))?,
+            None => Product::of(q.clone())?,
+        };
+        let bwd = match n % 32 {
+            0 => Some(Product::of(Arc::new(transposed_q8(&q)?))?),
             _ => None,
         };
-        Ok(Frozen { q, qt, dense: None })
+        Ok(Frozen { q, fwd, bwd, dense: None })
     }
 
     /// `q` dequantized once to f32.
     pub fn dense(q: Arc<QTensor>) -> Result<Frozen> {
         let w = q.dequantize(&q.device())?;
-        Ok(Frozen { q, qt: None, dense: Some(w) })
+        Ok(Frozen { fwd: Product::Candle(q.clone()), q, bwd: None, dense: Some(w) })
     }
 
     /// `x·Wᵀ`, differentiable with respect to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.dense {
             Some(w) => x.broadcast_matmul(&w.t()?),
-            None => x.contiguous()?.apply_op1(FrozenQMatMul(self.q.clone(), self.qt.clone())),
+            None => x.contiguous()?.apply_op1(FrozenQMatMul {
+                w: self.q.clone(),
+                fwd: self.fwd.clone(),
+                bwd: self.bwd.clone(),
+            }),
         }
     }
 }
@@ -420,11 +501,43 @@ mod tests {
             gs.get(x.as_tensor()).unwrap().clone()
         };
         let exact = grad_with(FrozenQMatMul::exact(w.clone()));
-        let q8 = grad_with(FrozenQMatMul(w.clone(), Some(Arc::new(transposed_q8(&w).unwrap()))));
+        let q8 = grad_with(FrozenQMatMul::with_transposed(w.clone()).unwrap());
         let err = (&q8 - &exact).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
         let norm = exact.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt();
         assert!(err / norm < 0.02, "relative error {}", err / norm);
         assert!(err > 0.0, "the q8 path was taken (it rounds)");
+    }
+
+    #[test]
+    fn every_forward_product_computes_what_candles_does() {
+        // Q4_K/Q6_K through the engine's kernels (a few rows, and more than a tile's 8), Q8_0 through the tiles
+        // where the CPU runs them, Q4_1 through candle: each against candle's own quantized product.
+        let k = 512;
+        for (dtype, n) in [(GgmlDType::Q4K, 40), (GgmlDType::Q6K, 17), (GgmlDType::Q8_0, 33), (GgmlDType::Q4_1, 8)] {
+            let w = base(dtype, n, k, 9);
+            let product = Product::of(w.clone()).unwrap();
+            let want_kind = match dtype {
+                GgmlDType::Q4K | GgmlDType::Q6K => "blocks",
+                GgmlDType::Q8_0 if tiles::available() => "tiles",
+                _ => "candle",
+            };
+            let kind = match &product {
+                Product::Candle(_) => "candle",
+                Product::Tiles(_) => "tiles",
+                Product::Blocks(..) => "blocks",
+            };
+            assert_eq!(kind, want_kind, "{dtype:?}");
+            for m in [1, 3, 20] {
+                let x = tensor((m, k), &mut Rng::new(m as u64), 1.0);
+                let got = x.apply_op1_no_bwd(&product).unwrap();
+                let want = x.apply_op1_no_bwd(w.as_ref()).unwrap();
+                let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                // Candle rounds Q8_0 activations' scales to f16 and the tiles keep f32: a little more there.
+                let tol = if kind == "tiles" { 0.01 } else { 1e-4 };
+                assert!(err <= tol * scale, "{dtype:?}, {m} rows: largest difference {err} against {scale}");
+            }
+        }
     }
 
     #[test]

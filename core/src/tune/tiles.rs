@@ -1,0 +1,366 @@
+//! The frozen base's products in training, on AVX-512 VNNI: Q8_0 weights laid out once, at load, the way
+//! `vpdpbusd` wants them.
+//!
+//! Why: a training step multiplies every frozen weight with all of the step's tokens three times (the forward
+//! pass, its replay under activation checkpointing, and the gradient's way back through `Wᵀ`), so it is bound by
+//! arithmetic. The weights that go through Q8_0 — Q4_0/Q5_0 weights widened exactly ([`super::lora::widened_q8`])
+//! and every backward product's transposed copy ([`super::lora::transposed_q8`]) — took candle's Q8_0 path, one
+//! 32-value dot product per (row, column, block): two thirds of a step's time on the bench's model
+//! (`perf`, Qwen2.5-Coder-0.5B, 2-core AMD EPYC). Here each group of 16 weight rows is stored block by block with
+//! one 512-bit lane per row and 4 consecutive values per lane (the values +128, unsigned, as `vpdpbusd` reads its
+//! first operand), beside the rows' scales; an activation row's 4 values are broadcast to the 16 lanes, so one
+//! instruction makes 64 products, and a block's scales are applied once per 32 values. The layout replaces the
+//! Q8_0 copy (576 bytes per 16 × 32 values instead of 544), so memory is about what it was.
+//!
+//! Activations are rounded to 8 bits per block of 32 exactly as candle's Q8_0 product rounds them (scale
+//! `max|x| / 127`, kept in f32 rather than f16 here); the weights' offset of 128 is taken off through each
+//! activation block's sum. Results equal [`Q8Tiles::matmul_scalar`]'s (the same integers and the same order of
+//! blocks; the vector path fuses each block's multiply and add, so the last bits may differ; a test holds them to
+//! it).
+
+use candle_core::backend::BackendStorage;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+
+/// Weight rows per tile: the 16 lanes of a 512-bit register.
+const TILE_ROWS: usize = 16;
+/// Values per Q8_0 block.
+const QK: usize = 32;
+/// Bytes of one Q8_0 block: an f16 scale and 32 signed bytes.
+const Q8_0_BYTES: usize = 2 + QK;
+/// Activation rows multiplied with a tile in one go (their sums stay in registers).
+const ACT_ROWS: usize = 8;
+/// Activation rows per work item: with the tile's blocks hot in cache, enough rows to pay for reading them.
+const ITEM_ROWS: usize = 64;
+
+/// One block (32 values) of 16 weight rows: `qs[g]` holds values 4g..4g+4 of each row (row r at bytes 4r..4r+4,
+/// stored +128), `d` the rows' scales. Rows past the matrix's end hold byte 0 (−128) with scale 0, so they add
+/// nothing, and their lanes are never stored.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Block {
+    qs: [[u8; 64]; QK / 4],
+    d: [f32; TILE_ROWS],
+}
+
+/// One activation block: its 32 values rounded to 8 bits, their scale, and −128 × their sum (what the weights'
+/// offset adds to the integer dot product).
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Act {
+    q: [i8; QK],
+    d: f32,
+    offset: i32,
+}
+
+/// True when this CPU runs the kernels here: the prompt kernels' own check (AVX-512 F/BW with VNNI, at run time).
+pub use crate::engine::prompt_kernels::available;
+
+/// A Q8_0 weight (n × k) laid out in tiles of 16 rows: `blocks[t * nb + b]` is block b of tile t.
+pub struct Q8Tiles {
+    n: usize,
+    k: usize,
+    blocks: Vec<Block>,
+}
+
+/// A raw pointer that the pool's workers write through at disjoint places (see each use).
+struct Shared<T>(*mut T);
+// SAFETY: every use hands each written element to exactly one work item, reads nothing while the pool runs, and
+// the pointee outlives the pool call (it returns only when all workers are done).
+unsafe impl<T> Sync for Shared<T> {}
+
+impl Q8Tiles {
+    /// `w` (a Q8_0 tensor, n × k) laid out in tiles.
+    pub fn from_q8_0(w: &QTensor) -> Result<Q8Tiles> {
+        if w.dtype() != GgmlDType::Q8_0 {
+            candle_core::bail!("Q8_0 tiles from a {:?} tensor", w.dtype());
+        }
+        let (n, k) = w.shape().dims2()?;
+        if k == 0 || k % QK != 0 {
+            candle_core::bail!("a Q8_0 weight {n}×{k} is not whole blocks");
+        }
+        let raw = w.data()?;
+        let nb = k / QK;
+        if raw.len() != n * nb * Q8_0_BYTES {
+            candle_core::bail!("a Q8_0 weight {n}×{k} of {} bytes", raw.len());
+        }
+        let empty = Block { qs: [[0; 64]; QK / 4], d: [0.0; TILE_ROWS] };
+        let tiles = n.div_ceil(TILE_ROWS);
+        let mut blocks = vec![empty; tiles * nb];
+        for row in 0..n {
+            let (t, r) = (row / TILE_ROWS, row % TILE_ROWS);
+            for b in 0..nb {
+                let src = &raw[(row * nb + b) * Q8_0_BYTES..(row * nb + b + 1) * Q8_0_BYTES];
+                let dst = &mut blocks[t * nb + b];
+                dst.d[r] = half::f16::from_le_bytes([src[0], src[1]]).to_f32();
+                for (j, &q) in src[2..].iter().enumerate() {
+                    dst.qs[j / 4][4 * r + j % 4] = (q as i8 as i32 + 128) as u8;
+                }
+            }
+        }
+        Ok(Q8Tiles { n, k, blocks })
+    }
+
+    /// `y[r·n + j] = row j of the weight · x[r·k..(r+1)·k]` for every row r of `x` (m × k): the vector path, where
+    /// [`available`]; else [`Q8Tiles::matmul_scalar`].
+    pub fn matmul(&self, x: &[f32], y: &mut [f32]) {
+        let (n, k, nb) = (self.n, self.k, self.k / QK);
+        assert_eq!(x.len() % k, 0, "{} inputs are not rows of {k}", x.len());
+        let m = x.len() / k;
+        assert_eq!(y.len(), m * n, "outputs for {m} rows of {n}");
+        if !available() {
+            return self.matmul_scalar(x, y);
+        }
+        let pool = candle_core::utils::barrier_pool();
+        let mut acts = vec![Act { q: [0; QK], d: 0.0, offset: 0 }; m * nb];
+        let to = Shared(acts.as_mut_ptr());
+        let to = &to;
+        pool.execute_chunked(m, |rows| {
+            for r in rows {
+                // SAFETY: row r's nb blocks (inside `acts`, which holds m·nb) belong to this work item alone.
+                let out = unsafe { std::slice::from_raw_parts_mut(to.0.add(r * nb), nb) };
+                quantize_row(&x[r * k..(r + 1) * k], out);
+            }
+        });
+        let tiles = n.div_ceil(TILE_ROWS);
+        let groups = m.div_ceil(ITEM_ROWS);
+        let out = Shared(y.as_mut_ptr());
+        let (out, acts) = (&out, &acts);
+        // Items tile-major: a worker walking a range of them keeps one tile's blocks hot for all its row groups.
+        pool.execute_chunked(tiles * groups, |items| {
+            for item in items {
+                let (t, g) = (item / groups, item % groups);
+                let tile = &self.blocks[t * nb..(t + 1) * nb];
+                let lanes = (n - t * TILE_ROWS).min(TILE_ROWS);
+                let mut r = g * ITEM_ROWS;
+                let end = (r + ITEM_ROWS).min(m);
+                while r < end {
+                    let take = match end - r {
+                        ACT_ROWS.. => ACT_ROWS,
+                        4..=7 => 4,
+                        2 | 3 => 2,
+                        _ => 1,
+                    };
+                    let act = |j: usize| &acts[(r + j) * nb..(r + j + 1) * nb];
+                    // SAFETY: columns t·16 .. t·16 + lanes of rows r..r + take (inside `y`: r + take ≤ m, and
+                    // t·16 + lanes ≤ n) belong to this item alone.
+                    let dst = |j: usize| unsafe { out.0.add((r + j) * n + t * TILE_ROWS) };
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512 F/VNNI detected (`available()` above); every `act(j)` holds the tile's nb
+                    // blocks and every `dst(j)` has `lanes` writable floats.
+                    unsafe {
+                        match take {
+                            8 => vnni::rows::<8>(tile, std::array::from_fn(act), std::array::from_fn(dst), lanes),
+                            4 => vnni::rows::<4>(tile, std::array::from_fn(act), std::array::from_fn(dst), lanes),
+                            2 => vnni::rows::<2>(tile, std::array::from_fn(act), std::array::from_fn(dst), lanes),
+                            _ => vnni::rows::<1>(tile, std::array::from_fn(act), std::array::from_fn(dst), lanes),
+                        }
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    unreachable!("the tiles' kernels run on x86-64 only ({}, {:p})", lanes, dst(0));
+                    r += take;
+                }
+            }
+        });
+    }
+
+    /// [`Q8Tiles::matmul`] one product at a time, from the same 8-bit activations: the reference the vector path
+    /// is held to, and the path of CPUs without AVX-512 VNNI.
+    pub fn matmul_scalar(&self, x: &[f32], y: &mut [f32]) {
+        let (n, k, nb) = (self.n, self.k, self.k / QK);
+        assert_eq!(x.len() % k, 0, "{} inputs are not rows of {k}", x.len());
+        let m = x.len() / k;
+        assert_eq!(y.len(), m * n, "outputs for {m} rows of {n}");
+        let mut acts = vec![Act { q: [0; QK], d: 0.0, offset: 0 }; nb];
+        for r in 0..m {
+            quantize_row(&x[r * k..(r + 1) * k], &mut acts);
+            for j in 0..n {
+                let (t, lane) = (j / TILE_ROWS, j % TILE_ROWS);
+                let mut sum = 0f32;
+                for (b, a) in acts.iter().enumerate() {
+                    let block = &self.blocks[t * nb + b];
+                    let mut dot = a.offset;
+                    for (v, &q) in a.q.iter().enumerate() {
+                        dot += block.qs[v / 4][4 * lane + v % 4] as i32 * q as i32;
+                    }
+                    sum += dot as f32 * (block.d[lane] * a.d);
+                }
+                y[r * n + j] = sum;
+            }
+        }
+    }
+}
+
+/// One row of activations rounded to 8 bits per block of 32, as candle's Q8_0 rounds them.
+fn quantize_row(x: &[f32], out: &mut [Act]) {
+    for (a, xs) in out.iter_mut().zip(x.chunks_exact(QK)) {
+        let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in a.q.iter_mut().zip(xs) {
+            *q = (v * id).round() as i8;
+            sum += *q as i32;
+        }
+        a.d = d;
+        a.offset = -128 * sum;
+    }
+}
+
+impl CustomOp1 for Q8Tiles {
+    fn name(&self) -> &'static str {
+        "q8-tiles"
+    }
+
+    /// `x·Wᵀ` for an f32 `x` (…, k), contiguous: (…, n).
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, shape) = input_rows(storage, layout, self.k, self.n)?;
+        let mut y = vec![0f32; x.len() / self.k * self.n];
+        self.matmul(x, &mut y);
+        Ok((CpuStorage::F32(y), shape))
+    }
+}
+
+/// The f32 rows of a product's input `x` (…, k), contiguous, and the output's shape (…, n): what a frozen
+/// product's `cpu_fwd` checks before it multiplies.
+pub(crate) fn input_rows<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    k: usize,
+    n: usize,
+) -> Result<(&'a [f32], Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("a frozen product multiplies f32 inputs, not {:?}", storage.dtype())
+    };
+    let Some((from, to)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a frozen product needs a contiguous input, not {layout:?}")
+    };
+    let mut dims = layout.shape().dims().to_vec();
+    if dims.pop() != Some(k) {
+        candle_core::bail!("an input {:?} does not end in the weight's {k} columns", layout.shape());
+    }
+    dims.push(n);
+    Ok((&data[from..to], Shape::from(dims)))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod vnni {
+    use super::{Act, Block, QK, TILE_ROWS};
+    use std::arch::x86_64::*;
+
+    /// The tile's blocks against R activation rows: `out[j][lane]` = weight row (tile's first + lane) · row j, for
+    /// the first `lanes` lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F and VNNI; every `acts[j]` has `tile.len()` blocks; every `out[j]` has `lanes` (≤ 16)
+    /// writable floats.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn rows<const R: usize>(tile: &[Block], acts: [&[Act]; R], out: [*mut f32; R], lanes: usize) {
+        let mut sums = [_mm512_setzero_ps(); R];
+        for (b, block) in tile.iter().enumerate() {
+            // SAFETY: `Block` is 64-byte aligned and its arrays are whole registers.
+            let w: [__m512i; QK / 4] =
+                std::array::from_fn(|g| unsafe { _mm512_load_si512(block.qs[g].as_ptr() as *const _) });
+            // SAFETY: as above.
+            let dw = unsafe { _mm512_load_ps(block.d.as_ptr()) };
+            for j in 0..R {
+                // SAFETY: b < tile.len() ≤ acts[j].len() (the caller's contract).
+                let a = unsafe { acts[j].get_unchecked(b) };
+                let mut acc = _mm512_set1_epi32(a.offset);
+                for (g, wg) in w.iter().enumerate() {
+                    // SAFETY: bytes 4g..4g+4 of the block's 32 values.
+                    let four = unsafe { std::ptr::read_unaligned(a.q.as_ptr().add(4 * g) as *const i32) };
+                    acc = _mm512_dpbusd_epi32(acc, *wg, _mm512_set1_epi32(four));
+                }
+                sums[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(dw, _mm512_set1_ps(a.d)), sums[j]);
+            }
+        }
+        let mask: __mmask16 = if lanes >= TILE_ROWS { 0xFFFF } else { (1u16 << lanes) - 1 };
+        for j in 0..R {
+            // SAFETY: the first `lanes` floats at out[j] are writable (the caller's contract); the mask writes
+            // no others.
+            unsafe { _mm512_mask_storeu_ps(out[j], mask, sums[j]) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tune::lora::Rng;
+    use candle_core::{Device, Tensor};
+
+    fn values(len: usize, rng: &mut Rng, scale: f32) -> Vec<f32> {
+        (0..len).map(|_| (rng.uniform() * 2.0 - 1.0) * scale).collect()
+    }
+
+    fn q8(n: usize, k: usize, rng: &mut Rng) -> QTensor {
+        let w = Tensor::from_vec(values(n * k, rng, 0.3), (n, k), &Device::Cpu).unwrap();
+        QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()
+    }
+
+    #[test]
+    fn the_layout_keeps_every_value_and_scale() {
+        let mut rng = Rng::new(3);
+        let w = q8(37, 96, &mut rng);
+        let tiles = Q8Tiles::from_q8_0(&w).unwrap();
+        let dense = w.dequantize(&Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let nb = 96 / QK;
+        assert_eq!(tiles.blocks.len(), 3 * nb, "37 rows make 3 tiles");
+        for (j, row) in dense.iter().enumerate() {
+            for (v, &want) in row.iter().enumerate() {
+                let block = &tiles.blocks[(j / 16) * nb + v / QK];
+                let q = block.qs[(v % QK) / 4][4 * (j % 16) + v % 4] as i32 - 128;
+                assert_eq!(q as f32 * block.d[j % 16], want, "row {j}, value {v}");
+            }
+        }
+        let pad = &tiles.blocks[2 * nb];
+        assert!(pad.d[5..].iter().all(|&d| d == 0.0), "rows past the end have no scale");
+    }
+
+    #[test]
+    fn the_vector_path_gives_the_scalar_products_for_any_shape() {
+        // (Without AVX-512 VNNI `matmul` is the scalar path itself, and the two agree trivially.)
+        let mut rng = Rng::new(7);
+        // Rows of 1..=70 activations (every R and a partial last item), tiles with 16, 5 and 1 rows.
+        for (n, k, m) in [(16, 32, 1), (37, 96, 70), (129, 64, 9), (1, 32, 3), (48, 4864 / 4, 13)] {
+            let tiles = Q8Tiles::from_q8_0(&q8(n, k, &mut rng)).unwrap();
+            let x = values(m * k, &mut rng, 2.0);
+            let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+            tiles.matmul(&x, &mut fast);
+            tiles.matmul_scalar(&x, &mut slow);
+            for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{n}×{k}, {m} rows, at {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn products_are_the_dequantized_products_to_8_bit_rounding() {
+        let mut rng = Rng::new(11);
+        let (n, k, m) = (40, 128, 6);
+        let w = q8(n, k, &mut rng);
+        let tiles = Q8Tiles::from_q8_0(&w).unwrap();
+        let x = Tensor::from_vec(values(m * k, &mut rng, 1.0), (2, m / 2, k), &Device::Cpu).unwrap();
+        let got = x.apply_op1_no_bwd(&tiles).unwrap();
+        assert_eq!(got.dims(), &[2, m / 2, n]);
+        let want = x.broadcast_matmul(&w.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
+        let err = (got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(err < 0.02 * scale, "largest error {err} against products up to {scale}");
+        assert!(err > 0.0, "the activations are rounded, so some product differs");
+    }
+
+    #[test]
+    fn bad_inputs_are_refused() {
+        let mut rng = Rng::new(5);
+        let w = Tensor::from_vec(values(32 * 256, &mut rng, 1.0), (32, 256), &Device::Cpu).unwrap();
+        let q4k = QTensor::quantize(&w, GgmlDType::Q4K).unwrap();
+        assert!(Q8Tiles::from_q8_0(&q4k).is_err(), "only Q8_0 is laid out");
+        let tiles = Q8Tiles::from_q8_0(&QTensor::quantize(&w, GgmlDType::Q8_0).unwrap()).unwrap();
+        let wrong = Tensor::zeros((3, 128), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(wrong.apply_op1_no_bwd(&tiles).is_err(), "128 columns against a 256-column weight");
+        let strided = Tensor::zeros((256, 3), candle_core::DType::F32, &Device::Cpu).unwrap().t().unwrap();
+        assert!(strided.apply_op1_no_bwd(&tiles).is_err(), "a transposed view is not contiguous");
+    }
+}
