@@ -6,8 +6,8 @@
 //! cache. None of those fused ops has a backward pass in candle 0.11, and a training step needs every op between
 //! the loss and the adapters to have one. So this pass keeps exactly the same arithmetic (same weights, same
 //! rotary tables, same grouped-query layout, same epsilon; checked against the inference pass by a test) written
-//! with differentiable ops: RMSNorm and softmax composed from elementwise ops, RoPE as a multiply–add over the
-//! rotary tables, and each frozen projection kept quantized with a backward pass of its own
+//! with differentiable ops: RMSNorm, attention's masked softmax and SwiGLU as single ops with hand-written gradients
+//! ([`crate::tune::fused`]), RoPE as a multiply–add over the rotary tables, and each frozen projection kept quantized with a backward pass of its own
 //! ([`crate::tune::lora::FrozenQMatMul`], the QLoRA setting: through a transposed Q8_0 copy, or exactly through the
 //! weight dequantized on the fly) or dequantized to f32 once at load ([`BaseMode::F32`]).
 //!
@@ -18,6 +18,7 @@
 
 use crate::engine::alloc::keep_freed_memory;
 use crate::engine::model::{rope_tables, Config, Embedding, Weights};
+use crate::tune::fused;
 use crate::tune::lora::{widened_q8, Frozen, LoraConfig, LoraLinear, Rng};
 use crate::tune::peft::{Adapter, Layout, Target};
 use candle_core::quantized::gguf_file;
@@ -261,7 +262,7 @@ impl TrainableModel {
     }
 
     /// What every layer of a packed sequence's forward pass shares: rotary tables at the rows' own positions and
-    /// the attention spans with their masks.
+    /// the attention spans.
     fn context(&self, p: &Packed) -> Result<Context> {
         let longest = p.positions.iter().max().map_or(0, |&q| q as usize + 1);
         if p.tokens.is_empty() || longest > self.max_positions() {
@@ -271,13 +272,7 @@ impl TrainableModel {
             );
         }
         let at = Tensor::new(p.positions.as_slice(), &self.device)?;
-        let n_rep = self.cfg.n_head / self.cfg.n_kv_head;
-        let spans = spans_of(&p.segments)
-            .into_iter()
-            .map(|(start, len, shared)| {
-                Ok(Span { start, len, shared, mask: span_mask(len, shared, n_rep, &self.device)? })
-            })
-            .collect::<Result<_>>()?;
+        let spans = spans_of(&p.segments).into_iter().map(|(start, len, shared)| Span { start, len, shared }).collect();
         Ok(Context { cos: self.cos.index_select(&at, 0)?, sin: self.sin.index_select(&at, 0)?, spans })
     }
 
@@ -315,7 +310,7 @@ impl TrainableModel {
                 ),
             };
             let qs = own(&q)?.reshape((1, c.n_kv_head, n_rep * span.len, c.head_dim))?;
-            let att = softmax_last_dim(&qs.matmul(&ks.t()?)?.broadcast_add(&span.mask)?)?;
+            let att = fused::span_softmax(&qs.matmul(&ks.t()?)?, span.len, span.shared)?;
             ys.push(att.matmul(&vs.contiguous()?)?.reshape((1, c.n_head, span.len, c.head_dim))?);
         }
         let y = match ys.len() {
@@ -325,9 +320,9 @@ impl TrainableModel {
         let y = y.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
         let x = (x + p(3, &y)?)?;
         let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-        let g = p(4, &h)?.silu()?;
+        let g = p(4, &h)?;
         let u = p(5, &h)?;
-        x + p(6, &(g * u)?)?
+        x + p(6, &fused::swiglu(&g, &u)?)?
     }
 
     /// Summed NLL of `p`'s completion tokens from the last block's output `x` (final norm, the predicting positions
@@ -430,8 +425,6 @@ struct Span {
     start: usize,
     len: usize,
     shared: usize,
-    /// (n_rep·len) × (shared + len), additive.
-    mask: Tensor,
 }
 
 /// Training rows that begin with the same prompt tokens (in text-to-SQL: the same database's schema), laid out as
@@ -527,34 +520,13 @@ fn spans_of(segments: &[u32]) -> Vec<(usize, usize, usize)> {
     out
 }
 
-/// The additive mask of a span of `len` queries over `shared` prefix keys and its own `len` keys, stacked for
-/// `n_rep` query heads per K/V head: query i sees every prefix key and its own keys up to itself. Hidden entries
-/// are -1e9 (finite, so the composed softmax's gradient stays finite).
-fn span_mask(len: usize, shared: usize, n_rep: usize, device: &Device) -> Result<Tensor> {
-    let keys = shared + len;
-    let mut m = Vec::with_capacity(n_rep * len * keys);
-    for _ in 0..n_rep {
-        for i in 0..len {
-            m.extend((0..keys).map(|j| if j <= shared + i { 0f32 } else { -1e9 }));
-        }
-    }
-    Tensor::from_vec(m, (n_rep * len, keys), device)
-}
-
-/// RMSNorm from differentiable ops (candle's fused `rms_norm` has no backward pass).
+/// RMSNorm with a backward pass (candle's fused `rms_norm` has none): [`fused::rms_norm`].
 fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(ms + eps)?.sqrt()?)?.broadcast_mul(alpha)
+    fused::rms_norm(x, alpha, eps)
 }
 
-/// Softmax over the last dimension; the row maximum is a constant shift (it cancels in the gradient), so it is
+/// Log-softmax over the last dimension; the row maximum is a constant shift (it cancels in the gradient), so it is
 /// detached rather than differentiated.
-fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-
 fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let d = x.broadcast_sub(&max)?;
@@ -724,11 +696,6 @@ mod tests {
         assert_eq!(spans_of(&[0, 0, 1, 1, 1, 2]), vec![(0, 2, 0), (2, 3, 2), (5, 1, 2)]);
         assert_eq!(spans_of(&[0, 0, 0]), vec![(0, 3, 0)], "a plain sequence: one causal span");
         assert_eq!(spans_of(&[1, 1, 2]), vec![(0, 2, 0), (2, 1, 0)], "no prefix: each row sees itself");
-        let m = span_mask(2, 3, 2, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
-        let seen: Vec<Vec<usize>> = m.iter().map(|r| (0..5).filter(|&j| r[j] == 0.0).collect()).collect();
-        assert_eq!(seen[..2], [vec![0, 1, 2, 3], vec![0, 1, 2, 3, 4]]);
-        assert_eq!(seen[2..], seen[..2], "the stacked second query head");
-        assert!(m.iter().flatten().all(|&v| v == 0.0 || v == -1e9));
     }
 
     #[test]
@@ -748,7 +715,6 @@ mod tests {
         );
         let alpha = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
         close(&rms_norm(&x, &alpha, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(), "rms_norm");
-        close(&softmax_last_dim(&x).unwrap(), &candle_nn::ops::softmax_last_dim(&x).unwrap(), "softmax");
         close(&log_softmax_last_dim(&x).unwrap(), &candle_nn::ops::log_softmax(&x, D::Minus1).unwrap(), "log_softmax");
     }
 }

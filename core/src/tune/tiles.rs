@@ -64,7 +64,7 @@ pub struct Q8Tiles {
 }
 
 /// A raw pointer that the pool's workers write through at disjoint places (see each use).
-struct Shared<T>(*mut T);
+pub(crate) struct Shared<T>(pub(crate) *mut T);
 // SAFETY: every use hands each written element to exactly one work item, reads nothing while the pool runs, and
 // the pointee outlives the pool call (it returns only when all workers are done).
 unsafe impl<T> Sync for Shared<T> {}
