@@ -76,8 +76,8 @@ impl SpanSoftmax {
     fn check(&self, layout: &Layout) -> Result<usize> {
         let keys = self.shared + self.len;
         let dims = layout.shape().dims();
-        let rows = dims.get(dims.len().wrapping_sub(2)).copied().unwrap_or(0);
-        if width(layout) != keys || rows % self.len != 0 {
+        let rows = if dims.len() >= 2 { dims[dims.len() - 2] } else { 0 };
+        if width(layout) != keys || rows == 0 || rows % self.len != 0 {
             candle_core::bail!(
                 "span scores {:?} are not (…, n_rep·{}, {} + {})",
                 layout.shape(),
@@ -404,6 +404,8 @@ mod tests {
         assert!(span_softmax(&x, 3, 1).is_err(), "5 keys are not 1 shared + 3 own");
         assert!(span_softmax(&x, 4, 1).is_err(), "6 rows are not whole spans of 4");
         assert!(span_softmax(&x, 0, 5).is_err());
+        let flat = Tensor::zeros(5, candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(span_softmax(&flat, 4, 1).is_err(), "one dimension has no rows");
         assert!(rms_norm(&x, &Tensor::ones(4, candle_core::DType::F32, &Device::Cpu).unwrap(), 1e-6).is_err());
         let u = Tensor::zeros((1, 2, 6, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(swiglu(&x, &u).is_err());
