@@ -6,8 +6,8 @@
 //! cache. None of those fused ops has a backward pass in candle 0.11, and a training step needs every op between
 //! the loss and the adapters to have one. So this pass keeps exactly the same arithmetic (same weights, same
 //! rotary tables, same grouped-query layout, same epsilon; checked against the inference pass by a test) written
-//! with differentiable ops: RMSNorm, attention's masked softmax and SwiGLU as single ops with hand-written gradients
-//! ([`crate::tune::fused`]), RoPE as a multiply–add over the rotary tables, and each frozen projection kept quantized with a backward pass of its own
+//! with differentiable ops: RMSNorm, RoPE, attention's masked softmax and SwiGLU as single ops with hand-written gradients
+//! ([`crate::tune::fused`]), and each frozen projection kept quantized with a backward pass of its own
 //! ([`crate::tune::lora::FrozenQMatMul`], the QLoRA setting: through a transposed Q8_0 copy, or exactly through the
 //! weight dequantized on the fly) or dequantized to f32 once at load ([`BaseMode::F32`]).
 //!
@@ -273,7 +273,8 @@ impl TrainableModel {
         }
         let at = Tensor::new(p.positions.as_slice(), &self.device)?;
         let spans = spans_of(&p.segments).into_iter().map(|(start, len, shared)| Span { start, len, shared }).collect();
-        Ok(Context { cos: self.cos.index_select(&at, 0)?, sin: self.sin.index_select(&at, 0)?, spans })
+        let rope = fused::RopeTables::new(&self.cos.index_select(&at, 0)?, &self.sin.index_select(&at, 0)?)?;
+        Ok(Context { rope: Arc::new(rope), spans })
     }
 
     /// One transformer block: `x` (1, t, n_embd) → the residual stream after it.
@@ -284,17 +285,15 @@ impl TrainableModel {
         let h = rms_norm(x, &layer.attn_norm, c.rms_eps)?;
         let mut p = |i: usize, x: &Tensor| layer.proj[i].forward(x, rng.as_deref_mut());
         let (q, k, v) = (p(0, &h)?, p(1, &h)?, p(2, &h)?);
-        let heads = |y: Tensor, bias: &Option<Tensor>, n: usize| -> Result<Tensor> {
-            let y = match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            };
-            y.reshape((1, t, n, c.head_dim))?.transpose(1, 2)
+        let biased = |y: Tensor, bias: &Option<Tensor>| match bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
         };
-        let q = rope(&heads(q, &layer.bq, c.n_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
-        let k = rope(&heads(k, &layer.bk, c.n_kv_head)?, &ctx.cos, &ctx.sin, c.rope_neox)?;
-        let v = heads(v, &layer.bv, c.n_kv_head)?.contiguous()?;
-        let q = (q * (1.0 / (c.head_dim as f64).sqrt()))?;
+        // Heads (1, n, t, d): q and k rotated (q also scaled by 1/√d) in one op each, v transposed.
+        let scale = (1.0 / (c.head_dim as f64).sqrt()) as f32;
+        let q = fused::rope_heads(&biased(q, &layer.bq)?, c.n_head, &ctx.rope, c.rope_neox, scale)?;
+        let k = fused::rope_heads(&biased(k, &layer.bk)?, c.n_kv_head, &ctx.rope, c.rope_neox, 1.0)?;
+        let v = biased(v, &layer.bv)?.reshape((1, t, c.n_kv_head, c.head_dim))?.transpose(1, 2)?.contiguous()?;
         // Attention span by span (the shared prefix, then each row's own tokens), each against the keys it may see:
         // the prefix's, and its own. Exact, and the score matrices hold Σ len·(prefix + len) entries instead of t².
         // Within a span, grouped-query attention as in the inference pass: the n_rep query heads sharing K/V head j
@@ -413,10 +412,9 @@ impl TrainableModel {
     }
 }
 
-/// Per-sequence tensors every block uses.
+/// What every block of a sequence's pass uses.
 struct Context {
-    cos: Tensor,
-    sin: Tensor,
+    rope: Arc<fused::RopeTables>,
     spans: Vec<Span>,
 }
 
@@ -531,29 +529,6 @@ fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
     let d = x.broadcast_sub(&max)?;
     d.broadcast_sub(&d.exp()?.sum_keepdim(D::Minus1)?.log()?)
-}
-
-/// Rotary embedding of `x` (1, heads, t, d) with tables (t, d/2): the NeoX layout rotates the two halves of each
-/// head, GGML's interleaved layout rotates adjacent pairs. Same arithmetic as candle's fused kernels.
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, neox: bool) -> Result<Tensor> {
-    let (b, h, t, d) = x.dims4()?;
-    let half = d / 2;
-    if neox {
-        let x1 = x.narrow(D::Minus1, 0, half)?;
-        let x2 = x.narrow(D::Minus1, half, half)?;
-        let (c, s) = (cos.reshape((1, 1, t, half))?, sin.reshape((1, 1, t, half))?);
-        let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
-        let y2 = (x1.broadcast_mul(&s)? + x2.broadcast_mul(&c)?)?;
-        Tensor::cat(&[y1, y2], D::Minus1)
-    } else {
-        let x = x.reshape((b, h, t, half, 2))?;
-        let x1 = x.narrow(D::Minus1, 0, 1)?;
-        let x2 = x.narrow(D::Minus1, 1, 1)?;
-        let (c, s) = (cos.reshape((1, 1, t, half, 1))?, sin.reshape((1, 1, t, half, 1))?);
-        let y1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
-        let y2 = (x1.broadcast_mul(&s)? + x2.broadcast_mul(&c)?)?;
-        Tensor::cat(&[y1, y2], D::Minus1)?.reshape((b, h, t, d))
-    }
 }
 
 /// AdamW (decoupled weight decay) with its moments held as tensors, so a checkpoint can save and restore them.
@@ -702,17 +677,10 @@ mod tests {
     fn differentiable_ops_match_candles_fused_ones() {
         let dev = Device::Cpu;
         let x = Tensor::randn(0f32, 1.0, (1, 4, 6, 8), &dev).unwrap();
-        let (cos, sin) = rope_tables(8, 10_000.0, 6, &dev).unwrap();
         let close = |a: &Tensor, b: &Tensor, what: &str| {
             let d = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(d < 1e-5, "{what}: max difference {d}");
         };
-        close(&rope(&x, &cos, &sin, true).unwrap(), &candle_nn::rotary_emb::rope(&x, &cos, &sin).unwrap(), "rope neox");
-        close(
-            &rope(&x, &cos, &sin, false).unwrap(),
-            &candle_nn::rotary_emb::rope_i(&x, &cos, &sin).unwrap(),
-            "rope interleaved",
-        );
         let alpha = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
         close(&rms_norm(&x, &alpha, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(), "rms_norm");
         close(&log_softmax_last_dim(&x).unwrap(), &candle_nn::ops::log_softmax(&x, D::Minus1).unwrap(), "log_softmax");

@@ -306,6 +306,110 @@ impl CustomOp3 for SwiGluGrad {
     }
 }
 
+/// The rotary tables at a packed sequence's positions: `cos[p·half + i]`, `sin[p·half + i]` for token p.
+pub struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+}
+
+impl RopeTables {
+    /// From the tables' rows at the sequence's positions, (t, half).
+    pub fn new(cos: &Tensor, sin: &Tensor) -> Result<RopeTables> {
+        let half = cos.dim(1)?;
+        Ok(RopeTables { cos: cos.flatten_all()?.to_vec1()?, sin: sin.flatten_all()?.to_vec1()?, half })
+    }
+
+    fn tokens(&self) -> usize {
+        self.cos.len() / self.half.max(1)
+    }
+}
+
+/// A projection's output `(1, t, n·d)` split into `n` heads of `d`, rotated by the tables and multiplied by
+/// `scale`: `(1, n, t, d)`, contiguous. The same as reshaping to heads, transposing, rotating (NeoX's halves, or
+/// GGML's adjacent pairs) and scaling, in one pass, with a backward pass.
+pub fn rope_heads(x: &Tensor, n: usize, tables: &std::sync::Arc<RopeTables>, neox: bool, scale: f32) -> Result<Tensor> {
+    let d = 2 * tables.half;
+    let t = tables.tokens();
+    if x.dims() != [1, t, n * d] {
+        candle_core::bail!("rotary heads of {:?}: not (1, {t}, {n}·{d})", x.shape());
+    }
+    x.contiguous()?.apply_op1(Rope { tables: tables.clone(), n, neox, scale })
+}
+
+struct Rope {
+    tables: std::sync::Arc<RopeTables>,
+    n: usize,
+    neox: bool,
+    scale: f32,
+}
+
+impl Rope {
+    /// `out = R·x·scale` for one head's vector at token `p`, or with `inverse`, `Rᵀ·x·scale` (the gradient).
+    fn rotate(&self, p: usize, x: &[f32], out: &mut [f32], inverse: bool) {
+        let half = self.tables.half;
+        let (cos, sin) = (&self.tables.cos[p * half..(p + 1) * half], &self.tables.sin[p * half..(p + 1) * half]);
+        for i in 0..half {
+            let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+            let (c, s) = (cos[i], if inverse { -sin[i] } else { sin[i] });
+            out[a] = (x[a] * c - x[b] * s) * self.scale;
+            out[b] = (x[a] * s + x[b] * c) * self.scale;
+        }
+    }
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope-heads"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (n, d, t) = (self.n, 2 * self.tables.half, self.tables.tokens());
+        if layout.shape().elem_count() != t * n * d {
+            candle_core::bail!("rotary heads of {:?}: not (1, {t}, {n}·{d})", layout.shape());
+        }
+        let x = contiguous(storage, layout, "rotary heads")?;
+        let mut y = vec![0f32; x.len()];
+        // Output row h·t + p is head h at token p, from input floats (p·n + h)·d.
+        for_rows([&mut y], d, |r, [out]| {
+            let (h, p) = (r / t, r % t);
+            self.rotate(p, &x[(p * n + h) * d..(p * n + h + 1) * d], out, false);
+        });
+        Ok((CpuStorage::F32(y), Shape::from((1, n, t, d))))
+    }
+
+    /// The rotation is orthogonal: the gradient is the upstream gradient rotated back (and scaled), in the input's
+    /// layout.
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let back = RopeGrad(self, x.shape().clone());
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+struct RopeGrad<'a>(&'a Rope, Shape);
+
+impl CustomOp1 for RopeGrad<'_> {
+    fn name(&self) -> &'static str {
+        "rope-heads-grad"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let op = self.0;
+        let (n, d, t) = (op.n, 2 * op.tables.half, op.tables.tokens());
+        if layout.shape().dims() != [1, n, t, d] {
+            candle_core::bail!("rotary heads' gradient {:?}: not (1, {n}, {t}, {d})", layout.shape());
+        }
+        let g = contiguous(storage, layout, "rotary heads")?;
+        let mut dx = vec![0f32; g.len()];
+        // Input row p·n + h is head h at token p, from gradient floats (h·t + p)·d.
+        for_rows([&mut dx], d, |r, [out]| {
+            let (p, h) = (r / n, r % n);
+            op.rotate(p, &g[(h * t + p) * d..(h * t + p + 1) * d], out, true);
+        });
+        Ok((CpuStorage::F32(dx), self.1.clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -396,6 +500,50 @@ mod tests {
         assert!(max_diff(&y, &y0) < 1e-5);
         assert!(max_diff(&dg, &dg0) < 1e-5);
         assert!(max_diff(&du, &du0) < 1e-5);
+    }
+
+    #[test]
+    fn rotary_heads_and_their_gradient_are_the_composed_ones() {
+        let mut rng = Rng::new(11);
+        let (t, n, d) = (5, 3, 8);
+        let (cos, sin) = crate::engine::model::rope_tables(d, 10_000.0, 9, &Device::Cpu).unwrap();
+        // A packed sequence's positions: a prefix 0..3, then a row's own tokens at 3, 4 again.
+        let at = Tensor::new(&[0u32, 1, 2, 3, 4][..], &Device::Cpu).unwrap();
+        let (cos, sin) = (cos.index_select(&at, 0).unwrap(), sin.index_select(&at, 0).unwrap());
+        let tables = std::sync::Arc::new(RopeTables::new(&cos, &sin).unwrap());
+        for neox in [true, false] {
+            let x = random(&[1, t, n * d], &mut rng, 2.0);
+            let w = random(&[1, n, t, d], &mut rng, 1.0);
+            let composed = |x: &Tensor| -> Result<Tensor> {
+                let h = x.reshape((1, t, n, d))?.transpose(1, 2)?.contiguous()?;
+                let r = if neox {
+                    candle_nn::rotary_emb::rope(&h, &cos, &sin)?
+                } else {
+                    candle_nn::rotary_emb::rope_i(&h, &cos, &sin)?
+                };
+                r * 0.5
+            };
+            let y0 = composed(&x).unwrap();
+            let (y, gx) = value_and_grad(|x| rope_heads(x, n, &tables, neox, 0.5), &x, &w);
+            assert_eq!(y.dims(), &[1, n, t, d]);
+            assert!(max_diff(&y, &y0) < 1e-5, "values, neox {neox}");
+            // The rotation is orthogonal: the gradient is w rotated back, in x's layout; check it against finite
+            // differences of Σ w ⊙ y.
+            let xv = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let g = gx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for i in [0, 7, 13, 29, xv.len() - 1] {
+                let at = |e: f32| {
+                    let mut v = xv.clone();
+                    v[i] += e;
+                    let x = Tensor::from_vec(v, (1, t, n * d), &Device::Cpu).unwrap();
+                    (composed(&x).unwrap() * &w).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()
+                };
+                let numeric = (at(1e-2) - at(-1e-2)) / 2e-2;
+                assert!((numeric - g[i]).abs() < 1e-3, "gradient {i}: {} vs {numeric}", g[i]);
+            }
+        }
+        assert!(rope_heads(&random(&[1, t, n * d + 1], &mut rng, 1.0), n, &tables, true, 1.0).is_err());
+        assert!(rope_heads(&random(&[1, t + 1, n * d], &mut rng, 1.0), n, &tables, true, 1.0).is_err());
     }
 
     #[test]
