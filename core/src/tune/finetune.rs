@@ -244,7 +244,7 @@ impl TrainableModel {
             targets: vec![],
             row_tokens: t,
         };
-        rms_norm(&self.blocks(&p, rng, true)?, &self.norm, self.cfg.rms_eps)
+        fused::rms_norm(&self.blocks(&p, rng, true)?, &self.norm, self.cfg.rms_eps)
     }
 
     /// The residual stream of `p` after the last block; without `keep_graph` each block's output is detached, so
@@ -282,7 +282,7 @@ impl TrainableModel {
         let c = &self.cfg;
         let t = x.dim(1)?;
         let n_rep = c.n_head / c.n_kv_head;
-        let h = rms_norm(x, &layer.attn_norm, c.rms_eps)?;
+        let h = fused::rms_norm(x, &layer.attn_norm, c.rms_eps)?;
         let mut p = |i: usize, x: &Tensor| layer.proj[i].forward(x, rng.as_deref_mut());
         let (q, k, v) = (p(0, &h)?, p(1, &h)?, p(2, &h)?);
         let biased = |y: Tensor, bias: &Option<Tensor>| match bias {
@@ -318,7 +318,7 @@ impl TrainableModel {
         };
         let y = y.transpose(1, 2)?.reshape((1, t, c.n_embd))?;
         let x = (x + p(3, &y)?)?;
-        let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
+        let h = fused::rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
         let g = p(4, &h)?;
         let u = p(5, &h)?;
         x + p(6, &fused::swiglu(&g, &u)?)?
@@ -327,7 +327,7 @@ impl TrainableModel {
     /// Summed NLL of `p`'s completion tokens from the last block's output `x` (final norm, the predicting positions
     /// only through the vocabulary projection).
     fn head_nll(&self, x: &Tensor, p: &Packed) -> Result<Tensor> {
-        let h = rms_norm(x, &self.norm, self.cfg.rms_eps)?.squeeze(0)?;
+        let h = fused::rms_norm(x, &self.norm, self.cfg.rms_eps)?.squeeze(0)?;
         let (at, targets): (Vec<u32>, Vec<u32>) = p.targets.iter().copied().unzip();
         let h = h.index_select(&Tensor::new(at.as_slice(), &self.device)?, 0)?;
         let logits = self.output.forward(&h)?;
@@ -518,11 +518,6 @@ fn spans_of(segments: &[u32]) -> Vec<(usize, usize, usize)> {
     out
 }
 
-/// RMSNorm with a backward pass (candle's fused `rms_norm` has none): [`fused::rms_norm`].
-fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> Result<Tensor> {
-    fused::rms_norm(x, alpha, eps)
-}
-
 /// Log-softmax over the last dimension; the row maximum is a constant shift (it cancels in the gradient), so it is
 /// detached rather than differentiated.
 fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -682,7 +677,11 @@ mod tests {
             assert!(d < 1e-5, "{what}: max difference {d}");
         };
         let alpha = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
-        close(&rms_norm(&x, &alpha, 1e-6).unwrap(), &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(), "rms_norm");
+        close(
+            &fused::rms_norm(&x, &alpha, 1e-6).unwrap(),
+            &candle_nn::ops::rms_norm(&x, &alpha, 1e-6).unwrap(),
+            "rms_norm",
+        );
         close(&log_softmax_last_dim(&x).unwrap(), &candle_nn::ops::log_softmax(&x, D::Minus1).unwrap(), "log_softmax");
     }
 }

@@ -358,6 +358,22 @@ impl Rope {
     }
 }
 
+impl Rope {
+    /// Every head vector of `src` rotated into the other layout: token-major `(1, t, n·d)` → head-major
+    /// `(1, n, t, d)`, or with `inverse` (the gradient) rotated back, head-major → token-major.
+    fn relayout(&self, src: &[f32], inverse: bool) -> Vec<f32> {
+        let (n, d, t) = (self.n, 2 * self.tables.half, self.tables.tokens());
+        let mut out = vec![0f32; src.len()];
+        for_rows([&mut out], d, |r, [row]| {
+            // Head h at token p is row h·t + p head-major and row p·n + h token-major.
+            let (h, p) = if inverse { (r % n, r / n) } else { (r / t, r % t) };
+            let from = if inverse { h * t + p } else { p * n + h };
+            self.rotate(p, &src[from * d..(from + 1) * d], row, inverse);
+        });
+        out
+    }
+}
+
 impl CustomOp1 for Rope {
     fn name(&self) -> &'static str {
         "rope-heads"
@@ -368,13 +384,7 @@ impl CustomOp1 for Rope {
         if layout.shape().elem_count() != t * n * d {
             candle_core::bail!("rotary heads of {:?}: not (1, {t}, {n}·{d})", layout.shape());
         }
-        let x = contiguous(storage, layout, "rotary heads")?;
-        let mut y = vec![0f32; x.len()];
-        // Output row h·t + p is head h at token p, from input floats (p·n + h)·d.
-        for_rows([&mut y], d, |r, [out]| {
-            let (h, p) = (r / t, r % t);
-            self.rotate(p, &x[(p * n + h) * d..(p * n + h + 1) * d], out, false);
-        });
+        let y = self.relayout(contiguous(storage, layout, "rotary heads")?, false);
         Ok((CpuStorage::F32(y), Shape::from((1, n, t, d))))
     }
 
@@ -399,13 +409,7 @@ impl CustomOp1 for RopeGrad<'_> {
         if layout.shape().dims() != [1, n, t, d] {
             candle_core::bail!("rotary heads' gradient {:?}: not (1, {n}, {t}, {d})", layout.shape());
         }
-        let g = contiguous(storage, layout, "rotary heads")?;
-        let mut dx = vec![0f32; g.len()];
-        // Input row p·n + h is head h at token p, from gradient floats (h·t + p)·d.
-        for_rows([&mut dx], d, |r, [out]| {
-            let (p, h) = (r / n, r % n);
-            op.rotate(p, &g[(h * t + p) * d..(h * t + p + 1) * d], out, true);
-        });
+        let dx = op.relayout(contiguous(storage, layout, "rotary heads")?, true);
         Ok((CpuStorage::F32(dx), self.1.clone()))
     }
 }
