@@ -381,3 +381,74 @@ fn the_default_model_is_the_same_file_everywhere() {
         assert!(default[2].len() == 64 && default[2].bytes().all(|b| b.is_ascii_hexdigit()), "a sha256");
     }
 }
+
+/// `--init-adapter DIR --start-step N` continues a run whose checkpoints are gone from an adapter alone: it is
+/// validated first (the same loss as the run it came from at step N), then steps N+1.. see the recipe's rows, masks
+/// and learning rates (step N+1's loss equals the straight run's, which is computed before any update), with fresh
+/// optimizer moments. Mixing it with --resume, a step past the schedule, an output that holds checkpoints and an
+/// adapter of another rank are refused before any step.
+#[test]
+fn init_adapter_continues_the_recipe_from_a_saved_adapter() {
+    let dir = workdir("warm");
+    let straight = dir.join("straight");
+    let r = recipe(&dir, &straight, "");
+    let run = trainer(&["train", "--config", r.to_str().unwrap()]);
+    assert!(run.status.success(), "train failed: {}", String::from_utf8_lossy(&run.stderr));
+    let lines = |out: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let at = |log: &[serde_json::Value], step: u64, key: &str| -> f64 {
+        let hit = log.iter().find(|l| l["step"] == step && l.get(key).is_some());
+        hit.unwrap_or_else(|| panic!("no {key} at step {step}"))[key].as_f64().unwrap()
+    };
+    let from = straight.join("checkpoints/step-000004");
+    let warm = dir.join("warm");
+    let w = recipe(&dir, &warm, "");
+    let args = |extra: &[&str]| -> Vec<String> {
+        ["train", "--config", w.to_str().unwrap()].iter().chain(extra).map(|s| s.to_string()).collect()
+    };
+    let from_s = from.to_str().unwrap();
+    let run = trainer(&["train", "--config", w.to_str().unwrap(), "--init-adapter", from_s, "--start-step", "4"]);
+    assert!(run.status.success(), "warm start failed: {}", String::from_utf8_lossy(&run.stderr));
+    let (a, b) = (lines(&straight), lines(&warm));
+    assert_eq!(b[0]["step"], 4);
+    assert_eq!(at(&b, 4, "val_loss"), at(&a, 4, "val_loss"), "the adapter is the straight run's at step 4");
+    assert_eq!(b.iter().filter(|l| l.get("loss").is_some()).count(), 4, "steps 5–8 ran");
+    assert_eq!(at(&b, 5, "lr"), at(&a, 5, "lr"), "the recipe's schedule");
+    assert_eq!(at(&b, 5, "loss"), at(&a, 5, "loss"), "the recipe's rows and dropout masks at step 5");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(warm.join("training_summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["steps"], 8);
+    assert_eq!(summary["warm_start"]["step"], 4);
+    assert_eq!(summary["warm_start"]["adapter_sha256"].as_str().map(str::len), Some(64));
+    assert!(warm.join("checkpoints/step-000008/state.json").is_file());
+    // The warm start is kept in the checkpoints' state, so a later --resume still reports where the run began.
+    let state = std::fs::read_to_string(warm.join("checkpoints/step-000008/state.json")).unwrap();
+    assert!(state.contains("\"warm_start\""), "{state}");
+
+    // Refusals, before any step.
+    let refused = |extra: &[&str], out: &Path, want: &str| {
+        let before = out.join("train_log.jsonl").metadata().map(|m| m.len()).ok();
+        let a = args(extra);
+        let run = trainer(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!run.status.success(), "{extra:?} accepted");
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert_eq!(out.join("train_log.jsonl").metadata().map(|m| m.len()).ok(), before, "{extra:?} wrote a step");
+    };
+    refused(&["--init-adapter", from_s, "--start-step", "4", "--resume"], &warm, "cannot be used with");
+    refused(&["--init-adapter", from_s], &warm, "--start-step");
+    refused(&["--init-adapter", from_s, "--start-step", "4"], &warm, "already holds checkpoints");
+    std::fs::remove_dir_all(&warm).unwrap();
+    refused(&["--init-adapter", from_s, "--start-step", "8"], &warm, "the recipe has 8 steps");
+    let other = recipe(&dir, &warm, "").to_str().unwrap().to_string();
+    std::fs::write(&other, std::fs::read_to_string(&other).unwrap().replace("rank = 4", "rank = 2")).unwrap();
+    let run = trainer(&["train", "--config", &other, "--init-adapter", from_s, "--start-step", "4"]);
+    assert!(!run.status.success(), "an adapter of another rank accepted");
+    assert!(String::from_utf8_lossy(&run.stderr).contains("rank"), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(!warm.join("checkpoints").exists());
+}

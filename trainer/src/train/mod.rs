@@ -51,6 +51,15 @@ pub struct TrainArgs {
     /// and reproduced exactly (or continued later with --resume).
     #[arg(long)]
     pub stop_at: Option<usize>,
+    /// Start from a saved PEFT adapter (a shipped cut, an `adapter/` folder) at optimizer step --start-step of the
+    /// recipe's schedule, with fresh AdamW moments: for continuing a run whose checkpoints are gone. The rows,
+    /// dropout masks and learning rates of the steps that follow are the recipe's; only the optimizer's memory of
+    /// earlier gradients is new, so the result is reproducible but not the straight run's.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume", requires = "start_step")]
+    pub init_adapter: Option<PathBuf>,
+    /// The recipe step the --init-adapter was taken at.
+    #[arg(long, requires = "init_adapter")]
+    pub start_step: Option<usize>,
 }
 
 /// A tokenized training row: the prompt's tokens then the completion's.
@@ -84,7 +93,18 @@ struct State {
     /// Largest resident set of the run so far, across resumes.
     #[serde(default)]
     peak_rss_bytes: Option<u64>,
+    /// Where a run started with --init-adapter began: the adapter folder and the step it was taken at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    warm_start: Option<WarmStart>,
     history: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct WarmStart {
+    adapter: String,
+    /// sha256 of its adapter_model.safetensors.
+    adapter_sha256: String,
+    step: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -462,6 +482,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         best_step: None,
         evals_since_best: 0,
         peak_rss_bytes: None,
+        warm_start: None,
         history: vec![],
     };
     let base_model = recipe.model.base_model_id.clone();
@@ -476,6 +497,31 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         let st = candle_core::safetensors::load(dir.join("optimizer.safetensors"), &candle_core::Device::Cpu)?;
         opt.restore(&vars, &st, state.step as u64)?;
         tracing::info!("resumed from {} (step {})", dir.display(), state.step);
+    }
+    if let (Some(dir), Some(step)) = (&args.init_adapter, args.start_step) {
+        if step >= total_steps {
+            bail!("--start-step {step}: the recipe has {total_steps} steps");
+        }
+        if checkpoint_dirs(&out).pop().is_some() {
+            bail!(
+                "--init-adapter: {} already holds checkpoints (continue them with --resume, or choose another --out)",
+                out.display()
+            );
+        }
+        let adapter = Adapter::load(dir, &model.layout(), &candle_core::Device::Cpu)
+            .with_context(|| format!("--init-adapter {}", dir.display()))?;
+        model.load_adapter(&adapter).with_context(|| format!("--init-adapter {}", dir.display()))?;
+        let bytes = std::fs::read(dir.join("adapter_model.safetensors"))?;
+        state.step = step;
+        state.warm_start = Some(WarmStart {
+            adapter: dir.display().to_string(),
+            adapter_sha256: {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&bytes))
+            },
+            step,
+        });
+        tracing::info!("starting from the adapter in {} at step {step}, with fresh optimizer moments", dir.display());
     }
     let vars = model.vars();
     tracing::info!(
@@ -535,7 +581,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         }
         Ok(recipe.validation.patience > 0 && state.evals_since_best >= recipe.validation.patience)
     };
-    if state.step == 0 && first_val.is_none() {
+    if (state.step == 0 || args.init_adapter.is_some()) && first_val.is_none() {
         validate(&model, &mut state, &mut log, 0.0)?;
     }
     let stop_at = args.stop_at.unwrap_or(total_steps).min(total_steps);
@@ -639,6 +685,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         "val_loss_best": state.best_val,
         "best_step": state.best_step,
         "stopped_early": stopped_early,
+        "warm_start": state.warm_start,
         "stopped_at": args.stop_at.filter(|_| state.step < total_steps && !stopped_early).map(|_| state.step),
         "adapter": adapter_dir.display().to_string(),
     });
