@@ -358,6 +358,38 @@ fn speculative_decoding_changes_no_token() {
     rt.set_prefix_cache_bytes(0);
 }
 
+/// Candidate rows that are twins (the same tokens so far and next) run once a pass and their twins take what it
+/// computed: every candidate's text, stop and token count are those of rows each run on their own, with and without
+/// drafts (jobs_decoded_together_give_each_what_it_gets_alone has twins beside other jobs); and twins do occur (sampled candidates that agree with the greedy one).
+#[test]
+fn twin_candidates_computed_once_change_no_token() {
+    use copilot_core::engine::backend::Sampling;
+    use copilot_core::engine::draft::DraftPolicy;
+    let mut rt = runtime().lock().unwrap();
+    let mut shared = 0;
+    for (qi, q) in QUESTIONS.iter().enumerate() {
+        for (candidates, temperature, draft) in
+            [(4, 0.2, DraftPolicy::OFF), (4, 0.7, DraftPolicy::default()), (3, 1.0, DraftPolicy::OFF)]
+        {
+            let mut req = schema_request(CONTEXT, q);
+            req.max_new_tokens = 24;
+            req.sampling = Sampling { candidates, temperature, draft, ..Sampling::default() };
+            rt.set_share_twins(false);
+            let each = rt.generate(&req, &|| false).unwrap();
+            assert_eq!(each.twin_rows, 0, "no twins shared when switched off");
+            rt.set_share_twins(true);
+            let once = rt.generate(&req, &|| false).unwrap();
+            let what = format!("question {qi}, {candidates} candidates at {temperature}, {draft:?}");
+            assert_eq!((&once.text, once.stop, once.generated_tokens), (&each.text, each.stop, each.generated_tokens));
+            assert_eq!(once.samples, each.samples, "{what}");
+            assert_eq!(once.decoded_rows, each.decoded_rows, "{what}");
+            assert!(once.twin_rows <= once.decoded_rows, "{what}");
+            shared += once.twin_rows;
+        }
+    }
+    assert!(shared > 0, "some sampled candidate agreed with another for a token");
+}
+
 #[test]
 fn no_tokens_asked_none_decoded_with_or_without_drafts() {
     let mut rt = runtime().lock().unwrap();

@@ -162,6 +162,9 @@ pub struct Generation {
     pub samples: Vec<Candidate>,
     /// Rows decoded in all (every candidate's tokens), for throughput accounting.
     pub decoded_rows: usize,
+    /// Of [`Generation::decoded_rows`], the tokens a candidate got from a twin's row in the same pass (the same
+    /// tokens so far and next: computed once, see [`crate::engine::runtime::Runtime::advance`]).
+    pub twin_rows: usize,
     /// With `judge`: the model's probability that the question cannot be answered from the schema.
     pub p_unanswerable: Option<f32>,
     /// With `grounding` and a sentence encoder: the cosine between the question and its closest table.
@@ -225,6 +228,7 @@ impl Generation {
             min_p: None,
             samples: Vec::new(),
             decoded_rows: 0,
+            twin_rows: 0,
             p_unanswerable: None,
             closeness: None,
             draft: DraftStats::default(),

@@ -223,6 +223,7 @@ impl Backend for OpenAi {
             prefix_tokens: 0,
             prefix_cache_hit: false,
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
+            twin_rows: 0,
             samples: cands,
             p_unanswerable,
             closeness: None,

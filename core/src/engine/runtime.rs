@@ -80,6 +80,9 @@ pub struct Runtime {
     max_context: usize,
     /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
     drafter: Drafter,
+    /// Candidate rows of one job that are twins (the same tokens so far and the same tokens to feed) run once a
+    /// pass (see [`Runtime::advance`]); off only to compare against.
+    share_twins: bool,
     /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
     embedder: Option<crate::engine::embed::Embedder>,
     /// What became of [`LoadOptions::embedder`], for the engine's log and status.
@@ -215,6 +218,7 @@ impl Runtime {
             info,
             max_context,
             drafter: Drafter::default(),
+            share_twins: true,
             embedder,
             embedder_status,
         })
@@ -442,7 +446,14 @@ impl Runtime {
             decode_started: Instant::now(),
             p_unanswerable: None,
             closeness: None,
+            twin_rows: 0,
         })
+    }
+
+    /// Whether twin candidate rows run once a pass (the default) or each its own row (to compare against: the
+    /// tokens are the same either way).
+    pub fn set_share_twins(&mut self, on: bool) {
+        self.share_twins = on;
     }
 
     /// Several sequences' rows may share a pass only where every row computes exactly what a pass of its own
@@ -459,6 +470,9 @@ impl Runtime {
     /// single-token pass, anything else one [`Transformer::step_many`] pass. With several, their rows share one
     /// pass; every row computes what it would alone, so each job's tokens do not depend on what else is decoded
     /// (tested). Where that does not hold (our kernels off), each job runs its own pass, one after the other.
+    /// Within a job, candidate rows that are twins — the same tokens so far and the same tokens to feed, as
+    /// sampled candidates are until they first draw differently — run once, and the twins take the row's logits
+    /// and K/V positions ([`Generation::twin_rows`] counts those tokens).
     /// On an error in the pass every job's state is left as before it; the error is the pass's, for all of them.
     pub fn advance(&mut self, jobs: &mut [&mut Decoding]) -> Result<(), CoreError> {
         let mut drafter = std::mem::take(&mut self.drafter);
@@ -577,9 +591,13 @@ impl Runtime {
 
     fn pass_of(&self, going: &mut [&mut Decoding], drafter: &mut Drafter) -> Result<(), CoreError> {
         let t_pass = Instant::now();
-        let pass_rows: usize = going.iter().flat_map(|d| &d.next).map(|(_, t)| t.len()).sum();
-        let single = going.len() == 1 && matches!(going[0].next.as_slice(), [(_, t)] if t.len() == 1);
-        if single {
+        let twins: Vec<Vec<Option<usize>>> = going.iter().map(|d| self.twins(d)).collect();
+        let runs = |d: &Decoding, tw: &[Option<usize>]| -> usize {
+            d.next.iter().zip(tw).filter(|(_, of)| of.is_none()).map(|((_, t), _)| t.len()).sum()
+        };
+        let pass_rows: usize = going.iter().zip(&twins).map(|(d, tw)| runs(d, tw)).sum();
+        // The first row of a job is never a twin, so a pass of one row is the job's first row.
+        if going.len() == 1 && pass_rows == 1 {
             // One row, one token: the single-token pass (what greedy decoding of one candidate has always run).
             let d = &mut *going[0];
             let (i, t) = &d.next[0];
@@ -587,35 +605,80 @@ impl Runtime {
             r.logits = self.model.forward(t, &mut r.kv)?.to_vec1::<f32>()?;
         } else {
             let mut seqs: Vec<Rows> = Vec::with_capacity(pass_rows);
-            for d in going.iter_mut() {
+            for (d, tw) in going.iter_mut().zip(&twins) {
                 let Decoding { rows, next, .. } = &mut **d;
-                // `next` is in row order: each row takes its planned tokens, if any.
-                let mut planned = next.iter().peekable();
+                // `next` is in row order: each row takes its planned tokens, if any, unless its twin runs them.
+                let mut planned = next.iter().zip(tw).peekable();
                 for (i, row) in rows.iter_mut().enumerate() {
-                    if let Some((_, t)) = planned.next_if(|(j, _)| *j == i) {
-                        seqs.push(Rows { cache: &mut row.kv, tokens: t });
+                    if let Some(((_, t), of)) = planned.next_if(|((j, _), _)| *j == i) {
+                        if of.is_none() {
+                            seqs.push(Rows { cache: &mut row.kv, tokens: t });
+                        }
                     }
                 }
             }
             let mut logits = self.model.step_many(&mut seqs)?.into_iter();
             drop(seqs);
-            for d in going.iter_mut() {
+            for (d, tw) in going.iter_mut().zip(&twins) {
                 let Decoding { rows, next, .. } = &mut **d;
-                for (i, t) in next.iter() {
+                for ((i, t), _) in next.iter().zip(tw).filter(|(_, of)| of.is_none()) {
                     let r = &mut rows[*i];
                     r.logits = logits.next().expect("a row per token");
                     r.ahead = t[1..].iter().map(|&d| (d, logits.next().expect("a row per token"))).collect();
                 }
             }
         }
+        // Each twin takes what its row computed: the same logits, the same K/V positions.
+        for (d, tw) in going.iter_mut().zip(&twins) {
+            for (j, of) in tw.iter().enumerate() {
+                let Some(k) = *of else { continue };
+                let (from, to) = (d.next[k].0, d.next[j].0);
+                let (before, after) = d.rows.split_at_mut(to);
+                let (src, dst) = (&before[from], &mut after[0]);
+                dst.kv.catch_up(&src.kv);
+                dst.logits.clone_from(&src.logits);
+                dst.ahead.clone_from(&src.ahead);
+                d.twin_rows += d.next[j].1.len();
+            }
+        }
         drafter.record_pass(pass_rows, t_pass.elapsed().as_secs_f64() * 1e3);
         Ok(())
+    }
+
+    /// For each of `d.next`'s rows, the earlier entry of `d.next` whose row is its twin, if any: a row with the same
+    /// tokens so far (so the same K/V: every position of a row computes what it would in a pass of its own) and the
+    /// same tokens to feed computes exactly what that row computes, so it does not run. Sampled candidates are
+    /// twins until they first draw a different token — often for a whole answer (four candidates that agree).
+    fn twins(&self, d: &Decoding) -> Vec<Option<usize>> {
+        let mut of: Vec<Option<usize>> = vec![None; d.next.len()];
+        if !self.share_twins {
+            return of;
+        }
+        for j in 1..d.next.len() {
+            let (rj, tj) = (&d.rows[d.next[j].0], &d.next[j].1);
+            of[j] = (0..j).find(|&k| {
+                let (rk, tk) = (&d.rows[d.next[k].0], &d.next[k].1);
+                of[k].is_none() && tk == tj && rk.kv.len() == rj.kv.len() && rk.ids == rj.ids
+            });
+        }
+        of
     }
 
     /// A job's answer once it is done (or where it stands, if not).
     pub fn finish(&self, d: Decoding) -> Result<Generation, CoreError> {
         let decode_s = d.decode_started.elapsed().as_secs_f64();
-        let Decoding { mut rows, prompt, stats, prefix_len, cache_hit, prefill_s, p_unanswerable, closeness, .. } = d;
+        let Decoding {
+            mut rows,
+            prompt,
+            stats,
+            prefix_len,
+            cache_hit,
+            prefill_s,
+            p_unanswerable,
+            closeness,
+            twin_rows,
+            ..
+        } = d;
         let decoded_rows = rows.iter().map(|r| r.ids.len()).sum();
         let samples = rows
             .drain(1..)
@@ -644,6 +707,7 @@ impl Runtime {
             prefix_cache_hit: cache_hit,
             samples,
             decoded_rows,
+            twin_rows,
             p_unanswerable,
             closeness,
             draft: stats,
@@ -706,6 +770,8 @@ pub struct Decoding {
     decode_started: Instant,
     p_unanswerable: Option<f32>,
     closeness: Option<f32>,
+    /// Tokens fed to a row by its twin's pass instead of its own ([`Generation::twin_rows`]).
+    twin_rows: usize,
 }
 
 impl Decoding {

@@ -105,6 +105,7 @@ impl Backend for Scripted {
             prefix_tokens: 0,
             prefix_cache_hit: false,
             decoded_rows: greedy.generated_tokens + cands.iter().map(|c| c.generated_tokens).sum::<usize>(),
+            twin_rows: 0,
             samples: cands,
             p_unanswerable: if req.judge && !near {
                 Some(rule.and_then(|r| r.p_unanswerable).unwrap_or(0.0))

@@ -149,6 +149,21 @@ impl KvCache {
         self.len = len;
     }
 
+    /// Make this state equal to `src`, a continuation of it: the same base and this state's positions, then more
+    /// in the tail. Only the positions this state lacks are copied (a candidate row whose twin ran the pass for
+    /// both). Panics when `src` is not such a continuation (a bug of the caller).
+    pub(crate) fn catch_up(&mut self, src: &KvCache) {
+        assert!(src.len >= self.len, "catch up to {} positions from {}", src.len, self.len);
+        assert_eq!(self.layers.len(), src.layers.len(), "states of different models");
+        for (l, s) in self.layers.iter_mut().zip(&src.layers) {
+            assert_eq!(l.base_len, s.base_len, "states with different bases");
+            assert!(l.tail_k.len() <= s.tail_k.len(), "the source's tail is shorter");
+            l.tail_k.extend_from_slice(&s.tail_k[l.tail_k.len()..]);
+            l.tail_v.extend_from_slice(&s.tail_v[l.tail_v.len()..]);
+        }
+        self.len = src.len;
+    }
+
     /// Memory held by the state, in bytes (a base shared with other states is counted in each).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
@@ -195,6 +210,32 @@ mod tests {
         b.len += 1;
         assert_eq!(a.layers[0].tail_len(1, 2), 0, "a continuation never changes the state it started from");
         assert_eq!((a.bytes(), b.bytes()), (64, 80));
+    }
+
+    #[test]
+    fn catching_up_copies_only_the_missing_positions() {
+        let base = Tensor::zeros((1, 1, 4, 2), DType::F32, &Device::Cpu).unwrap();
+        let mut a = KvCache { layers: vec![LayerKv::from_base(base.clone(), base).unwrap()], len: 4 };
+        a.layers[0].push(&[1.0, 2.0], &[3.0, 4.0]);
+        a.len += 1;
+        let mut b = a.clone();
+        for p in [5.0, 7.0] {
+            a.layers[0].push(&[p, p + 1.0], &[-p, -p - 1.0]);
+            a.len += 1;
+        }
+        b.catch_up(&a);
+        assert_eq!(b.len(), 7);
+        assert_eq!(b.layers[0].tail_k, a.layers[0].tail_k);
+        assert_eq!(b.layers[0].tail_v, [3.0, 4.0, -5.0, -6.0, -7.0, -8.0]);
+        b.catch_up(&a);
+        assert_eq!(b.layers[0].tail_k.len(), 6, "already equal: nothing copied");
+        let behind = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut c = a.clone();
+            c.layers[0].push(&[0.0, 0.0], &[0.0, 0.0]);
+            c.len += 1;
+            c.catch_up(&b)
+        }));
+        assert!(behind.is_err(), "a source behind the state is a bug");
     }
 
     #[test]
