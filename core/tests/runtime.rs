@@ -360,7 +360,7 @@ fn speculative_decoding_changes_no_token() {
 
 /// Candidate rows that are twins (the same tokens so far and next) run once a pass and their twins take what it
 /// computed: every candidate's text, stop and token count are those of rows each run on their own, with and without
-/// drafts (jobs_decoded_together_give_each_what_it_gets_alone has twins beside other jobs); and twins do occur (sampled candidates that agree with the greedy one).
+/// drafts, alone and beside another job; and twins do occur (sampled candidates that agree with the greedy one).
 #[test]
 fn twin_candidates_computed_once_change_no_token() {
     use copilot_core::engine::backend::Sampling;
@@ -387,6 +387,7 @@ fn twin_candidates_computed_once_change_no_token() {
             shared += once.twin_rows;
         }
     }
+    rt.set_share_twins(false);
     assert!(shared > 0, "some sampled candidate agreed with another for a token");
 }
 
@@ -421,7 +422,9 @@ fn jobs_decoded_together_give_each_what_it_gets_alone() {
         reqs.push(r);
     }
     let alone: Vec<_> = reqs.iter().map(|r| rt.generate(r, &|| false).unwrap()).collect();
-    // Together: the first four start at once, the last joins after three passes.
+    // Together, with twin rows run once (each alone ran every row itself): the first four start at once, the last
+    // joins after three passes.
+    rt.set_share_twins(true);
     let begin = |rt: &mut copilot_core::engine::runtime::Runtime, r| match rt.begin(r, &|| false).unwrap() {
         Begun::Decoding(d) => d,
         Begun::Answered(_) => panic!("a generation request is decoded"),
@@ -453,6 +456,7 @@ fn jobs_decoded_together_give_each_what_it_gets_alone() {
         assert_eq!(g.samples, a.samples, "{what}");
         assert_eq!(g.decoded_rows, a.decoded_rows, "{what}");
     }
+    rt.set_share_twins(false);
     rt.set_prefix_cache_bytes(0);
 }
 

@@ -81,7 +81,8 @@ pub struct Runtime {
     /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
     drafter: Drafter,
     /// Candidate rows of one job that are twins (the same tokens so far and the same tokens to feed) run once a
-    /// pass (see [`Runtime::advance`]); off only to compare against.
+    /// pass (see [`Runtime::advance`]). Off by default until `examples/bench_twins` has measured what it saves
+    /// (context.md, 2026-12-05): the tokens are the same either way (tested).
     share_twins: bool,
     /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
     embedder: Option<crate::engine::embed::Embedder>,
@@ -218,7 +219,7 @@ impl Runtime {
             info,
             max_context,
             drafter: Drafter::default(),
-            share_twins: true,
+            share_twins: false,
             embedder,
             embedder_status,
         })
@@ -450,8 +451,8 @@ impl Runtime {
         })
     }
 
-    /// Whether twin candidate rows run once a pass (the default) or each its own row (to compare against: the
-    /// tokens are the same either way).
+    /// Whether twin candidate rows run once a pass or each its own row (the default for now): the tokens are the
+    /// same either way.
     pub fn set_share_twins(&mut self, on: bool) {
         self.share_twins = on;
     }
@@ -470,9 +471,9 @@ impl Runtime {
     /// single-token pass, anything else one [`Transformer::step_many`] pass. With several, their rows share one
     /// pass; every row computes what it would alone, so each job's tokens do not depend on what else is decoded
     /// (tested). Where that does not hold (our kernels off), each job runs its own pass, one after the other.
-    /// Within a job, candidate rows that are twins — the same tokens so far and the same tokens to feed, as
-    /// sampled candidates are until they first draw differently — run once, and the twins take the row's logits
-    /// and K/V positions ([`Generation::twin_rows`] counts those tokens).
+    /// With [`Runtime::set_share_twins`], candidate rows of a job that are twins — the same tokens so far and the
+    /// same tokens to feed, as sampled candidates are until they first draw differently — run once, and the twins
+    /// take the row's logits and K/V positions ([`Generation::twin_rows`] counts those tokens).
     /// On an error in the pass every job's state is left as before it; the error is the pass's, for all of them.
     pub fn advance(&mut self, jobs: &mut [&mut Decoding]) -> Result<(), CoreError> {
         let mut drafter = std::mem::take(&mut self.drafter);
