@@ -81,8 +81,8 @@ pub struct Runtime {
     /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
     drafter: Drafter,
     /// Candidate rows of one job that are twins (the same tokens so far and the same tokens to feed) run once a
-    /// pass (see [`Runtime::advance`]). Off by default until `examples/bench_twins` has measured what it saves
-    /// (context.md, 2026-12-05): the tokens are the same either way (tested).
+    /// pass (see [`Runtime::advance`]). Off by default until the full test suite has run with it on (measured:
+    /// reports/twins.md; context.md, 2026-12-05): the tokens are the same either way (tested).
     share_twins: bool,
     /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
     embedder: Option<crate::engine::embed::Embedder>,
