@@ -81,8 +81,9 @@ pub struct Runtime {
     /// What drafts pay on this machine, learned from the passes run (see [`Drafter`]).
     drafter: Drafter,
     /// Candidate rows of one job that are twins (the same tokens so far and the same tokens to feed) run once a
-    /// pass (see [`Runtime::advance`]). Off by default until the full test suite has run with it on (measured:
-    /// reports/twins.md; context.md, 2026-12-05): the tokens are the same either way (tested).
+    /// pass (see [`Runtime::advance`]). On by default since the full test suite passed with it (measured:
+    /// reports/twins.md, decode 1.14× with 4 candidates; context.md, 2026-12-05): the tokens are the same either
+    /// way (tested).
     share_twins: bool,
     /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
     embedder: Option<crate::engine::embed::Embedder>,
@@ -219,7 +220,7 @@ impl Runtime {
             info,
             max_context,
             drafter: Drafter::default(),
-            share_twins: false,
+            share_twins: true,
             embedder,
             embedder_status,
         })
@@ -451,8 +452,8 @@ impl Runtime {
         })
     }
 
-    /// Whether twin candidate rows run once a pass or each its own row (the default for now): the tokens are the
-    /// same either way.
+    /// Whether twin candidate rows run once a pass (the default) or each its own row: the tokens are the same
+    /// either way.
     pub fn set_share_twins(&mut self, on: bool) {
         self.share_twins = on;
     }
