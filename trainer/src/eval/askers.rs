@@ -193,6 +193,7 @@ impl Asker for ExtensionAsker {
                     winner_source: v["winner"]
                         .as_u64()
                         .and_then(|w| cands.get(w as usize)?["source"].as_str().map(str::to_string)),
+                    rejected: rejected(&cands),
                 };
                 if a.prediction.is_none() {
                     a.ask_error = Some(match (&v["refused"], &v["model_output"]) {
@@ -219,6 +220,22 @@ impl Asker for ExtensionAsker {
         }
         a
     }
+}
+
+/// The candidates of an `ask_verbose` report that did not plan (`error` set): their SQL (the model's text when
+/// it held none) and the error.
+fn rejected(cands: &[serde_json::Value]) -> Vec<super::Rejected> {
+    let s = |c: &serde_json::Value, k: &str| c[k].as_str().map(str::to_string);
+    cands
+        .iter()
+        .filter_map(|c| {
+            Some(super::Rejected {
+                source: s(c, "source").unwrap_or_default(),
+                sql: s(c, "sql").or_else(|| s(c, "text")).unwrap_or_default(),
+                error: s(c, "error")?,
+            })
+        })
+        .collect()
 }
 
 impl ExtensionAsker {
@@ -366,5 +383,30 @@ mod tests {
                    CREATE VIEW w.v (a text);\n";
         let cols: Vec<String> = super::context_columns(ctx, "public").into_iter().collect();
         assert_eq!(cols, ["public.singer.age", "public.singer.singer_id", "public.singer.song name", "w.v.a"]);
+    }
+
+    #[test]
+    fn rejected_keeps_the_candidates_that_did_not_plan_with_their_sql_or_text() {
+        let cands: Vec<serde_json::Value> = serde_json::from_str(
+            r#"[{"source": "greedy", "text": "SELECT a FROM t", "sql": "SELECT a FROM t", "error": null},
+                {"source": "sample 2", "text": "SELECT b FROM t", "sql": "SELECT b FROM t",
+                 "error": "42703: column \"b\" does not exist"},
+                {"source": "sample 3", "text": "I cannot tell", "sql": null, "error": "no SQL in the answer"}]"#,
+        )
+        .unwrap();
+        let r = super::rejected(&cands);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].source.as_str(), r[0].sql.as_str()), ("sample 2", "SELECT b FROM t"));
+        assert_eq!(r[0].error, "42703: column \"b\" does not exist");
+        assert_eq!((r[1].sql.as_str(), r[1].error.as_str()), ("I cannot tell", "no SQL in the answer"));
+        // Absent from a report when every candidate planned (older reports read back the same).
+        let p = super::super::Pipeline::default();
+        assert!(!serde_json::to_string(&p).unwrap().contains("rejected"));
+        let back: super::super::Pipeline = serde_json::from_str(
+            r#"{"candidates":1,"planned":1,"repairs":0,
+            "decision":"only candidate","margin":0,"refused":false}"#,
+        )
+        .unwrap();
+        assert!(back.rejected.is_empty());
     }
 }

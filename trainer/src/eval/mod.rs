@@ -187,6 +187,18 @@ pub struct Pipeline {
     /// joined`, `repair 1`, …); absent when nothing was returned, or in reports made before it was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub winner_source: Option<String>,
+    /// The candidates that did not plan: what each was (SQL, or the model's text when it held none) and why
+    /// not, in the gate's or PostgreSQL's words — what a failure analysis needs when nothing was returned.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rejected: Vec<Rejected>,
+}
+
+/// A candidate that did not plan (from `copilot.ask_verbose`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rejected {
+    pub source: String,
+    pub sql: String,
+    pub error: String,
 }
 
 /// What asking produced for one question (one line of `<run>.asked.jsonl`).
