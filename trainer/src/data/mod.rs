@@ -5,6 +5,7 @@ use clap::Subcommand;
 use std::path::PathBuf;
 
 pub mod fetch;
+pub mod for_pg;
 pub mod load_pg;
 pub mod prepare;
 pub mod rows;
@@ -19,6 +20,8 @@ pub enum DataCommand {
     Prepare(prepare::PrepareArgs),
     /// Copy Spider SQLite databases (schema, keys and rows) into PostgreSQL.
     LoadPg(LoadPgArgs),
+    /// Keep the rows whose SQL PostgreSQL runs (on `load-pg`'s copy), repairing SQLite-only GROUP BY by execution.
+    ForPostgres(for_pg::ForPgArgs),
 }
 
 #[derive(clap::Args)]
@@ -49,5 +52,6 @@ pub fn run(cmd: DataCommand) -> Result<()> {
         DataCommand::Fetch(args) => fetch::fetch(&args),
         DataCommand::FromSpider(args) => fetch::from_spider(&args),
         DataCommand::Prepare(args) => prepare::run(&args),
+        DataCommand::ForPostgres(args) => for_pg::run(&args),
     }
 }

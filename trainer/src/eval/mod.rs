@@ -17,11 +17,11 @@ mod askers;
 pub mod compare;
 pub mod confidence;
 pub mod context;
-mod exec;
+pub(crate) mod exec;
 pub mod grounding;
 pub mod refusal;
 mod run;
-mod score;
+pub(crate) mod score;
 
 pub use run::run;
 

@@ -18,7 +18,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-pub(super) fn has_order_by(sql: &str) -> bool {
+pub(crate) fn has_order_by(sql: &str) -> bool {
     use sqlparser::ast::Statement;
     let parsed =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::SQLiteDialect {}, sql.trim().trim_end_matches(';'));
