@@ -85,25 +85,21 @@ pub fn ungrouped_column(error: &str) -> Option<String> {
 /// string literals and quoted names are skipped over.
 pub fn add_group_column(sql: &str, column: &str, nth: usize) -> Option<String> {
     let upper = sql.to_ascii_uppercase();
-    let start =
-        upper.match_indices("GROUP BY ").filter(|(i, _)| outside_quotes(sql, *i)).nth(nth)?.0 + "GROUP BY ".len();
-    let bytes = sql.as_bytes();
-    let (mut depth, mut i, mut quote) = (0i32, start, None::<u8>);
+    let open = unquoted(sql);
+    let start = upper.match_indices("GROUP BY ").filter(|(i, _)| open[*i]).nth(nth)?.0 + "GROUP BY ".len();
     let ends = [" HAVING ", " ORDER BY ", " LIMIT ", " UNION ", " INTERSECT ", " EXCEPT ", " WINDOW ", " OFFSET "];
-    while i < bytes.len() {
-        let c = bytes[i];
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None => match c {
-                b'\'' | b'"' => quote = Some(c),
+    let mut depth = 0i32;
+    let mut i = start;
+    while i < sql.len() {
+        if open[i] {
+            match sql.as_bytes()[i] {
                 b'(' => depth += 1,
                 b')' if depth == 0 => break,
                 b')' => depth -= 1,
                 b';' if depth == 0 => break,
                 _ if depth == 0 && ends.iter().any(|e| upper[i..].starts_with(e)) => break,
                 _ => {}
-            },
+            }
         }
         i += 1;
     }
@@ -111,18 +107,24 @@ pub fn add_group_column(sql: &str, column: &str, nth: usize) -> Option<String> {
     Some(format!("{}, {column}{}", &sql[..list_end], &sql[list_end..]))
 }
 
-/// Whether byte `at` of `sql` lies outside string literals and quoted names.
-fn outside_quotes(sql: &str, at: usize) -> bool {
+/// Per byte of `sql`: whether it lies outside string literals and quoted names (the quotes themselves are inside).
+fn unquoted(sql: &str) -> Vec<bool> {
     let mut quote = None::<u8>;
-    for &c in &sql.as_bytes()[..at] {
-        match quote {
-            Some(q) if c == q => quote = None,
-            Some(_) => {}
-            None if c == b'\'' || c == b'"' => quote = Some(c),
-            None => {}
-        }
-    }
-    quote.is_none()
+    sql.bytes()
+        .map(|c| match quote {
+            Some(q) => {
+                if c == q {
+                    quote = None;
+                }
+                false
+            }
+            None if c == b'\'' || c == b'"' => {
+                quote = Some(c);
+                false
+            }
+            None => true,
+        })
+        .collect()
 }
 
 /// The outcome for one row: `Ok(answer)` to keep (normalized, perhaps rewritten; `true` when rewritten), or the
