@@ -11,7 +11,9 @@
 //! [`join_by_foreign_key`] does the same for the join key PostgreSQL cannot name: `… JOIN cars_data AS t2 ON
 //! t1.makeid = t2.makeid` where `cars_data` has no `makeid` but a foreign key `cars_data.id → car_names.makeid`
 //! says which of its columns joins to `t1.makeid` (PostgreSQL's hint, `t1.makeid`, would join t1 to itself), and
-//! [`join_missing_table`] for a column of a table the query never joined.
+//! [`join_missing_table`] for a column of a table the query never joined. [`group_by_ungrouped`] groups by a column
+//! selected beside an aggregate (what SQLite allows and PostgreSQL refuses), and [`cast_text_operands`] casts a
+//! column kept as text where the query uses it as a number.
 
 use crate::sql::explain::comparison;
 use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
@@ -22,7 +24,11 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
 
+mod cast;
+mod group_by;
 mod missing_join;
+pub use cast::cast_text_operands;
+pub use group_by::{add_group_column, group_by_ungrouped, ungrouped_column};
 pub use missing_join::join_missing_table;
 
 /// The queries PostgreSQL's HINT in `error` (as `describe`d: `ERROR:  …` and `HINT:  …` lines) suggests, one per

@@ -8,7 +8,8 @@
 //! as `data prepare` writes it) on the PostgreSQL copy of its database:
 //! - it runs: kept as normalized;
 //! - 42803: the column PostgreSQL names is added to a GROUP BY list (each one in the query tried in turn, up to
-//!   [`MAX_ADDED`] columns). The rewrite is kept only when PostgreSQL then runs it and returns the same result as
+//!   [`MAX_ADDED`] columns; `copilot_core::sql::hint::add_group_column`, the rewrite the extension offers as a
+//!   candidate). The rewrite is kept only when PostgreSQL then runs it and returns the same result as
 //!   SQLite for the original answer (as the eval scores: rows, and their order when the query orders them);
 //! - anything else, or a rewrite that changes the result: the row is dropped, counted by reason.
 //!
@@ -20,7 +21,7 @@ use crate::eval::exec::{run_pg, Sqlite};
 use crate::eval::results::same_result;
 use crate::sqlnorm;
 use anyhow::{Context, Result};
-use copilot_core::sql::schema::quote_ident;
+use copilot_core::sql::hint::{add_group_column, ungrouped_column};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -69,64 +70,6 @@ pub struct Report {
     pub examples: Vec<(String, String)>,
 }
 
-/// The column PostgreSQL names in a 42803 error (`column "t1.name" must appear in the GROUP BY clause …`),
-/// written back as SQL (each part quoted where PostgreSQL needs it).
-pub fn ungrouped_column(error: &str) -> Option<String> {
-    let rest = error.strip_prefix("42803: column \"")?;
-    let (name, tail) = rest.split_once('"')?;
-    if !tail.starts_with(" must appear in the GROUP BY clause") || name.is_empty() {
-        return None;
-    }
-    Some(name.split('.').map(quote_ident).collect::<Vec<_>>().join("."))
-}
-
-/// `sql` with `column` appended to its `nth` GROUP BY list (counted from 0 in text order), or `None` when there
-/// is no such list. The list ends where its own nesting level ends or a clause that follows GROUP BY begins;
-/// string literals and quoted names are skipped over.
-pub fn add_group_column(sql: &str, column: &str, nth: usize) -> Option<String> {
-    let upper = sql.to_ascii_uppercase();
-    let open = unquoted(sql);
-    let start = upper.match_indices("GROUP BY ").filter(|(i, _)| open[*i]).nth(nth)?.0 + "GROUP BY ".len();
-    let ends = [" HAVING ", " ORDER BY ", " LIMIT ", " UNION ", " INTERSECT ", " EXCEPT ", " WINDOW ", " OFFSET "];
-    let mut depth = 0i32;
-    let mut i = start;
-    while i < sql.len() {
-        if open[i] {
-            match sql.as_bytes()[i] {
-                b'(' => depth += 1,
-                b')' if depth == 0 => break,
-                b')' => depth -= 1,
-                b';' if depth == 0 => break,
-                _ if depth == 0 && ends.iter().any(|e| upper[i..].starts_with(e)) => break,
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    let list_end = sql[..i].trim_end().len();
-    Some(format!("{}, {column}{}", &sql[..list_end], &sql[list_end..]))
-}
-
-/// Per byte of `sql`: whether it lies outside string literals and quoted names (the quotes themselves are inside).
-fn unquoted(sql: &str) -> Vec<bool> {
-    let mut quote = None::<u8>;
-    sql.bytes()
-        .map(|c| match quote {
-            Some(q) => {
-                if c == q {
-                    quote = None;
-                }
-                false
-            }
-            None if c == b'\'' || c == b'"' => {
-                quote = Some(c);
-                false
-            }
-            None => true,
-        })
-        .collect()
-}
-
 /// The outcome for one row: `Ok(answer)` to keep (normalized, perhaps rewritten; `true` when rewritten), or the
 /// reason it is dropped.
 fn check_row(
@@ -144,7 +87,7 @@ fn check_row(
         Err(e) => e,
     };
     for _ in 0..MAX_ADDED {
-        let Some(column) = ungrouped_column(&error) else { break };
+        let Some(column) = error.strip_prefix("42803: ").and_then(ungrouped_column) else { break };
         // The GROUP BY list the column belongs to: the first rewrite PostgreSQL no longer refuses this way.
         let mut next = None;
         for nth in 0.. {
@@ -229,58 +172,4 @@ pub fn run(args: &ForPgArgs) -> Result<()> {
         report_path.display()
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ungrouped_column_is_read_from_postgresql_s_message() {
-        let e = "42803: column \"t1.name\" must appear in the GROUP BY clause or be used in an aggregate function";
-        assert_eq!(ungrouped_column(e).as_deref(), Some("t1.name"));
-        let e = "42803: column \"t1.Song Name\" must appear in the GROUP BY clause or be used in an aggregate function";
-        assert_eq!(ungrouped_column(e).as_deref(), Some("t1.\"Song Name\""));
-        assert_eq!(ungrouped_column("42703: column \"x\" does not exist"), None);
-        assert_eq!(ungrouped_column("42803: aggregate functions are not allowed in WHERE"), None);
-    }
-
-    #[test]
-    fn a_column_joins_the_right_group_by_list() {
-        let sql = "SELECT t1.name, count(*) FROM a AS t1 JOIN b AS t2 ON t1.id = t2.a GROUP BY t1.id ORDER BY count(*) DESC LIMIT 1";
-        assert_eq!(
-            add_group_column(sql, "t1.name", 0).unwrap(),
-            "SELECT t1.name, count(*) FROM a AS t1 JOIN b AS t2 ON t1.id = t2.a GROUP BY t1.id, t1.name ORDER BY count(*) DESC LIMIT 1"
-        );
-        assert_eq!(
-            add_group_column("SELECT a, b FROM t GROUP BY a", "b", 0).unwrap(),
-            "SELECT a, b FROM t GROUP BY a, b"
-        );
-        assert_eq!(add_group_column("SELECT a, b FROM t GROUP BY a", "b", 1), None);
-        assert_eq!(add_group_column("SELECT a, max(b) FROM t", "a", 0), None);
-        // In a subquery: the list ends at its closing parenthesis; the second list is the outer one.
-        let sql =
-            "SELECT x FROM t WHERE y IN (SELECT y FROM u GROUP BY y HAVING count(*) > 1) GROUP BY x HAVING sum(z) > 0";
-        assert_eq!(
-            add_group_column(sql, "w", 0).unwrap(),
-            "SELECT x FROM t WHERE y IN (SELECT y FROM u GROUP BY y, w HAVING count(*) > 1) GROUP BY x HAVING sum(z) > 0"
-        );
-        assert_eq!(
-            add_group_column(sql, "w", 1).unwrap(),
-            "SELECT x FROM t WHERE y IN (SELECT y FROM u GROUP BY y HAVING count(*) > 1) GROUP BY x, w HAVING sum(z) > 0"
-        );
-        // Set operations end the list; functions' parentheses do not; text in quotes is not a clause.
-        assert_eq!(
-            add_group_column("SELECT a FROM t GROUP BY lower(a) UNION SELECT a FROM u", "b", 0).unwrap(),
-            "SELECT a FROM t GROUP BY lower(a), b UNION SELECT a FROM u"
-        );
-        assert_eq!(
-            add_group_column("SELECT a FROM t WHERE c = 'GROUP BY x' GROUP BY a", "b", 0).unwrap(),
-            "SELECT a FROM t WHERE c = 'GROUP BY x' GROUP BY a, b"
-        );
-        assert_eq!(
-            add_group_column("SELECT a FROM t GROUP BY a, \" LIMIT \"", "b", 0).unwrap(),
-            "SELECT a FROM t GROUP BY a, \" LIMIT \", b"
-        );
-    }
 }
