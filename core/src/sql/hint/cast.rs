@@ -12,13 +12,16 @@
 //! - In `=` / `<>` with a column of a number type on the other side (a join key kept as text on one side), that
 //!   column is cast to `text` instead: it never fails, and equal numbers print alike.
 //!
-//! Only plain column references are cast (a subquery or expression of text type is left to the model), and only
-//! the ones the catalog types as text.
+//! Only plain column references are cast (a subquery or expression of text type is left to the model), only the
+//! ones the catalog types as text, and only where they meet a number (a numeric literal, or a column the catalog
+//! types as a number): another comparison with the same operator (`name > 'M'`) is left as written.
 
 use super::{byte_range, catalog_table, edited, line, parse, Joins};
 use crate::sql::gate::norm;
 use crate::sql::schema::Catalog;
-use sqlparser::ast::{Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, Visit, Visitor};
+use sqlparser::ast::{
+    Expr, FunctionArg, FunctionArgExpr, FunctionArguments, Ident, UnaryOperator, Value, Visit, Visitor,
+};
 use std::ops::ControlFlow;
 
 /// What spells a number, as PostgreSQL's `numeric` input reads it (spaces around allowed).
@@ -46,6 +49,17 @@ fn failed(message: &str) -> Option<Failed> {
     let (name, args) = rest.split_once('(')?;
     let args = args.strip_suffix(')')?.split(',').map(|a| a.trim().to_string()).collect();
     Some(Failed::Function { name: name.trim_matches('"').to_lowercase(), args })
+}
+
+/// A number written in the query (`150`, `-2.5`, `(3)`).
+fn number_literal(e: &Expr) -> bool {
+    match e {
+        Expr::Value(v) => matches!(v.value, Value::Number(..)),
+        Expr::UnaryOp { op: UnaryOperator::Minus | UnaryOperator::Plus, expr } | Expr::Nested(expr) => {
+            number_literal(expr)
+        }
+        _ => false,
+    }
 }
 
 fn is_text(data_type: &str) -> bool {
@@ -98,18 +112,32 @@ pub fn cast_text_operands(sql: &str, error: &str, catalog: &Catalog) -> Vec<Stri
     let mut visit = |e: &Expr| match (&what, e) {
         (Failed::Operator { left, op, right }, Expr::BinaryOp { left: l, op: o, right: r }) if o.to_string() == *op => {
             let equality = matches!(op.as_str(), "=" | "<>" | "!=");
-            for (text_side, other_side, text_expr, other_expr) in [(left, right, l, r), (right, left, r, l)] {
+            for (text_side, text_expr, other_expr) in [(left, l, r), (right, r, l)] {
                 if !is_text(text_side) {
                     continue;
                 }
                 let Some((ids, _)) = type_of(text_expr).filter(|(_, t)| is_text(t)) else { continue };
+                // Only where this comparison is the one the error is about: text met a number here. Another
+                // comparison with the same operator (`name > 'M'`, two text columns) is left as written.
                 match type_of(other_expr) {
                     // A key kept as text on one side: compare the number as text (it never fails).
                     Some((other, t)) if equality && is_number(&t) => casts.push((other, "text")),
-                    _ if !equality || is_number(other_side) => casts.push((ids, "numeric")),
+                    Some((_, t)) if is_number(&t) => casts.push((ids, "numeric")),
+                    None if number_literal(other_expr) => casts.push((ids, "numeric")),
                     _ => {}
                 }
             }
+        }
+        // `c BETWEEN 1 AND 2` and `c IN (1, 2)` fail as `text >= integer` and `text = integer`.
+        (Failed::Operator { left, op, right }, Expr::Between { expr, low, high, .. })
+            if op == ">=" && is_text(left) && is_number(right) && number_literal(low) && number_literal(high) =>
+        {
+            casts.extend(type_of(expr).filter(|(_, t)| is_text(t)).map(|(ids, _)| (ids, "numeric")));
+        }
+        (Failed::Operator { left, op, right }, Expr::InList { expr, list, .. })
+            if op == "=" && is_text(left) && is_number(right) && list.iter().all(number_literal) =>
+        {
+            casts.extend(type_of(expr).filter(|(_, t)| is_text(t)).map(|(ids, _)| (ids, "numeric")));
         }
         (Failed::Function { name, args }, Expr::Function(f))
             if f.name.0.last().and_then(|p| p.as_ident()).is_some_and(|id| norm(id) == *name) =>
@@ -266,6 +294,44 @@ mod tests {
             out,
             vec!["SELECT t1.countryname FROM countries AS t1 JOIN car_makers AS t2 ON t1.countryid::text = t2.country"]
         );
+    }
+
+    #[test]
+    fn only_the_comparison_that_meets_a_number_is_cast() {
+        let c = catalog();
+        let e = err("operator does not exist: text > integer");
+        let out = cast_text_operands(
+            "SELECT count(*) FROM cars_data AS t1 JOIN car_makers AS t2 ON t1.id = t2.id WHERE t1.horsepower > 150 AND t2.maker > 'M' AND t2.maker > t2.country",
+            &e,
+            &c,
+        );
+        assert_eq!(
+            out[0],
+            "SELECT count(*) FROM cars_data AS t1 JOIN car_makers AS t2 ON t1.id = t2.id WHERE t1.horsepower::numeric > 150 AND t2.maker > 'M' AND t2.maker > t2.country"
+        );
+        let e = err("operator does not exist: integer = text");
+        let out = cast_text_operands(
+            "SELECT t1.countryname FROM countries AS t1 JOIN car_makers AS t2 ON t1.countryid = t2.country WHERE t2.maker = 'ford'",
+            &e,
+            &c,
+        );
+        assert_eq!(
+            out,
+            vec!["SELECT t1.countryname FROM countries AS t1 JOIN car_makers AS t2 ON t1.countryid::text = t2.country WHERE t2.maker = 'ford'"]
+        );
+        // BETWEEN and IN over numbers.
+        let out = cast_text_operands(
+            "SELECT count(*) FROM cars_data WHERE mpg BETWEEN 10 AND -2.5",
+            &err("operator does not exist: text >= integer"),
+            &c,
+        );
+        assert_eq!(out[0], "SELECT count(*) FROM cars_data WHERE mpg::numeric BETWEEN 10 AND -2.5");
+        let out = cast_text_operands(
+            "SELECT count(*) FROM cars_data WHERE mpg IN (18, 20)",
+            &err("operator does not exist: text = integer"),
+            &c,
+        );
+        assert_eq!(out[0], "SELECT count(*) FROM cars_data WHERE mpg::numeric IN (18, 20)");
     }
 
     #[test]

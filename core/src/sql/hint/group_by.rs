@@ -55,7 +55,7 @@ pub fn add_group_column(sql: &str, column: &str, nth: usize) -> Option<String> {
                 b')' if depth == 0 => break,
                 b')' => depth -= 1,
                 b';' if depth == 0 => break,
-                _ if depth == 0 && ends.iter().any(|e| flat[i..].starts_with(e)) => break,
+                _ if depth == 0 && ends.iter().any(|e| flat.as_bytes()[i..].starts_with(e.as_bytes())) => break,
                 _ => {}
             }
         }
@@ -81,10 +81,10 @@ fn group_where_none(sql: &str, column: &str) -> Option<String> {
     Some(format!("{}GROUP BY {column} {}", &sql[..at], &sql[at..]))
 }
 
-/// `sql` upper-cased (ASCII) with every whitespace byte a space: the same byte positions, one way to spell a
-/// clause's words.
+/// `sql` with ASCII letters upper-cased and ASCII whitespace as spaces: every character keeps its bytes, so
+/// positions are the same as in `sql`, and a clause's words have one spelling.
 fn flat_upper(sql: &str) -> String {
-    sql.bytes().map(|b| if b.is_ascii_whitespace() { ' ' } else { b.to_ascii_uppercase() as char }).collect()
+    sql.chars().map(|c| if c.is_ascii_whitespace() { ' ' } else { c.to_ascii_uppercase() }).collect()
 }
 
 /// Where `keyword` (upper case, ending in a space) begins in `flat` outside quotes, as a whole word.
@@ -94,24 +94,26 @@ fn keyword_at<'a>(flat: &'a str, open: &'a [bool], keyword: &'a str) -> impl Ite
         .filter(move |&i| open[i] && (i == 0 || matches!(flat.as_bytes()[i - 1], b' ' | b'(' | b')')))
 }
 
-/// Per byte of `sql`: whether it lies outside string literals and quoted names (the quotes themselves are inside).
+/// Per byte of `sql`: whether it lies outside string literals, quoted names and comments (the quotes and comment
+/// marks themselves are inside).
 fn unquoted(sql: &str) -> Vec<bool> {
-    let mut quote = None::<u8>;
-    sql.bytes()
-        .map(|c| match quote {
-            Some(q) => {
-                if c == q {
-                    quote = None;
-                }
-                false
+    let b = sql.as_bytes();
+    let mut open = vec![true; b.len()];
+    let mut i = 0;
+    while i < b.len() {
+        let end = match (b[i], b.get(i + 1)) {
+            (q @ (b'\'' | b'"'), _) => b[i + 1..].iter().position(|&c| c == q).map_or(b.len(), |p| i + 1 + p + 1),
+            (b'-', Some(b'-')) => b[i..].iter().position(|&c| c == b'\n').map_or(b.len(), |p| i + p),
+            (b'/', Some(b'*')) => b[i + 2..].windows(2).position(|w| w == b"*/").map_or(b.len(), |p| i + 2 + p + 2),
+            _ => {
+                i += 1;
+                continue;
             }
-            None if c == b'\'' || c == b'"' => {
-                quote = Some(c);
-                false
-            }
-            None => true,
-        })
-        .collect()
+        };
+        open[i..end].iter_mut().for_each(|o| *o = false);
+        i = end;
+    }
+    open
 }
 
 #[cfg(test)]
@@ -176,6 +178,21 @@ mod tests {
         );
         // A word that only ends in GROUP is not the clause.
         assert_eq!(add_group_column("SELECT a FROM t AS subgroup BY", "b", 0), None);
+        // Letters of other scripts before and in the list keep their bytes (positions stay aligned).
+        assert_eq!(
+            add_group_column("SELECT name, count(*) FROM t WHERE city = '東京都' GROUP BY id ORDER BY 2", "name", 0)
+                .unwrap(),
+            "SELECT name, count(*) FROM t WHERE city = '東京都' GROUP BY id, name ORDER BY 2"
+        );
+        assert_eq!(
+            add_group_column("SELECT café, nom FROM t GROUP BY café", "t.nom", 0).unwrap(),
+            "SELECT café, nom FROM t GROUP BY café, t.nom"
+        );
+        // Comments are not clauses, and an apostrophe in one opens no string.
+        assert_eq!(
+            add_group_column("SELECT a, b FROM t -- don't\n/* GROUP BY x */ GROUP BY a", "b", 0).unwrap(),
+            "SELECT a, b FROM t -- don't\n/* GROUP BY x */ GROUP BY a, b"
+        );
     }
 
     #[test]
