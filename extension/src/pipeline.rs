@@ -20,8 +20,7 @@
 //!    lacks (`ON t1.makeid = t2.makeid`, `cars_data` has no `makeid`) takes the column a foreign key pairs with
 //!    the other side (`cars_data.id → car_names.makeid`: `t2.id`); a column of a table never joined gets the join
 //!    a foreign key gives; a column selected beside an aggregate (`must appear in the GROUP BY clause`, what
-//!    SQLite allows) is added to a GROUP BY list; a column kept as text and used as a number (`avg(text)`,
-//!    `text > integer`) is cast. Each is only a candidate, checked and voted like the model's own.
+//!    SQLite allows) is added to a GROUP BY list. Each is only a candidate, checked and voted like the model's own.
 //! 4. **Repair**: when no candidate plans, a failing answer (one PostgreSQL gave a HINT for, else the greedy one)
 //!    goes back to the model as a continuation of the same conversation — the SQL it wrote, then PostgreSQL's
 //!    message, DETAIL and HINT, and the schema's names closest to a missing one — up to `copilot.repair_attempts`
@@ -48,9 +47,7 @@ use crate::gucs;
 use crate::shmem::{PipelineCounts, BOARD};
 use copilot_core::engine::backend::{Candidate, Exchange, GenerateRequest};
 use copilot_core::sql::gate;
-use copilot_core::sql::hint::{
-    apply_hint, cast_text_operands, group_by_ungrouped, join_by_foreign_key, join_missing_table,
-};
+use copilot_core::sql::hint::{apply_hint, group_by_ungrouped, join_by_foreign_key, join_missing_table};
 use copilot_core::sql::prompt::repair_message;
 use copilot_core::sql::schema::{Catalog, Qualifier};
 use copilot_core::sql::suggest::{similar_names, Grounding};
@@ -423,8 +420,7 @@ pub fn answer(
 /// change made; with a join column its table lacks replaced by the one a foreign key pairs with the other side; or
 /// with a join added to the table that has a column no table of its FROM clause has ([`copilot_core::sql::hint`]) —
 /// checked and added to the list (they take part in the vote like the others: the same answer with the correction).
-/// With a column selected beside an aggregate added to a GROUP BY list, or a column kept as text cast where it is
-/// used as a number. A corrected query that fails again is corrected again, up to three rounds (a query may read
+/// With a column selected beside an aggregate added to a GROUP BY list. A corrected query that fails again is corrected again, up to three rounds (a query may read
 /// two columns it never joined, or select two ungrouped columns).
 /// And an answer whose bare table names were qualified with one schema is tried with them resolved in each other
 /// shown schema that has tables of those names ([`Qualifier::in_schema`]): a look-alike schema shown beside the
@@ -452,14 +448,13 @@ fn apply_hints(
             let keyed = join_by_foreign_key(sql, error, catalog).into_iter().map(|s| (s, "join key by foreign key"));
             let joined = join_missing_table(sql, error, catalog).into_iter().map(|s| (s, "missing table joined"));
             let grouped = group_by_ungrouped(sql, error).into_iter().map(|s| (s, "ungrouped column grouped"));
-            let cast = cast_text_operands(sql, error, catalog).into_iter().map(|s| (s, "text column cast"));
             let elsewhere = t.written.as_deref().into_iter().flat_map(|w| {
                 schemas
                     .iter()
                     .filter_map(move |s| qualifier.in_schema(s, shown()).map(|q| q.qualify(w)))
                     .map(|s| (s, "tables of a look-alike schema"))
             });
-            for (fixed, how) in hinted.chain(keyed).chain(joined).chain(grouped).chain(cast).chain(elsewhere) {
+            for (fixed, how) in hinted.chain(keyed).chain(joined).chain(grouped).chain(elsewhere) {
                 if list.iter().chain(&added).any(|o| o.sql.as_deref() == Some(fixed.as_str())) {
                     continue;
                 }

@@ -12,8 +12,7 @@
 //! t1.makeid = t2.makeid` where `cars_data` has no `makeid` but a foreign key `cars_data.id → car_names.makeid`
 //! says which of its columns joins to `t1.makeid` (PostgreSQL's hint, `t1.makeid`, would join t1 to itself), and
 //! [`join_missing_table`] for a column of a table the query never joined. [`group_by_ungrouped`] groups by a column
-//! selected beside an aggregate (what SQLite allows and PostgreSQL refuses), and [`cast_text_operands`] casts a
-//! column kept as text where the query uses it as a number.
+//! selected beside an aggregate (what SQLite allows and PostgreSQL refuses).
 
 use crate::sql::explain::comparison;
 use crate::sql::gate::{nesting_depth, norm, MAX_NESTING};
@@ -24,10 +23,8 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::ops::ControlFlow;
 
-mod cast;
 mod group_by;
 mod missing_join;
-pub use cast::cast_text_operands;
 pub use group_by::{add_group_column, group_by_ungrouped, ungrouped_column};
 pub use missing_join::join_missing_table;
 
