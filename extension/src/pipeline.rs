@@ -418,10 +418,11 @@ pub fn answer(
 
 /// Each candidate from `from` on that failed with a PostgreSQL HINT naming the column or alias it meant, with that
 /// change made; with a join column its table lacks replaced by the one a foreign key pairs with the other side; or
-/// with a join added to the table that has a column no table of its FROM clause has ([`copilot_core::sql::hint`]) —
-/// checked and added to the list (they take part in the vote like the others: the same answer with the correction).
-/// With a column selected beside an aggregate added to a GROUP BY list. A corrected query that fails again is corrected again, up to three rounds (a query may read
-/// two columns it never joined, or select two ungrouped columns).
+/// with a join added to the table that has a column no table of its FROM clause has ([`copilot_core::sql::hint`]);
+/// or with a column selected beside an aggregate added to a GROUP BY list — checked and added to the list (they take
+/// part in the vote like the others: the same answer with the correction). A corrected query that fails again is
+/// corrected again, up to three rounds (a query may read two columns it never joined, or select two ungrouped
+/// columns).
 /// And an answer whose bare table names were qualified with one schema is tried with them resolved in each other
 /// shown schema that has tables of those names ([`Qualifier::in_schema`]): a look-alike schema shown beside the
 /// question's, which the question's words could not tell apart, may be the one whose columns the answer reads.
