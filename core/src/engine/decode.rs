@@ -65,20 +65,12 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// One segment of a layer's base: K and V laid out `(n_kv, len, d)` (each head's positions contiguous, as a
-/// prompt pass writes them).
-pub struct KvSegment<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
-    pub len: usize,
-}
-
-/// The K/V rows of one layer as plain slices: a base of segments in position order (see [`KvSegment`]; the
-/// positions of a cached prefix, then of each prompt pass that continued it) followed by a tail laid out
-/// `(t, n_kv, d)` (token-major, as decoding appends). Position `j` is in the base when `j < base_len` (the sum of
-/// the segments' lengths), else in the tail.
+/// The K/V rows of one layer as plain slices: a base laid out `(n_kv, base_len, d)` (each head's positions
+/// contiguous, as a prompt pass writes them) followed by a tail laid out `(t, n_kv, d)` (token-major, as decoding
+/// appends). Position `j` of K/V head `g` is in the base when `j < base_len`, else in the tail.
 pub struct KvView<'a> {
-    pub base: &'a [KvSegment<'a>],
+    pub base_k: &'a [f32],
+    pub base_v: &'a [f32],
     pub base_len: usize,
     pub tail_k: &'a [f32],
     pub tail_v: &'a [f32],
@@ -86,7 +78,7 @@ pub struct KvView<'a> {
     pub d: usize,
 }
 
-impl<'a> KvView<'a> {
+impl KvView<'_> {
     /// Positions stored.
     pub fn len(&self) -> usize {
         self.base_len + self.tail_k.len() / (self.n_kv * self.d)
@@ -96,35 +88,32 @@ impl<'a> KvView<'a> {
         self.len() == 0
     }
 
-    /// The row of K (`k = true`) or V of head `g` at position `j`.
     #[inline]
-    fn row(&self, g: usize, j: usize, k: bool) -> &'a [f32] {
-        let d = self.d;
-        if j >= self.base_len {
-            let o = ((j - self.base_len) * self.n_kv + g) * d;
-            let tail = if k { self.tail_k } else { self.tail_v };
-            return &tail[o..o + d];
+    fn offset(&self, g: usize, j: usize) -> (bool, usize) {
+        match j < self.base_len {
+            true => (true, (g * self.base_len + j) * self.d),
+            false => (false, ((j - self.base_len) * self.n_kv + g) * self.d),
         }
-        let mut j = j;
-        for s in self.base {
-            if j < s.len {
-                let o = (g * s.len + j) * d;
-                let x = if k { s.k } else { s.v };
-                return &x[o..o + d];
-            }
-            j -= s.len;
-        }
-        unreachable!("position below base_len outside every segment: the segments' lengths do not add up")
     }
 
     #[inline]
-    pub fn k_row(&self, g: usize, j: usize) -> &'a [f32] {
-        self.row(g, j, true)
+    pub fn k_row(&self, g: usize, j: usize) -> &[f32] {
+        let (base, o) = self.offset(g, j);
+        if base {
+            &self.base_k[o..o + self.d]
+        } else {
+            &self.tail_k[o..o + self.d]
+        }
     }
 
     #[inline]
-    pub fn v_row(&self, g: usize, j: usize) -> &'a [f32] {
-        self.row(g, j, false)
+    pub fn v_row(&self, g: usize, j: usize) -> &[f32] {
+        let (base, o) = self.offset(g, j);
+        if base {
+            &self.base_v[o..o + self.d]
+        } else {
+            &self.tail_v[o..o + self.d]
+        }
     }
 }
 
@@ -222,8 +211,7 @@ mod tests {
         let q = [2.0f32, 0.0, 0.0, 0.0];
         let mut out = [0f32; 4];
         let mut scores = [0f32; 3];
-        let one = [KvSegment { k: &k, v: &v, len }];
-        let kv = KvView { base: &one, base_len: len, tail_k: &[], tail_v: &[], n_kv: 1, d };
+        let kv = KvView { base_k: &k, base_v: &v, base_len: len, tail_k: &[], tail_v: &[], n_kv: 1, d };
         attend_one(&q, &kv, len, 2, 0..2, &mut out, &mut scores);
         let s = 2.0 / 2f32.sqrt();
         let e = [s.exp(), 1.0, s.exp()];
@@ -234,17 +222,11 @@ mod tests {
         assert!((out[2] - 5.0).abs() < 1e-5 && (out[3] - 5.0).abs() < 1e-5, "{out:?}");
         // The same positions split between a base and a token-major tail give the same result, and a shorter
         // `len` hides the later positions.
-        let first = [KvSegment { k: &k[..2], v: &v[..2], len: 1 }];
-        let split = KvView { base: &first, base_len: 1, tail_k: &k[2..], tail_v: &v[2..], n_kv: 1, d };
+        let split =
+            KvView { base_k: &k[..2], base_v: &v[..2], base_len: 1, tail_k: &k[2..], tail_v: &v[2..], n_kv: 1, d };
         let mut out2 = [0f32; 4];
         attend_one(&q, &split, len, 2, 0..2, &mut out2, &mut scores);
         assert_eq!(out, out2);
-        // And split over two segments and no tail (with one head, `(n_kv, len, d)` is position-major too).
-        let two = [KvSegment { k: &k[..4], v: &v[..4], len: 2 }, KvSegment { k: &k[4..], v: &v[4..], len: 1 }];
-        let segmented = KvView { base: &two, base_len: 3, tail_k: &[], tail_v: &[], n_kv: 1, d };
-        let mut out3 = [0f32; 4];
-        attend_one(&q, &segmented, len, 2, 0..2, &mut out3, &mut scores);
-        assert_eq!(out, out3);
         attend_one(&q, &split, 1, 2, 0..2, &mut out2, &mut scores);
         assert_eq!(&out2[2..], &[10.0, 0.0], "only position 0 visible");
     }
