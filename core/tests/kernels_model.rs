@@ -141,6 +141,44 @@ fn a_prompt_split_into_pieces_gives_the_same_logits() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A state that continues a cached prompt (the schema prefix every request on that schema shares) stores only its
+/// own positions, as segments after the prefix's. Built that way — a prefix, then nine prompt pieces, more than the
+/// segment limit (past which all but the first are folded) — a state must decode as the same positions computed in
+/// one pass do: the same tokens stepped, then another prompt pass (after decoded tokens, whose tail becomes a
+/// segment) and more steps, logits within the float-order difference of a prompt in pieces. (Pieces of nine rows
+/// or more: shorter prompt passes take the decoding kernels, whose 8-bit activations differ from a long pass's by
+/// more than float order on this random model, with or without segments.)
+#[test]
+fn a_continued_prompt_shares_the_prefix_and_decodes_like_one_pass() {
+    let dir = std::env::temp_dir().join(format!("copilot-segments-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-qwen2-segments.gguf");
+    write_model_arch(&path, "qwen2");
+    let m = load(&path, true);
+    let tokens: Vec<u32> = (0..101u32).map(|i| (i * 31 + 11) % VOCAB as u32).collect();
+    let mut prefix = KvCache::new();
+    m.forward(&tokens[..20], &mut prefix).unwrap();
+    let mut pieces = prefix.clone();
+    for piece in tokens[20..].chunks(9) {
+        m.forward(piece, &mut pieces).unwrap();
+    }
+    let mut one = KvCache::new();
+    m.forward(&tokens, &mut one).unwrap();
+    assert_eq!((pieces.len(), pieces.bytes()), (one.len(), one.bytes()), "every position stored once");
+    assert_eq!(pieces.bytes_shared_with(&prefix), prefix.bytes(), "the prefix's K/V is shared, not copied");
+    assert_eq!(one.bytes_shared_with(&prefix), 0);
+    let more: [&[u32]; 5] = [&[7], &[99], &[5, 6, 8], &[42], &[3]];
+    for part in more {
+        let a = m.forward(part, &mut pieces).unwrap().to_vec1::<f32>().unwrap();
+        let b = m.forward(part, &mut one).unwrap().to_vec1::<f32>().unwrap();
+        let scale = b.iter().fold(0f32, |s, v| s.max(v.abs()));
+        let diff = a.iter().zip(&b).fold(0f32, |s, (p, q)| s.max((p - q).abs()));
+        assert!(diff <= 1e-3 * scale, "after {part:?}: segmented vs one pass {diff} of {scale}");
+    }
+    assert_eq!(pieces.bytes_shared_with(&prefix), prefix.bytes(), "still shared after more prompt passes");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn preparing_the_weights_at_load_changes_no_logit() {
     // `prepare` makes candle rewrite each weight into its tiled layout at load instead of at the first prompt: the

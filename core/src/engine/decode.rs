@@ -65,12 +65,20 @@ pub fn swiglu(g: &mut [f32], u: &[f32]) {
     }
 }
 
-/// The K/V rows of one layer as plain slices: a base laid out `(n_kv, base_len, d)` (each head's positions
-/// contiguous, as a prompt pass writes them) followed by a tail laid out `(t, n_kv, d)` (token-major, as decoding
-/// appends). Position `j` of K/V head `g` is in the base when `j < base_len`, else in the tail.
+/// One segment of a layer's base: K and V laid out `(n_kv, len, d)` (each head's positions contiguous, as a
+/// prompt pass writes them).
+pub struct KvSegment<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub len: usize,
+}
+
+/// The K/V rows of one layer as plain slices: a base of segments in position order (see [`KvSegment`]; the
+/// positions of a cached prefix, then of each prompt pass that continued it) followed by a tail laid out
+/// `(t, n_kv, d)` (token-major, as decoding appends). Position `j` is in the base when `j < base_len` (the sum of
+/// the segments' lengths), else in the tail.
 pub struct KvView<'a> {
-    pub base_k: &'a [f32],
-    pub base_v: &'a [f32],
+    pub base: &'a [KvSegment<'a>],
     pub base_len: usize,
     pub tail_k: &'a [f32],
     pub tail_v: &'a [f32],
@@ -78,7 +86,7 @@ pub struct KvView<'a> {
     pub d: usize,
 }
 
-impl KvView<'_> {
+impl<'a> KvView<'a> {
     /// Positions stored.
     pub fn len(&self) -> usize {
         self.base_len + self.tail_k.len() / (self.n_kv * self.d)
@@ -88,32 +96,49 @@ impl KvView<'_> {
         self.len() == 0
     }
 
+    /// The row of K (`k = true`) or V of head `g` at position `j`.
     #[inline]
-    fn offset(&self, g: usize, j: usize) -> (bool, usize) {
-        match j < self.base_len {
-            true => (true, (g * self.base_len + j) * self.d),
-            false => (false, ((j - self.base_len) * self.n_kv + g) * self.d),
+    fn row(&self, g: usize, j: usize, k: bool) -> &'a [f32] {
+        let d = self.d;
+        if j >= self.base_len {
+            let o = ((j - self.base_len) * self.n_kv + g) * d;
+            let tail = if k { self.tail_k } else { self.tail_v };
+            return &tail[o..o + d];
         }
+        let mut j = j;
+        for s in self.base {
+            if j < s.len {
+                let o = (g * s.len + j) * d;
+                let x = if k { s.k } else { s.v };
+                return &x[o..o + d];
+            }
+            j -= s.len;
+        }
+        unreachable!("position below base_len outside every segment: the segments' lengths do not add up")
+    }
+
+    /// Every stored row of K (`k = true`) or V of head `g`, in position order: each segment's rows of `g` (one
+    /// contiguous run), then the tail's. What the attention loops read, with no per-row search of the segments.
+    pub fn rows(&self, g: usize, k: bool) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (d, n_kv) = (self.d, self.n_kv);
+        let tail = if k { self.tail_k } else { self.tail_v };
+        let base: &'a [KvSegment<'a>] = self.base;
+        base.iter()
+            .flat_map(move |s| {
+                let x = if k { s.k } else { s.v };
+                x[g * s.len * d..(g + 1) * s.len * d].chunks_exact(d)
+            })
+            .chain(tail.chunks_exact(n_kv * d).map(move |r| &r[g * d..(g + 1) * d]))
     }
 
     #[inline]
-    pub fn k_row(&self, g: usize, j: usize) -> &[f32] {
-        let (base, o) = self.offset(g, j);
-        if base {
-            &self.base_k[o..o + self.d]
-        } else {
-            &self.tail_k[o..o + self.d]
-        }
+    pub fn k_row(&self, g: usize, j: usize) -> &'a [f32] {
+        self.row(g, j, true)
     }
 
     #[inline]
-    pub fn v_row(&self, g: usize, j: usize) -> &[f32] {
-        let (base, o) = self.offset(g, j);
-        if base {
-            &self.base_v[o..o + self.d]
-        } else {
-            &self.tail_v[o..o + self.d]
-        }
+    pub fn v_row(&self, g: usize, j: usize) -> &'a [f32] {
+        self.row(g, j, false)
     }
 }
 
@@ -130,14 +155,15 @@ pub fn attend_one(
     scores: &mut [f32],
 ) {
     let d = kv.d;
+    debug_assert!(len <= kv.len(), "attending over {len} positions of {}", kv.len());
     let scale = 1.0 / (d as f32).sqrt();
     for (hi, h) in heads.enumerate() {
         let g = h / n_rep;
         let qh = &q[h * d..(h + 1) * d];
         let s = &mut scores[..len];
         let mut max = f32::NEG_INFINITY;
-        for (j, s) in s.iter_mut().enumerate() {
-            *s = dot(qh, kv.k_row(g, j)) * scale;
+        for (s, k) in s.iter_mut().zip(kv.rows(g, true)) {
+            *s = dot(qh, k) * scale;
             max = max.max(*s);
         }
         let mut z = 0f32;
@@ -147,8 +173,8 @@ pub fn attend_one(
         }
         let o = &mut out[hi * d..(hi + 1) * d];
         o.fill(0.0);
-        for (j, &p) in s.iter().enumerate() {
-            axpy(o, p / z, kv.v_row(g, j));
+        for (&p, v) in s.iter().zip(kv.rows(g, false)) {
+            axpy(o, p / z, v);
         }
     }
 }
@@ -211,7 +237,8 @@ mod tests {
         let q = [2.0f32, 0.0, 0.0, 0.0];
         let mut out = [0f32; 4];
         let mut scores = [0f32; 3];
-        let kv = KvView { base_k: &k, base_v: &v, base_len: len, tail_k: &[], tail_v: &[], n_kv: 1, d };
+        let one = [KvSegment { k: &k, v: &v, len }];
+        let kv = KvView { base: &one, base_len: len, tail_k: &[], tail_v: &[], n_kv: 1, d };
         attend_one(&q, &kv, len, 2, 0..2, &mut out, &mut scores);
         let s = 2.0 / 2f32.sqrt();
         let e = [s.exp(), 1.0, s.exp()];
@@ -222,11 +249,17 @@ mod tests {
         assert!((out[2] - 5.0).abs() < 1e-5 && (out[3] - 5.0).abs() < 1e-5, "{out:?}");
         // The same positions split between a base and a token-major tail give the same result, and a shorter
         // `len` hides the later positions.
-        let split =
-            KvView { base_k: &k[..2], base_v: &v[..2], base_len: 1, tail_k: &k[2..], tail_v: &v[2..], n_kv: 1, d };
+        let first = [KvSegment { k: &k[..2], v: &v[..2], len: 1 }];
+        let split = KvView { base: &first, base_len: 1, tail_k: &k[2..], tail_v: &v[2..], n_kv: 1, d };
         let mut out2 = [0f32; 4];
         attend_one(&q, &split, len, 2, 0..2, &mut out2, &mut scores);
         assert_eq!(out, out2);
+        // And split over two segments and no tail (with one head, `(n_kv, len, d)` is position-major too).
+        let two = [KvSegment { k: &k[..4], v: &v[..4], len: 2 }, KvSegment { k: &k[4..], v: &v[4..], len: 1 }];
+        let segmented = KvView { base: &two, base_len: 3, tail_k: &[], tail_v: &[], n_kv: 1, d };
+        let mut out3 = [0f32; 4];
+        attend_one(&q, &segmented, len, 2, 0..2, &mut out3, &mut scores);
+        assert_eq!(out, out3);
         attend_one(&q, &split, 1, 2, 0..2, &mut out2, &mut scores);
         assert_eq!(&out2[2..], &[10.0, 0.0], "only position 0 visible");
     }

@@ -1,22 +1,30 @@
 //! The attention state after some tokens, owned by the caller.
 //!
 //! Per layer, K and V live in two parts:
-//! - a **base**, `(1, n_kv_head, len, head_dim)` tensors written once by a prompt pass and never changed: cloning
-//!   a state shares them (candle tensors are reference-counted), so a cached schema prefix, or one prompt that
-//!   several candidates continue, is stored once;
+//! - a **base**: one or more segments, each a pair of `(1, n_kv_head, len, head_dim)` tensors written once by a
+//!   prompt pass and never changed. Cloning a state shares them (candle tensors are reference-counted), and a
+//!   prompt pass that continues a state adds a segment of its own positions only: a cached schema prefix, or one
+//!   prompt that several candidates continue, is stored once however many requests continue it (eight sessions on
+//!   one 2,000-token schema would otherwise hold eight copies of its 114 MB of K/V);
 //! - a **tail** the decoding step appends to in place, token-major (`(t, n_kv_head, head_dim)`): a decoded token
 //!   costs one write of its K/V, not a copy of the whole layer (which, with eight candidates on a 300-token
 //!   prompt, would move more bytes than the weights).
 //!
-//! A prompt pass over a state with a tail folds the tail into a new base first ([`LayerKv::full`]).
+//! A prompt pass over a state with a tail turns the tail into a segment first (a copy of the tail only).
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::engine::decode::KvView;
+use crate::engine::decode::{KvSegment, KvView};
+
+/// Segments past this many are folded, all but the first, into one when a prompt pass adds another (a copy, rare:
+/// each prompt pass on a state adds one segment, or two after decoded tokens, and a request makes a few).
+const MAX_SEGMENTS: usize = 8;
 
 #[derive(Clone, Default)]
 pub(crate) struct LayerKv {
-    base: Option<(Tensor, Tensor)>,
+    /// K and V segments in position order, each `(1, n_kv, len, d)`.
+    segments: Vec<(Tensor, Tensor)>,
+    /// Positions in the segments.
     base_len: usize,
     tail_k: Vec<f32>,
     tail_v: Vec<f32>,
@@ -40,24 +48,61 @@ fn slice(storage: &candle_core::Storage) -> Result<&[f32]> {
 }
 
 impl LayerKv {
+    /// A layer holding `k` and `v` as its one segment.
+    #[cfg(test)]
     pub(crate) fn from_base(k: Tensor, v: Tensor) -> Result<LayerKv> {
         let (_, _, len, _) = k.dims4()?;
-        Ok(LayerKv { base: Some((k, v)), base_len: len, tail_k: Vec::new(), tail_v: Vec::new() })
+        Ok(LayerKv { segments: vec![(k, v)], base_len: len, tail_k: Vec::new(), tail_v: Vec::new() })
     }
 
-    /// K and V as `(1, n_kv, len, d)` tensors (the base, with the tail folded in when there is one), for a prompt
-    /// pass to extend. `None` for a layer that has seen nothing.
-    pub(crate) fn full(&self, n_kv: usize, d: usize, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+    /// The stored positions as K and V parts in position order (the segments, shared, and the tail as a new
+    /// `(1, n_kv, t, d)` pair), for a prompt pass to attend over and extend. Empty for a layer that has seen nothing.
+    pub(crate) fn parts(&self, n_kv: usize, d: usize, device: &Device) -> Result<Vec<(Tensor, Tensor)>> {
+        let mut parts = self.segments.clone();
         let t = self.tail_k.len() / (n_kv * d);
-        if t == 0 {
-            return Ok(self.base.clone());
+        if t > 0 {
+            let tail = |x: &[f32]| Tensor::from_slice(x, (1, t, n_kv, d), device)?.transpose(1, 2)?.contiguous();
+            parts.push((tail(&self.tail_k)?, tail(&self.tail_v)?));
         }
-        let tail = |x: &[f32]| Tensor::from_slice(x, (1, t, n_kv, d), device)?.transpose(1, 2)?.contiguous();
-        let (tk, tv) = (tail(&self.tail_k)?, tail(&self.tail_v)?);
-        Ok(Some(match &self.base {
-            Some((k, v)) => (Tensor::cat(&[k, &tk], 2)?, Tensor::cat(&[v, &tv], 2)?),
-            None => (tk, tv),
-        }))
+        Ok(parts)
+    }
+
+    /// The state after a prompt pass: `parts` (this layer's, from [`LayerKv::parts`]) then the pass's own K/V
+    /// `(1, n_kv, t, d)`. Only the new positions are stored anew; past [`MAX_SEGMENTS`] the segments after the first
+    /// are folded into one.
+    pub(crate) fn extended(mut parts: Vec<(Tensor, Tensor)>, k: Tensor, v: Tensor) -> Result<LayerKv> {
+        parts.push((k, v));
+        if parts.len() > MAX_SEGMENTS {
+            // The first segment stays as it is: it is the one other states share (a cached schema prefix).
+            let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = parts.drain(1..).unzip();
+            parts.push((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?));
+        }
+        let mut base_len = 0;
+        for (k, _) in &parts {
+            base_len += k.dims4()?.2;
+        }
+        Ok(LayerKv { segments: parts, base_len, tail_k: Vec::new(), tail_v: Vec::new() })
+    }
+
+    /// K and V as `(1, n_kv, len, d)` tensors, every stored position in one pair (a copy unless there is one
+    /// segment and no tail). `None` for a layer that has seen nothing.
+    #[cfg(test)]
+    pub(crate) fn full(&self, n_kv: usize, d: usize, device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+        let mut parts = self.parts(n_kv, d, device)?;
+        Ok(match parts.len() {
+            0 => None,
+            1 => parts.pop(),
+            _ => {
+                let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = parts.into_iter().unzip();
+                Some((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?))
+            }
+        })
+    }
+
+    /// Segments of the base (shared between the states that continue one prompt pass).
+    #[cfg(test)]
+    pub(crate) fn segments(&self) -> &[(Tensor, Tensor)] {
+        &self.segments
     }
 
     /// Positions stored in the tail.
@@ -79,28 +124,25 @@ impl LayerKv {
 
     /// Run `f` on a plain-slice view of every stored position.
     pub(crate) fn with_view<R>(&self, n_kv: usize, d: usize, f: impl FnOnce(&KvView) -> R) -> Result<R> {
-        let base = match &self.base {
-            Some((k, v)) => Some((floats(k)?, floats(v)?)),
-            None => None,
-        };
-        let (base_k, base_v) = match &base {
-            Some((k, v)) => (slice(k)?, slice(v)?),
-            None => (&[][..], &[][..]),
-        };
-        let view = KvView {
-            base_k: &base_k[..self.base_len * n_kv * d],
-            base_v: &base_v[..self.base_len * n_kv * d],
-            base_len: self.base_len,
-            tail_k: &self.tail_k,
-            tail_v: &self.tail_v,
-            n_kv,
-            d,
-        };
+        let storages = self
+            .segments
+            .iter()
+            .map(|(k, v)| Ok((floats(k)?, floats(v)?, k.dims4()?.2)))
+            .collect::<Result<Vec<_>>>()?;
+        let segments = storages
+            .iter()
+            .map(|(k, v, len)| {
+                Ok(KvSegment { k: &slice(k)?[..len * n_kv * d], v: &slice(v)?[..len * n_kv * d], len: *len })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let view =
+            KvView { base: &segments, base_len: self.base_len, tail_k: &self.tail_k, tail_v: &self.tail_v, n_kv, d };
         Ok(f(&view))
     }
 
+    /// Bytes held, a segment shared with other states counted in each.
     fn bytes(&self) -> usize {
-        let base = self.base.as_ref().map_or(0, |(k, v)| (k.elem_count() + v.elem_count()) * 4);
+        let base: usize = self.segments.iter().map(|(k, v)| (k.elem_count() + v.elem_count()) * 4).sum();
         base + (self.tail_k.len() + self.tail_v.len()) * 4
     }
 }
@@ -157,6 +199,7 @@ impl KvCache {
         assert_eq!(self.layers.len(), src.layers.len(), "states of different models");
         for (l, s) in self.layers.iter_mut().zip(&src.layers) {
             assert_eq!(l.base_len, s.base_len, "states with different bases");
+            assert_eq!(l.segments.len(), s.segments.len(), "states with different bases");
             assert!(l.tail_k.len() <= s.tail_k.len(), "the source's tail is shorter");
             l.tail_k.extend_from_slice(&s.tail_k[l.tail_k.len()..]);
             l.tail_v.extend_from_slice(&s.tail_v[l.tail_v.len()..]);
@@ -167,6 +210,20 @@ impl KvCache {
     /// Memory held by the state, in bytes (a base shared with other states is counted in each).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
+    }
+
+    /// Bytes of this state's base that `other` holds too (the same segments, stored once): all of a cached
+    /// prefix's bytes for a state that continued it.
+    pub fn bytes_shared_with(&self, other: &KvCache) -> usize {
+        let seg_bytes = |(k, v): &(Tensor, Tensor)| (k.elem_count() + v.elem_count()) * 4;
+        self.layers
+            .iter()
+            .zip(&other.layers)
+            .map(|(a, b)| {
+                let theirs: Vec<_> = b.segments.iter().map(|(k, _)| k.id()).collect();
+                a.segments.iter().filter(|(k, _)| theirs.contains(&k.id())).map(seg_bytes).sum::<usize>()
+            })
+            .sum()
     }
 }
 
@@ -210,6 +267,52 @@ mod tests {
         b.len += 1;
         assert_eq!(a.layers[0].tail_len(1, 2), 0, "a continuation never changes the state it started from");
         assert_eq!((a.bytes(), b.bytes()), (64, 80));
+    }
+
+    #[test]
+    fn a_prompt_pass_adds_a_segment_and_shares_the_ones_before() {
+        let (n_kv, d) = (1, 2);
+        let seg = |from: f32, len: usize| {
+            let k = Tensor::arange(from, from + (len * d) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((1, n_kv, len, d))
+                .unwrap();
+            (k.clone(), (k * -1.0).unwrap())
+        };
+        let (k0, v0) = seg(0.0, 3);
+        let prefix = KvCache { layers: vec![LayerKv::from_base(k0, v0).unwrap()], len: 3 };
+        // A continuation: one decoded position in the tail, then a prompt pass of two more positions.
+        let mut cont = prefix.clone();
+        cont.layers[0].push(&[100.0, 101.0], &[-100.0, -101.0]);
+        cont.len += 1;
+        let parts = cont.layers[0].parts(n_kv, d, &Device::Cpu).unwrap();
+        assert_eq!(parts.len(), 2, "the segment, then the tail as a pair of its own");
+        let (k2, v2) = seg(200.0, 2);
+        cont.layers[0] = LayerKv::extended(parts, k2, v2).unwrap();
+        cont.len += 2;
+        let l = &cont.layers[0];
+        assert_eq!((l.segments().len(), l.base_len, l.tail_len(n_kv, d)), (3, 6, 0));
+        assert_eq!(cont.bytes_shared_with(&prefix), prefix.bytes(), "the prefix is stored once");
+        assert_eq!(prefix.bytes_shared_with(&cont), prefix.bytes());
+        assert_eq!(cont.bytes(), 6 * 2 * d * 4);
+        // Every position reads back in order, whichever segment holds it.
+        l.with_view(n_kv, d, |v| {
+            let rows: Vec<f32> = (0..6).flat_map(|j| v.k_row(0, j).to_vec()).collect();
+            assert_eq!(rows, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 100.0, 101.0, 200.0, 201.0, 202.0, 203.0]);
+            assert_eq!(v.v_row(0, 3), &[-100.0, -101.0]);
+        })
+        .unwrap();
+        let (k, _) = l.full(n_kv, d, &Device::Cpu).unwrap().unwrap();
+        assert_eq!(k.flatten_all().unwrap().to_vec1::<f32>().unwrap()[6..8], [100.0, 101.0]);
+        // Past MAX_SEGMENTS, one pass folds all segments but the first into one, with the same rows.
+        let mut many = LayerKv::default();
+        for i in 0..=MAX_SEGMENTS {
+            let (k, v) = seg(10.0 * i as f32, 1);
+            many = LayerKv::extended(many.parts(n_kv, d, &Device::Cpu).unwrap(), k, v).unwrap();
+        }
+        assert_eq!((many.segments().len(), many.base_len), (2, MAX_SEGMENTS + 1));
+        assert_eq!(many.segments()[0].0.dims4().unwrap().2, 1, "the first segment kept as it was");
+        many.with_view(n_kv, d, |v| assert_eq!(v.k_row(0, MAX_SEGMENTS), &[80.0, 81.0])).unwrap();
     }
 
     #[test]

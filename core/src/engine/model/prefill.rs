@@ -36,11 +36,11 @@ impl Transformer {
         for (i, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.cfg.rms_eps as f32)?;
             let prev = match cache.layers.get(i) {
-                Some(l) => l.full(self.cfg.n_kv_head, self.cfg.head_dim, device)?,
-                None => None,
+                Some(l) => l.parts(self.cfg.n_kv_head, self.cfg.head_dim, device)?,
+                None => Vec::new(),
             };
-            let (attn, (k, v)) = self.attention(layer, &h, prev.as_ref(), mask.as_ref(), (&cos, &sin), ours)?;
-            layers.push(LayerKv::from_base(k, v)?);
+            let (attn, (k, v)) = self.attention(layer, &h, &prev, mask.as_ref(), (&cos, &sin), ours)?;
+            layers.push(LayerKv::extended(prev, k, v)?);
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, ours)?;
@@ -59,7 +59,7 @@ impl Transformer {
         &self,
         layer: &Layer,
         x: &Tensor,
-        prev: Option<&(Tensor, Tensor)>,
+        prev: &[(Tensor, Tensor)],
         mask: Option<&Tensor>,
         (cos, sin): (&Tensor, &Tensor),
         own_kernels: bool,
@@ -84,13 +84,15 @@ impl Transformer {
         let q = rope(&shape(&qkv[0], &layer.bq, c.n_head)?)?;
         let k = rope(&shape(&qkv[1], &layer.bk, c.n_kv_head)?)?;
         let v = shape(&qkv[2], &layer.bv, c.n_kv_head)?;
-        let (k, v) = match prev {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k, v),
-        };
-        // Grouped-query attention: the n_rep query heads that share K/V head j are heads j*n_rep .. j*n_rep+n_rep-1,
-        // so (b, n_head, t, d) reshapes, without a copy, into (b, n_kv_head, n_rep * t, d).
-        let y = attend(&q, &k, &v, mask, c.n_kv_head)?; // (b, n_head, t, d)
+        // Attention reads every position in one pair (a copy made for this pass and dropped after it); the state
+        // keeps only this pass's own K/V as a new segment.
+        let y = if prev.is_empty() {
+            attend(&q, &k, &v, mask, c.n_kv_head)?
+        } else {
+            let ks: Vec<&Tensor> = prev.iter().map(|(k, _)| k).chain([&k]).collect();
+            let vs: Vec<&Tensor> = prev.iter().map(|(_, v)| v).chain([&v]).collect();
+            attend(&q, &Tensor::cat(&ks, 2)?, &Tensor::cat(&vs, 2)?, mask, c.n_kv_head)?
+        }; // (b, n_head, t, d); grouped-query attention as `attend` describes
         let y = y.transpose(1, 2)?.reshape((b, t, c.n_embd))?;
         Ok((layer.wo.forward(&y, own_kernels)?, (k, v)))
     }

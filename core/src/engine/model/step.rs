@@ -3,6 +3,8 @@
 
 use super::kv::LayerKv;
 use super::{KvCache, Transformer};
+#[cfg(test)]
+use crate::engine::decode::KvSegment;
 use crate::engine::decode::KvView;
 use crate::engine::model::weights::Linear;
 use crate::engine::{decode, kernels};
@@ -201,7 +203,8 @@ mod tests {
             let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let mut out = vec![f32::NAN; n_head * d];
             let (kf, vf) = (flat(&k), flat(&v));
-            let kv = KvView { base_k: &kf, base_v: &vf, base_len: len, tail_k: &[], tail_v: &[], n_kv, d };
+            let one = [KvSegment { k: &kf, v: &vf, len }];
+            let kv = KvView { base: &one, base_len: len, tail_k: &[], tail_v: &[], n_kv, d };
             attend_heads(&flat(&q), &kv, len, n_head / n_kv, n_head, &mut out);
             let want = naive_attention(&q, &k, &v, len - 1);
             let err = out.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
