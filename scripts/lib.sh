@@ -191,16 +191,37 @@ trainer() {
   "$bin" "$@"
 }
 
-# machine_json: the machine a benchmark ran on, as a JSON object (CPU model, cores, memory, load average now).
+# cpu_name: the CPU's model name, then its family/model numbers and the widest vector instructions (AVX2, AVX-512,
+# AVX-512 VNNI) — a VM may call a Zen 3 without AVX-512 and a Zen 4 with it both just "AMD EPYC"; the engine's
+# `host::cpu_model` says the same. Exported as COPILOT_CPU for the benchmarks' reports.
+cpu_name() {
+  python3 - <<'PY'
+info = {}
+for l in open('/proc/cpuinfo'):
+    if not l.strip():
+        break
+    k, _, v = l.partition(':')
+    info.setdefault(k.strip(), v.strip())
+flags = set(info.get('flags', '').split())
+isa = ('AVX-512 VNNI' if 'avx512_vnni' in flags else 'AVX-512') if 'avx512f' in flags else \
+      ('AVX2' if 'avx2' in flags else 'no AVX2')
+cpu = info.get('model name', 'unknown')
+print(cpu + (f" (family {info['cpu family']} model {info['model']}; {isa})" if 'cpu family' in info and 'model' in info
+             else f" ({isa})"))
+PY
+}
+COPILOT_CPU=${COPILOT_CPU:-$(cpu_name 2>/dev/null || echo unknown)}
+export COPILOT_CPU
+
+# machine_json: the machine a benchmark ran on, as a JSON object (CPU, cores, memory, load average now).
 machine_json() {
   local bw
   bw=$(read_bandwidth 2>/dev/null || echo null)
   BW=$bw python3 - <<'PY'
 import json, os
-cpu = next((l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')), 'unknown')
 mem = int(open('/proc/meminfo').readline().split()[1]) / 1048576
 bw = os.environ.get("BW", "null")
-print(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem, 1),
+print(json.dumps({"cpu": os.environ["COPILOT_CPU"], "cores": os.cpu_count(), "memory_gb": round(mem, 1),
                   "read_gb_s": None if bw == "null" else float(bw),
                   "load_avg": open('/proc/loadavg').read().split()[:3]}))
 PY

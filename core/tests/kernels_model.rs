@@ -180,6 +180,44 @@ fn a_continued_prompt_shares_the_prefix_and_decodes_like_one_pass() {
 }
 
 #[test]
+fn a_prefix_prefilled_in_chunks_is_shared_whole_once_merged() {
+    // The runtime prefills a long schema prefix in chunks, one segment each. Continuations fold past eight segments
+    // all but the first into one: unmerged, the prefix's later chunks are then copied into every request.
+    let dir = std::env::temp_dir().join(format!("copilot-merge-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny-qwen2-merge.gguf");
+    write_model_arch(&path, "qwen2");
+    let m = load(&path, true);
+    let tokens: Vec<u32> = (0..120u32).map(|i| (i * 17 + 5) % VOCAB as u32).collect();
+    let (head, rest) = tokens.split_at(30);
+    let chunked = |merge: bool| {
+        let mut prefix = KvCache::new();
+        for chunk in head.chunks(10) {
+            m.forward(chunk, &mut prefix).unwrap();
+        }
+        if merge {
+            prefix.merge_segments_from(0).unwrap();
+        }
+        let mut cont = prefix.clone();
+        let mut logits = Vec::new();
+        for piece in rest.chunks(10) {
+            logits = m.forward(piece, &mut cont).unwrap().to_vec1::<f32>().unwrap();
+        }
+        (prefix, cont, logits)
+    };
+    let (merged, cont, a) = chunked(true);
+    let (unmerged, cont_unmerged, b) = chunked(false);
+    assert_eq!(merged.segment_count(), 1);
+    assert_eq!(cont.bytes_shared_with(&merged), merged.bytes(), "all of the prefix shared");
+    assert!(
+        cont_unmerged.bytes_shared_with(&unmerged) < unmerged.bytes(),
+        "unmerged, the fold copies part of the prefix (else this test shows nothing)"
+    );
+    assert_eq!(a, b, "merging moves no float");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn preparing_the_weights_at_load_changes_no_logit() {
     // `prepare` makes candle rewrite each weight into its tiled layout at load instead of at the first prompt: the
     // same rewrite, so a prepared model must compute exactly what an unprepared one computes. (Prompts on

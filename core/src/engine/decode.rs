@@ -155,7 +155,7 @@ pub fn attend_one(
     scores: &mut [f32],
 ) {
     let d = kv.d;
-    debug_assert!(len <= kv.len(), "attending over {len} positions of {}", kv.len());
+    assert!(len <= kv.len(), "attending over {len} positions of {}", kv.len());
     let scale = 1.0 / (d as f32).sqrt();
     for (hi, h) in heads.enumerate() {
         let g = h / n_rep;

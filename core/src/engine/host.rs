@@ -1,9 +1,37 @@
 //! The machine a measurement ran on, and when: every report names its CPU, cores, memory and load.
 
-/// The CPU's model name from /proc/cpuinfo.
+/// The CPU from /proc/cpuinfo: its model name, then its family and model numbers and the widest vector
+/// instructions the kernels can use — a virtual machine may call very different CPUs just "AMD EPYC" (a Zen 3
+/// without AVX-512 and a Zen 4 with it have been seen under that one name, decoding at different speeds).
 pub fn cpu_model() -> Option<String> {
-    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| {
-        s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+    std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|s| describe_cpu(&s))
+}
+
+/// [`cpu_model`] from the text of /proc/cpuinfo (its first processor).
+pub fn describe_cpu(cpuinfo: &str) -> Option<String> {
+    let field = |key: &str| {
+        cpuinfo
+            .lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .map(|l| l.split_once(':').map_or("", |(_, v)| v).trim().to_string())
+    };
+    let name = field("model name")?;
+    let flags = field("flags").unwrap_or_default();
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let isa = if has("avx512f") {
+        if has("avx512_vnni") {
+            "AVX-512 VNNI"
+        } else {
+            "AVX-512"
+        }
+    } else if has("avx2") {
+        "AVX2"
+    } else {
+        "no AVX2"
+    };
+    Some(match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{name} (family {f} model {m}; {isa})"),
+        _ => format!("{name} ({isa})"),
     })
 }
 
@@ -44,6 +72,18 @@ pub fn utc_now() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_is_named_with_its_family_model_and_vector_width() {
+        let zen3 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n\
+                    model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n";
+        assert_eq!(describe_cpu(zen3).as_deref(), Some("AMD EPYC (family 25 model 1; AVX2)"));
+        let zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace("fma", "fma avx512f avx512_vnni");
+        assert_eq!(describe_cpu(&zen4).as_deref(), Some("AMD EPYC (family 25 model 17; AVX-512 VNNI)"));
+        let plain = "model name : Some CPU\nflags : sse2 avx512f\n";
+        assert_eq!(describe_cpu(plain).as_deref(), Some("Some CPU (AVX-512)"));
+        assert_eq!(describe_cpu("flags : avx2\n"), None, "no model name, no description");
+    }
 
     #[test]
     fn utc_format() {

@@ -315,7 +315,9 @@ impl Runtime {
     }
 
     /// Prefill `tokens` after `cache`'s state, in chunks, polling `cancel` before each; logits of the last token.
+    /// The chunks' K/V are stored as one segment (see [`KvCache::merge_segments_from`]).
     fn prefill(&self, tokens: &[u32], cache: &mut KvCache, cancel: &dyn Fn() -> bool) -> Result<Tensor, CoreError> {
+        let first = cache.segment_count();
         let mut logits = None;
         for chunk in tokens.chunks(PREFILL_CHUNK) {
             if cancel() {
@@ -323,6 +325,7 @@ impl Runtime {
             }
             logits = Some(self.model.forward(chunk, cache)?);
         }
+        cache.merge_segments_from(first)?;
         logits.ok_or_else(|| CoreError::Inference("nothing to prefill".into()))
     }
 

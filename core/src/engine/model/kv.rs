@@ -207,6 +207,26 @@ impl KvCache {
         self.len = src.len;
     }
 
+    /// Segments in each layer's base (every layer has as many).
+    pub fn segment_count(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.segments.len())
+    }
+
+    /// Store each layer's segments from index `first` on as one segment (a copy of those positions only; the
+    /// segments before `first`, shared with other states, stay as they are). A prompt pass run in chunks adds a
+    /// segment per chunk: merged, a long cached schema prefix is one segment, so the requests continuing it stay
+    /// under the fold ([`MAX_SEGMENTS`], which keeps only the first segment) and share all of it, not just its
+    /// first chunk.
+    pub fn merge_segments_from(&mut self, first: usize) -> Result<()> {
+        for l in &mut self.layers {
+            if l.segments.len() > first + 1 {
+                let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = l.segments.drain(first..).unzip();
+                l.segments.push((Tensor::cat(&ks, 2)?, Tensor::cat(&vs, 2)?));
+            }
+        }
+        Ok(())
+    }
+
     /// Memory held by the state, in bytes (a base shared with other states is counted in each).
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerKv::bytes).sum()
@@ -313,6 +333,53 @@ mod tests {
         assert_eq!((many.segments().len(), many.base_len), (2, MAX_SEGMENTS + 1));
         assert_eq!(many.segments()[0].0.dims4().unwrap().2, 1, "the first segment kept as it was");
         many.with_view(n_kv, d, |v| assert_eq!(v.k_row(0, MAX_SEGMENTS), &[80.0, 81.0])).unwrap();
+    }
+
+    #[test]
+    fn merging_a_chunked_pass_keeps_its_rows_and_the_shared_segments() {
+        let (n_kv, d) = (2, 2);
+        let seg = |from: f32, len: usize| {
+            let k = Tensor::arange(from, from + (n_kv * len * d) as f32, &Device::Cpu)
+                .unwrap()
+                .reshape((1, n_kv, len, d))
+                .unwrap();
+            (k.clone(), (k * -1.0).unwrap())
+        };
+        let (k0, v0) = seg(0.0, 2);
+        let prefix = KvCache { layers: vec![LayerKv::from_base(k0, v0).unwrap()], len: 2 };
+        // A pass of three chunks (1, 3 and 2 positions) continuing the prefix.
+        let mut kv = prefix.clone();
+        for (from, len) in [(100.0, 1), (200.0, 3), (300.0, 2)] {
+            let (k, v) = seg(from, len);
+            kv.layers[0] = LayerKv::extended(kv.layers[0].parts(n_kv, d, &Device::Cpu).unwrap(), k, v).unwrap();
+            kv.len += len;
+        }
+        let rows = |kv: &KvCache| {
+            kv.layers[0]
+                .with_view(n_kv, d, |v| {
+                    let mut all = Vec::new();
+                    for g in 0..n_kv {
+                        for j in 0..kv.len {
+                            all.extend_from_slice(v.k_row(g, j));
+                            all.extend_from_slice(v.v_row(g, j));
+                        }
+                    }
+                    all
+                })
+                .unwrap()
+        };
+        let before = rows(&kv);
+        assert_eq!(kv.segment_count(), 4);
+        kv.merge_segments_from(prefix.segment_count()).unwrap();
+        assert_eq!(kv.segment_count(), 2, "the prefix, then the pass as one segment");
+        assert_eq!(kv.layers[0].base_len, 8);
+        assert_eq!(rows(&kv), before, "every row of every head in the same place");
+        assert_eq!(kv.bytes_shared_with(&prefix), prefix.bytes(), "the prefix still shared, not copied");
+        // Nothing to merge: one segment from `first` on, or none.
+        kv.merge_segments_from(1).unwrap();
+        kv.merge_segments_from(5).unwrap();
+        assert_eq!(kv.segment_count(), 2);
+        assert_eq!(rows(&kv), before);
     }
 
     #[test]
