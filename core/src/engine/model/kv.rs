@@ -251,6 +251,15 @@ impl KvCache {
 mod tests {
     use super::*;
 
+    /// A segment of `len` positions: K counts up from `from` (head-major, as stored), V is K negated.
+    fn segment(n_kv: usize, d: usize, from: f32, len: usize) -> (Tensor, Tensor) {
+        let k = Tensor::arange(from, from + (n_kv * len * d) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((1, n_kv, len, d))
+            .unwrap();
+        (k.clone(), (k * -1.0).unwrap())
+    }
+
     #[test]
     fn a_tail_folds_into_the_base_in_position_order() {
         let (n_kv, d) = (2, 3);
@@ -292,13 +301,7 @@ mod tests {
     #[test]
     fn a_prompt_pass_adds_a_segment_and_shares_the_ones_before() {
         let (n_kv, d) = (1, 2);
-        let seg = |from: f32, len: usize| {
-            let k = Tensor::arange(from, from + (len * d) as f32, &Device::Cpu)
-                .unwrap()
-                .reshape((1, n_kv, len, d))
-                .unwrap();
-            (k.clone(), (k * -1.0).unwrap())
-        };
+        let seg = |from: f32, len: usize| segment(n_kv, d, from, len);
         let (k0, v0) = seg(0.0, 3);
         let prefix = KvCache { layers: vec![LayerKv::from_base(k0, v0).unwrap()], len: 3 };
         // A continuation: one decoded position in the tail, then a prompt pass of two more positions.
@@ -338,13 +341,7 @@ mod tests {
     #[test]
     fn merging_a_chunked_pass_keeps_its_rows_and_the_shared_segments() {
         let (n_kv, d) = (2, 2);
-        let seg = |from: f32, len: usize| {
-            let k = Tensor::arange(from, from + (n_kv * len * d) as f32, &Device::Cpu)
-                .unwrap()
-                .reshape((1, n_kv, len, d))
-                .unwrap();
-            (k.clone(), (k * -1.0).unwrap())
-        };
+        let seg = |from: f32, len: usize| segment(n_kv, d, from, len);
         let (k0, v0) = seg(0.0, 2);
         let prefix = KvCache { layers: vec![LayerKv::from_base(k0, v0).unwrap()], len: 2 };
         // A pass of three chunks (1, 3 and 2 positions) continuing the prefix.
