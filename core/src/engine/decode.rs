@@ -9,6 +9,8 @@
 //! epsilon, max-subtracted softmax, RoPE layouts); the sums run in another order, so results agree to float
 //! rounding, not bit for bit — [`crate::engine::model`]'s tests hold the two paths together.
 
+use crate::engine::fastmath;
+
 /// Σ a·b over equal-length slices, in 8 independent lanes (the compiler vectorizes it; one accumulator would
 /// serialize every add).
 #[inline]
@@ -58,10 +60,11 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
     }
 }
 
-/// `g = silu(g) · u`, elementwise (the SwiGLU of the feed-forward block).
+/// `g = silu(g) · u`, elementwise (the SwiGLU of the feed-forward block); the exponential is
+/// [`fastmath::exp`], so the loop vectorizes.
 pub fn swiglu(g: &mut [f32], u: &[f32]) {
     for (g, u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
+        *g = *g / (1.0 + fastmath::exp(-*g)) * u;
     }
 }
 
@@ -166,11 +169,10 @@ pub fn attend_one(
             *s = dot(qh, k) * scale;
             max = max.max(*s);
         }
-        let mut z = 0f32;
         for s in s.iter_mut() {
-            *s = (*s - max).exp();
-            z += *s;
+            *s = fastmath::exp(*s - max);
         }
+        let z = fastmath::sum(s);
         let o = &mut out[hi * d..(hi + 1) * d];
         o.fill(0.0);
         for (&p, v) in s.iter().zip(kv.rows(g, false)) {

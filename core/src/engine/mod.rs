@@ -32,6 +32,7 @@ pub mod decode;
 pub mod draft;
 #[cfg(feature = "model")]
 pub mod embed;
+pub mod fastmath;
 pub mod host;
 #[cfg(feature = "model")]
 pub mod kernels;

@@ -1,6 +1,8 @@
 //! Choosing the next token: greedy (argmax) for the first candidate, seeded top-k sampling at a temperature for
 //! the others (see [`crate::engine::backend::Sampling`]).
 
+use crate::engine::fastmath;
+
 /// SplitMix64: a small, fast, well-mixed generator; one per sampled candidate, seeded from the prompt, so the same
 /// request draws the same candidates on every machine.
 #[derive(Debug, Clone)]
@@ -46,12 +48,12 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// The probability `softmax(logits)[token]` (temperature 1): how sure the model was of the token chosen, whatever
-/// chose it. Computed in f64 with the largest logit subtracted, so no logit overflows.
+/// chose it. The largest logit is subtracted, so no logit overflows; the denominator is [`fastmath::sum_exp`]
+/// (vectorized; it runs once per generated token over the whole vocabulary).
 pub fn token_prob(logits: &[f32], token: u32) -> f32 {
     let Some(&chosen) = logits.get(token as usize) else { return 0.0 };
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let total: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
-    (f64::from(chosen - max).exp() / total) as f32
+    (f64::from(fastmath::exp(chosen - max)) / fastmath::sum_exp(logits, max)) as f32
 }
 
 /// Draw a token from the `top_k` most likely ones, with probabilities `softmax(logit / temperature)` among them.

@@ -4,7 +4,8 @@
 use super::kv::LayerKv;
 use super::{KvCache, Layer, Transformer};
 use crate::engine::model::weights::Linear;
-use candle_core::{Device, IndexOp, Result, Tensor};
+use crate::engine::{decode, kernels};
+use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 impl Transformer {
     /// Run `tokens` at positions `cache.len()..`, append their K/V to `cache`, and return the logits of the last
@@ -44,8 +45,8 @@ impl Transformer {
             x = (x + attn)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.cfg.rms_eps as f32)?;
             let gu = Linear::forward_many(&[&layer.gate, &layer.up], &h, ours)?;
-            let g = candle_nn::ops::silu(&gu[0])?;
-            x = (x + layer.down.forward(&(g * &gu[1])?, ours)?)?;
+            let g = swiglu_rows(&gu[0], &gu[1])?;
+            x = (x + layer.down.forward(&g, ours)?)?;
         }
         let last = x.i((.., t - 1..t, ..))?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.cfg.rms_eps as f32)?;
@@ -98,6 +99,34 @@ impl Transformer {
     }
 }
 
+/// `silu(gate) · up` for a prompt's rows: the decoding step's [`decode::swiglu`] (a vectorized exponential)
+/// shared out over the pool's threads. candle's `silu` and `mul`, used before, ran ~9 k libm exponentials per row
+/// and layer on the calling thread while the other waited. Off the CPU or in another dtype, candle's ops.
+fn swiglu_rows(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() || gate.dtype() != DType::F32 || up.dtype() != DType::F32 {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    if gate.shape() != up.shape() {
+        candle_core::bail!("swiglu: gate {:?} and up {:?} differ in shape", gate.shape(), up.shape());
+    }
+    let shape = gate.shape().clone();
+    let mut g = gate.flatten_all()?.to_vec1::<f32>()?;
+    let u = up.flatten_all()?.to_vec1::<f32>()?;
+    const PIECE: usize = 4096;
+    let len = g.len();
+    let dst = kernels::Outs(vec![g.as_mut_ptr()]);
+    let (dst, u) = (&dst, &u);
+    candle_core::utils::barrier_pool().execute_chunked(len.div_ceil(PIECE), |pieces| {
+        let (a, b) = (pieces.start * PIECE, (pieces.end * PIECE).min(len));
+        // SAFETY: `execute_chunked` hands each piece range to exactly one thread, so floats `a..b` of `g` are
+        // written by this call alone and read by no other; `g` outlives the pool call, which returns only when
+        // every piece is done (the contract of `kernels::Outs`).
+        let g = unsafe { std::slice::from_raw_parts_mut(dst.0[0].add(a), b - a) };
+        decode::swiglu(g, &u[a..b]);
+    });
+    Tensor::from_vec(g, shape, gate.device())
+}
+
 /// Scaled dot-product attention of `q` (b, n_head, t, d) over `k`, `v` (b, n_kv_head, kv, d); returns
 /// (b, n_head, t, d). Grouped-query attention without materializing repeated K/V: the n_rep query heads that share
 /// K/V head j are heads j*n_rep .. j*n_rep+n_rep-1, so `q` reshapes, without a copy, into (b, n_kv_head, n_rep*t, d).
@@ -130,6 +159,23 @@ pub(crate) fn causal_mask(t: usize, pos: usize, n_rep: usize, device: &Device) -
 mod tests {
     use super::super::reference::naive_attention;
     use super::*;
+
+    #[test]
+    fn swiglu_rows_matches_candles_silu_times_up_on_the_pool() {
+        let dev = Device::Cpu;
+        // 37 rows of 1,000: 9 pieces of 4,096 and a short last one, so several threads' pieces and the edge.
+        let g = (Tensor::randn(0f32, 3.0, (1, 37, 1000), &dev).unwrap() * 4.0).unwrap();
+        let u = Tensor::randn(0f32, 1.0, (1, 37, 1000), &dev).unwrap();
+        let got = swiglu_rows(&g, &u).unwrap();
+        assert_eq!(got.dims(), &[1, 37, 1000]);
+        let want = (candle_nn::ops::silu(&g).unwrap() * &u).unwrap();
+        let (got, want) = (got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want.flatten_all().unwrap());
+        let want = want.to_vec1::<f32>().unwrap();
+        let worst = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs() / b.abs().max(1e-3)));
+        assert!(worst < 1e-5, "worst relative difference {worst}");
+        let bad = Tensor::zeros((1, 37, 999), candle_core::DType::F32, &dev).unwrap();
+        assert!(swiglu_rows(&g, &bad).is_err(), "shapes that differ are an error, not a short read");
+    }
 
     #[test]
     fn causal_mask_hides_only_future_positions() {
