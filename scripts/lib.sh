@@ -185,7 +185,7 @@ trainer() {
   local profile=${COPILOT_TRAINER_PROFILE:-release} dir=release flag=(--release)
   [ "$profile" = dev ] && { dir=debug; flag=(); }
   local bin="$COPILOT_ROOT/target/$dir/copilot-trainer"
-  if [ ! -x "$bin" ] || [ -n "$(find "$COPILOT_ROOT/trainer/src" "$COPILOT_ROOT/core/src" -newer "$bin" -name '*.rs' 2>/dev/null | head -1)" ]; then
+  if [ ! -x "$bin" ] || [ -n "$(find "$COPILOT_ROOT/trainer/src" "$COPILOT_ROOT/core/src" "$COPILOT_ROOT/core/fastmath/src" -newer "$bin" -name '*.rs' 2>/dev/null | head -1)" ]; then
     (cd "$COPILOT_ROOT" && cargo build -q "${flag[@]}" -p copilot-trainer)
   fi
   "$bin" "$@"

@@ -2,8 +2,11 @@
 //! until 2026-12-06) against [`fastmath`] (as it computes them now), on this machine, one thread:
 //! - the chosen token's probability over the default model's 151,936 logits (`sample::token_prob`, once per row and
 //!   generated token);
-//! - SwiGLU over 8,960 values in each of 28 layers (`decode::swiglu`; a prompt pays the same per token);
-//! - the attention softmax over 500 positions for 12 heads in each of 28 layers (`decode::attend_one`).
+//! - SwiGLU over 8,960 values in each of 28 layers (`fastmath::swiglu`; a prompt pays the same per token);
+//! - the attention softmax over 500 positions for 12 heads in each of 28 layers (`fastmath::exp_sub_sum` in
+//!   `decode::attend_one`).
+//!
+//! The fast side calls the engine's own functions; the libm side is the code they replaced.
 //!
 //! Prints one JSON object per round (milliseconds per generated token).
 //! `cargo run --release -p copilot-core --example bench_fastmath --no-default-features [ROUNDS]`
@@ -28,12 +31,6 @@ fn swiglu_libm(g: &mut [f32], u: &[f32]) {
     }
 }
 
-fn swiglu_fast(g: &mut [f32], u: &[f32]) {
-    for (g, u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + fastmath::exp(-*g)) * u;
-    }
-}
-
 fn softmax_libm(s: &mut [f32], max: f32) -> f32 {
     let mut z = 0f32;
     for s in s.iter_mut() {
@@ -41,13 +38,6 @@ fn softmax_libm(s: &mut [f32], max: f32) -> f32 {
         z += *s;
     }
     z
-}
-
-fn softmax_fast(s: &mut [f32], max: f32) -> f32 {
-    for s in s.iter_mut() {
-        *s = fastmath::exp(*s - max);
-    }
-    fastmath::sum(s)
 }
 
 /// Milliseconds per call of `f`, over `n` calls.
@@ -77,7 +67,7 @@ fn main() {
             }),
         ];
         let mut swiglu = [0.0; 2];
-        for (i, f) in [swiglu_libm as fn(&mut [f32], &[f32]), swiglu_fast].into_iter().enumerate() {
+        for (i, f) in [swiglu_libm as fn(&mut [f32], &[f32]), fastmath::swiglu].into_iter().enumerate() {
             swiglu[i] = 28.0
                 * ms(n, || {
                     g.copy_from_slice(&g0);
@@ -85,7 +75,7 @@ fn main() {
                 });
         }
         let mut softmax = [0.0; 2];
-        for (i, f) in [softmax_libm as fn(&mut [f32], f32) -> f32, softmax_fast].into_iter().enumerate() {
+        for (i, f) in [softmax_libm as fn(&mut [f32], f32) -> f32, fastmath::exp_sub_sum].into_iter().enumerate() {
             softmax[i] = 28.0
                 * 12.0
                 * ms(n, || {

@@ -1,5 +1,5 @@
 //! The per-token arithmetic of a decoding step on plain slices: RMSNorm, rotary embedding, attention of one query
-//! position over the KV cache, SwiGLU.
+//! position over the KV cache (SwiGLU and the softmax's exponentials are [`fastmath`]'s).
 //!
 //! Why not candle's ops, as the prefill path uses: a decoded token is one row of activations, so every op is a few
 //! thousand floats, and what costs is the op itself — a tensor allocated per result, a layout check, a dispatch to
@@ -57,14 +57,6 @@ pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], neox: bool) {
             head[a] = x0 * cos[i] - x1 * sin[i];
             head[b] = x0 * sin[i] + x1 * cos[i];
         }
-    }
-}
-
-/// `g = silu(g) · u`, elementwise (the SwiGLU of the feed-forward block); the exponential is
-/// [`fastmath::exp`], so the loop vectorizes.
-pub fn swiglu(g: &mut [f32], u: &[f32]) {
-    for (g, u) in g.iter_mut().zip(u) {
-        *g = *g / (1.0 + fastmath::exp(-*g)) * u;
     }
 }
 
@@ -169,10 +161,7 @@ pub fn attend_one(
             *s = dot(qh, k) * scale;
             max = max.max(*s);
         }
-        for s in s.iter_mut() {
-            *s = fastmath::exp(*s - max);
-        }
-        let z = fastmath::sum(s);
+        let z = fastmath::exp_sub_sum(s, max);
         let o = &mut out[hi * d..(hi + 1) * d];
         o.fill(0.0);
         for (&p, v) in s.iter().zip(kv.rows(g, false)) {

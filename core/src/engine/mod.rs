@@ -32,7 +32,7 @@ pub mod decode;
 pub mod draft;
 #[cfg(feature = "model")]
 pub mod embed;
-pub mod fastmath;
+pub use copilot_fastmath as fastmath;
 pub mod host;
 #[cfg(feature = "model")]
 pub mod kernels;

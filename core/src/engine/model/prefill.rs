@@ -4,7 +4,7 @@
 use super::kv::LayerKv;
 use super::{KvCache, Layer, Transformer};
 use crate::engine::model::weights::Linear;
-use crate::engine::{decode, kernels};
+use crate::engine::{fastmath, kernels};
 use candle_core::{DType, Device, IndexOp, Result, Tensor};
 
 impl Transformer {
@@ -99,7 +99,7 @@ impl Transformer {
     }
 }
 
-/// `silu(gate) · up` for a prompt's rows: the decoding step's [`decode::swiglu`] (a vectorized exponential)
+/// `silu(gate) · up` for a prompt's rows: [`fastmath::swiglu`], as the decoding step computes it,
 /// shared out over the pool's threads. candle's `silu` and `mul`, used before, ran ~9 k libm exponentials per row
 /// and layer on the calling thread while the other waited. Off the CPU or in another dtype, candle's ops.
 fn swiglu_rows(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -122,7 +122,7 @@ fn swiglu_rows(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
         // written by this call alone and read by no other; `g` outlives the pool call, which returns only when
         // every piece is done (the contract of `kernels::Outs`).
         let g = unsafe { std::slice::from_raw_parts_mut(dst.0[0].add(a), b - a) };
-        decode::swiglu(g, &u[a..b]);
+        fastmath::swiglu(g, &u[a..b]);
     });
     Tensor::from_vec(g, shape, gate.device())
 }

@@ -7,7 +7,7 @@ use super::{KvCache, Transformer};
 use crate::engine::decode::KvSegment;
 use crate::engine::decode::KvView;
 use crate::engine::model::weights::Linear;
-use crate::engine::{decode, kernels};
+use crate::engine::{decode, fastmath, kernels};
 use candle_core::{IndexOp, Result, Tensor};
 
 /// One sequence's share of a multi-row pass: its state, and the tokens to run at positions `cache.len()..`.
@@ -142,7 +142,7 @@ impl Transformer {
             let mut g = gu.pop().expect("two products");
             let ff = layer.up.n;
             for (g, u) in g.chunks_exact_mut(ff).zip(up.chunks_exact(ff)) {
-                decode::swiglu(g, u);
+                fastmath::swiglu(g, u);
             }
             let g_rows: Vec<&[f32]> = g.chunks_exact(ff).collect();
             let down = Linear::matmul_rows(&[&layer.down], &g_rows)?;
