@@ -73,10 +73,8 @@ pub fn sum_exp(x: &[f32], max: f32) -> f64 {
     x.chunks(1024)
         .map(|c| {
             let b = &mut buf[..c.len()];
-            for (b, &v) in b.iter_mut().zip(c) {
-                *b = exp(v - max);
-            }
-            f64::from(sum(b))
+            b.copy_from_slice(c);
+            f64::from(exp_sub_sum(b, max))
         })
         .sum()
 }
