@@ -71,14 +71,14 @@ impl Default for Q8K {
 
 /// One block of [`Q8K`] activations arranged for the sub-block-lane kernels (module `lanes`): its 256 values in the
 /// order that puts, in every 32-bit lane of the kernels' registers, four values of one weight sub-block, and its
-/// 16-value sums in the order of those lanes (for Q4_K's mins, and ×32 for Q6_K's +32 offset). Built once per
+/// 16-value sums in the order of those lanes (for Q4_K's mins and Q6_K's +32 offset). Built once per
 /// activation row and pass ([`arrange`]), then read by every weight row of the pass.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 pub struct Q8KLanes {
     pub qs: [i8; QK_K],
     pub bsums_q4k: [i16; 16],
-    pub bsums_q6k: [i32; 16],
+    pub bsums_q6k: [i16; 16],
     pub d: f32,
 }
 
@@ -108,14 +108,14 @@ pub fn arrange(y: &Q8K) -> Q8KLanes {
         o.qs[lane_slot(v)] = q;
     }
     // The 16 values of word (h, p) in group g have sum bsums[8g + 2p + h]. Q4_K packs the two groups' words
-    // into 16-bit lanes as [g0 h0 p0..3, g1 h0 p0..3, g0 h1 p0..3, g1 h1 p0..3]; Q6_K keeps them as 32-bit
-    // lanes, group by group, [h0 p0..3, h1 p0..3].
+    // into 16-bit lanes as [g0 h0 p0..3, g1 h0 p0..3, g0 h1 p0..3, g1 h1 p0..3]; Q6_K pairs the two groups'
+    // sums of a word in its 32-bit lane (4h + p): [g0, g1] (for `madd` with the weights' [-32·sc0, -32·sc1]).
     for g in 0..2 {
         for h in 0..2 {
             for p in 0..4 {
                 let s = y.bsums[8 * g + 2 * p + h];
                 o.bsums_q4k[8 * h + 4 * g + p] = s;
-                o.bsums_q6k[8 * g + 4 * h + p] = 32 * s as i32;
+                o.bsums_q6k[2 * (4 * h + p) + g] = s;
             }
         }
     }
@@ -338,8 +338,14 @@ pub fn simd_available() -> bool {
 /// block's own order must (`maddubs` + `madd` by the scale for every 32 values). On the 2-core EPYC that halves
 /// the instructions per row and block, which is what several rows in a pass pay for (see context.md, session
 /// 13). Each row's integer sums are exact and its float steps are the same whatever `R` is, so every result is
-/// bit-identical to the one-row result; the AVX2 variant makes each `vpdpbusd` from `maddubs` + `madd` by ones
-/// (exact: no 16-bit sum can saturate with these quants), so it computes the same bits as the VNNI one.
+/// bit-identical to the one-row result. The AVX2 variant forms the same integer sums from `maddubs`, adding its
+/// 16-bit results before widening them (exact: the bounds are at `q4k_packed_avx2` and `q6k_scaled_avx2`), so it
+/// computes the same bits as the VNNI one with as few multiplies as it can: on the Zen 3 measured, vector integer
+/// multiplies issue one a cycle and bound a prompt's pass (context.md, session 24).
+///
+/// A block is unpacked (`Unpacked`) right before use when weight rows stream past a few activation rows
+/// (decoding), and once per prompt pass into a buffer when many groups of activation rows reuse the same weight
+/// rows (`unpack_rows`); the products are the same macros either way.
 #[cfg(target_arch = "x86_64")]
 mod lanes {
     use super::{f16_at, q4k_scales_mins, Q8KLanes, Q4K_BYTES, Q6K_BYTES};
@@ -357,16 +363,6 @@ mod lanes {
         _mm_cvtss_f32(s)
     }
 
-    macro_rules! dp_vnni {
-        ($acc:expr, $w:expr, $y:expr) => {
-            _mm256_dpbusd_epi32($acc, $w, $y)
-        };
-    }
-    macro_rules! dp_avx2 {
-        ($acc:expr, $w:expr, $y:expr) => {
-            _mm256_add_epi32($acc, _mm256_madd_epi16(_mm256_maddubs_epi16($w, $y), _mm256_set1_epi16(1)))
-        };
-    }
     /// 4×4 transpose of 32-bit words within each 128-bit half: word p of output t = word t of input p.
     macro_rules! transpose4 {
         ($r0:expr, $r1:expr, $r2:expr, $r3:expr) => {{
@@ -382,22 +378,225 @@ mod lanes {
             ]
         }};
     }
-    /// The two group sums of one activation block against a block's transposed quants `w0` (values 0-127) and
-    /// `w1` (128-255): 32-bit lanes (h, p) as in [`super::lane_slot`].
-    macro_rules! block_sums {
-        ($dp:ident, $w0:expr, $w1:expr, $y:expr) => {{
+    /// Q6_K's two group sums of one activation block against a block's transposed quants `w0` (values 0-127) and
+    /// `w1` (128-255), each 32-bit lane (h, p) (as in [`super::lane_slot`]) times its scale in that group (`sc0`,
+    /// `sc1`: see [`Unpacked`]) and the two added: exact integers either way. VNNI: `vpdpbusd` sums, then `mullo`
+    /// by the scales (`sc >> 16`). AVX2: two `maddubs` results added in 16 bits (a lane of one is at most 2 · 63 ·
+    /// 127 = 16,002 with Q6_K's stored +32 quants: two fit, nothing saturates), then `madd` by the scale given
+    /// twice — one multiply that widens and scales, where widening by ones and then `mullo` took three.
+    macro_rules! q6k_scaled_vnni {
+        ($w0:expr, $w1:expr, $y:expr, $sc0:expr, $sc1:expr) => {{
             let yq = $y.qs.as_ptr() as *const __m256i;
             let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
             for t in 0..4 {
-                s0 = $dp!(s0, $w0[t], _mm256_load_si256(yq.add(t)));
-                s1 = $dp!(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
+                s0 = _mm256_dpbusd_epi32(s0, $w0[t], _mm256_load_si256(yq.add(t)));
+                s1 = _mm256_dpbusd_epi32(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
             }
-            (s0, s1)
+            _mm256_add_epi32(
+                _mm256_mullo_epi32(s0, _mm256_srai_epi32($sc0, 16)),
+                _mm256_mullo_epi32(s1, _mm256_srai_epi32($sc1, 16)),
+            )
+        }};
+    }
+    macro_rules! q6k_scaled_avx2 {
+        ($w0:expr, $w1:expr, $y:expr, $sc0:expr, $sc1:expr) => {{
+            let yq = $y.qs.as_ptr() as *const __m256i;
+            macro_rules! group {
+                ($w:expr, $o:expr, $sc:expr) => {{
+                    let a = _mm256_add_epi16(
+                        _mm256_maddubs_epi16($w[0], _mm256_load_si256(yq.add($o))),
+                        _mm256_maddubs_epi16($w[1], _mm256_load_si256(yq.add($o + 1))),
+                    );
+                    let b = _mm256_add_epi16(
+                        _mm256_maddubs_epi16($w[2], _mm256_load_si256(yq.add($o + 2))),
+                        _mm256_maddubs_epi16($w[3], _mm256_load_si256(yq.add($o + 3))),
+                    );
+                    _mm256_add_epi32(_mm256_madd_epi16(a, $sc), _mm256_madd_epi16(b, $sc))
+                }};
+            }
+            _mm256_add_epi32(group!($w0, 0, $sc0), group!($w1, 4, $sc1))
+        }};
+    }
+    /// Q4_K's two group sums (each lane (h, p) the exact sum of its 16 products) packed as `_mm256_packs_epi32(s0,
+    /// s1)` packs them: 16-bit lanes, per 128-bit half [s0's 4 words, s1's 4 words]. VNNI: exactly that. AVX2: the 4 `maddubs` of each group added in 16 bits
+    /// (≤ 4 · 3,810), then `hadd` sums each word's two 16-bit halves and packs the two groups in that same order
+    /// (≤ 30,480: nothing wraps) — the same integers with no `madd` by ones, 8 multiplies per block and row where
+    /// the VNNI-shaped sequence takes 16 on AVX2 (on the Zen 3 measured, vector integer multiplies issue one a cycle).
+    macro_rules! q4k_packed_vnni {
+        ($w0:expr, $w1:expr, $y:expr) => {{
+            let yq = $y.qs.as_ptr() as *const __m256i;
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for t in 0..4 {
+                s0 = _mm256_dpbusd_epi32(s0, $w0[t], _mm256_load_si256(yq.add(t)));
+                s1 = _mm256_dpbusd_epi32(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
+            }
+            _mm256_packs_epi32(s0, s1)
+        }};
+    }
+    macro_rules! q4k_packed_avx2 {
+        ($w0:expr, $w1:expr, $y:expr) => {{
+            let yq = $y.qs.as_ptr() as *const __m256i;
+            macro_rules! group {
+                ($w:expr, $o:expr) => {{
+                    let a = _mm256_add_epi16(
+                        _mm256_maddubs_epi16($w[0], _mm256_load_si256(yq.add($o))),
+                        _mm256_maddubs_epi16($w[1], _mm256_load_si256(yq.add($o + 1))),
+                    );
+                    let b = _mm256_add_epi16(
+                        _mm256_maddubs_epi16($w[2], _mm256_load_si256(yq.add($o + 2))),
+                        _mm256_maddubs_epi16($w[3], _mm256_load_si256(yq.add($o + 3))),
+                    );
+                    _mm256_add_epi16(a, b)
+                }};
+            }
+            _mm256_hadd_epi16(group!($w0, 0), group!($w1, 4))
+        }};
+    }
+
+    /// One weight block unpacked for the kernels: its quants transposed (`w[0..4]` values 0-127, `w[4..8]` values
+    /// 128-255, see [`super::lane_slot`]) and its scales as the kernels use them — Q4_K: `a` the scales and `b` the
+    /// mins as 16-bit lanes, `dw`/`dmin` the block's factors; Q6_K: `a`/`b` each 32-bit lane's scale in the two
+    /// groups, as the same 16-bit value twice (for `madd` with 16-bit sums; the 32-bit scale is `a >> 16`), `c`
+    /// the pair [-32·sc of group 0, -32·sc of group 1] (the +32 offset, against `bsums_q6k`), `dw` the factor. Made once per block and prompt by [`super::unpack_rows`] so that a prompt's many
+    /// groups of activation rows need not unpack each block again (`q4k_unpacked`, `q6k_unpacked`).
+    #[derive(Clone, Copy)]
+    #[repr(C, align(32))]
+    pub struct Unpacked {
+        w: [__m256i; 8],
+        a: __m256i,
+        b: __m256i,
+        c: __m256i,
+        dw: f32,
+        dmin: f32,
+    }
+
+    impl Default for Unpacked {
+        fn default() -> Unpacked {
+            // SAFETY: all-zero bits are valid for every field (integers and floats).
+            unsafe { std::mem::zeroed() }
+        }
+    }
+
+    /// Block `$p` (a pointer to its 144 bytes) of a Q4_K row, unpacked.
+    macro_rules! unpack_q4k {
+        ($p:expr) => {{
+            let b = std::slice::from_raw_parts($p, Q4K_BYTES);
+            let m4 = _mm256_set1_epi8(0x0F);
+            // Scales and mins of sub-blocks 0-7, each repeated for the two halves (16-bit lanes [s0..s7,
+            // s0..s7]: the order `packs` gives the group sums, see `bsums_q4k`).
+            let sm = q4k_scales_mins(&b[4..16]);
+            let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
+            let qs = b.as_ptr().add(16) as *const __m256i;
+            let (q0, q1) = (_mm256_loadu_si256(qs), _mm256_loadu_si256(qs.add(1)));
+            let (q2, q3) = (_mm256_loadu_si256(qs.add(2)), _mm256_loadu_si256(qs.add(3)));
+            let w0 = transpose4!(
+                _mm256_and_si256(q0, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q0, 4), m4),
+                _mm256_and_si256(q1, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4)
+            );
+            let w1 = transpose4!(
+                _mm256_and_si256(q2, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q2, 4), m4),
+                _mm256_and_si256(q3, m4),
+                _mm256_and_si256(_mm256_srli_epi16(q3, 4), m4)
+            );
+            Unpacked {
+                w: [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3]],
+                a: _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(sm, sm)),
+                b: _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm)),
+                c: _mm256_setzero_si256(),
+                dw: f16_at(b, 0),
+                dmin: f16_at(b, 2),
+            }
+        }};
+    }
+
+    /// Block `$p` (a pointer to its 210 bytes) of a Q6_K row, unpacked.
+    macro_rules! unpack_q6k {
+        ($p:expr) => {{
+            let p = $p;
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m30 = _mm256_set1_epi8(0x30);
+            // Scale of word (h, p) in group g: sub-block 8g + 2p + h.
+            let idx0 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
+            let idx1 = _mm_setr_epi8(8, 10, 12, 14, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+            let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
+            // The stored (+32) 6-bit quants of half h: low 4 bits from `ql`, high 2 from `qh`.
+            macro_rules! half {
+                ($h:expr) => {{
+                    let ql0 = _mm256_loadu_si256(p.add(64 * $h) as *const __m256i);
+                    let ql1 = _mm256_loadu_si256(p.add(64 * $h + 32) as *const __m256i);
+                    let qh = _mm256_loadu_si256(p.add(128 + 32 * $h) as *const __m256i);
+                    transpose4!(
+                        _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+                        _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30)),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)
+                        )
+                    )
+                }};
+            }
+            let (w0, w1) = (half!(0), half!(1));
+            let (sc0, sc1) =
+                (_mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx0)), _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx1)));
+            let lo = _mm256_set1_epi32(0xFFFF);
+            // [sc, sc] and [-32·sc0, -32·sc1] in the two 16-bit halves of each lane.
+            let (m0, m1) =
+                (_mm256_mullo_epi32(sc0, _mm256_set1_epi32(-32)), _mm256_mullo_epi32(sc1, _mm256_set1_epi32(-32)));
+            Unpacked {
+                w: [w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3]],
+                a: _mm256_or_si256(_mm256_and_si256(sc0, lo), _mm256_slli_epi32(sc0, 16)),
+                b: _mm256_or_si256(_mm256_and_si256(sc1, lo), _mm256_slli_epi32(sc1, 16)),
+                c: _mm256_or_si256(_mm256_and_si256(m0, lo), _mm256_slli_epi32(m1, 16)),
+                dw: f16_at(std::slice::from_raw_parts(p, Q6K_BYTES), 208),
+                dmin: 0.0,
+            }
+        }};
+    }
+
+    /// Unpacked Q4_K block `$u` against block `$i` of `R` activation rows (pointers `$ap`), added to `$acc`.
+    macro_rules! apply_q4k {
+        ($q4k_packed:ident, $u:expr, $ap:expr, $i:expr, $acc:expr) => {{
+            let u: &Unpacked = $u;
+            let (w0, w1) = ([u.w[0], u.w[1], u.w[2], u.w[3]], [u.w[4], u.w[5], u.w[6], u.w[7]]);
+            let (sc16, mn16) = (u.a, u.b);
+            let (dw, dminw) = (_mm256_set1_ps(u.dw), _mm256_set1_ps(u.dmin));
+            for r in 0..R {
+                let y = &*$ap[r].add($i);
+                // |lane| ≤ 16 · 15 · 127: exact in 16 bits.
+                let isum = _mm256_madd_epi16($q4k_packed!(w0, w1, y), sc16);
+                let bs = _mm256_load_si256(y.bsums_q4k.as_ptr() as *const __m256i);
+                let msum = _mm256_madd_epi16(bs, mn16);
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
+                let t = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dminw, t);
+                $acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), $acc[r]);
+            }
+        }};
+    }
+
+    /// Unpacked Q6_K block `$u` against block `$i` of `R` activation rows, added to `$acc`.
+    macro_rules! apply_q6k {
+        ($q6k_scaled:ident, $u:expr, $ap:expr, $i:expr, $acc:expr) => {{
+            let u: &Unpacked = $u;
+            let (w0, w1) = ([u.w[0], u.w[1], u.w[2], u.w[3]], [u.w[4], u.w[5], u.w[6], u.w[7]]);
+            let (sc0, sc1, scm) = (u.a, u.b, u.c);
+            let dw = _mm256_set1_ps(u.dw);
+            for r in 0..R {
+                let y = &*$ap[r].add($i);
+                // Σ sc·(q − 32)·y per lane: the +32 offset comes off as -32·sc times each 16-value sum.
+                let bs = _mm256_load_si256(y.bsums_q6k.as_ptr() as *const __m256i);
+                let isum = _mm256_add_epi32($q6k_scaled!(w0, w1, y, sc0, sc1), _mm256_madd_epi16(bs, scm));
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
+                $acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), $acc[r]);
+            }
         }};
     }
 
     macro_rules! kernels {
-        ($m:ident, $feat:literal, $dp:ident) => {
+        ($m:ident, $feat:literal, $q6k_scaled:ident, $q4k_packed:ident) => {
             pub mod $m {
                 use super::*;
 
@@ -418,44 +617,10 @@ mod lanes {
                     // 32-byte aligned, as the aligned loads of its quants need.
                     unsafe {
                         let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
-                        let m4 = _mm256_set1_epi8(0x0F);
                         let mut acc = *sums;
                         for i in 0..nb {
-                            let b = std::slice::from_raw_parts(row.as_ptr().add(i * Q4K_BYTES), Q4K_BYTES);
-                            let dw = _mm256_set1_ps(f16_at(b, 0));
-                            let dminw = _mm256_set1_ps(f16_at(b, 2));
-                            // Scales and mins of sub-blocks 0-7, each repeated for the two halves (16-bit lanes
-                            // [s0..s7, s0..s7]: the order `packs` gives the group sums, see `bsums_q4k`).
-                            let sm = q4k_scales_mins(&b[4..16]);
-                            let sm = _mm_loadu_si128(sm.as_ptr() as *const __m128i);
-                            let sc16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(sm, sm));
-                            let mn16 = _mm256_cvtepu8_epi16(_mm_unpackhi_epi64(sm, sm));
-                            let qs = b.as_ptr().add(16) as *const __m256i;
-                            let (q0, q1) = (_mm256_loadu_si256(qs), _mm256_loadu_si256(qs.add(1)));
-                            let (q2, q3) = (_mm256_loadu_si256(qs.add(2)), _mm256_loadu_si256(qs.add(3)));
-                            let w0 = transpose4!(
-                                _mm256_and_si256(q0, m4),
-                                _mm256_and_si256(_mm256_srli_epi16(q0, 4), m4),
-                                _mm256_and_si256(q1, m4),
-                                _mm256_and_si256(_mm256_srli_epi16(q1, 4), m4)
-                            );
-                            let w1 = transpose4!(
-                                _mm256_and_si256(q2, m4),
-                                _mm256_and_si256(_mm256_srli_epi16(q2, 4), m4),
-                                _mm256_and_si256(q3, m4),
-                                _mm256_and_si256(_mm256_srli_epi16(q3, 4), m4)
-                            );
-                            for r in 0..R {
-                                let y = &*ap[r].add(i);
-                                let (s0, s1) = block_sums!($dp, w0, w1, y);
-                                // |lane| ≤ 16 · 15 · 127: exact in 16 bits, so `packs` never saturates.
-                                let isum = _mm256_madd_epi16(_mm256_packs_epi32(s0, s1), sc16);
-                                let bs = _mm256_load_si256(y.bsums_q4k.as_ptr() as *const __m256i);
-                                let msum = _mm256_madd_epi16(bs, mn16);
-                                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
-                                let t = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dminw, t);
-                                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), acc[r]);
-                            }
+                            let u = unpack_q4k!(row.as_ptr().add(i * Q4K_BYTES));
+                            apply_q4k!($q4k_packed, &u, ap, i, acc);
                         }
                         *sums = acc;
                     }
@@ -472,56 +637,58 @@ mod lanes {
                     // SAFETY: as in `q4k`: block i of the row is bytes i·210..(i+1)·210 and i < nb everywhere.
                     unsafe {
                         let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
-                        let m4 = _mm256_set1_epi8(0x0F);
-                        let m30 = _mm256_set1_epi8(0x30);
-                        // Scale of word (h, p) in group g: sub-block 8g + 2p + h.
-                        let idx0 = _mm_setr_epi8(0, 2, 4, 6, 1, 3, 5, 7, -1, -1, -1, -1, -1, -1, -1, -1);
-                        let idx1 = _mm_setr_epi8(8, 10, 12, 14, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
                         let mut acc = *sums;
                         for i in 0..nb {
-                            let p = row.as_ptr().add(i * Q6K_BYTES);
-                            let dw = _mm256_set1_ps(f16_at(std::slice::from_raw_parts(p, Q6K_BYTES), 208));
-                            let sc = _mm_loadu_si128(p.add(192) as *const __m128i);
-                            let sc0 = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx0));
-                            let sc1 = _mm256_cvtepi8_epi32(_mm_shuffle_epi8(sc, idx1));
-                            // The stored (+32) 6-bit quants of half h: low 4 bits from `ql`, high 2 from `qh`.
-                            macro_rules! half {
-                                ($h:expr) => {{
-                                    let ql0 = _mm256_loadu_si256(p.add(64 * $h) as *const __m256i);
-                                    let ql1 = _mm256_loadu_si256(p.add(64 * $h + 32) as *const __m256i);
-                                    let qh = _mm256_loadu_si256(p.add(128 + 32 * $h) as *const __m256i);
-                                    transpose4!(
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(ql0, m4),
-                                            _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(ql1, m4),
-                                            _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4),
-                                            _mm256_and_si256(qh, m30)
-                                        ),
-                                        _mm256_or_si256(
-                                            _mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                            _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)
-                                        )
-                                    )
-                                }};
-                            }
-                            let (w0, w1) = (half!(0), half!(1));
-                            for r in 0..R {
-                                let y = &*ap[r].add(i);
-                                let (s0, s1) = block_sums!($dp, w0, w1, y);
-                                // Σ sc·(q − 32)·y per sub-block: the +32 offset comes off with 32·(its 16-value sum).
-                                let bs = y.bsums_q6k.as_ptr() as *const __m256i;
-                                let v0 = _mm256_sub_epi32(s0, _mm256_load_si256(bs));
-                                let v1 = _mm256_sub_epi32(s1, _mm256_load_si256(bs.add(1)));
-                                let isum = _mm256_add_epi32(_mm256_mullo_epi32(v0, sc0), _mm256_mullo_epi32(v1, sc1));
-                                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
-                                acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), acc[r]);
-                            }
+                            let u = unpack_q6k!(row.as_ptr().add(i * Q6K_BYTES));
+                            apply_q6k!($q6k_scaled, &u, ap, i, acc);
+                        }
+                        *sums = acc;
+                    }
+                }
+
+                /// [`q4k`] over blocks unpacked beforehand ([`unpack`]): the same operations in the same order,
+                /// so the same bits.
+                ///
+                /// # Safety
+                /// The CPU must have the features named in `target_feature`; `u` holds `a[r].len()` blocks for
+                /// every `r` (all equal).
+                #[target_feature(enable = $feat)]
+                pub unsafe fn q4k_unpacked<const R: usize>(
+                    u: &[Unpacked],
+                    a: [&[Q8KLanes]; R],
+                    sums: &mut [__m256; R],
+                ) {
+                    let nb = a[0].len();
+                    assert!(u.len() >= nb && a.iter().all(|x| x.len() == nb));
+                    // SAFETY: block i < nb of every activation row is in bounds (asserted just above).
+                    unsafe {
+                        let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
+                        let mut acc = *sums;
+                        for (i, u) in u[..nb].iter().enumerate() {
+                            apply_q4k!($q4k_packed, u, ap, i, acc);
+                        }
+                        *sums = acc;
+                    }
+                }
+
+                /// [`q6k`] over blocks unpacked beforehand.
+                ///
+                /// # Safety
+                /// As [`q4k_unpacked`].
+                #[target_feature(enable = $feat)]
+                pub unsafe fn q6k_unpacked<const R: usize>(
+                    u: &[Unpacked],
+                    a: [&[Q8KLanes]; R],
+                    sums: &mut [__m256; R],
+                ) {
+                    let nb = a[0].len();
+                    assert!(u.len() >= nb && a.iter().all(|x| x.len() == nb));
+                    // SAFETY: as in `q4k_unpacked`.
+                    unsafe {
+                        let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
+                        let mut acc = *sums;
+                        for (i, u) in u[..nb].iter().enumerate() {
+                            apply_q6k!($q6k_scaled, u, ap, i, acc);
                         }
                         *sums = acc;
                     }
@@ -530,8 +697,32 @@ mod lanes {
         };
     }
 
-    kernels!(vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", dp_vnni);
-    kernels!(avx2, "avx2,fma", dp_avx2);
+    kernels!(vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", q6k_scaled_vnni, q4k_packed_vnni);
+    kernels!(avx2, "avx2,fma", q6k_scaled_avx2, q4k_packed_avx2);
+
+    /// The blocks of a row of `kind` blocks (`row` holds `out.len()` of them), unpacked into `out`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn unpack(kind: super::Kind, row: &[u8], out: &mut [Unpacked]) {
+        assert!(row.len() >= out.len() * kind.block_bytes());
+        // SAFETY: block i < out.len() of `row` is in bounds (asserted just above); AVX2 by the caller.
+        unsafe {
+            match kind {
+                super::Kind::Q4K => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = unpack_q4k!(row.as_ptr().add(i * Q4K_BYTES));
+                    }
+                }
+                super::Kind::Q6K => {
+                    for (i, o) in out.iter_mut().enumerate() {
+                        *o = unpack_q6k!(row.as_ptr().add(i * Q6K_BYTES));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// True when the AVX-512 VNNI variant of the decode kernels can run (else their AVX2 variant, same results).
@@ -589,6 +780,22 @@ pub(crate) fn rows_lanes(
     acts: &[&[Q8KLanes]],
     put: impl FnMut(usize, usize, f32),
 ) {
+    rows_lanes_from(kind, w, row_bytes, wrows, acts, None, put)
+}
+
+/// [`rows_lanes`], reading the weight rows' blocks from `unpacked` when given: [`unpack_rows`] of the same
+/// rows (weight row `r`'s block `i` at `(r - wrows.start) * nb + i`), made once for many calls — a prompt's
+/// groups of activation rows. The same operations in the same order, so the same bits.
+#[cfg(target_arch = "x86_64")]
+fn rows_lanes_from(
+    kind: Kind,
+    w: &[u8],
+    row_bytes: usize,
+    wrows: std::ops::Range<usize>,
+    acts: &[&[Q8KLanes]],
+    unpacked: Option<&[lanes::Unpacked]>,
+    put: impl FnMut(usize, usize, f32),
+) {
     assert!(simd_available(), "the decode kernels need AVX2 and FMA");
     assert!(wrows.len() <= ROWS_PER_ITEM, "{} weight rows at once", wrows.len());
     let Some(first) = acts.first() else { return };
@@ -599,7 +806,10 @@ pub(crate) fn rows_lanes(
     let vnni = vnni_available();
     let piece =
         if n_act >= 2 && n_act * nb * std::mem::size_of::<Q8KLanes>() > L1_ACTS_BYTES { BLOCKS_PER_PIECE } else { nb };
-    let job = Job { kind, vnni, w, row_bytes, wrows, nb, piece };
+    if let Some(u) = unpacked {
+        assert!(u.len() >= wrows.len() * nb, "{} unpacked blocks for {} rows of {nb}", u.len(), wrows.len());
+    }
+    let job = Job { kind, vnni, w, row_bytes, wrows, nb, piece, unpacked };
     match n_act {
         1 => job.run::<1>(acts, put),
         2 => job.run::<2>(acts, put),
@@ -609,6 +819,29 @@ pub(crate) fn rows_lanes(
         6 => job.run::<6>(acts, put),
         7 => job.run::<7>(acts, put),
         _ => job.run::<8>(acts, put),
+    }
+}
+
+/// Weight rows `wrows` of `w` (`row_bytes` each, `nb` blocks of `kind` used) unpacked into `out` (resized), row
+/// after row, for [`rows_lanes_from`].
+///
+/// Panics without AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+fn unpack_rows(
+    kind: Kind,
+    w: &[u8],
+    row_bytes: usize,
+    wrows: std::ops::Range<usize>,
+    nb: usize,
+    out: &mut Vec<lanes::Unpacked>,
+) {
+    assert!(simd_available(), "the decode kernels need AVX2 and FMA");
+    assert!(row_bytes >= nb * kind.block_bytes() && w.len() >= wrows.end * row_bytes);
+    out.clear();
+    out.resize(wrows.len() * nb, lanes::Unpacked::default());
+    for (r, o) in wrows.zip(out.chunks_exact_mut(nb)) {
+        // SAFETY: AVX2 and FMA checked just above; the row holds `nb` blocks (asserted).
+        unsafe { lanes::unpack(kind, &w[r * row_bytes..(r + 1) * row_bytes], o) };
     }
 }
 
@@ -622,6 +855,7 @@ struct Job<'a> {
     wrows: std::ops::Range<usize>,
     nb: usize,
     piece: usize,
+    unpacked: Option<&'a [lanes::Unpacked]>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -636,9 +870,23 @@ impl Job<'_> {
         acts: &[&[Q8KLanes]],
         sums: &mut [lanes::__m256; N],
     ) {
+        let a: [&[Q8KLanes]; N] = std::array::from_fn(|j| &acts[j][kc..ke]);
+        if let Some(u) = self.unpacked {
+            let at = (r - self.wrows.start) * self.nb;
+            let u = &u[at + kc..at + ke];
+            // SAFETY: as below; `u` holds ke − kc blocks like every `a[j]`.
+            unsafe {
+                match (self.kind, self.vnni) {
+                    (Kind::Q4K, true) => lanes::vnni::q4k_unpacked(u, a, sums),
+                    (Kind::Q4K, false) => lanes::avx2::q4k_unpacked(u, a, sums),
+                    (Kind::Q6K, true) => lanes::vnni::q6k_unpacked(u, a, sums),
+                    (Kind::Q6K, false) => lanes::avx2::q6k_unpacked(u, a, sums),
+                }
+            }
+            return;
+        }
         let bb = self.kind.block_bytes();
         let row = &self.w[r * self.row_bytes + kc * bb..r * self.row_bytes + ke * bb];
-        let a: [&[Q8KLanes]; N] = std::array::from_fn(|j| &acts[j][kc..ke]);
         // SAFETY: `rows_lanes` checked AVX2 and FMA, and `vnni` is set only where `vnni_available` found AVX-512
         // F/VL/VNNI; `row` and every `a[j]` hold ke − kc blocks (sliced just above).
         unsafe {
@@ -656,7 +904,9 @@ impl Job<'_> {
         if piece == nb {
             // Whole rows, streamed a row or two ahead.
             for r in self.wrows.clone() {
-                prefetch(self.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                if self.unpacked.is_none() {
+                    prefetch(self.w, (r + PREFETCH_ROWS) * row_bytes, row_bytes);
+                }
                 // SAFETY: an all-zero bit pattern is a valid __m256 (eight 0.0f32).
                 let mut sums: [lanes::__m256; N] = unsafe { std::mem::zeroed() };
                 self.blocks(r, 0, nb, acts, &mut sums);
@@ -682,7 +932,7 @@ impl Job<'_> {
                 } else {
                     (start + (r + PREFETCH_ROWS - start) % len, ke)
                 };
-                if at < nb {
+                if at < nb && self.unpacked.is_none() {
                     prefetch(self.w, ahead * row_bytes + at * bb, (at + piece).min(nb).saturating_sub(at) * bb);
                 }
                 self.blocks(r, kc, ke, acts, &mut sums[i]);
@@ -792,6 +1042,11 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
         static ACT: std::cell::RefCell<Vec<Vec<Q8K>>> = const { std::cell::RefCell::new(Vec::new()) };
         static LANES: std::cell::RefCell<Vec<Vec<Q8KLanes>>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    #[cfg(target_arch = "x86_64")]
+    thread_local! {
+        /// A work item's weight blocks unpacked (`unpack_rows`), on the pool thread that runs it.
+        static UNPACKED: std::cell::RefCell<Vec<lanes::Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
             let simd = simd_available();
@@ -827,13 +1082,27 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     // row as it streams through. More (a prompt, where the prompt kernels are not available): input
                     // rows in groups outside, this item's weight rows inside, so the item's weights (16 rows, 14–80
                     // KB for the default model) stay in cache while the prompt's rows go past them.
-                    for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
-                        let to = (from + MAX_ROWS_AT_ONCE).min(rows);
-                        #[cfg(target_arch = "x86_64")]
-                        if simd {
-                            rows_lanes(m.kind, m.w, row_bytes, wrows.clone(), &lane_refs[from..to], put(from));
+                    // With more than one group of input rows, the item's weight blocks are unpacked once
+                    // (`unpack_rows`) instead of once per group.
+                    #[cfg(target_arch = "x86_64")]
+                    if simd {
+                        let nb = k / QK_K;
+                        let groups = (0..rows).step_by(MAX_ROWS_AT_ONCE);
+                        if rows <= MAX_ROWS_AT_ONCE {
+                            rows_lanes(m.kind, m.w, row_bytes, wrows, lane_refs, put(0));
                             continue;
                         }
+                        UNPACKED.with_borrow_mut(|u| {
+                            unpack_rows(m.kind, m.w, row_bytes, wrows.clone(), nb, u);
+                            for from in groups {
+                                let acts = &lane_refs[from..(from + MAX_ROWS_AT_ONCE).min(rows)];
+                                rows_lanes_from(m.kind, m.w, row_bytes, wrows.clone(), acts, Some(u), put(from));
+                            }
+                        });
+                        continue;
+                    }
+                    for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
+                        let to = (from + MAX_ROWS_AT_ONCE).min(rows);
                         let _ = lane_refs;
                         let put = put(from);
                         for r in wrows.clone() {
@@ -1035,6 +1304,39 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn prompt_sized_passes_give_what_each_row_gives_alone() {
+        // More rows than one group (a prompt's pass): each work item's weight blocks are unpacked once and every
+        // group of rows reads them (`unpack_rows`); short rows run whole, long ones (8,960) in pieces. Both must
+        // give each row, bit for bit, what it gets alone — with quants at their extremes too (15 for Q4_K, 63 for
+        // Q6_K, against ±127 activations: the largest 16-bit sums the AVX2 kernels form).
+        for (k, count, spread) in [(512, 21, 0.2), (8960, 11, 0.2), (512, 9, 50.0)] {
+            let (q4, _) = quantized_spread(GgmlDType::Q4K, 37, k, 23, spread);
+            let (q6, _) = quantized_spread(GgmlDType::Q6K, 19, k, 24, spread);
+            let mats = [Matrix { kind: Kind::Q4K, w: &q4, n: 37 }, Matrix { kind: Kind::Q6K, w: &q6, n: 19 }];
+            let xs: Vec<Vec<f32>> = (0..count)
+                .map(|r| {
+                    if r % 4 == 3 {
+                        (0..k).map(|i| if i % 5 == 0 { -1.0 } else { 1.0 }).collect()
+                    } else {
+                        activations(k, 40 + r as u64)
+                    }
+                })
+                .collect();
+            let rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let (mut a, mut b) = (vec![f32::NAN; 37 * count], vec![f32::NAN; 19 * count]);
+            gemm_many(&mats, k, &rows, &mut [&mut a, &mut b]);
+            for (r, x) in xs.iter().enumerate() {
+                let (mut ya, mut yb) = (vec![0f32; 37], vec![0f32; 19]);
+                gemv_many(&mats, k, x, &mut [&mut ya, &mut yb]);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&a[r * 37..(r + 1) * 37]), bits(&ya), "k {k}, row {r} of {count}, Q4_K");
+                assert_eq!(bits(&b[r * 19..(r + 1) * 19]), bits(&yb), "k {k}, row {r} of {count}, Q6_K");
+                assert!(ya.iter().chain(&yb).all(|v| v.is_finite()) && ya.iter().any(|v| *v != 0.0));
+            }
+        }
+    }
+
+    #[test]
     fn arranged_lanes_hold_one_sub_block_each() {
         // Every value lands in a distinct slot, and the 16 values that share a 32-bit word pair (h, p) of a group
         // are consecutive (one Q6_K sub-block, half a Q4_K one), with their sum where the kernels look for it.
@@ -1063,7 +1365,7 @@ pub(crate) mod tests {
                     assert_eq!(lo % 16, 0);
                     assert!(vals.iter().all(|&v| v - lo < 16), "group {g} word ({h}, {p}): {vals:?}");
                     let sum: i32 = vals.iter().map(|&v| y.qs[v] as i32).sum();
-                    assert_eq!(l.bsums_q6k[8 * g + 4 * h + p], 32 * sum);
+                    assert_eq!(l.bsums_q6k[2 * (4 * h + p) + g] as i32, sum);
                     assert_eq!(l.bsums_q4k[8 * h + 4 * g + p] as i32, sum);
                 }
             }
