@@ -458,7 +458,7 @@ mod lanes {
     /// mins as 16-bit lanes, `dw`/`dmin` the block's factors; Q6_K: `a`/`b` each 32-bit lane's scale in the two
     /// groups, as the same 16-bit value twice (for `madd` with 16-bit sums; the 32-bit scale is `a >> 16`), `c`
     /// the pair [-32·sc of group 0, -32·sc of group 1] (the +32 offset, against `bsums_q6k`), `dw` the factor. Made once per block and prompt by [`super::unpack_rows`] so that a prompt's many
-    /// groups of activation rows need not unpack each block again (`q4k_unpacked`, `q6k_unpacked`).
+    /// groups of activation rows need not unpack each block again (`unpacked`).
     #[derive(Clone, Copy)]
     #[repr(C, align(32))]
     pub struct Unpacked {
@@ -646,14 +646,15 @@ mod lanes {
                     }
                 }
 
-                /// [`q4k`] over blocks unpacked beforehand ([`unpack`]): the same operations in the same order,
-                /// so the same bits.
+                /// [`q4k`] (or, with `q6`, [`q6k`]) over blocks unpacked beforehand ([`unpack`]): the same
+                /// operations in the same order, so the same bits.
                 ///
                 /// # Safety
                 /// The CPU must have the features named in `target_feature`; `u` holds `a[r].len()` blocks for
-                /// every `r` (all equal).
+                /// every `r` (all equal), unpacked from the kind `q6` names.
                 #[target_feature(enable = $feat)]
-                pub unsafe fn q4k_unpacked<const R: usize>(
+                pub unsafe fn unpacked<const R: usize>(
+                    q6: bool,
                     u: &[Unpacked],
                     a: [&[Q8KLanes]; R],
                     sums: &mut [__m256; R],
@@ -665,30 +666,11 @@ mod lanes {
                         let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
                         let mut acc = *sums;
                         for (i, u) in u[..nb].iter().enumerate() {
-                            apply_q4k!($q4k_packed, u, ap, i, acc);
-                        }
-                        *sums = acc;
-                    }
-                }
-
-                /// [`q6k`] over blocks unpacked beforehand.
-                ///
-                /// # Safety
-                /// As [`q4k_unpacked`].
-                #[target_feature(enable = $feat)]
-                pub unsafe fn q6k_unpacked<const R: usize>(
-                    u: &[Unpacked],
-                    a: [&[Q8KLanes]; R],
-                    sums: &mut [__m256; R],
-                ) {
-                    let nb = a[0].len();
-                    assert!(u.len() >= nb && a.iter().all(|x| x.len() == nb));
-                    // SAFETY: as in `q4k_unpacked`.
-                    unsafe {
-                        let ap: [*const Q8KLanes; R] = a.map(|x| x.as_ptr());
-                        let mut acc = *sums;
-                        for (i, u) in u[..nb].iter().enumerate() {
-                            apply_q6k!($q6k_scaled, u, ap, i, acc);
+                            if q6 {
+                                apply_q6k!($q6k_scaled, u, ap, i, acc);
+                            } else {
+                                apply_q4k!($q4k_packed, u, ap, i, acc);
+                            }
                         }
                         *sums = acc;
                     }
@@ -874,13 +856,13 @@ impl Job<'_> {
         if let Some(u) = self.unpacked {
             let at = (r - self.wrows.start) * self.nb;
             let u = &u[at + kc..at + ke];
-            // SAFETY: as below; `u` holds ke − kc blocks like every `a[j]`.
+            let q6 = self.kind == Kind::Q6K;
+            // SAFETY: as below; `u` holds ke − kc blocks like every `a[j]`, unpacked from this matrix's kind.
             unsafe {
-                match (self.kind, self.vnni) {
-                    (Kind::Q4K, true) => lanes::vnni::q4k_unpacked(u, a, sums),
-                    (Kind::Q4K, false) => lanes::avx2::q4k_unpacked(u, a, sums),
-                    (Kind::Q6K, true) => lanes::vnni::q6k_unpacked(u, a, sums),
-                    (Kind::Q6K, false) => lanes::avx2::q6k_unpacked(u, a, sums),
+                if self.vnni {
+                    lanes::vnni::unpacked(q6, u, a, sums)
+                } else {
+                    lanes::avx2::unpacked(q6, u, a, sums)
                 }
             }
             return;
