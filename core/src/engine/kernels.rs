@@ -1068,15 +1068,13 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     // (`unpack_rows`) instead of once per group.
                     #[cfg(target_arch = "x86_64")]
                     if simd {
-                        let nb = k / QK_K;
-                        let groups = (0..rows).step_by(MAX_ROWS_AT_ONCE);
                         if rows <= MAX_ROWS_AT_ONCE {
                             rows_lanes(m.kind, m.w, row_bytes, wrows, lane_refs, put(0));
                             continue;
                         }
                         UNPACKED.with_borrow_mut(|u| {
-                            unpack_rows(m.kind, m.w, row_bytes, wrows.clone(), nb, u);
-                            for from in groups {
+                            unpack_rows(m.kind, m.w, row_bytes, wrows.clone(), k / QK_K, u);
+                            for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
                                 let acts = &lane_refs[from..(from + MAX_ROWS_AT_ONCE).min(rows)];
                                 rows_lanes_from(m.kind, m.w, row_bytes, wrows.clone(), acts, Some(u), put(from));
                             }
