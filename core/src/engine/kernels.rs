@@ -340,8 +340,8 @@ pub fn simd_available() -> bool {
 /// 13). Each row's integer sums are exact and its float steps are the same whatever `R` is, so every result is
 /// bit-identical to the one-row result. The AVX2 variant forms the same integer sums from `maddubs`, adding its
 /// 16-bit results before widening them (exact: the bounds are at `q4k_packed_avx2` and `q6k_scaled_avx2`), so it
-/// computes the same bits as the VNNI one with as few multiplies as it can: on the Zen 3 measured, vector integer
-/// multiplies issue one a cycle and bound a prompt's pass (context.md, session 24).
+/// computes the same bits as the VNNI one with fewer multiplies than widening every `maddubs` (the multiplies were
+/// most of a prompt's pass on the Zen 3 measured; context.md, session 24).
 ///
 /// A block is unpacked (`Unpacked`) right before use when weight rows stream past a few activation rows
 /// (decoding), and once per prompt pass into a buffer when many groups of activation rows reuse the same weight
@@ -378,6 +378,36 @@ mod lanes {
             ]
         }};
     }
+    /// VNNI: the two group sums of activation quants `$yq` against a block's transposed quants `$w0` (values
+    /// 0-127) and `$w1` (128-255), each 32-bit lane (h, p) (as in [`super::lane_slot`]) the exact sum of its 16
+    /// products.
+    macro_rules! dpbusd_sums {
+        ($w0:expr, $w1:expr, $yq:expr) => {{
+            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+            for t in 0..4 {
+                s0 = _mm256_dpbusd_epi32(s0, $w0[t], _mm256_load_si256($yq.add(t)));
+                s1 = _mm256_dpbusd_epi32(s1, $w1[t], _mm256_load_si256($yq.add(4 + t)));
+            }
+            (s0, s1)
+        }};
+    }
+    /// AVX2: one group's 4 `maddubs` (transposed quants `$w` against activation registers `$o..$o + 4` of `$yq`)
+    /// added two by two in 16 bits: (t0 + t1, t2 + t3). Each `maddubs` lane is at most 2 · 63 · 127 = 16,002
+    /// (Q6_K's stored +32 quants; 3,810 for Q4_K), so nothing saturates or wraps.
+    macro_rules! maddubs_pairs {
+        ($w:expr, $yq:expr, $o:expr) => {
+            (
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16($w[0], _mm256_load_si256($yq.add($o))),
+                    _mm256_maddubs_epi16($w[1], _mm256_load_si256($yq.add($o + 1))),
+                ),
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16($w[2], _mm256_load_si256($yq.add($o + 2))),
+                    _mm256_maddubs_epi16($w[3], _mm256_load_si256($yq.add($o + 3))),
+                ),
+            )
+        };
+    }
     /// Q6_K's two group sums of one activation block against a block's transposed quants `w0` (values 0-127) and
     /// `w1` (128-255), each 32-bit lane (h, p) (as in [`super::lane_slot`]) times its scale in that group (`sc0`,
     /// `sc1`: see [`Unpacked`]) and the two added: exact integers either way. VNNI: `vpdpbusd` sums, then `mullo`
@@ -386,12 +416,7 @@ mod lanes {
     /// twice — one multiply that widens and scales, where widening by ones and then `mullo` took three.
     macro_rules! q6k_scaled_vnni {
         ($w0:expr, $w1:expr, $y:expr, $sc0:expr, $sc1:expr) => {{
-            let yq = $y.qs.as_ptr() as *const __m256i;
-            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for t in 0..4 {
-                s0 = _mm256_dpbusd_epi32(s0, $w0[t], _mm256_load_si256(yq.add(t)));
-                s1 = _mm256_dpbusd_epi32(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
-            }
+            let (s0, s1) = dpbusd_sums!($w0, $w1, $y.qs.as_ptr() as *const __m256i);
             _mm256_add_epi32(
                 _mm256_mullo_epi32(s0, _mm256_srai_epi32($sc0, 16)),
                 _mm256_mullo_epi32(s1, _mm256_srai_epi32($sc1, 16)),
@@ -403,14 +428,7 @@ mod lanes {
             let yq = $y.qs.as_ptr() as *const __m256i;
             macro_rules! group {
                 ($w:expr, $o:expr, $sc:expr) => {{
-                    let a = _mm256_add_epi16(
-                        _mm256_maddubs_epi16($w[0], _mm256_load_si256(yq.add($o))),
-                        _mm256_maddubs_epi16($w[1], _mm256_load_si256(yq.add($o + 1))),
-                    );
-                    let b = _mm256_add_epi16(
-                        _mm256_maddubs_epi16($w[2], _mm256_load_si256(yq.add($o + 2))),
-                        _mm256_maddubs_epi16($w[3], _mm256_load_si256(yq.add($o + 3))),
-                    );
+                    let (a, b) = maddubs_pairs!($w, yq, $o);
                     _mm256_add_epi32(_mm256_madd_epi16(a, $sc), _mm256_madd_epi16(b, $sc))
                 }};
             }
@@ -418,18 +436,14 @@ mod lanes {
         }};
     }
     /// Q4_K's two group sums (each lane (h, p) the exact sum of its 16 products) packed as `_mm256_packs_epi32(s0,
-    /// s1)` packs them: 16-bit lanes, per 128-bit half [s0's 4 words, s1's 4 words]. VNNI: exactly that. AVX2: the 4 `maddubs` of each group added in 16 bits
-    /// (≤ 4 · 3,810), then `hadd` sums each word's two 16-bit halves and packs the two groups in that same order
-    /// (≤ 30,480: nothing wraps) — the same integers with no `madd` by ones, 8 multiplies per block and row where
-    /// the VNNI-shaped sequence takes 16 on AVX2 (on the Zen 3 measured, vector integer multiplies issue one a cycle).
+    /// s1)` packs them: 16-bit lanes, per 128-bit half [s0's 4 words, s1's 4 words]. VNNI: exactly that. AVX2: the 4
+    /// `maddubs` of each group added in 16 bits (≤ 4 · 3,810), then `hadd` sums each word's two 16-bit halves and
+    /// packs the two groups in that same order (≤ 30,480: nothing wraps) — the same integers with no `madd` by ones:
+    /// 8 multiplies per block and row where the VNNI-shaped sequence takes 16 on AVX2 (measured faster on the Zen 3
+    /// although `hadd` alone issues only one per 2 cycles there; context.md, session 24).
     macro_rules! q4k_packed_vnni {
         ($w0:expr, $w1:expr, $y:expr) => {{
-            let yq = $y.qs.as_ptr() as *const __m256i;
-            let (mut s0, mut s1) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-            for t in 0..4 {
-                s0 = _mm256_dpbusd_epi32(s0, $w0[t], _mm256_load_si256(yq.add(t)));
-                s1 = _mm256_dpbusd_epi32(s1, $w1[t], _mm256_load_si256(yq.add(4 + t)));
-            }
+            let (s0, s1) = dpbusd_sums!($w0, $w1, $y.qs.as_ptr() as *const __m256i);
             _mm256_packs_epi32(s0, s1)
         }};
     }
@@ -438,14 +452,7 @@ mod lanes {
             let yq = $y.qs.as_ptr() as *const __m256i;
             macro_rules! group {
                 ($w:expr, $o:expr) => {{
-                    let a = _mm256_add_epi16(
-                        _mm256_maddubs_epi16($w[0], _mm256_load_si256(yq.add($o))),
-                        _mm256_maddubs_epi16($w[1], _mm256_load_si256(yq.add($o + 1))),
-                    );
-                    let b = _mm256_add_epi16(
-                        _mm256_maddubs_epi16($w[2], _mm256_load_si256(yq.add($o + 2))),
-                        _mm256_maddubs_epi16($w[3], _mm256_load_si256(yq.add($o + 3))),
-                    );
+                    let (a, b) = maddubs_pairs!($w, yq, $o);
                     _mm256_add_epi16(a, b)
                 }};
             }
