@@ -49,8 +49,8 @@ impl FrozenQMatMul {
 }
 
 /// A frozen weight's product `x·Mᵀ` with no backward pass of its own: candle's quantized matmul; for a Q8_0
-/// weight on a CPU with AVX-512 VNNI, the same product over [`Q8Tiles`] (see its module: a training step of the
-/// bench's model went 5.2× faster with them); for Q4_K and Q6_K weights, the inference engine's own prompt
+/// weight on a CPU with AVX-512 VNNI or AVX2, the same product over [`Q8Tiles`] (see its module: a training step of
+/// the bench's model went 5.2× faster with them on VNNI); for Q4_K and Q6_K weights, the inference engine's own prompt
 /// kernels over the GGUF blocks ([`gemm_prompt`]: the products the model computes when it reads a prompt).
 #[derive(Clone)]
 pub enum Product {
@@ -191,7 +191,7 @@ impl Frozen {
 
     /// Quantized, with a transposed Q8_0 copy for fast backward passes (falls back to the exact pass where the
     /// output width is not a multiple of 32). Q4_0/Q5_0 weights compute forward as the same weights in Q8_0
-    /// ([`widened_q8`], exact), Q8_0 products go through [`Q8Tiles`] where the CPU has AVX-512 VNNI, Q4_K/Q6_K
+    /// ([`widened_q8`], exact), Q8_0 products go through [`Q8Tiles`] where the CPU has AVX-512 VNNI or AVX2, Q4_K/Q6_K
     /// forward products through the engine's prompt kernels ([`Product::Blocks`]); `q`
     /// stays as given (the weights merged into, and what the exact backward pass dequantizes) beside the tiles'
     /// own copies — for a Q5_0 weight 94 bytes per 32 values where the widened Q8_0 copies took 68 (measured:
