@@ -1,4 +1,4 @@
-//! The frozen base's products in training, on AVX-512 VNNI: Q8_0 weights laid out once, at load, the way
+//! The frozen base's products in training, on AVX-512 VNNI and AVX2: Q8_0 weights laid out once, at load, the way
 //! `vpdpbusd` wants them.
 //!
 //! Why: a training step multiplies every frozen weight with all of the step's tokens three times (the forward
@@ -80,21 +80,17 @@ pub enum Kernel {
 impl Kernel {
     /// The fastest kernel this CPU runs (detected at run time).
     pub fn best() -> Kernel {
-        if crate::engine::prompt_kernels::available() {
-            return Kernel::Vnni;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return Kernel::Avx2;
-        }
-        Kernel::Scalar
+        [Kernel::Vnni, Kernel::Avx2].into_iter().find(|k| k.runs_here()).unwrap_or(Kernel::Scalar)
     }
 
-    /// True when this CPU runs this kernel.
+    /// True when this CPU has the instructions this kernel is compiled for.
     pub fn runs_here(self) -> bool {
         match self {
             Kernel::Vnni => crate::engine::prompt_kernels::available(),
-            Kernel::Avx2 => Kernel::best() != Kernel::Scalar,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(not(target_arch = "x86_64"))]
+            Kernel::Avx2 => false,
             Kernel::Scalar => true,
         }
     }
@@ -212,9 +208,10 @@ impl Q8Tiles {
                             (Kernel::Vnni, 4) => vnni::rows::<4>(tile, from_fn(act), from_fn(dst), lanes),
                             (Kernel::Vnni, 2) => vnni::rows::<2>(tile, from_fn(act), from_fn(dst), lanes),
                             (Kernel::Vnni, _) => vnni::rows::<1>(tile, from_fn(act), from_fn(dst), lanes),
-                            (_, 4) => avx2::rows::<4>(tile, from_fn(act), from_fn(dst), lanes),
-                            (_, 2) => avx2::rows::<2>(tile, from_fn(act), from_fn(dst), lanes),
-                            (_, _) => avx2::rows::<1>(tile, from_fn(act), from_fn(dst), lanes),
+                            (Kernel::Avx2, 4) => avx2::rows::<4>(tile, from_fn(act), from_fn(dst), lanes),
+                            (Kernel::Avx2, 2) => avx2::rows::<2>(tile, from_fn(act), from_fn(dst), lanes),
+                            (Kernel::Avx2, _) => avx2::rows::<1>(tile, from_fn(act), from_fn(dst), lanes),
+                            (Kernel::Scalar, _) => unreachable!("the scalar kernel returned above"),
                         }
                     }
                     #[cfg(not(target_arch = "x86_64"))]
@@ -226,7 +223,7 @@ impl Q8Tiles {
     }
 
     /// [`Q8Tiles::matmul`] one product at a time, from the same 8-bit activations: the reference the vector path
-    /// is held to, and the path of CPUs without AVX-512 VNNI.
+    /// are held to, and the path of CPUs with neither AVX-512 VNNI nor AVX2.
     pub fn matmul_scalar(&self, x: &[f32], y: &mut [f32]) {
         let (n, k, nb) = (self.n, self.k, self.k / QK);
         assert_eq!(x.len() % k, 0, "{} inputs are not rows of {k}", x.len());
@@ -444,15 +441,13 @@ mod tests {
         // Every kernel this CPU runs (the scalar one always; AVX2 on any x86-64-v3 CPU, VNNI where present).
         let kernels: Vec<Kernel> =
             [Kernel::Vnni, Kernel::Avx2, Kernel::Scalar].into_iter().filter(|k| k.runs_here()).collect();
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            assert!(kernels.contains(&Kernel::Avx2), "an AVX2 CPU runs the AVX2 kernel");
-            assert!(available(), "and lays the tiles out");
-        }
         let mut rng = Rng::new(7);
-        // Rows of 1..=70 activations (every R of both kernels and a partial last item), tiles with 16, 5 and 1 rows;
+        // Rows of 1..=70 activations (every R of both kernels and a partial last item), tiles with 16, 13, 5 and 1
+        // rows (13: a partial tile reaching into the second half of AVX2's two registers);
         // weights spanning the whole 8-bit range (each block holds its ±127).
-        for (n, k, m) in [(16, 32, 1), (37, 96, 70), (129, 64, 9), (1, 32, 3), (48, 4864 / 4, 13), (21, 256, 7)] {
+        for (n, k, m) in
+            [(16, 32, 1), (37, 96, 70), (129, 64, 9), (1, 32, 3), (48, 4864 / 4, 13), (21, 256, 7), (29, 64, 6)]
+        {
             let tiles = Q8Tiles::from_q8_0(&q8(n, k, &mut rng)).unwrap();
             let x = values(m * k, &mut rng, 2.0);
             let mut slow = vec![f32::NAN; m * n];
