@@ -369,35 +369,36 @@ mod avx2 {
                     // SAFETY: bytes 4g..4g+4 of the block's 32 values.
                     _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(a[j].q.as_ptr().add(4 * g) as *const i32) })
                 });
-                for h in 0..2 {
+                // Rows 0..8 of the tile in the first half of `qs[g]`, rows 8..16 in the second.
+                for (h, half) in block.qs[g].chunks_exact(32).enumerate() {
                     // SAFETY: `Block` is 64-byte aligned, so each 32-byte half of `qs[g]` is aligned.
-                    let stored = unsafe { _mm256_load_si256(block.qs[g].as_ptr().add(32 * h) as *const __m256i) };
+                    let stored = unsafe { _mm256_load_si256(half.as_ptr() as *const __m256i) };
                     let w = _mm256_xor_si256(stored, top);
                     let w_abs = _mm256_abs_epi8(w);
-                    for j in 0..R {
-                        let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x[j], w));
-                        acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(pairs, ones));
+                    for (acc_j, &x_j) in acc.iter_mut().zip(&x) {
+                        let pairs = _mm256_maddubs_epi16(w_abs, _mm256_sign_epi8(x_j, w));
+                        acc_j[h] = _mm256_add_epi32(acc_j[h], _mm256_madd_epi16(pairs, ones));
                     }
                 }
             }
-            for h in 0..2 {
-                // SAFETY: as above; `d` starts 64-byte aligned.
-                let dw = unsafe { _mm256_load_ps(block.d.as_ptr().add(8 * h)) };
-                for j in 0..R {
-                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a[j].d));
-                    sums[j][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][h]), scale, sums[j][h]);
+            for (h, d_half) in block.d.chunks_exact(8).enumerate() {
+                // SAFETY: `d` starts 64-byte aligned, so each half is aligned.
+                let dw = unsafe { _mm256_load_ps(d_half.as_ptr()) };
+                for ((sum_j, acc_j), a_j) in sums.iter_mut().zip(&acc).zip(&a) {
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(a_j.d));
+                    sum_j[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc_j[h]), scale, sum_j[h]);
                 }
             }
         }
-        for j in 0..R {
+        for (sum_j, &out_j) in sums.iter().zip(&out) {
             let mut all = [0f32; TILE_ROWS];
             // SAFETY: `all` holds 16 floats.
             unsafe {
-                _mm256_storeu_ps(all.as_mut_ptr(), sums[j][0]);
-                _mm256_storeu_ps(all.as_mut_ptr().add(8), sums[j][1]);
+                _mm256_storeu_ps(all.as_mut_ptr(), sum_j[0]);
+                _mm256_storeu_ps(all.as_mut_ptr().add(8), sum_j[1]);
             }
-            // SAFETY: the first `lanes` (≤ 16) floats at out[j] are writable (the caller's contract).
-            unsafe { std::ptr::copy_nonoverlapping(all.as_ptr(), out[j], lanes) };
+            // SAFETY: the first `lanes` (≤ 16) floats at out_j are writable (the caller's contract).
+            unsafe { std::ptr::copy_nonoverlapping(all.as_ptr(), out_j, lanes) };
         }
     }
 }
