@@ -87,10 +87,8 @@ impl Kernel {
     pub fn runs_here(self) -> bool {
         match self {
             Kernel::Vnni => crate::engine::prompt_kernels::available(),
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Kernel::Avx2 => false,
+            // The engine's own AVX2 check (AVX2 and FMA, x86-64 only).
+            Kernel::Avx2 => crate::engine::kernels::simd_available(),
             Kernel::Scalar => true,
         }
     }
