@@ -10,6 +10,12 @@
 //! opt-level 0), and copilot-core is built at opt-level 0 in dev and test builds. The loops are therefore
 //! functions of this crate (not `#[inline]`: they are compiled here, at the opt-level the workspace's
 //! `[profile.dev.package.copilot-fastmath]` gives), and callers pass slices.
+//!
+//! [`dot`] and [`axpy`] (a decoding step's attention, unoptimised 3–4 % of a debug-built test's time) and
+//! [`q4_1`] are here for the same reason; `q4_1` is the Q4_1 product (the CI's tiny model), which candle computes
+//! one block at a time, by vector instructions with candle's bits.
+
+pub mod q4_1;
 
 /// `e^x`, to within 2e-7 relative error of the exact value over the normal range of `f32` (the error of Cephes'
 /// `expf`, whose reduction and polynomial this is): `x = n·ln 2 + r` with `n` a whole number and `|r| ≤ ln 2 / 2`,
@@ -49,6 +55,29 @@ pub fn sum(x: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// Σ a·b over equal-length slices, in 8 independent lanes (the compiler vectorizes it; one accumulator would
+/// serialize every add). The engine's attention scores and RMSNorm (`engine::decode`).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `out += p · v`, elementwise (attention's weighted sum of values).
+pub fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
+    for (o, x) in out.iter_mut().zip(v) {
+        *o += p * x;
+    }
 }
 
 /// `g = silu(g) · u = g / (1 + e^−g) · u`, elementwise (SwiGLU).

@@ -11,30 +11,9 @@
 
 use crate::engine::fastmath;
 
-/// Σ a·b over equal-length slices, in 8 independent lanes (the compiler vectorizes it; one accumulator would
-/// serialize every add).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    debug_assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `out += p · v`.
-#[inline]
-fn axpy(out: &mut [f32], p: f32, v: &[f32]) {
-    for (o, x) in out.iter_mut().zip(v) {
-        *o += p * x;
-    }
-}
+use fastmath::axpy;
+/// Σ a·b over equal-length slices, in 8 independent lanes ([`fastmath::dot`]: optimised in debug builds too).
+pub use fastmath::dot;
 
 /// `out = x / sqrt(mean(x²) + eps) · w` (RMSNorm, as candle_nn::ops::rms_norm).
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {

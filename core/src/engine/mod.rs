@@ -42,6 +42,8 @@ pub mod model;
 pub mod prefix_cache;
 #[cfg(feature = "model")]
 pub mod prompt_kernels;
+#[cfg(feature = "model")]
+pub mod q4_1;
 #[cfg(feature = "remote")]
 pub mod remote;
 #[cfg(feature = "model")]

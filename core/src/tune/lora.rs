@@ -57,11 +57,13 @@ pub enum Product {
     Candle(Arc<QTensor>),
     Tiles(Arc<Q8Tiles>),
     Blocks(Arc<QTensor>, Kind),
+    /// Q4_1 rows of whole blocks: [`crate::engine::q4_1`], candle's own values computed faster.
+    Q4_1(Arc<QTensor>),
 }
 
 impl Product {
     /// `q`'s product: tiles where `q` is Q8_0 and this CPU runs them (the tiles hold their own copy), the engine's
-    /// kernels for Q4_K/Q6_K rows of whole blocks, else candle's.
+    /// kernels for Q4_K/Q6_K rows of whole blocks, [`crate::engine::q4_1`] for Q4_1 (candle's bits), else candle's.
     pub fn of(q: Arc<QTensor>) -> Result<Product> {
         let (_, k) = q.shape().dims2()?;
         Ok(match Kind::from_ggml(q.dtype()) {
@@ -69,6 +71,7 @@ impl Product {
             _ if q.dtype() == GgmlDType::Q8_0 && tiles::available() => {
                 Product::Tiles(Arc::new(Q8Tiles::from_q8_0(&q)?))
             }
+            _ if crate::engine::q4_1::covers(q.dtype(), k) => Product::Q4_1(q),
             _ => Product::Candle(q),
         })
     }
@@ -90,6 +93,15 @@ impl CustomOp1 for Product {
                 let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
                 let mut y = vec![0f32; rows.len() * n];
                 gemm_prompt(&[Matrix { kind: *kind, w: &w, n }], k, &rows, &mut [&mut y]);
+                Ok((CpuStorage::F32(y), shape))
+            }
+            Product::Q4_1(q) => {
+                let (n, k) = q.shape().dims2()?;
+                let (x, shape) = tiles::input_rows(storage, layout, k, n)?;
+                let w = q.data()?;
+                let rows: Vec<&[f32]> = x.chunks_exact(k).collect();
+                let mut y = vec![0f32; rows.len() * n];
+                crate::engine::q4_1::products(&[(&w, n)], k, &rows, &mut [&mut y])?;
                 Ok((CpuStorage::F32(y), shape))
             }
         }
@@ -511,7 +523,8 @@ mod tests {
     #[test]
     fn every_forward_product_computes_what_candles_does() {
         // Q4_K/Q6_K through the engine's kernels (a few rows, and more than a tile's 8), Q8_0 through the tiles
-        // where the CPU runs them, Q4_1 through candle: each against candle's own quantized product.
+        // where the CPU runs them, Q4_1 through `engine::q4_1` (candle's bits exactly): each against candle's own
+        // quantized product.
         let k = 512;
         for (dtype, n) in [(GgmlDType::Q4K, 40), (GgmlDType::Q6K, 17), (GgmlDType::Q8_0, 33), (GgmlDType::Q4_1, 8)] {
             let w = base(dtype, n, k, 9);
@@ -519,12 +532,14 @@ mod tests {
             let want_kind = match dtype {
                 GgmlDType::Q4K | GgmlDType::Q6K => "blocks",
                 GgmlDType::Q8_0 if tiles::available() => "tiles",
+                GgmlDType::Q4_1 => "q4_1",
                 _ => "candle",
             };
             let kind = match &product {
                 Product::Candle(_) => "candle",
                 Product::Tiles(_) => "tiles",
                 Product::Blocks(..) => "blocks",
+                Product::Q4_1(_) => "q4_1",
             };
             assert_eq!(kind, want_kind, "{dtype:?}");
             for m in [1, 3, 20] {
@@ -534,7 +549,11 @@ mod tests {
                 let err = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
                 // Candle rounds Q8_0 activations' scales to f16 and the tiles keep f32: a little more there.
-                let tol = if kind == "tiles" { 0.01 } else { 1e-4 };
+                let tol = match kind {
+                    "tiles" => 0.01,
+                    "q4_1" => 0.0,
+                    _ => 1e-4,
+                };
                 assert!(err <= tol * scale, "{dtype:?}, {m} rows: largest difference {err} against {scale}");
             }
         }

@@ -145,8 +145,9 @@ impl Transformer {
     /// in parallel. The vocabulary projection is left alone: only single rows (ours) ever reach it. Threads started
     /// here inherit the caller's signal mask (in the server: everything blocked).
     ///
-    /// Weights whose prompts go through our kernels ([`Transformer::prefill_on_own_kernels`]) are left alone: candle
-    /// never multiplies several rows with them, so preparing them would only build the copy we avoid.
+    /// Weights whose prompts go through our kernels ([`Transformer::prefill_on_own_kernels`]; Q4_1 through
+    /// [`crate::engine::fastmath::q4_1`]) are left alone: candle never multiplies several rows with them, so
+    /// preparing them would only build the copy we avoid.
     pub fn prepare(&self, threads: usize) -> Result<()> {
         if !self.device.is_cpu() {
             return Ok(());
@@ -156,7 +157,7 @@ impl Transformer {
             .layers
             .iter()
             .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down])
-            .filter(|l| !(ours && Linear::kernels_cover(&[l])))
+            .filter(|l| !(ours && (Linear::kernels_cover(&[l]) || Linear::q4_1_covers(&[l]))))
             .collect();
         if all.is_empty() {
             return Ok(());

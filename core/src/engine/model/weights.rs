@@ -92,6 +92,14 @@ impl Linear {
         }
     }
 
+    /// The weights, when they are Q4_1 with whole blocks per row: [`crate::engine::q4_1`] computes candle's bits.
+    fn q4_1(&self) -> Option<&QTensor> {
+        match &self.mm {
+            QMatMul::QTensor(qt) if crate::engine::q4_1::covers(qt.dtype(), self.k) => Some(qt),
+            _ => None,
+        }
+    }
+
     pub(super) fn forward(&self, x: &Tensor, own_kernels: bool) -> Result<Tensor> {
         Ok(Linear::forward_many(&[self], x, own_kernels)?.remove(0))
     }
@@ -102,7 +110,8 @@ impl Linear {
     /// through candle's quantized matmul (which keeps a tiled copy of a weight once several rows have used it).
     pub(super) fn forward_many(layers: &[&Linear], x: &Tensor, own_kernels: bool) -> Result<Vec<Tensor>> {
         let k = layers[0].k;
-        if !(own_kernels && x.device().is_cpu() && x.dims().last() == Some(&k) && Linear::kernels_cover(layers)) {
+        let ours = Linear::kernels_cover(layers) || Linear::q4_1_covers(layers);
+        if !(own_kernels && x.device().is_cpu() && x.dims().last() == Some(&k) && ours) {
             return layers.iter().map(|l| l.mm.forward(x)).collect();
         }
         let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -126,6 +135,21 @@ impl Linear {
         layers.iter().all(|l| l.raw().is_some() && l.k == layers[0].k)
     }
 
+    /// True when every one of `layers` is Q4_1 with the same input width ([`Linear::q4_1_products`]).
+    pub(super) fn q4_1_covers(layers: &[&Linear]) -> bool {
+        layers.iter().all(|l| l.q4_1().is_some() && l.k == layers[0].k)
+    }
+
+    /// [`Linear::products`] for Q4_1 layers ([`crate::engine::q4_1::products`]: candle's bits).
+    fn q4_1_products(layers: &[&Linear], xs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
+        let data = layers.iter().filter_map(|l| l.q4_1()).map(|qt| qt.data()).collect::<Result<Vec<_>>>()?;
+        let mats: Vec<(&[u8], usize)> = data.iter().zip(layers).map(|(w, l)| (w.as_ref(), l.n)).collect();
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n * xs.len()]).collect();
+        let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        crate::engine::q4_1::products(&mats, layers[0].k, xs, &mut outs)?;
+        Ok(ys)
+    }
+
     /// `ys[i][r * n_i .. (r + 1) * n_i] = layers[i] · xs[r]` for rows on the CPU: our kernels in one pass over
     /// the weights for all rows when they cover every layer ([`kernels::gemm_many`]), else candle's matmul one row
     /// at a time — either way each row gets exactly the products it would get alone, so batching rows never
@@ -139,6 +163,9 @@ impl Linear {
     /// summation order).
     fn products(layers: &[&Linear], xs: &[&[f32]], pass: kernels::Pass) -> Result<Vec<Vec<f32>>> {
         let k = layers[0].k;
+        if Linear::q4_1_covers(layers) {
+            return Linear::q4_1_products(layers, xs);
+        }
         if !Linear::kernels_cover(layers) {
             let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| Vec::with_capacity(l.n * xs.len())).collect();
             for x in xs {
@@ -264,5 +291,57 @@ impl Weights {
             layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj });
         }
         Ok(Weights { token_embd, norm, output, layers })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::GgmlDType;
+
+    /// A Q4_1 layer of `n` rows × `k` from deterministic values of either sign.
+    fn q4_1_layer(n: usize, k: usize, seed: u32) -> Linear {
+        let w: Vec<f32> =
+            (0..n * k).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
+        let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        Linear::new(Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap())).unwrap()
+    }
+
+    /// Q4_1 products through `fastmath::q4_1` are candle's own values to the bit — in a decoding step (any number of
+    /// rows, layers sharing the input) and in a prompt — so a Q4_1 model answers exactly as before.
+    #[test]
+    fn q4_1_products_are_candles_bits() {
+        let k = 128; // 4 blocks a row (candle's debug build asserts an even number)
+                     // 70 and 130 rows: items of 64 rows with a remainder; 3 rows: fewer than one item.
+        let layers = [q4_1_layer(70, k, 1), q4_1_layer(130, k, 2), q4_1_layer(3, k, 3)];
+        let refs: Vec<&Linear> = layers.iter().collect();
+        assert!(Linear::q4_1_covers(&refs) && !Linear::kernels_cover(&refs));
+        let xs: Vec<Vec<f32>> =
+            (0..5).map(|r| (0..k).map(|i| ((i * 7 + r * 13) % 31) as f32 * 0.37 - 5.0 + r as f32).collect()).collect();
+        let rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let ys = Linear::matmul_rows(&refs, &rows).unwrap();
+        for (l, y) in layers.iter().zip(&ys) {
+            for (r, x) in rows.iter().enumerate() {
+                let want = l.mm.forward(&Tensor::from_slice(x, (1, k), &Device::Cpu).unwrap()).unwrap();
+                let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let got = &y[r * l.n..(r + 1) * l.n];
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(got), bits(&want), "layer of {} rows, input row {r}", l.n);
+            }
+        }
+        // A prompt: several rows at once, ours against candle's own multi-row product.
+        let x = Tensor::from_vec(xs.concat(), (1, 5, k), &Device::Cpu).unwrap();
+        let ours = Linear::forward_many(&refs, &x, true).unwrap();
+        let theirs = Linear::forward_many(&refs, &x, false).unwrap();
+        for (a, b) in ours.iter().zip(&theirs) {
+            assert_eq!(a.dims(), b.dims());
+            let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
+        }
+        // Not a whole block per row: candle's path, as before.
+        let odd =
+            Linear { mm: QMatMul::Tensor(Tensor::zeros((2, 20), DType::F32, &Device::Cpu).unwrap()), n: 2, k: 20 };
+        assert!(!Linear::q4_1_covers(&[&odd]));
     }
 }
