@@ -2,12 +2,15 @@
 //! candle's `BlockQ4_1::vec_dot`, which for Q4_1 is its scalar reference loop on every CPU.
 //!
 //! Why here: the engine's own kernels cover the K-quants the shipped models use; any other format goes through
-//! candle's quantized matmul, and for Q4_1 — the CI's tiny model (SmolLM2-135M Q4_1) — that is one multiply per
-//! value with no vector instructions: 78 % of a runtime test's time (perf, 2026-12-07). The integer part of a
-//! block's product is exact whichever way it is summed, so the AVX2 path sums it with `maddubs`/`madd`; the float
-//! part is then computed per block in candle's order (`sumi · d_w · d_x + m_w · s_x`, added to the row's sum one
-//! block after the other, no fused multiply-add), so every value is the same `f32` as before and no answer of a
-//! Q4_1 model changes. In this crate so that dev and test builds optimise it (see the crate's documentation).
+//! candle's quantized matmul, and for Q4_1 — the CI's tiny model (SmolLM2-135M Q4_1) — that is its reference loop,
+//! one block at a time for every pair of input and weight rows: 56–78 % of a debug-built runtime test's time (perf,
+//! 2026-12-07). The integer part of a block's product is exact whichever way it is summed, so the AVX2 paths sum it
+//! with `maddubs`/`madd`; the float part is then computed per block in candle's order (`sumi · d_w · d_x + m_w ·
+//! s_x`, added to the row's sum one block after the other, no fused multiply-add), so every value is the same `f32`
+//! as before and no answer of a Q4_1 model changes. What pays is [`q4_1_gemm`] taking eight input rows per pass over
+//! a weight row (the float work in eight lanes, each weight block loaded once); one row at a time it is about as
+//! fast as candle's loop (measured). In this crate so that dev and test builds optimise it (see the crate's
+//! documentation).
 
 /// Bytes of one Q4_1 block: f16 scale `d`, f16 minimum `m`, 32 four-bit quants (value `j` in the low nibble of
 /// byte `j`, value `16 + j` in its high nibble).

@@ -146,7 +146,7 @@ impl Transformer {
     /// here inherit the caller's signal mask (in the server: everything blocked).
     ///
     /// Weights whose prompts go through our kernels ([`Transformer::prefill_on_own_kernels`]; Q4_1 through
-    /// [`crate::engine::fastmath::q4_1`]) are left alone: candle never multiplies several rows with them, so
+    /// [`crate::engine::q4_1`]) are left alone: candle never multiplies several rows with them, so
     /// preparing them would only build the copy we avoid.
     pub fn prepare(&self, threads: usize) -> Result<()> {
         if !self.device.is_cpu() {

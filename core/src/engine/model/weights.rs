@@ -151,8 +151,8 @@ impl Linear {
     }
 
     /// `ys[i][r * n_i .. (r + 1) * n_i] = layers[i] · xs[r]` for rows on the CPU: our kernels in one pass over
-    /// the weights for all rows when they cover every layer ([`kernels::gemm_many`]), else candle's matmul one row
-    /// at a time — either way each row gets exactly the products it would get alone, so batching rows never
+    /// the weights for all rows when they cover every layer ([`kernels::gemm_many`]; Q4_1 layers
+    /// [`Linear::q4_1_products`]), else candle's matmul one row at a time — either way each row gets exactly the products it would get alone, so batching rows never
     /// changes a result.
     pub(super) fn matmul_rows(layers: &[&Linear], xs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         Linear::products(layers, xs, kernels::Pass::Step)
@@ -311,8 +311,9 @@ mod tests {
     /// rows, layers sharing the input) and in a prompt — so a Q4_1 model answers exactly as before.
     #[test]
     fn q4_1_products_are_candles_bits() {
-        let k = 128; // 4 blocks a row (candle's debug build asserts an even number)
-                     // 70 and 130 rows: items of 64 rows with a remainder; 3 rows: fewer than one item.
+        // 4 blocks a row (candle's debug build asserts an even number). 70 and 130 rows: work items of 64 rows
+        // with a remainder; 3 rows: fewer than one item.
+        let k = 128;
         let layers = [q4_1_layer(70, k, 1), q4_1_layer(130, k, 2), q4_1_layer(3, k, 3)];
         let refs: Vec<&Linear> = layers.iter().collect();
         assert!(Linear::q4_1_covers(&refs) && !Linear::kernels_cover(&refs));
