@@ -38,28 +38,35 @@ pub fn q4_1_gemm(w: &[u8], blocks: usize, n: usize, xs: &[&[u8]], out: &mut [&mu
         assert_eq!(x.len(), blocks * Q8_1_BLOCK, "an activation row has {blocks} Q8_1 blocks");
         assert!(o.len() >= n, "an output row has room for {n} values");
     }
-    let mut j = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        while xs.len() - j >= 3 {
-            let take = (xs.len() - j).min(8);
-            // SAFETY: the CPU has AVX2 (checked above); sizes asserted above.
-            unsafe { avx2::eight(w, blocks, n, &xs[j..j + take], &mut out[j..j + take]) };
-            j += take;
-        }
-        for (x, o) in xs[j..].iter().zip(out[j..].iter_mut()) {
-            for (r, v) in o[..n].iter_mut().enumerate() {
-                // SAFETY: as above.
-                *v = unsafe { avx2::dot(&w[r * row..(r + 1) * row], x) };
-            }
-        }
-        return;
-    }
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    // Rows from `j` on take the one-row loop.
+    #[cfg(target_arch = "x86_64")]
+    let j = match avx2 {
+        // SAFETY: the CPU has AVX2; sizes asserted above.
+        true => unsafe { avx2::in_eights(w, blocks, n, xs, out) },
+        false => 0,
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let j = 0;
     for (x, o) in xs[j..].iter().zip(out[j..].iter_mut()) {
         for (r, v) in o[..n].iter_mut().enumerate() {
-            *v = dot_scalar(&w[r * row..(r + 1) * row], x);
+            *v = dot_row(avx2, &w[r * row..(r + 1) * row], x);
         }
     }
+}
+
+/// One weight row · one activation row: [`avx2::dot`] where `avx2` (the CPU has it), else [`dot_scalar`].
+fn dot_row(avx2: bool, w: &[u8], x: &[u8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if avx2 {
+        // SAFETY: `avx2` is true only where the CPU has AVX2; the rows hold whole blocks (asserted by the caller).
+        return unsafe { avx2::dot(w, x) };
+    }
+    let _ = avx2;
+    dot_scalar(w, x)
 }
 
 /// The reference: candle's loop, value by value.
@@ -87,6 +94,23 @@ fn block_value(sumi: i32, wb: &[u8], xb: &[u8]) -> f32 {
 mod avx2 {
     use super::{block_value, Q4_1_BLOCK, Q8_1_BLOCK};
     use std::arch::x86_64::*;
+
+    /// [`eight`] over `xs` in groups of up to eight while three or more rows are left; returns how many rows it
+    /// did (the rest, at most two, are the one-row loop's).
+    ///
+    /// # Safety
+    /// As [`eight`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn in_eights(w: &[u8], blocks: usize, n: usize, xs: &[&[u8]], out: &mut [&mut [f32]]) -> usize {
+        let mut j = 0;
+        while xs.len() - j >= 3 {
+            let take = (xs.len() - j).min(8);
+            // SAFETY: as this function's contract.
+            unsafe { eight(w, blocks, n, &xs[j..j + take], &mut out[j..j + take]) };
+            j += take;
+        }
+        j
+    }
 
     /// Up to eight activation rows (`xs.len()` in 1..=8) against weight rows `0..n`: for each weight row and
     /// block, the eight rows' integer sums (`maddubs` + `madd`, then a transposing `hadd` tree, exact), then in

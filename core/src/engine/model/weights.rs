@@ -152,8 +152,8 @@ impl Linear {
 
     /// `ys[i][r * n_i .. (r + 1) * n_i] = layers[i] · xs[r]` for rows on the CPU: our kernels in one pass over
     /// the weights for all rows when they cover every layer ([`kernels::gemm_many`]; Q4_1 layers
-    /// [`Linear::q4_1_products`]), else candle's matmul one row at a time — either way each row gets exactly the products it would get alone, so batching rows never
-    /// changes a result.
+    /// [`Linear::q4_1_products`]), else candle's matmul one row at a time — either way each row gets exactly the
+    /// products it would get alone, so batching rows never changes a result.
     pub(super) fn matmul_rows(layers: &[&Linear], xs: &[&[f32]]) -> Result<Vec<Vec<f32>>> {
         Linear::products(layers, xs, kernels::Pass::Step)
     }
