@@ -13,6 +13,14 @@ export PATH="$HOME/.cargo/bin:$PATH"
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# carries_adapter FILE: true when a GGUF carries a LoRA adapter beside its weights (`copilot-trainer export
+# --beside`; tensor names `….weight.lora_a` in its header), which only our engine applies — llama.cpp refuses such
+# a file (it counts the tensors), so the llama.cpp comparisons need plain GGUFs.
+carries_adapter() {
+  # grep -c reads to the end (-q would stop early, and under pipefail head's SIGPIPE would fail the pipe).
+  head -c 64M "$1" | grep -ca 'weight\.lora_a' >/dev/null
+}
+
 # apt_install PKG...: install Debian packages on this machine (nothing to do without any).
 apt_install() {
   [ $# -gt 0 ] || return 0

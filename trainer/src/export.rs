@@ -1,11 +1,13 @@
 //! `copilot-trainer export`: fold a PEFT LoRA adapter into its base GGUF, producing a GGUF with the base's
 //! quantization and metadata (tokenizer, chat template) that `SET copilot.model` loads like any other, and next to
-//! it a model card (`README.md` with the Hub's YAML front matter), so the folder is ready for `hf upload`.
+//! it a model card (`README.md` with the Hub's YAML front matter), so the folder is ready for `hf upload`. By
+//! default the adapter is folded into the weights (`peft::Fold::Requantize`: a plain GGUF); `--beside` keeps the
+//! base's tensors and stores the adapter next to them, applied exactly by our engine (`peft::Fold::Beside`).
 
 use anyhow::{Context, Result};
 use candle_core::quantized::gguf_file;
 use copilot_core::engine::model::Config;
-use copilot_core::tune::peft::{merge_into_gguf, Adapter, Layout};
+use copilot_core::tune::peft::{merge_into_gguf, Adapter, Fold, Layout};
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -32,6 +34,12 @@ pub struct ExportArgs {
     /// Write no model card.
     #[arg(long)]
     pub no_card: bool,
+    /// Keep the base's tensors byte for byte and store the adapter's A and B beside each adapted weight
+    /// (`<weight>.lora_a` / `.lora_b`), applied exactly at run time by our engine; other engines (llama.cpp) do not
+    /// read such a file. Without it the adapter is folded into the weights, re-quantized to their formats: a plain
+    /// GGUF any engine loads, though 4-bit rounding keeps only part of the adapter's change.
+    #[arg(long)]
+    pub beside: bool,
     /// Also write the adapter to this folder in PEFT's format with its weights as `--adapter-dtype` (the folder
     /// to ship, e.g. under models/), and fold in exactly that copy — so the merged GGUF is the one
     /// `scripts/fetch-model` rebuilds from the folder.
@@ -73,7 +81,8 @@ pub fn run(args: &ExportArgs) -> Result<()> {
         if adapter.base_model.is_empty() { "an unnamed base" } else { &adapter.base_model },
         base.display()
     );
-    let s = merge_into_gguf(&base, &adapter, &args.out)?;
+    let fold = if args.beside { Fold::Beside } else { Fold::Requantize };
+    let s = merge_into_gguf(&base, &adapter, &args.out, fold)?;
     let card = match args.no_card {
         true => None,
         false => {
@@ -95,7 +104,7 @@ pub fn run(args: &ExportArgs) -> Result<()> {
                 evals.push(r);
             }
             let file = args.out.file_name().map(|f| f.to_string_lossy().to_string()).unwrap_or_default();
-            let text = model_card(&adapter, &cfg.arch, &file, summary.as_ref(), &evals, &args.license);
+            let text = model_card(&adapter, &cfg.arch, &file, summary.as_ref(), &evals, &args.license, fold);
             let path = args
                 .out
                 .parent()
@@ -130,6 +139,7 @@ pub fn model_card(
     summary: Option<&serde_json::Value>,
     evals: &[crate::eval::Report],
     license: &str,
+    fold: Fold,
 ) -> String {
     use std::fmt::Write as _;
     let g = |path: &[&str]| -> Option<&serde_json::Value> {
@@ -175,12 +185,22 @@ pub fn model_card(
     }
     y.push_str("---\n\n");
     let _ = writeln!(y, "# {name}\n");
+    let how = match fold {
+        Fold::Beside => {
+            "with the base GGUF's tensors kept byte for byte and the adapter's A and B stored beside each weight \
+             (`<weight>.lora_a`, `.lora_b`, as trained), applied at run time by copilot's engine; other GGUF runtimes \
+             do not read those tensors (`copilot-trainer export` without `--beside` writes a plain GGUF for them)"
+        }
+        Fold::Requantize => {
+            "merged into the base GGUF's weights, re-quantized to their own formats, so it loads in any GGUF runtime \
+             (4-bit rounding keeps only part of the adapter's change)"
+        }
+    };
     let _ = writeln!(
         y,
         "A text-to-SQL fine-tune of [{base_model}](https://huggingface.co/{base_model}): a LoRA adapter (rank {}, alpha {}) \
-         trained with `copilot-trainer` and merged into the base GGUF with its quantization and metadata kept \
-         (tokenizer, chat template). Made for copilot, the PostgreSQL extension that turns questions into SQL inside \
-         the database; it loads in any GGUF runtime.\n",
+         trained with `copilot-trainer`, {how}; metadata (tokenizer, chat template) as the base's. Made for copilot, \
+         the PostgreSQL extension that turns questions into SQL inside the database.\n",
         adapter.config.rank, adapter.config.alpha
     );
     if !evals.is_empty() {

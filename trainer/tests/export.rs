@@ -44,10 +44,51 @@ fn export_merges_a_peft_adapter_into_a_loadable_gguf() {
     let mut f = std::fs::File::open(&out).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     assert_eq!(ct.metadata["copilot.lora.rank"].to_u32().unwrap(), 2);
+    // By default a plain GGUF: the base's tensors only, adapted ones re-quantized.
+    let cb = gguf_file::Content::read(&mut std::fs::File::open(&base).unwrap()).unwrap();
+    assert_eq!(ct.metadata["copilot.lora.fold"].to_string().unwrap(), "requantized");
+    assert_eq!(ct.tensor_infos.len(), cb.tensor_infos.len());
+    assert!(!ct.tensor_infos.keys().any(|n| n.contains("lora")));
     let cfg = Config::from_gguf(&ct).unwrap();
     let m = Transformer::from_gguf(cfg, &ct, &mut f, &Device::Cpu, 0).unwrap();
     let logits = m.forward(&[1, 2, 3], &mut KvCache::new()).unwrap().to_vec1::<f32>().unwrap();
     assert!(logits.iter().all(|v| v.is_finite()));
+
+    // --beside: A and B next to each adapted weight, and the file loads and computes.
+    let beside = dir.join("beside.gguf");
+    let run = Command::new(bin)
+        .args(["export", "--beside", "--no-card", "--base"])
+        .arg(&base)
+        .arg("--adapter")
+        .arg(&adapter_dir)
+        .arg("--out")
+        .arg(&beside)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "export --beside failed: {}", String::from_utf8_lossy(&run.stderr));
+    let mut f = std::fs::File::open(&beside).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    assert_eq!(ct.metadata["copilot.lora.fold"].to_string().unwrap(), "beside");
+    assert_eq!(ct.tensor_infos.len(), cb.tensor_infos.len() + 4);
+    for name in ["blk.0.attn_q.weight.lora_a", "blk.0.attn_q.weight.lora_b", "blk.1.ffn_up.weight.lora_b"] {
+        assert!(ct.tensor_infos.contains_key(name), "{name}");
+    }
+    let cfg = Config::from_gguf(&ct).unwrap();
+    let m = Transformer::from_gguf(cfg, &ct, &mut f, &Device::Cpu, 0).unwrap();
+    let beside_logits = m.forward(&[1, 2, 3], &mut KvCache::new()).unwrap().to_vec1::<f32>().unwrap();
+    assert!(beside_logits.iter().all(|v| v.is_finite()));
+    assert_ne!(beside_logits, logits, "the two folds are different files computing slightly different logits");
+
+    // A tuned model is not a base to train on: `train` is refused with the reason (the adapter is already in it).
+    let opts = copilot_core::tune::finetune::FinetuneOptions {
+        targets: vec![Target::Q],
+        lora: LoraConfig { rank: 2, alpha: 4.0, dropout: 0.0 },
+        base: copilot_core::tune::finetune::BaseMode::F32,
+        seed: 1,
+        max_positions: 64,
+    };
+    let e = copilot_core::tune::finetune::TrainableModel::load(&beside, opts).err().expect("refused").to_string();
+    assert!(e.contains("carries its adapter"), "{e}");
 
     // A folder that is not an adapter: exit 1, a message naming it, no output file.
     let bad_out = dir.join("bad.gguf");

@@ -126,6 +126,13 @@ impl TrainableModel {
             .map_err(|e| candle_core::Error::Msg(format!("{} is not a readable GGUF file: {e}", path.display())))?;
         let cfg = Config::from_gguf(&ct)?;
         let w = Weights::read(&cfg, &ct, &mut f, &device)?;
+        if w.layers.iter().any(|l| l.lora.iter().any(Option::is_some)) {
+            candle_core::bail!(
+                "{} is a tuned model that carries its adapter beside the weights: train on its base model \
+                 (and continue from the adapter with --init-adapter)",
+                path.display()
+            );
+        }
         let embed = Embedding::new(w.token_embd, &device)?;
         let norm = w.norm;
         let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {

@@ -206,17 +206,30 @@ impl Adapter {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MergeSummary {
     pub tensors: usize,
-    /// Weights that had an adapter folded in (re-quantized to their own format).
+    /// Weights that had an adapter folded in (beside them or re-quantized, as [`Fold`] says).
     pub merged: usize,
     pub metadata_keys: usize,
     pub bytes: u64,
 }
 
-/// Fold `adapter` into the GGUF at `base` and write the result to `out`: every tensor keeps its name, shape and
-/// quantization (an adapted weight becomes `W + (α/r)·B·A`, re-quantized to W's format), and all the base's
-/// metadata is kept — architecture, tokenizer, chat template — so the file loads wherever the base does
-/// (`SET copilot.model`). Adds `copilot.lora.*` keys recording the adapter's base model, rank and alpha.
-pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_core::Result<MergeSummary> {
+/// How [`merge_into_gguf`] puts an adapter into a GGUF.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fold {
+    /// Beside the weights (`export --beside`): the base's tensors byte for byte, and each adapted weight's A and B as
+    /// tensors next to it (`….weight.lora_a` / `.lora_b`, f16 when every value is one, else f32), which our engine
+    /// applies at run time — the tuned model exactly as trained. Other engines do not know these tensors.
+    Beside,
+    /// Into the weights (`export`'s default): `W + (α/r)·B·A` re-quantized to W's own format — a plain GGUF any
+    /// engine loads, but on 4-bit weights the rounding keeps little of a small change (reports/merge_error.md).
+    Requantize,
+}
+
+/// Fold `adapter` into the GGUF at `base` and write the result to `out`, as `fold` says. Every base tensor keeps
+/// its name, shape and quantization, and all the base's metadata is kept — architecture, tokenizer, chat
+/// template — so the file loads wherever the base does (`SET copilot.model`). Adds `copilot.lora.*` keys recording
+/// the adapter's base model, rank, alpha and how it was folded. Deterministic to the bit: `scripts/fetch-model`
+/// checks the result against a recorded sha256.
+pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path, fold: Fold) -> candle_core::Result<MergeSummary> {
     use candle_core::quantized::{gguf_file, QTensor};
     let mut f = std::fs::File::open(base).map_err(|e| err(format!("cannot open {}: {e}", base.display())))?;
     let ct = gguf_file::Content::read(&mut f)
@@ -224,6 +237,12 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
     let device = Device::Cpu;
     let mut names: Vec<(&String, u64)> = ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     names.sort_by_key(|(_, off)| *off);
+    if let Some(name) = ct.tensor_infos.keys().find(|n| n.ends_with(".lora_a") || n.ends_with(".lora_b")) {
+        return Err(err(format!(
+            "{} already carries an adapter ({name}): fold into its base model instead",
+            base.display()
+        )));
+    }
     let mut used = 0;
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(names.len());
     for (name, _) in names {
@@ -243,7 +262,16 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
                     )));
                 }
                 used += 1;
-                crate::tune::lora::merge(&qt, a, b, adapter.config.scale())?
+                match fold {
+                    Fold::Requantize => crate::tune::lora::merge(&qt, a, b, adapter.config.scale())?,
+                    Fold::Beside => {
+                        let (na, nb) = crate::engine::model::lora_names(name);
+                        tensors.push((name.clone(), qt));
+                        tensors.push((na, stored_exactly(a)?));
+                        tensors.push((nb, stored_exactly(b)?));
+                        continue;
+                    }
+                }
             }
             None => qt,
         };
@@ -266,7 +294,12 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
         .collect();
     meta.push(("copilot.lora.base_model".into(), Value::String(adapter.base_model.clone())));
     meta.push(("copilot.lora.rank".into(), Value::U32(adapter.config.rank as u32)));
-    meta.push(("copilot.lora.alpha".into(), Value::F32(adapter.config.alpha)));
+    meta.push((crate::engine::model::LORA_ALPHA_KEY.into(), Value::F32(adapter.config.alpha)));
+    let how = match fold {
+        Fold::Beside => "beside",
+        Fold::Requantize => "requantized",
+    };
+    meta.push(("copilot.lora.fold".into(), Value::String(how.into())));
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -280,6 +313,21 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path) -> candle_cor
     std::fs::rename(&tmp, out).map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     Ok(MergeSummary { tensors: tensors.len(), merged: used, metadata_keys: meta.len(), bytes })
+}
+
+/// `t` as an f16 GGUF tensor when every value survives the round trip through f16 (an adapter saved in f16, as
+/// the shipped one is), else as f32: either way the engine reads back exactly the values trained.
+fn stored_exactly(t: &Tensor) -> candle_core::Result<candle_core::quantized::QTensor> {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    let t = t.to_dtype(candle_core::DType::F32)?;
+    let back = t.to_dtype(candle_core::DType::F16)?.to_dtype(candle_core::DType::F32)?;
+    let exact = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .zip(back.flatten_all()?.to_vec1::<f32>()?)
+        .all(|(a, b)| a.to_bits() == b.to_bits());
+    QTensor::quantize(&t, if exact { GgmlDType::F16 } else { GgmlDType::F32 })
 }
 
 #[cfg(test)]

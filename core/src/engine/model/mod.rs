@@ -32,7 +32,7 @@ mod weights;
 pub use config::Config;
 pub use kv::KvCache;
 pub use step::Rows;
-pub use weights::Target;
+pub use weights::{lora_names, Target, LORA_ALPHA_KEY};
 pub(crate) use weights::{Embedding, LayerWeights, Weights};
 
 use crate::engine::alloc::keep_freed_memory;
@@ -104,10 +104,13 @@ impl Transformer {
         };
         let w = Weights::read(&cfg, ct, reader, device)?;
         let embed = Embedding::new(w.token_embd, device)?;
-        let (norm, output) = (w.norm, Linear::new(w.output)?);
+        let (norm, output) = (w.norm, Linear::new(w.output, None)?);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for l in w.layers {
-            let [wq, wk, wv, wo, gate, up, down] = l.proj.map(Linear::new);
+            let [wq, wk, wv, wo, gate, up, down] = {
+                let mut lora = l.lora.into_iter();
+                l.proj.map(|p| Linear::new(p, lora.next().flatten()))
+            };
             let (wq, wk, wv, wo, gate, up, down) = (wq?, wk?, wv?, wo?, gate?, up?, down?);
             let vec = |t: &Option<Tensor>| t.as_ref().map(|t| t.to_vec1::<f32>()).transpose();
             let v = LayerVectors {

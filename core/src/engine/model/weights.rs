@@ -74,12 +74,117 @@ pub(super) struct Linear {
     pub(super) mm: QMatMul,
     pub(super) n: usize,
     pub(super) k: usize,
+    /// A low-rank adapter computed beside the quantized weights (a tuned model's file carries it: [`LowRank`]).
+    pub(super) lora: Option<LowRank>,
+}
+
+/// A LoRA adapter applied at run time: `y = W·x + scale·B·(A·x)`, A r × k and B n × r in f32, exactly as trained.
+/// A GGUF carries one beside a weight as `<weight>.lora_a` / `.lora_b` (`copilot-trainer export --beside`).
+///
+/// The alternative, folding `W + scale·B·A` into W's own 4-bit format (`export`'s default, a plain GGUF), keeps
+/// little of a small change: measured on the shipped adapter (rank 16) and the default model's Q4_K weights, the
+/// re-quantization error is 5.9× the adapter's whole change (squared norms) and 24 % of the change survives
+/// (reports/merge_error.md). Kept beside W, the adapter costs r·(k + n) multiply-adds a row — 1.2 % of the default
+/// model's — and 37 MB of file (f16).
+pub(crate) struct LowRank {
+    pub(crate) a: Vec<f32>,
+    pub(crate) b: Vec<f32>,
+    pub(crate) r: usize,
+    pub(crate) scale: f32,
+}
+
+/// Output rows of B per work item of [`LowRank::add_rows`].
+const LORA_ROWS: usize = 256;
+
+impl LowRank {
+    /// `ys[i][row] += scale·B_i·(A_i·xs[row])` for every layer i of `layers` that has an adapter and every row,
+    /// over the pool's threads in two hand-outs (all the `A·x`, then all the `B·t`). Each value is one
+    /// [`fastmath::dot`](crate::engine::fastmath::dot) in a fixed order, so a row's result does not depend on the
+    /// other rows or the threads (a decoding step's rows must each get what they would get alone).
+    fn add_rows(layers: &[&Linear], xs: &[&[f32]], ys: &mut [Vec<f32>]) {
+        use crate::engine::fastmath::dot;
+        use crate::engine::kernels::Outs;
+        let rows = xs.len();
+        let adapted: Vec<(usize, &LowRank)> =
+            layers.iter().enumerate().filter_map(|(i, l)| l.lora.as_ref().map(|lr| (i, lr))).collect();
+        if adapted.is_empty() || rows == 0 {
+            return;
+        }
+        // t[a][row * r + j] = scale · A_j · x_row for the a-th adapted layer.
+        let mut t: Vec<Vec<f32>> = adapted.iter().map(|(_, lr)| vec![0f32; rows * lr.r]).collect();
+        let firsts: Vec<(usize, usize)> =
+            adapted.iter().enumerate().flat_map(|(a, (_, lr))| (0..lr.r).map(move |j| (a, j))).collect();
+        let touts = Outs(t.iter_mut().map(|v| v.as_mut_ptr()).collect());
+        let (touts, firsts_ref, adapted_ref) = (&touts, &firsts, &adapted);
+        candle_core::utils::barrier_pool().execute_chunked(firsts.len(), |range| {
+            for &(a, j) in &firsts_ref[range] {
+                let (i, lr) = adapted_ref[a];
+                let k = layers[i].k;
+                let aj = &lr.a[j * k..(j + 1) * k];
+                for (row, x) in xs.iter().enumerate() {
+                    // SAFETY: row * r + j < rows * r = t[a].len(); the pair (a, j) belongs to this item alone, and
+                    // `t` outlives the pool call.
+                    unsafe { *touts.0[a].add(row * lr.r + j) = dot(aj, x) * lr.scale };
+                }
+            }
+        });
+        let seconds: Vec<(usize, usize)> = adapted
+            .iter()
+            .enumerate()
+            .flat_map(|(a, (i, _))| (0..layers[*i].n).step_by(LORA_ROWS).map(move |start| (a, start)))
+            .collect();
+        let youts = Outs(adapted.iter().map(|(i, _)| ys[*i].as_mut_ptr()).collect());
+        let (youts, seconds_ref, t) = (&youts, &seconds, &t);
+        candle_core::utils::barrier_pool().execute_chunked(seconds.len(), |range| {
+            for &(a, start) in &seconds_ref[range] {
+                let (i, lr) = adapted_ref[a];
+                let n = layers[i].n;
+                let end = (start + LORA_ROWS).min(n);
+                for row in 0..rows {
+                    let tr = &t[a][row * lr.r..(row + 1) * lr.r];
+                    for o in start..end {
+                        // SAFETY: row * n + o < rows * n = ys[i].len(); outputs start..end of layer i belong to this
+                        // item alone, and `ys` outlives the pool call.
+                        unsafe { *youts.0[a].add(row * n + o) += dot(&lr.b[o * lr.r..(o + 1) * lr.r], tr) };
+                    }
+                }
+            }
+        });
+    }
+
+    /// `scale·(x·Aᵀ)·Bᵀ` for a tensor of rows (last dimension k) by candle's matmul: a prompt's many rows in two
+    /// thin products (equal to [`LowRank::add_rows`] up to float summation order).
+    fn delta(&self, x: &Tensor, k: usize, n: usize) -> Result<Tensor> {
+        let a = Tensor::from_slice(&self.a, (self.r, k), x.device())?;
+        let b = Tensor::from_slice(&self.b, (n, self.r), x.device())?;
+        let low = (x.to_dtype(DType::F32)?.broadcast_matmul(&a.t()?)? * self.scale as f64)?;
+        low.broadcast_matmul(&b.t()?)?.to_dtype(x.dtype())
+    }
 }
 
 impl Linear {
-    pub(super) fn new(qt: Arc<QTensor>) -> Result<Linear> {
+    pub(super) fn new(qt: Arc<QTensor>, lora: Option<LowRank>) -> Result<Linear> {
         let (n, k) = qt.shape().dims2()?;
-        Ok(Linear { mm: QMatMul::from_arc(qt)?, n, k })
+        if let Some(l) = &lora {
+            if l.r == 0 || l.a.len() != l.r * k || l.b.len() != n * l.r {
+                candle_core::bail!(
+                    "a rank-{} adapter of {} + {} values does not fit a {n}×{k} weight",
+                    l.r,
+                    l.a.len(),
+                    l.b.len()
+                );
+            }
+        }
+        Ok(Linear { mm: QMatMul::from_arc(qt)?, n, k, lora })
+    }
+
+    /// candle's product for a tensor of rows, with the adapter's change added.
+    fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.mm.forward(x)?;
+        match &self.lora {
+            Some(l) => y + l.delta(x, self.k, self.n)?,
+            None => Ok(y),
+        }
     }
 
     /// The quantized weights and their format, when our decode kernels cover them.
@@ -112,7 +217,7 @@ impl Linear {
         let k = layers[0].k;
         let ours = Linear::kernels_cover(layers) || Linear::q4_1_covers(layers);
         if !(own_kernels && x.device().is_cpu() && x.dims().last() == Some(&k) && ours) {
-            return layers.iter().map(|l| l.mm.forward(x)).collect();
+            return layers.iter().map(|l| l.candle_forward(x)).collect();
         }
         let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         let rows: Vec<&[f32]> = xs.chunks_exact(k).collect();
@@ -160,8 +265,26 @@ impl Linear {
 
     /// [`Linear::matmul_rows`] for a decoding step (`Pass::Step`: bit-identical per row however many share it) or
     /// a prompt (`Pass::Prompt`: [`crate::engine::prompt_kernels`] where the CPU has them; equal up to float
-    /// summation order).
+    /// summation order). Adapters ([`LowRank`]) are added after the weights' products: row by row in a step, by
+    /// candle's matmul in a prompt.
     fn products(layers: &[&Linear], xs: &[&[f32]], pass: kernels::Pass) -> Result<Vec<Vec<f32>>> {
+        let mut ys = Linear::weight_products(layers, xs, pass)?;
+        match pass {
+            kernels::Pass::Step => LowRank::add_rows(layers, xs, &mut ys),
+            kernels::Pass::Prompt => {
+                for (l, y) in layers.iter().zip(ys.iter_mut()) {
+                    let Some(lora) = &l.lora else { continue };
+                    let x = Tensor::from_vec(xs.concat(), (xs.len(), l.k), &Device::Cpu)?;
+                    let d = lora.delta(&x, l.k, l.n)?.flatten_all()?.to_vec1::<f32>()?;
+                    y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
+                }
+            }
+        }
+        Ok(ys)
+    }
+
+    /// [`Linear::products`] without the adapters.
+    fn weight_products(layers: &[&Linear], xs: &[&[f32]], pass: kernels::Pass) -> Result<Vec<Vec<f32>>> {
         let k = layers[0].k;
         if Linear::q4_1_covers(layers) {
             return Linear::q4_1_products(layers, xs);
@@ -234,7 +357,8 @@ impl Embedding {
 }
 
 /// One layer's tensors as every loader of a GGUF model reads them: norms and optional q/k/v biases dequantized,
-/// the seven projection weights as stored, in [`Target::ALL`] order (q, k, v, o, gate, up, down).
+/// the seven projection weights as stored, in [`Target::ALL`] order (q, k, v, o, gate, up, down), and the
+/// adapters a tuned model's file carries beside them ([`LowRank`], same order).
 pub(crate) struct LayerWeights {
     pub attn_norm: Tensor,
     pub ffn_norm: Tensor,
@@ -242,7 +366,17 @@ pub(crate) struct LayerWeights {
     pub bk: Option<Tensor>,
     pub bv: Option<Tensor>,
     pub proj: [Arc<QTensor>; 7],
+    pub lora: [Option<LowRank>; 7],
 }
+
+/// The names of an adapter's tensors beside the weight `weight` in a GGUF file (llama.cpp's names for LoRA
+/// adapters: `blk.0.attn_q.weight.lora_a` is A, r × k; `.lora_b` is B, n × r, rows in the GGUF's order).
+pub fn lora_names(weight: &str) -> (String, String) {
+    (format!("{weight}.lora_a"), format!("{weight}.lora_b"))
+}
+
+/// The metadata key holding the adapters' alpha (scale = alpha / rank), written by `peft::merge_into_gguf`.
+pub const LORA_ALPHA_KEY: &str = "copilot.lora.alpha";
 
 /// A model's tensors as read from its GGUF: the embedding table, the final norm, the vocabulary projection (the
 /// embedding table itself when the model ties them: one copy) and the layers. The inference pass
@@ -281,14 +415,39 @@ impl Weights {
             };
             let (bq, bk, bv) = (bias("attn_q")?, bias("attn_k")?, bias("attn_v")?);
             let mut proj = Vec::with_capacity(7);
+            let mut lora = Vec::with_capacity(7);
             for t in Target::ALL {
-                proj.push(Arc::new(get(&format!("{p}.{}.weight", t.gguf_name()))?));
+                let name = format!("{p}.{}.weight", t.gguf_name());
+                let (na, nb) = lora_names(&name);
+                lora.push(match (ct.tensor_infos.contains_key(&na), ct.tensor_infos.contains_key(&nb)) {
+                    (false, false) => None,
+                    (true, true) => {
+                        let (a, b) = (get(&na)?.dequantize(device)?, get(&nb)?.dequantize(device)?);
+                        let (r, _) = a.dims2()?;
+                        let alpha = ct
+                            .metadata
+                            .get(LORA_ALPHA_KEY)
+                            .ok_or_else(|| {
+                                candle_core::Error::Msg(format!("{na} is there but {LORA_ALPHA_KEY} is not"))
+                            })?
+                            .to_f32()?;
+                        if r == 0 || b.dims2()?.1 != r {
+                            candle_core::bail!("{na} {:?} and {nb} {:?} do not share a rank", a.dims(), b.dims());
+                        }
+                        let flat = |t: Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+                        Some(LowRank { a: flat(a)?, b: flat(b)?, r, scale: alpha / r as f32 })
+                    }
+                    _ => candle_core::bail!("{name} has only one of {na} and {nb}"),
+                });
+                proj.push(Arc::new(get(&name)?));
             }
             let proj: [Arc<QTensor>; 7] =
                 proj.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
+            let lora: [Option<LowRank>; 7] =
+                lora.try_into().map_err(|_| candle_core::Error::Msg("seven projections".into()))?;
             let attn_norm = get(&format!("{p}.attn_norm.weight"))?.dequantize(device)?;
             let ffn_norm = get(&format!("{p}.ffn_norm.weight"))?.dequantize(device)?;
-            layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj });
+            layers.push(LayerWeights { attn_norm, ffn_norm, bq, bk, bv, proj, lora });
         }
         Ok(Weights { token_embd, norm, output, layers })
     }
@@ -304,7 +463,69 @@ mod tests {
         let w: Vec<f32> =
             (0..n * k).map(|i| (((i as u32).wrapping_mul(2_654_435_761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect();
         let t = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        Linear::new(Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap())).unwrap()
+        Linear::new(Arc::new(QTensor::quantize(&t, GgmlDType::Q4_1).unwrap()), None).unwrap()
+    }
+
+    /// A weight with an adapter beside it computes `W·x + scale·B·(A·x)`: in a decoding step each row gets the
+    /// same bits however many rows share the pass, and step, prompt and candle's path all agree with the sum
+    /// computed in f64 from the dequantized weights.
+    #[test]
+    fn an_adapter_beside_the_weights_adds_its_product() {
+        let (n, k, r) = (40, 256, 3);
+        let w: Vec<f32> = (0..n * k).map(|i| (((i * 37) % 101) as f32 / 50.0 - 1.0) * 0.3).collect();
+        let qt = QTensor::quantize(&Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+        let deq = qt.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a: Vec<f32> = (0..r * k).map(|i| ((i * 13) % 17) as f32 / 17.0 - 0.5).collect();
+        let b: Vec<f32> = (0..n * r).map(|i| ((i * 7) % 11) as f32 / 11.0 - 0.4).collect();
+        let lora = LowRank { a: a.clone(), b: b.clone(), r, scale: 2.0 };
+        let l = Linear::new(Arc::new(qt), Some(lora)).unwrap();
+        let xs: Vec<Vec<f32>> =
+            (0..4).map(|s| (0..k).map(|i| ((i * 5 + s * 3) % 23) as f32 / 23.0 - 0.5).collect()).collect();
+        let rows: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let want: Vec<f64> = xs
+            .iter()
+            .flat_map(|x| {
+                let t: Vec<f64> =
+                    (0..r).map(|j| (0..k).map(|i| a[j * k + i] as f64 * x[i] as f64).sum::<f64>() * 2.0).collect();
+                let (deq, b) = (&deq, &b);
+                (0..n).map(move |o| {
+                    (0..k).map(|i| deq[o * k + i] as f64 * x[i] as f64).sum::<f64>()
+                        + (0..r).map(|j| b[o * r + j] as f64 * t[j]).sum::<f64>()
+                })
+            })
+            .collect();
+        let close = |got: &[f32], what: &str| {
+            for (g, w) in got.iter().zip(&want) {
+                // The weights' product rounds its input to 8 bits (Q8_K): about 1 % of a product this size.
+                assert!((*g as f64 - w).abs() <= 0.02 * w.abs().max(1.0), "{what}: {g} vs {w}");
+            }
+        };
+        let step = Linear::matmul_rows(&[&l], &rows).unwrap().remove(0);
+        close(&step, "step");
+        let without = Linear::weight_products(&[&l], &rows, kernels::Pass::Step).unwrap().remove(0);
+        assert!(step.iter().zip(&without).any(|(p, q)| (p - q).abs() > 0.1), "the adapter changes the product");
+        for (i, x) in rows.iter().enumerate() {
+            let alone = Linear::matmul_rows(&[&l], &[x]).unwrap().remove(0);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&alone), bits(&step[i * n..(i + 1) * n]), "row {i} alone");
+        }
+        // Beside a layer without an adapter (q/k/v, gate/up share their input): each gets its own product.
+        let wp: Vec<f32> = (0..8 * k).map(|i| ((i * 11) % 29) as f32 / 29.0 - 0.5).collect();
+        let plain = Tensor::from_vec(wp, (8, k), &Device::Cpu).unwrap();
+        let plain = Linear::new(Arc::new(QTensor::quantize(&plain, GgmlDType::Q4K).unwrap()), None).unwrap();
+        let both = Linear::matmul_rows(&[&plain, &l], &rows).unwrap();
+        assert_eq!(both[1], step, "with another layer in the pass");
+        assert_eq!(both[0], Linear::weight_products(&[&plain], &rows, kernels::Pass::Step).unwrap()[0]);
+        let x = Tensor::from_vec(xs.concat(), (1, 4, k), &Device::Cpu).unwrap();
+        for own in [true, false] {
+            let y = Linear::forward_many(&[&l], &x, own).unwrap().remove(0);
+            assert_eq!(y.dims(), &[1, 4, n]);
+            close(&y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), if own { "prompt" } else { "candle" });
+        }
+        // An adapter of the wrong shape is refused at load.
+        let qt = QTensor::quantize(&Tensor::zeros((n, k), DType::F32, &Device::Cpu).unwrap(), GgmlDType::Q4K).unwrap();
+        let bad = LowRank { a: vec![0.0; r * k], b: vec![0.0; n * r + 1], r, scale: 1.0 };
+        assert!(Linear::new(Arc::new(qt), Some(bad)).is_err());
     }
 
     /// Q4_1 products through `fastmath::q4_1` are candle's own values to the bit — in a decoding step (any number of
@@ -341,8 +562,12 @@ mod tests {
             assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));
         }
         // Not a whole block per row: candle's path, as before.
-        let odd =
-            Linear { mm: QMatMul::Tensor(Tensor::zeros((2, 20), DType::F32, &Device::Cpu).unwrap()), n: 2, k: 20 };
+        let odd = Linear {
+            mm: QMatMul::Tensor(Tensor::zeros((2, 20), DType::F32, &Device::Cpu).unwrap()),
+            n: 2,
+            k: 20,
+            lora: None,
+        };
         assert!(!Linear::q4_1_covers(&[&odd]));
     }
 }
