@@ -227,7 +227,7 @@ pub enum Fold {
 /// Fold `adapter` into the GGUF at `base` and write the result to `out`, as `fold` says. Every base tensor keeps
 /// its name, shape and quantization, and all the base's metadata is kept — architecture, tokenizer, chat
 /// template — so the file loads wherever the base does (`SET copilot.model`). Adds `copilot.lora.*` keys recording
-/// the adapter's base model, rank, alpha and how it was folded. Deterministic to the bit: `scripts/fetch-model`
+/// the adapter's base model, rank and alpha (and `copilot.lora.fold = "beside"` for that fold). Deterministic to the bit: `scripts/fetch-model`
 /// checks the result against a recorded sha256.
 pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path, fold: Fold) -> candle_core::Result<MergeSummary> {
     use candle_core::quantized::{gguf_file, QTensor};
@@ -295,11 +295,11 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path, fold: Fold) -
     meta.push(("copilot.lora.base_model".into(), Value::String(adapter.base_model.clone())));
     meta.push(("copilot.lora.rank".into(), Value::U32(adapter.config.rank as u32)));
     meta.push((crate::engine::model::LORA_ALPHA_KEY.into(), Value::F32(adapter.config.alpha)));
-    let how = match fold {
-        Fold::Beside => "beside",
-        Fold::Requantize => "requantized",
-    };
-    meta.push(("copilot.lora.fold".into(), Value::String(how.into())));
+    // Only the new fold is marked: a re-quantized merge stays byte for byte what it was before folds had names
+    // (the shipped default's sha256 in scripts/models.tsv).
+    if fold == Fold::Beside {
+        meta.push(("copilot.lora.fold".into(), Value::String("beside".into())));
+    }
     meta.sort_by(|a, b| a.0.cmp(&b.0));
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

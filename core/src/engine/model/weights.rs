@@ -271,14 +271,16 @@ impl Linear {
         let mut ys = Linear::weight_products(layers, xs, pass)?;
         match pass {
             kernels::Pass::Step => LowRank::add_rows(layers, xs, &mut ys),
-            kernels::Pass::Prompt => {
+            kernels::Pass::Prompt if layers.iter().any(|l| l.lora.is_some()) => {
+                // The layers share their input (q/k/v; gate/up): one tensor of it for all.
+                let x = Tensor::from_vec(xs.concat(), (xs.len(), layers[0].k), &Device::Cpu)?;
                 for (l, y) in layers.iter().zip(ys.iter_mut()) {
                     let Some(lora) = &l.lora else { continue };
-                    let x = Tensor::from_vec(xs.concat(), (xs.len(), l.k), &Device::Cpu)?;
                     let d = lora.delta(&x, l.k, l.n)?.flatten_all()?.to_vec1::<f32>()?;
                     y.iter_mut().zip(d).for_each(|(y, d)| *y += d);
                 }
             }
+            kernels::Pass::Prompt => {}
         }
         Ok(ys)
     }
