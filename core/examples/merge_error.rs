@@ -7,7 +7,7 @@
 //! Why it matters: `peft::Fold::Beside` (the default) keeps W as stored and applies the adapter at run time.
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
-use copilot_core::tune::peft::{Adapter, Layout, Target};
+use copilot_core::tune::peft::{Adapter, Layout};
 use std::collections::BTreeMap;
 
 fn dot(a: &Tensor, b: &Tensor) -> f64 {
@@ -37,7 +37,7 @@ fn main() {
     let layout = Layout { arch: cfg.arch.clone(), n_head: cfg.n_head, n_kv_head: cfg.n_kv_head };
     let ad = Adapter::load(adir, &layout, &Device::Cpu).expect("load the adapter");
     let mut by_format: BTreeMap<String, Sums> = BTreeMap::new();
-    let mut by_target: BTreeMap<&str, Sums> = BTreeMap::new();
+    let mut by_target: BTreeMap<String, Sums> = BTreeMap::new();
     for ((layer, target), (a, b)) in &ad.weights {
         let name = format!("blk.{layer}.{}.weight", target.gguf_name());
         let qt = ct.tensor(&mut f, &name, &Device::Cpu).expect("the adapted weight");
@@ -50,7 +50,7 @@ fn main() {
         let kept = dot(&(&merged - &w).unwrap(), &d);
         for s in [
             by_format.entry(format!("{:?}", qt.dtype())).or_default(),
-            by_target.entry(target_name(*target)).or_default(),
+            by_target.entry(target.peft_name().to_string()).or_default(),
         ] {
             s.weights += 1;
             s.delta += dot(&d, &d);
@@ -70,10 +70,10 @@ fn main() {
             })
             .collect()
     };
-    let by_target: BTreeMap<String, Sums> = by_target.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     let (fmt_rows, tgt_rows) = (rows(&by_format), rows(&by_target));
     let json = serde_json::json!({
         "base": base, "adapter": adir, "rank": ad.config.rank, "alpha": ad.config.alpha,
+        "machine": copilot_core::engine::host::machine(),
         "command": format!("cargo run --release -p copilot-core --example merge_error -- {}", args[1..].join(" ")),
         "note": "Squared Frobenius norms summed over the group's weights. delta_sq: the adapter's change scale·B·A; \
                  requantize_err_sq: |Q(W+δ) − (W+δ)|² with candle's quantizer for W's own format (export \
@@ -85,8 +85,13 @@ fn main() {
     std::fs::write(format!("reports/{report}.json"), serde_json::to_string_pretty(&json).unwrap() + "\n").unwrap();
     let mut md = format!(
         "# Folding the adapter into the weights by re-quantizing\n\nBase `{base}`, adapter `{}` (rank {}, alpha {}).\n\
-         Command: `{}`.\n\n{}\n\n| group | weights | \\|δ\\|² | \\|Q(W+δ)−(W+δ)\\|² | err / \\|δ\\|² | \\|Q(W)−W\\|² | δ kept |\n|---|---|---|---|---|---|---|\n",
-        adir.display(), ad.config.rank, ad.config.alpha, json["command"].as_str().unwrap(), json["note"].as_str().unwrap()
+         Command: `{}`. Machine: {} (the figures are arithmetic, not timings: any machine gives them).\n\n{}\n\n| group | weights | \\|δ\\|² | \\|Q(W+δ)−(W+δ)\\|² | err / \\|δ\\|² | \\|Q(W)−W\\|² | δ kept |\n|---|---|---|---|---|---|---|\n",
+        adir.display(),
+        ad.config.rank,
+        ad.config.alpha,
+        json["command"].as_str().unwrap(),
+        json["machine"].as_str().unwrap(),
+        json["note"].as_str().unwrap()
     );
     for r in fmt_rows.iter().chain(&tgt_rows) {
         md += &format!(
@@ -102,8 +107,4 @@ fn main() {
     }
     std::fs::write(format!("reports/{report}.md"), md).unwrap();
     println!("{}", serde_json::to_string_pretty(&json["by_format"]).unwrap());
-}
-
-fn target_name(t: Target) -> &'static str {
-    t.peft_name()
 }

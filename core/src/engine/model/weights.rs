@@ -405,6 +405,7 @@ impl Weights {
             // Tied embeddings (SmolLM2, Qwen2.5 0.5B/1.5B): the output projection is the embedding table, read once.
             false => token_embd.clone(),
         };
+        let lora_alpha = ct.metadata.get(LORA_ALPHA_KEY);
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let p = format!("blk.{i}");
@@ -426,9 +427,7 @@ impl Weights {
                     (true, true) => {
                         let (a, b) = (get(&na)?.dequantize(device)?, get(&nb)?.dequantize(device)?);
                         let (r, _) = a.dims2()?;
-                        let alpha = ct
-                            .metadata
-                            .get(LORA_ALPHA_KEY)
+                        let alpha = lora_alpha
                             .ok_or_else(|| {
                                 candle_core::Error::Msg(format!("{na} is there but {LORA_ALPHA_KEY} is not"))
                             })?
