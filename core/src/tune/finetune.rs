@@ -124,15 +124,15 @@ impl TrainableModel {
             .map_err(|e| candle_core::Error::Msg(format!("cannot open {}: {e}", path.display())))?;
         let ct = gguf_file::Content::read(&mut f)
             .map_err(|e| candle_core::Error::Msg(format!("{} is not a readable GGUF file: {e}", path.display())))?;
-        let cfg = Config::from_gguf(&ct)?;
-        let w = Weights::read(&cfg, &ct, &mut f, &device)?;
-        if w.layers.iter().any(|l| l.lora.iter().any(Option::is_some)) {
+        if let Some(name) = crate::engine::model::adapter_tensor(&ct) {
             candle_core::bail!(
-                "{} is a tuned model that carries its adapter beside the weights: train on its base model \
+                "{} is a tuned model that carries its adapter beside the weights ({name}): train on its base model \
                  (and continue from the adapter with --init-adapter)",
                 path.display()
             );
         }
+        let cfg = Config::from_gguf(&ct)?;
+        let w = Weights::read(&cfg, &ct, &mut f, &device)?;
         let embed = Embedding::new(w.token_embd, &device)?;
         let norm = w.norm;
         let frozen = |q: Arc<candle_core::quantized::QTensor>| -> Result<Frozen> {

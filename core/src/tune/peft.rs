@@ -237,7 +237,7 @@ pub fn merge_into_gguf(base: &Path, adapter: &Adapter, out: &Path, fold: Fold) -
     let device = Device::Cpu;
     let mut names: Vec<(&String, u64)> = ct.tensor_infos.iter().map(|(n, i)| (n, i.offset)).collect();
     names.sort_by_key(|(_, off)| *off);
-    if let Some(name) = ct.tensor_infos.keys().find(|n| n.ends_with(".lora_a") || n.ends_with(".lora_b")) {
+    if let Some(name) = crate::engine::model::adapter_tensor(&ct) {
         return Err(err(format!(
             "{} already carries an adapter ({name}): fold into its base model instead",
             base.display()

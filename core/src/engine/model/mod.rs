@@ -32,7 +32,7 @@ mod weights;
 pub use config::Config;
 pub use kv::KvCache;
 pub use step::Rows;
-pub use weights::{lora_names, Target, LORA_ALPHA_KEY};
+pub use weights::{adapter_tensor, lora_names, Target, LORA_ALPHA_KEY};
 pub(crate) use weights::{Embedding, LayerWeights, Weights};
 
 use crate::engine::alloc::keep_freed_memory;

@@ -377,6 +377,12 @@ pub fn lora_names(weight: &str) -> (String, String) {
     (format!("{weight}.lora_a"), format!("{weight}.lora_b"))
 }
 
+/// The first adapter tensor `ct` carries beside its weights ([`lora_names`]), if any: such a file is a tuned model,
+/// not a base to train on or fold another adapter into.
+pub fn adapter_tensor(ct: &gguf_file::Content) -> Option<&str> {
+    ct.tensor_infos.keys().map(String::as_str).find(|n| n.ends_with(".lora_a") || n.ends_with(".lora_b"))
+}
+
 /// The metadata key holding the adapters' alpha (scale = alpha / rank), written by `peft::merge_into_gguf`.
 pub const LORA_ALPHA_KEY: &str = "copilot.lora.alpha";
 
