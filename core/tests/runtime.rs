@@ -315,11 +315,15 @@ fn speculative_decoding_changes_no_token() {
     // each question's prompt is computed once instead of 16 times.
     rt.set_prefix_cache_bytes(64 << 20);
     rt.clear_prefix_cache();
+    // The default drafts from the engine's history first (here mostly the plain run of the same request just
+    // before, so its drafts are long and mostly kept); the others by lookup only.
     let policies = [
         DraftPolicy::default(),
-        DraftPolicy { tokens: 12, min_ngram: 1, adapt: false },
-        DraftPolicy { tokens: 1, min_ngram: 1, adapt: false },
+        DraftPolicy { history: false, ..DraftPolicy::default() },
+        DraftPolicy { tokens: 12, min_ngram: 1, adapt: false, history: false },
+        DraftPolicy { tokens: 1, min_ngram: 1, adapt: false, history: false },
     ];
+    rt.take_draft_history();
     let mut total = DraftStats::default();
     let mut passes_saved = false;
     // A question whose answer copies the prompt (drafts are kept) and one whose answer mostly does not.
@@ -355,6 +359,7 @@ fn speculative_decoding_changes_no_token() {
     assert!(total.accepted > 0, "{total:?}");
     assert!(total.accepted < total.proposed, "{total:?}");
     assert!(passes_saved, "some answer should take fewer passes than tokens: {total:?}");
+    assert!(!rt.take_draft_history().is_empty(), "every decoded token is learned");
     rt.set_prefix_cache_bytes(0);
 }
 

@@ -416,10 +416,11 @@ fn register_answer_gucs() {
     );
     GucRegistry::define_int_guc(
         c"copilot.draft_tokens",
-        c"Most tokens drafted ahead per decoding pass (speculative decoding by prompt lookup; 0 = off).",
-        c"Drafts are the tokens that followed the answer's last tokens earlier in the prompt or the answer, checked \
-          by the model in the same pass; a drafted token is kept only when it is the one decoding chooses, so answers \
-          are the same with any value. The engine drafts only as many as pay on this machine.",
+        c"Most tokens drafted ahead per decoding pass (speculative decoding; 0 = off).",
+        c"Drafts are what the engine decoded after the same tokens before, else the tokens that followed the \
+          answer's last tokens in the prompt or the answer, checked by the model in the same pass; a drafted token \
+          is kept only when it is the one decoding chooses, so answers are the same with any value. The engine \
+          drafts only as many as pay on this machine.",
         &DRAFT_TOKENS,
         0,
         32,

@@ -8,7 +8,7 @@
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use copilot_core::engine::backend::{Backend, GenerateRequest, Generation, Sampling};
-use copilot_core::engine::draft::{DraftPolicy, DraftStats};
+use copilot_core::engine::draft::{DraftPolicy, DraftStats, History};
 use copilot_core::engine::runtime::{LoadOptions, Runtime};
 use serde_json::json;
 use std::path::PathBuf;
@@ -27,8 +27,11 @@ pub struct BenchDecodeArgs {
     pub dbs: Vec<String>,
     #[arg(long, default_value_t = 20)]
     pub per_db: usize,
-    /// Draft policies to compare, `TOKENS:MIN_NGRAM` (cut to what pays on this machine) or
-    /// `TOKENS:MIN_NGRAM:fixed` (every lookup drafted in full) (repeat); no drafts is always measured too.
+    /// Draft policies to compare, `TOKENS:MIN_NGRAM` (the default kind: from the engine's history of answers, else
+    /// by lookup, cut to what pays on this machine), `TOKENS:MIN_NGRAM:lookup` (lookup only, cut to what pays) or
+    /// `TOKENS:MIN_NGRAM:fixed` (every lookup drafted in full) (repeat); no drafts is always measured too. Each
+    /// policy keeps its own history (of the questions before; the same answers, since every policy decodes the
+    /// same tokens).
     #[arg(long = "policy", value_parser = parse_policy)]
     pub policies: Vec<DraftPolicy>,
     /// Answers decoded together per question (1 = the greedy answer only).
@@ -42,17 +45,18 @@ pub struct BenchDecodeArgs {
 
 fn parse_policy(s: &str) -> Result<DraftPolicy, String> {
     let (t, n) = s.split_once(':').ok_or_else(|| format!("{s:?}: expected TOKENS:MIN_NGRAM, e.g. 6:2"))?;
-    let (n, adapt) = match n.split_once(':') {
-        None => (n, true),
-        Some((n, "fixed")) => (n, false),
-        Some((_, x)) => return Err(format!("{s:?}: {x:?} — the third part can only be \"fixed\"")),
+    let (n, adapt, history) = match n.split_once(':') {
+        None => (n, true, true),
+        Some((n, "lookup")) => (n, true, false),
+        Some((n, "fixed")) => (n, false, false),
+        Some((_, x)) => return Err(format!("{s:?}: {x:?} — the third part can only be \"lookup\" or \"fixed\"")),
     };
     let tokens = t.trim().parse().map_err(|e| format!("{s:?}: tokens: {e}"))?;
     let min_ngram: usize = n.trim().parse().map_err(|e| format!("{s:?}: min n-gram: {e}"))?;
     if min_ngram == 0 {
         return Err(format!("{s:?}: the shortest match is at least one token"));
     }
-    Ok(DraftPolicy { tokens, min_ngram, adapt })
+    Ok(DraftPolicy { tokens, min_ngram, adapt, history })
 }
 
 struct Tally {
@@ -104,6 +108,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
             differing: Vec::new(),
         })
         .collect();
+    let mut histories: Vec<History> = vec![History::default(); policies.len()];
     let same = |a: &Generation, b: &Generation| a.text == b.text && a.stop == b.stop && a.samples == b.samples;
     for (qi, ex) in questions.iter().enumerate() {
         let ctx = contexts.get(&ex.db_id)?.1.clone();
@@ -118,7 +123,9 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
         for k in 0..policies.len() {
             let pi = (qi + k) % policies.len();
             req.sampling.draft = policies[pi];
+            rt.set_draft_history(std::mem::take(&mut histories[pi]));
             let g = rt.generate(&req, &|| false).with_context(|| format!("question {}", ex.index))?;
+            histories[pi] = rt.take_draft_history();
             outs[pi] = Some(g);
         }
         let outs: Vec<Generation> =
@@ -146,6 +153,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
                 "draft_tokens": t.policy.tokens,
                 "min_ngram": t.policy.min_ngram,
                 "adapt": t.policy.adapt,
+                "history": t.policy.adapt && t.policy.history,
                 "tokens": t.tokens,
                 "decode_s": t.decode_s,
                 "decode_tok_s": tok_s,
@@ -184,9 +192,11 @@ mod tests {
 
     #[test]
     fn policies_parse_and_bad_ones_say_why() {
-        assert_eq!(parse_policy("6:2").unwrap(), DraftPolicy { tokens: 6, min_ngram: 2, adapt: true });
-        assert_eq!(parse_policy(" 0 : 1 ").unwrap(), DraftPolicy { tokens: 0, min_ngram: 1, adapt: true });
-        assert_eq!(parse_policy("8:1:fixed").unwrap(), DraftPolicy { tokens: 8, min_ngram: 1, adapt: false });
+        let p = |tokens, min_ngram, adapt, history| DraftPolicy { tokens, min_ngram, adapt, history };
+        assert_eq!(parse_policy("6:2").unwrap(), p(6, 2, true, true));
+        assert_eq!(parse_policy(" 0 : 1 ").unwrap(), p(0, 1, true, true));
+        assert_eq!(parse_policy("8:1:lookup").unwrap(), p(8, 1, true, false));
+        assert_eq!(parse_policy("8:1:fixed").unwrap(), p(8, 1, false, false));
         assert!(parse_policy("8:1:fast").unwrap_err().contains("fixed"));
         assert!(parse_policy("6").unwrap_err().contains("TOKENS:MIN_NGRAM"));
         assert!(parse_policy("6:0").unwrap_err().contains("at least one"));

@@ -14,7 +14,7 @@
 //! cache (a test checks it).
 
 use crate::engine::backend::{Backend, Candidate, GenerateRequest, Generation, Sampling, StopReason};
-use crate::engine::draft::{DraftPolicy, DraftStats, Drafter, Source};
+use crate::engine::draft::{DraftPolicy, DraftStats, Drafter, History, Source};
 use crate::engine::model::{Config, KvCache, Rows, Transformer};
 use crate::engine::prefix_cache::{prefix_key, shared_prefix_len, CacheStats, PrefixCache};
 use crate::engine::sample::{argmax, prompt_seed, sample_top_k, token_prob, Rng};
@@ -299,6 +299,18 @@ impl Runtime {
         self.drafter.row_share()
     }
 
+    /// What the engine has decoded before, which drafts follow ([`crate::engine::draft::History`]); taken out,
+    /// the engine starts from none.
+    pub fn take_draft_history(&mut self) -> History {
+        std::mem::take(&mut self.drafter.history)
+    }
+
+    /// Put back a history taken with [`Runtime::take_draft_history`] (benchmarks keep one per policy, so one
+    /// policy's answers do not draft another's).
+    pub fn set_draft_history(&mut self, history: History) {
+        self.drafter.history = history;
+    }
+
     pub fn prefix_cache_stats(&self) -> CacheStats {
         self.prefix_cache.stats()
     }
@@ -521,6 +533,7 @@ impl Runtime {
                     break;
                 }
                 r.min_p = r.min_p.min(token_prob(&r.logits, t));
+                drafter.history.learn(prompt, &r.ids, t);
                 r.ids.push(t);
                 r.text = self.decode(&r.ids)?;
                 let last = r.ids.len() == max_new_tokens;
