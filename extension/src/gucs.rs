@@ -21,6 +21,7 @@
 //! | `copilot.candidates` | USERSET | 4 | answers decoded together per question (1 = greedy only) and chosen by their results |
 //! | `copilot.confidence_threshold` | USERSET | 0.5 | the greedy answer, decoded first, is returned alone when it plans and the model gave each of its tokens at least this probability (1 = always sample the others) |
 //! | `copilot.draft_tokens` | USERSET | 8 | most tokens drafted ahead per decoding pass (speculative decoding; same answers; 0 = off) |
+//! | `copilot.draft_history` | SUSET | on | drafts may follow what the engine decoded before, for any session (off: from the prompt and answer only) |
 //! | `copilot.repair_attempts` | USERSET | 2 | times a failing answer is sent back with PostgreSQL's error |
 //! | `copilot.vote_timeout` | USERSET | 1 s | time limit for running one candidate to compare results (0 = compare plans only) |
 //! | `copilot.value_hints` | USERSET | 6 | example values shown per categorical column (0 = none) |
@@ -77,6 +78,7 @@ pub static REPAIR_ATTEMPTS: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static VOTE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(1_000);
 pub static VALUE_HINTS: GucSetting<i32> = GucSetting::<i32>::new(6);
 pub static HISTORY: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static DRAFT_HISTORY: GucSetting<bool> = GucSetting::<bool>::new(true);
 pub static HISTORY_DAYS: GucSetting<i32> = GucSetting::<i32>::new(90);
 pub static EXAMPLES: GucSetting<i32> = GucSetting::<i32>::new(3);
 pub static REFUSAL_THRESHOLD: GucSetting<f64> = GucSetting::<f64>::new(0.2);
@@ -458,6 +460,17 @@ fn register_answer_gucs() {
         GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
+        c"copilot.draft_history",
+        c"Draft from what the engine decoded before (speculative decoding).",
+        c"The engine counts which token followed every run of up to 4 tokens it decoded, for every session, and \
+          drafts the likeliest continuations first; answers are the same either way, only their speed changes. One \
+          role's answers can so make another's decode faster: off (in postgresql.conf) drafts come from each \
+          request's own prompt and answer only.",
+        &DRAFT_HISTORY,
+        GucContext::Suset,
+        GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
         c"copilot.history",
         c"Record every copilot.ask and copilot.run in copilot.history.",
         c"Rows are written by a background worker in its own transaction, so failed asks are recorded too. Nothing \
@@ -489,10 +502,13 @@ fn register_answer_gucs() {
     );
 }
 
-/// How answers are decoded for `candidates` candidates: the sampling defaults and this session's draft length.
+/// How answers are decoded for `candidates` candidates: the sampling defaults and this session's drafts.
 pub fn sampling(candidates: usize) -> copilot_core::engine::backend::Sampling {
-    let draft =
-        copilot_core::engine::draft::DraftPolicy { tokens: DRAFT_TOKENS.get().max(0) as usize, ..Default::default() };
+    let draft = copilot_core::engine::draft::DraftPolicy {
+        tokens: DRAFT_TOKENS.get().max(0) as usize,
+        history: DRAFT_HISTORY.get(),
+        ..Default::default()
+    };
     copilot_core::engine::backend::Sampling { candidates, draft, ..Default::default() }
 }
 
