@@ -41,6 +41,9 @@ pub struct BenchDecodeArgs {
     pub threads: usize,
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
+    /// Memory for the schema-prefix cache (0 = off: every prompt pass runs in full).
+    #[arg(long, default_value_t = 256)]
+    pub prefix_cache_mb: usize,
 }
 
 fn parse_policy(s: &str) -> Result<DraftPolicy, String> {
@@ -63,6 +66,7 @@ struct Tally {
     policy: DraftPolicy,
     tokens: usize,
     decode_s: f64,
+    prefill_s: f64,
     per_question_tok_s: Vec<f64>,
     draft: DraftStats,
     differing: Vec<usize>,
@@ -85,7 +89,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
         bail!("give at least one --policy with drafts (e.g. --policy 6:2)");
     }
     let path = copilot_core::engine::source::resolve(&args.model.to_string_lossy(), true)?;
-    let opts = LoadOptions { max_context: 8192, prefix_cache_bytes: 256 << 20, ..Default::default() };
+    let opts = LoadOptions { max_context: 8192, prefix_cache_bytes: args.prefix_cache_mb << 20, ..Default::default() };
     let mut rt = Runtime::load(&path, &opts)?;
     let dev = spider::load_dev(&args.spider)?;
     let mut contexts = spider::Contexts::new(&args.spider);
@@ -103,6 +107,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
             policy,
             tokens: 0,
             decode_s: 0.0,
+            prefill_s: 0.0,
             per_question_tok_s: Vec::new(),
             draft: DraftStats::default(),
             differing: Vec::new(),
@@ -134,6 +139,7 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
             let tokens = g.decoded_rows;
             t.tokens += tokens;
             t.decode_s += g.decode_s;
+            t.prefill_s += g.prefill_s;
             if g.decode_s > 0.0 {
                 t.per_question_tok_s.push(tokens as f64 / g.decode_s);
             }
@@ -153,10 +159,11 @@ pub fn run(args: &BenchDecodeArgs) -> Result<()> {
                 "draft_tokens": t.policy.tokens,
                 "min_ngram": t.policy.min_ngram,
                 "adapt": t.policy.adapt,
-                "history": t.policy.adapt && t.policy.history,
+                "history": t.policy.tokens > 0 && t.policy.adapt && t.policy.history,
                 "tokens": t.tokens,
                 "decode_s": t.decode_s,
                 "decode_tok_s": tok_s,
+                "prefill_s": t.prefill_s,
                 "speedup": tok_s / plain_tok_s,
                 "per_question_tok_s_p50": percentile(&mut t.per_question_tok_s, 0.5),
                 "proposed": t.draft.proposed,
