@@ -303,9 +303,10 @@ fn a_repair_turn_continues_the_conversation() {
     assert!(rt.generate(&req, &|| false).is_ok());
 }
 
-/// Speculative decoding (prompt-lookup drafts verified in one multi-row pass) changes the number of passes, never
-/// a token: every candidate, greedy and sampled, every stop reason, with drafts that are mostly right and drafts
-/// that are mostly wrong (one-token matches, long drafts).
+/// Speculative decoding (drafts from the engine's history or by prompt lookup, verified in one multi-row pass)
+/// changes the number of passes, never a token: every candidate, greedy and sampled, every stop reason, with drafts
+/// that are mostly right and drafts that are mostly wrong (one-token matches, long drafts); with several candidates
+/// drafts start once a row is left alone in its pass.
 #[test]
 fn speculative_decoding_changes_no_token() {
     use copilot_core::engine::backend::Sampling;
