@@ -269,12 +269,27 @@ LLAMA_PY_SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 LLAMA_DIR=${COPILOT_LLAMACPP_DIR:-/var/lib/copilot/llama.cpp}
 LLAMA_SRC=$LLAMA_DIR/src/vendor/llama.cpp
 
-# ensure_llamacpp TARGET…: build llama.cpp's cmake targets (llama-bench, llama-server) once, for the same ISA our
-# engine is built for (x86-64-v3: AVX2, FMA, F16C). GGML_NATIVE=ON would follow the CPU's advertised flags, and
-# some VMs advertise AVX-512/AMX they do not grant (the binary then dies with SIGILL). Binaries: $LLAMA_SRC/build/bin.
+# ensure_llamacpp TARGET…: build llama.cpp's cmake targets (llama-bench, llama-server) once, by default for the same
+# ISA our engine is built for (x86-64-v3: AVX2, FMA, F16C). GGML_NATIVE=ON would follow the CPU's advertised flags, and
+# some VMs advertise AVX-512/AMX they do not grant (the binary then dies with SIGILL). COPILOT_LLAMACPP_ISA=avx512
+# builds instead for AVX-512 F/CD/BW/DQ/VL with VNNI and VBMI (no AMX, no BF16) into a build of its own — the
+# instructions our kernels choose at run time on CPUs that have them, so a benchmark can compare like with like
+# there. Binaries: $LLAMA_BIN; what it was built for: $LLAMA_ISA_NOTE.
+LLAMA_ISA=${COPILOT_LLAMACPP_ISA:-x86-64-v3}
+case "$LLAMA_ISA" in
+  x86-64-v3) LLAMA_BUILD=$LLAMA_SRC/build
+             LLAMA_ISA_NOTE="x86-64-v3 (AVX2, FMA, F16C; GGML_NATIVE=OFF)"
+             LLAMA_ISA_FLAGS=(-DGGML_AVX512=OFF) ;;
+  avx512)    LLAMA_BUILD=$LLAMA_SRC/build-avx512
+             LLAMA_ISA_NOTE="AVX-512 F/CD/BW/DQ/VL + VNNI + VBMI, with AVX2, FMA, F16C (GGML_NATIVE=OFF; no AMX, no BF16)"
+             LLAMA_ISA_FLAGS=(-DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_BF16=OFF
+                              -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DGGML_AVX_VNNI=OFF) ;;
+  *) echo "COPILOT_LLAMACPP_ISA: x86-64-v3 or avx512, not '$LLAMA_ISA'" >&2; return 1 2>/dev/null || exit 1 ;;
+esac
+LLAMA_BIN=$LLAMA_BUILD/bin
 ensure_llamacpp() {
   local missing=()
-  for t in "$@"; do [ -x "$LLAMA_SRC/build/bin/$t" ] || missing+=("$t"); done
+  for t in "$@"; do [ -x "$LLAMA_BIN/$t" ] || missing+=("$t"); done
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v cmake >/dev/null || { say "installing cmake"; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
   mkdir -p "$LLAMA_DIR"
@@ -288,12 +303,12 @@ ensure_llamacpp() {
     rm -rf "$LLAMA_DIR/src" && mkdir -p "$LLAMA_DIR/src"
     tar xzf "$tarball" -C "$LLAMA_DIR/src" --strip-components=1
   fi
-  say "building llama.cpp ${missing[*]} (x86-64-v3: AVX2 FMA F16C; a few minutes)"
+  say "building llama.cpp ${missing[*]} for $LLAMA_ISA_NOTE (a few minutes)"
   (cd "$LLAMA_SRC" &&
-    cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
-      -DGGML_F16C=ON -DGGML_AVX512=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+    cmake -B "$LLAMA_BUILD" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON \
+      -DGGML_F16C=ON "${LLAMA_ISA_FLAGS[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DBUILD_SHARED_LIBS=OFF >/dev/null &&
-    cmake --build build -j"$(nproc)" --target "${missing[@]}" >/dev/null)
+    cmake --build "$LLAMA_BUILD" -j"$(nproc)" --target "${missing[@]}" >/dev/null)
 }
 # Mounts into a chroot (debootstrapped roots), undone newest first by root_unmount (callers trap it on EXIT).
 ROOT_MOUNTS=()

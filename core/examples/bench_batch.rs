@@ -18,11 +18,16 @@ use std::time::Instant;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 2 {
-        eprintln!("usage: bench_batch MODEL.gguf [PROMPT_TOKENS] [GEN_STEPS] [THREADS] [ROUNDS]");
+        eprintln!("usage: bench_batch MODEL.gguf [PROMPT_TOKENS] [GEN_STEPS] [THREADS] [ROUNDS] [ROWS,ROWS,…]");
         std::process::exit(2);
     }
     let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
     let (n_prompt, n_gen, threads, rounds) = (arg(2, 256), arg(3, 32), arg(4, 2), arg(5, 3));
+    // The numbers of rows decoded together (default 1, 2, 4, 8).
+    let levels: Vec<usize> = match args.get(6) {
+        Some(s) => s.split(',').map(|k| k.trim().parse().expect("rows: a comma-separated list of counts")).collect(),
+        None => vec![1, 2, 4, 8],
+    };
     // SAFETY: first thing in main, before any thread exists.
     unsafe { configure_threads(threads) };
     let mut file = std::fs::File::open(&args[1]).expect("open model");
@@ -37,7 +42,7 @@ fn main() {
 
     let mut results = Vec::new();
     let mut same_tokens = true;
-    for k in [1usize, 2, 4, 8] {
+    for k in levels {
         let (mut batched_ms, mut single_ms) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             // Row r starts from a different token so the rows really differ; each then continues greedily.

@@ -344,8 +344,10 @@ pub fn simd_available() -> bool {
 /// most of a prompt's pass on the Zen 3 measured; context.md, session 24).
 ///
 /// A block is unpacked (`Unpacked`) right before use when weight rows stream past a few activation rows
-/// (decoding), and once per prompt pass into a buffer when many groups of activation rows reuse the same weight
-/// rows (`unpack_rows`); the products are the same macros either way.
+/// (decoding), and, on CPUs without AVX-512 VNNI, once per prompt pass into a buffer when many groups of
+/// activation rows reuse the same weight rows (`unpack_rows`); the products are the same macros either way. (With
+/// VNNI, prompts take the prompt kernels, and decode passes of many rows measured faster unpacking in registers
+/// per group than through the buffer: `gemm_many`.)
 #[cfg(target_arch = "x86_64")]
 mod lanes {
     use super::{f16_at, q4k_scales_mins, Q8KLanes, Q4K_BYTES, Q6K_BYTES};
@@ -1039,6 +1041,8 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
             let simd = simd_available();
+            #[cfg(target_arch = "x86_64")]
+            let vnni = simd && vnni_available();
             let have = act.len();
             act.resize_with(rows.max(have), Vec::new);
             let have = lanes.len();
@@ -1071,12 +1075,24 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     // row as it streams through. More (a prompt, where the prompt kernels are not available): input
                     // rows in groups outside, this item's weight rows inside, so the item's weights (16 rows, 14–80
                     // KB for the default model) stay in cache while the prompt's rows go past them.
-                    // With more than one group of input rows, the item's weight blocks are unpacked once
-                    // (`unpack_rows`) instead of once per group.
+                    // With more than one group of input rows, on a CPU without AVX-512 VNNI (where a prompt
+                    // comes here), the item's weight blocks are unpacked once (`unpack_rows`) instead of once per
+                    // group: measured +2 % prefill on a Zen 3. With VNNI (where only decode passes of 9 or more
+                    // rows come here: prompts take the prompt kernels) each group reads the blocks itself: on an
+                    // Intel Xeon a pass of 12 rows took 142 ms that way against 200 ms unpacking once, 16 rows
+                    // 178 vs 239, 32 rows 348 vs 390, 64 rows 691 vs 742 (`bench_batch`, binaries alternating) —
+                    // writing and reading back the unpacked blocks cost more than unpacking in registers again.
                     #[cfg(target_arch = "x86_64")]
                     if simd {
                         if rows <= MAX_ROWS_AT_ONCE {
                             rows_lanes(m.kind, m.w, row_bytes, wrows, lane_refs, put(0));
+                            continue;
+                        }
+                        if vnni {
+                            for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
+                                let acts = &lane_refs[from..(from + MAX_ROWS_AT_ONCE).min(rows)];
+                                rows_lanes(m.kind, m.w, row_bytes, wrows.clone(), acts, put(from));
+                            }
                             continue;
                         }
                         UNPACKED.with_borrow_mut(|u| {
@@ -1292,8 +1308,10 @@ pub(crate) mod tests {
 
     #[test]
     fn prompt_sized_passes_give_what_each_row_gives_alone() {
-        // More rows than one group (a prompt's pass): each work item's weight blocks are unpacked once and every
-        // group of rows reads them (`unpack_rows`); short rows run whole, long ones (8,960) in pieces. Both must
+        // More rows than one group (a prompt's pass, or a decode pass of several sessions' rows): on a CPU without
+        // AVX-512 VNNI each work item's weight blocks are unpacked once and every group of rows reads them
+        // (`unpack_rows`), with VNNI each group reads them in place; short rows run whole, long ones (8,960) in
+        // pieces. Both must
         // give each row, bit for bit, what it gets alone — with quants at their extremes too (15 for Q4_K, 63 for
         // Q6_K, against ±127 activations: the largest 16-bit sums the AVX2 kernels form).
         for (k, count, spread) in [(512, 21, 0.2), (8960, 11, 0.2), (512, 9, 50.0)] {
@@ -1444,6 +1462,38 @@ pub(crate) mod tests {
                 };
                 assert_eq!(v.map(f32::to_bits), x.map(f32::to_bits), "{kind:?} row {r}");
                 assert!(v.iter().all(|s| s.is_finite() && *s != 0.0));
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn unpacked_blocks_give_the_bits_of_blocks_read_in_place() {
+        // `gemm_many` unpacks a work item's blocks once only on CPUs without AVX-512 VNNI (a prompt's many groups
+        // of rows); this checks that path against reading the blocks in place on whatever CPU runs the tests (the
+        // VNNI variant here where the CPU has it, the AVX2 one elsewhere), with quants at their extremes too.
+        assert!(simd_available(), "the decode kernels need AVX2 and FMA (every CPU this project runs on has them)");
+        for spread in [2.0, 50.0] {
+            for (dtype, kind) in [(GgmlDType::Q4K, Kind::Q4K), (GgmlDType::Q6K, Kind::Q6K)] {
+                let (k, n, rows) = (1536, ROWS_PER_ITEM, 5);
+                let (raw, _) = quantized_spread(dtype, n, k, 81, spread);
+                let lanes: Vec<Vec<Q8KLanes>> = (0..rows)
+                    .map(|r| {
+                        let mut a = Vec::new();
+                        quantize_q8k(&activations(k, 90 + r as u64), &mut a);
+                        a.iter().map(arrange).collect()
+                    })
+                    .collect();
+                let acts: Vec<&[Q8KLanes]> = lanes.iter().map(|l| l.as_slice()).collect();
+                let row_bytes = k / QK_K * kind.block_bytes();
+                let mut u = Vec::new();
+                unpack_rows(kind, &raw, row_bytes, 0..n, k / QK_K, &mut u);
+                let (mut in_place, mut via) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
+                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, None, |r, j, v| in_place[j * n + r] = v);
+                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, Some(&u), |r, j, v| via[j * n + r] = v);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&via), bits(&in_place), "{kind:?}, spread {spread}");
+                assert!(via.iter().all(|v| v.is_finite()) && via.iter().any(|v| *v != 0.0), "{kind:?}");
             }
         }
     }
