@@ -1084,11 +1084,7 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     // writing and reading back the unpacked blocks cost more than unpacking in registers again.
                     #[cfg(target_arch = "x86_64")]
                     if simd {
-                        if rows <= MAX_ROWS_AT_ONCE {
-                            rows_lanes(m.kind, m.w, row_bytes, wrows, lane_refs, put(0));
-                            continue;
-                        }
-                        if vnni {
+                        if rows <= MAX_ROWS_AT_ONCE || vnni {
                             for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
                                 let acts = &lane_refs[from..(from + MAX_ROWS_AT_ONCE).min(rows)];
                                 rows_lanes(m.kind, m.w, row_bytes, wrows.clone(), acts, put(from));
