@@ -213,6 +213,8 @@ for l in open('/proc/cpuinfo'):
 flags = set(info.get('flags', '').split())
 isa = ('AVX-512 VNNI' if 'avx512_vnni' in flags else 'AVX-512') if 'avx512f' in flags else \
       ('AVX2' if 'avx2' in flags else 'no AVX2')
+if {'amx_tile', 'amx_int8'} <= flags:
+    isa += ', AMX'
 cpu = info.get('model name', 'unknown')
 print(cpu + (f" (family {info['cpu family']} model {info['model']}; {isa})" if 'cpu family' in info and 'model' in info
              else f" ({isa})"))

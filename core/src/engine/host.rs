@@ -29,6 +29,9 @@ pub fn describe_cpu(cpuinfo: &str) -> Option<String> {
     } else {
         "no AVX2"
     };
+    // AMX as the CPU advertises it (whether Linux grants it to a process is `engine::amx::available`).
+    let amx = if has("amx_tile") && has("amx_int8") { ", AMX" } else { "" };
+    let isa = format!("{isa}{amx}");
     Some(match (field("cpu family"), field("model")) {
         (Some(f), Some(m)) => format!("{name} (family {f} model {m}; {isa})"),
         _ => format!("{name} ({isa})"),
@@ -80,6 +83,10 @@ mod tests {
         assert_eq!(describe_cpu(zen3).as_deref(), Some("AMD EPYC (family 25 model 1; AVX2)"));
         let zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace("fma", "fma avx512f avx512_vnni");
         assert_eq!(describe_cpu(&zen4).as_deref(), Some("AMD EPYC (family 25 model 17; AVX-512 VNNI)"));
+        let spr = "cpu family : 6\nmodel : 207\nmodel name : Intel(R) Xeon(R) Processor\n\
+                   flags : avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n";
+        let named = "Intel(R) Xeon(R) Processor (family 6 model 207; AVX-512 VNNI, AMX)";
+        assert_eq!(describe_cpu(spr).as_deref(), Some(named));
         let plain = "model name : Some CPU\nflags : sse2 avx512f\n";
         assert_eq!(describe_cpu(plain).as_deref(), Some("Some CPU (AVX-512)"));
         assert_eq!(describe_cpu("flags : avx2\n"), None, "no model name, no description");

@@ -365,6 +365,22 @@ mod lanes {
         _mm_cvtss_f32(s)
     }
 
+    /// The value of a product whose sums the kernels left in `v`: eight lane sums, added here — except in the
+    /// `totals` variant, which keeps one float in lane 0 (`apply_q4k_totals`, `apply_q6k_totals`).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn finish(totals: bool, v: __m256) -> f32 {
+        if totals {
+            _mm256_cvtss_f32(v)
+        } else {
+            // SAFETY: AVX2 by the caller, as `hsum` needs.
+            unsafe { hsum(v) }
+        }
+    }
+
     /// 4×4 transpose of 32-bit words within each 128-bit half: word p of output t = word t of input p.
     macro_rules! transpose4 {
         ($r0:expr, $r1:expr, $r2:expr, $r3:expr) => {{
@@ -566,8 +582,9 @@ mod lanes {
         }};
     }
 
-    /// Unpacked Q4_K block `$u` against block `$i` of `R` activation rows (pointers `$ap`), added to `$acc`.
-    macro_rules! apply_q4k {
+    /// Unpacked Q4_K block `$u` against block `$i` of `R` activation rows (pointers `$ap`), added to `$acc` (one
+    /// 8-lane float sum per activation row: each lane sums its own sub-block halves, reduced by [`hsum`] at the end).
+    macro_rules! apply_q4k_lanes {
         ($q4k_packed:ident, $u:expr, $ap:expr, $i:expr, $acc:expr) => {{
             let u: &Unpacked = $u;
             let (w0, w1) = ([u.w[0], u.w[1], u.w[2], u.w[3]], [u.w[4], u.w[5], u.w[6], u.w[7]]);
@@ -582,6 +599,58 @@ mod lanes {
                 let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dw);
                 let t = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(msum), dminw, t);
                 $acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(y.d), $acc[r]);
+            }
+        }};
+    }
+
+    /// Unpacked Q4_K block `$u` against block `$i` of `R` activation rows (pointers `$ap`), added to `$acc` (one
+    /// float per activation row, in lane 0; the other lanes stay 0) — the formulation of `COPILOT_AMX=all`. A
+    /// block's integer sums are reduced to two exact totals per row — `I` = Σ sc·q·a over its 256 values and `M` =
+    /// Σ min·bsum over its 8 sub-blocks — and the floats
+    /// see only those: `t = I·dw − M·dmin` (fused), `acc += t·d` (fused), block after block. Any kernel that
+    /// computes the same two integers (however it sums them: the AMX kernels of [`super::amx`] do it in tiles)
+    /// and then these three float operations gets the same bits. Two rows are reduced together where there are two
+    /// (`hadd` of both rows' sums at once), the last of an odd count alone.
+    macro_rules! apply_q4k_totals {
+        ($q4k_packed:ident, $u:expr, $ap:expr, $i:expr, $acc:expr) => {{
+            let u: &Unpacked = $u;
+            let (w0, w1) = ([u.w[0], u.w[1], u.w[2], u.w[3]], [u.w[4], u.w[5], u.w[6], u.w[7]]);
+            let (sc16, mn16) = (u.a, u.b);
+            let (dw, dminw) = (_mm_set1_ps(u.dw), _mm_set1_ps(u.dmin));
+            // |lane| ≤ 16 · 15 · 127: exact in 16 bits; every sum below is an exact 32-bit integer (|I| ≤ 256 ·
+            // 63 · 15 · 127 < 2^25).
+            macro_rules! sums {
+                ($y:expr) => {{
+                    let y: &Q8KLanes = $y;
+                    let isum = _mm256_madd_epi16($q4k_packed!(w0, w1, y), sc16);
+                    let bs = _mm256_load_si256(y.bsums_q4k.as_ptr() as *const __m256i);
+                    (isum, _mm256_madd_epi16(bs, mn16))
+                }};
+            }
+            let mut r = 0;
+            while r + 1 < R {
+                let (ya, yb) = (&*$ap[r].add($i), &*$ap[r + 1].add($i));
+                let ((ia, ma), (ib, mb)) = (sums!(ya), sums!(yb));
+                // Per 128-bit half [Ia, Ma, Ib, Mb] over its 4 lanes; the halves added: the totals.
+                let s = _mm256_hadd_epi32(_mm256_hadd_epi32(ia, ma), _mm256_hadd_epi32(ib, mb));
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let f = _mm_cvtepi32_ps(s);
+                // Lanes 0 and 2: I·dw − M·dmin for rows r and r + 1.
+                let t = _mm_fnmadd_ps(_mm_movehdup_ps(f), dminw, _mm_mul_ps(f, dw));
+                $acc[r] = _mm256_zextps128_ps256(_mm_fmadd_ss(t, _mm_load_ss(&ya.d), _mm256_castps256_ps128($acc[r])));
+                let acc = _mm256_castps256_ps128($acc[r + 1]);
+                $acc[r + 1] = _mm256_zextps128_ps256(_mm_fmadd_ss(_mm_movehl_ps(t, t), _mm_load_ss(&yb.d), acc));
+                r += 2;
+            }
+            if r < R {
+                let y = &*$ap[r].add($i);
+                let (isum, msum) = sums!(y);
+                // [I, M, I, M]: the same totals, the same float operations (on lane 0).
+                let s = _mm256_hadd_epi32(isum, msum);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let f = _mm_cvtepi32_ps(_mm_hadd_epi32(s, s));
+                let t = _mm_fnmadd_ss(_mm_movehdup_ps(f), dminw, _mm_mul_ss(f, dw));
+                $acc[r] = _mm256_zextps128_ps256(_mm_fmadd_ss(t, _mm_load_ss(&y.d), _mm256_castps256_ps128($acc[r])));
             }
         }};
     }
@@ -604,14 +673,54 @@ mod lanes {
         }};
     }
 
+    /// Unpacked Q6_K block `$u` against block `$i` of `R` activation rows, added to `$acc` in the formulation the
+    /// AMX tiles reproduce (as `apply_q4k_totals`): the block's exact total `I` = Σ sc·(q − 32)·a per row, then
+    /// `acc += (I·dw)·d` (fused), one float per row in lane 0.
+    macro_rules! apply_q6k_totals {
+        ($q6k_scaled:ident, $u:expr, $ap:expr, $i:expr, $acc:expr) => {{
+            let u: &Unpacked = $u;
+            let (w0, w1) = ([u.w[0], u.w[1], u.w[2], u.w[3]], [u.w[4], u.w[5], u.w[6], u.w[7]]);
+            let (sc0, sc1, scm) = (u.a, u.b, u.c);
+            let dw = _mm_set1_ps(u.dw);
+            // |I| ≤ 256 · 128 · 32 · 127 < 2^31: every sum below is exact.
+            macro_rules! sums {
+                ($y:expr) => {{
+                    let y: &Q8KLanes = $y;
+                    let bs = _mm256_load_si256(y.bsums_q6k.as_ptr() as *const __m256i);
+                    _mm256_add_epi32($q6k_scaled!(w0, w1, y, sc0, sc1), _mm256_madd_epi16(bs, scm))
+                }};
+            }
+            let mut r = 0;
+            while r + 1 < R {
+                let (ya, yb) = (&*$ap[r].add($i), &*$ap[r + 1].add($i));
+                let s = _mm256_hadd_epi32(sums!(ya), sums!(yb));
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                // [Ia, Ib, Ia, Ib].
+                let t = _mm_mul_ps(_mm_cvtepi32_ps(_mm_hadd_epi32(s, s)), dw);
+                $acc[r] = _mm256_zextps128_ps256(_mm_fmadd_ss(t, _mm_load_ss(&ya.d), _mm256_castps256_ps128($acc[r])));
+                let acc = _mm256_castps256_ps128($acc[r + 1]);
+                $acc[r + 1] = _mm256_zextps128_ps256(_mm_fmadd_ss(_mm_movehdup_ps(t), _mm_load_ss(&yb.d), acc));
+                r += 2;
+            }
+            if r < R {
+                let y = &*$ap[r].add($i);
+                let isum = sums!(y);
+                let s = _mm256_hadd_epi32(isum, isum);
+                let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+                let t = _mm_mul_ss(_mm_cvtepi32_ps(_mm_hadd_epi32(s, s)), dw);
+                $acc[r] = _mm256_zextps128_ps256(_mm_fmadd_ss(t, _mm_load_ss(&y.d), _mm256_castps256_ps128($acc[r])));
+            }
+        }};
+    }
+
     macro_rules! kernels {
-        ($m:ident, $feat:literal, $q6k_scaled:ident, $q4k_packed:ident) => {
+        ($m:ident, $feat:literal, $q6k_scaled:ident, $q4k_packed:ident, $apply_q4k:ident, $apply_q6k:ident) => {
             pub mod $m {
                 use super::*;
 
-                /// Q4_K row · `R` activation rows, added block by block to `sums` (one 8-lane float sum per
-                /// activation row, reduced by [`hsum`] once the row is done): a row may come in pieces of blocks,
-                /// and the sums see the same operations in the same order either way.
+                /// Q4_K row · `R` activation rows, added block by block to `sums` (per activation row 8 lane sums
+                /// or, in the `totals` variant, one float in lane 0; [`finish`] reads either): a row may come in
+                /// pieces of blocks, and the sums see the same operations in the same order either way.
                 ///
                 /// # Safety
                 /// The CPU must have the features named in `target_feature`; `row` holds `a[r].len()` Q4_K blocks
@@ -629,13 +738,14 @@ mod lanes {
                         let mut acc = *sums;
                         for i in 0..nb {
                             let u = unpack_q4k!(row.as_ptr().add(i * Q4K_BYTES));
-                            apply_q4k!($q4k_packed, &u, ap, i, acc);
+                            $apply_q4k!($q4k_packed, &u, ap, i, acc);
                         }
                         *sums = acc;
                     }
                 }
 
-                /// Q6_K row · `R` activation rows.
+                /// Q6_K row · `R` activation rows (one 8-lane float sum per activation row, reduced by [`hsum`]
+                /// once the row is done).
                 ///
                 /// # Safety
                 /// As [`q4k`], with Q6_K blocks.
@@ -649,7 +759,7 @@ mod lanes {
                         let mut acc = *sums;
                         for i in 0..nb {
                             let u = unpack_q6k!(row.as_ptr().add(i * Q6K_BYTES));
-                            apply_q6k!($q6k_scaled, &u, ap, i, acc);
+                            $apply_q6k!($q6k_scaled, &u, ap, i, acc);
                         }
                         *sums = acc;
                     }
@@ -676,9 +786,9 @@ mod lanes {
                         let mut acc = *sums;
                         for (i, u) in u[..nb].iter().enumerate() {
                             if q6 {
-                                apply_q6k!($q6k_scaled, u, ap, i, acc);
+                                $apply_q6k!($q6k_scaled, u, ap, i, acc);
                             } else {
-                                apply_q4k!($q4k_packed, u, ap, i, acc);
+                                $apply_q4k!($q4k_packed, u, ap, i, acc);
                             }
                         }
                         *sums = acc;
@@ -688,8 +798,24 @@ mod lanes {
         };
     }
 
-    kernels!(vnni, "avx2,fma,avx512f,avx512vl,avx512vnni", q6k_scaled_vnni, q4k_packed_vnni);
-    kernels!(avx2, "avx2,fma", q6k_scaled_avx2, q4k_packed_avx2);
+    kernels!(
+        vnni,
+        "avx2,fma,avx512f,avx512vl,avx512vnni",
+        q6k_scaled_vnni,
+        q4k_packed_vnni,
+        apply_q4k_lanes,
+        apply_q6k
+    );
+    kernels!(avx2, "avx2,fma", q6k_scaled_avx2, q4k_packed_avx2, apply_q4k_lanes, apply_q6k);
+    // With `COPILOT_AMX=all`: the formulation the tiles reproduce (`apply_q4k_totals`, `apply_q6k_totals`).
+    kernels!(
+        totals,
+        "avx2,fma,avx512f,avx512vl,avx512vnni",
+        q6k_scaled_vnni,
+        q4k_packed_vnni,
+        apply_q4k_totals,
+        apply_q6k_totals
+    );
 
     /// The blocks of a row of `kind` blocks (`row` holds `out.len()` of them), unpacked into `out`.
     ///
@@ -771,10 +897,34 @@ pub(crate) fn rows_lanes(
     acts: &[&[Q8KLanes]],
     put: impl FnMut(usize, usize, f32),
 ) {
-    rows_lanes_from(kind, w, row_bytes, wrows, acts, None, put)
+    rows_lanes_from(kind, w, row_bytes, wrows, acts, Via::default(), put)
 }
 
-/// [`rows_lanes`], reading the weight rows' blocks from `unpacked` when given: [`unpack_rows`] of the same
+/// [`rows_lanes`] in the totals formulation (`apply_q4k_totals`) where the CPU has VNNI, whatever `COPILOT_AMX`
+/// says: what the AMX tiles' tests compare against.
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) fn rows_lanes_totals(
+    kind: Kind,
+    w: &[u8],
+    row_bytes: usize,
+    wrows: std::ops::Range<usize>,
+    acts: &[&[Q8KLanes]],
+    put: impl FnMut(usize, usize, f32),
+) {
+    rows_lanes_from(kind, w, row_bytes, wrows, acts, Via { unpacked: None, totals: Some(true) }, put)
+}
+
+/// How [`rows_lanes_from`] reads the weight rows: from blocks unpacked beforehand, and in the totals formulation
+/// or not whatever `COPILOT_AMX` says (`None`: as it says).
+#[cfg(target_arch = "x86_64")]
+#[derive(Default, Clone, Copy)]
+struct Via<'a> {
+    unpacked: Option<&'a [lanes::Unpacked]>,
+    totals: Option<bool>,
+}
+
+/// [`rows_lanes`], reading the weight rows' blocks from `via.unpacked` when given (and with `via.totals` given, in
+/// that formulation or not): [`unpack_rows`] of the same
 /// rows (weight row `r`'s block `i` at `(r - wrows.start) * nb + i`), made once for many calls — a prompt's
 /// groups of activation rows. The same operations in the same order, so the same bits.
 #[cfg(target_arch = "x86_64")]
@@ -784,9 +934,10 @@ fn rows_lanes_from(
     row_bytes: usize,
     wrows: std::ops::Range<usize>,
     acts: &[&[Q8KLanes]],
-    unpacked: Option<&[lanes::Unpacked]>,
+    via: Via,
     put: impl FnMut(usize, usize, f32),
 ) {
+    let Via { unpacked, totals } = via;
     assert!(simd_available(), "the decode kernels need AVX2 and FMA");
     assert!(wrows.len() <= ROWS_PER_ITEM, "{} weight rows at once", wrows.len());
     let Some(first) = acts.first() else { return };
@@ -795,12 +946,16 @@ fn rows_lanes_from(
     assert!(acts.iter().all(|a| a.len() == nb), "activation rows of different widths");
     assert!(row_bytes >= nb * bb && w.len() >= wrows.end * row_bytes, "weights too short for {nb} blocks a row");
     let vnni = vnni_available();
+    // Where decoding passes may take the AMX tiles (`COPILOT_AMX=all`; or `totals` given), products take the
+    // formulation the tiles reproduce (`apply_q4k_totals`), so a row gets the same bits in a pass of any size;
+    // otherwise the lane formulation (one reduction per row, cheaper for small passes).
+    let totals = vnni && totals.unwrap_or_else(super::amx::for_decode);
     let piece =
         if n_act >= 2 && n_act * nb * std::mem::size_of::<Q8KLanes>() > L1_ACTS_BYTES { BLOCKS_PER_PIECE } else { nb };
     if let Some(u) = unpacked {
         assert!(u.len() >= wrows.len() * nb, "{} unpacked blocks for {} rows of {nb}", u.len(), wrows.len());
     }
-    let job = Job { kind, vnni, w, row_bytes, wrows, nb, piece, unpacked };
+    let job = Job { kind, vnni, totals, w, row_bytes, wrows, nb, piece, unpacked };
     match n_act {
         1 => job.run::<1>(acts, put),
         2 => job.run::<2>(acts, put),
@@ -841,6 +996,8 @@ fn unpack_rows(
 struct Job<'a> {
     kind: Kind,
     vnni: bool,
+    /// The `totals` formulation (implies `vnni`).
+    totals: bool,
     w: &'a [u8],
     row_bytes: usize,
     wrows: std::ops::Range<usize>,
@@ -868,7 +1025,9 @@ impl Job<'_> {
             let q6 = self.kind == Kind::Q6K;
             // SAFETY: as below; `u` holds ke − kc blocks like every `a[j]`, unpacked from this matrix's kind.
             unsafe {
-                if self.vnni {
+                if self.totals {
+                    lanes::totals::unpacked(q6, u, a, sums)
+                } else if self.vnni {
                     lanes::vnni::unpacked(q6, u, a, sums)
                 } else {
                     lanes::avx2::unpacked(q6, u, a, sums)
@@ -882,8 +1041,10 @@ impl Job<'_> {
         // F/VL/VNNI; `row` and every `a[j]` hold ke − kc blocks (sliced just above).
         unsafe {
             match (self.kind, self.vnni) {
+                (Kind::Q4K, true) if self.totals => lanes::totals::q4k(row, a, sums),
                 (Kind::Q4K, true) => lanes::vnni::q4k(row, a, sums),
                 (Kind::Q4K, false) => lanes::avx2::q4k(row, a, sums),
+                (Kind::Q6K, true) if self.totals => lanes::totals::q6k(row, a, sums),
                 (Kind::Q6K, true) => lanes::vnni::q6k(row, a, sums),
                 (Kind::Q6K, false) => lanes::avx2::q6k(row, a, sums),
             }
@@ -903,7 +1064,7 @@ impl Job<'_> {
                 self.blocks(r, 0, nb, acts, &mut sums);
                 for (j, s) in sums.iter().enumerate() {
                     // SAFETY: AVX2 was checked by `rows_lanes`.
-                    put(r, j, unsafe { lanes::hsum(*s) });
+                    put(r, j, unsafe { lanes::finish(self.totals, *s) });
                 }
             }
             return;
@@ -933,7 +1094,7 @@ impl Job<'_> {
         for (r, sums) in self.wrows.clone().zip(&sums) {
             for (j, s) in sums.iter().enumerate() {
                 // SAFETY: AVX2 was checked by `rows_lanes`.
-                put(r, j, unsafe { lanes::hsum(*s) });
+                put(r, j, unsafe { lanes::finish(self.totals, *s) });
             }
         }
     }
@@ -967,6 +1128,19 @@ unsafe impl Sync for Outs {}
 /// per activation row in a register, and the AVX-512 variant has 32 of them.
 const MAX_ROWS_AT_ONCE: usize = 8;
 
+/// Rows from which a decoding pass's products of `kind` go to the AMX tiles with `COPILOT_AMX=all` (`amx`): the
+/// tiles pay for laying out 16 weight rows per block whatever the number of activation rows. Measured on the
+/// Intel Xeon kind with `examples/bench_prompt N K ROWS KIND` (GMAC/s, tiles vs the VNNI kernels): Q4_K 8,960 ×
+/// 1,536: 4 rows 100 vs 121, 8 rows 165 vs 149, 32 rows 486 vs 140; Q6_K 151,936 × 1,536 (the output layer,
+/// bound by memory): 8 rows 123 vs 167, 12 rows 139 vs 122, 32 rows 348 vs 154. Through the whole model
+/// (`bench_batch`, 8-row passes) tiles for both kinds from 8 rows took 107–109 ms, Q6_K from 12 rows 114.
+#[cfg(target_arch = "x86_64")]
+fn amx_min_rows(kind: Kind) -> usize {
+    match kind {
+        Kind::Q4K | Kind::Q6K => 8,
+    }
+}
+
 /// How many weight rows ahead [`gemm_many`] asks the CPU to load a whole row (a row of the default model is
 /// 0.9–5 KB): its cache lines are then requested together, not one by one as the dot product reaches them.
 /// Measured on the 2-core Intel Xeon (decode of the default model, 8 questions): no prefetch 11.0 tok/s; the row
@@ -976,7 +1150,7 @@ const PREFETCH_ROWS: usize = 2;
 /// Ask the CPU to bring `w[at..at + len]` (clipped to `w`) towards the cache, a line at a time. A hint only: no
 /// result depends on it.
 #[inline]
-fn prefetch(w: &[u8], at: usize, len: usize) {
+pub(crate) fn prefetch(w: &[u8], at: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -1015,6 +1189,17 @@ pub fn gemv_many(mats: &[Matrix], k: usize, x: &[f32], ys: &mut [&mut [f32]]) {
 /// matmuls use, so the two never compete) in one hand-out, so a layer pays for one barrier. Every output element
 /// is the same dot product as with one row, so results do not depend on how many rows share the pass.
 pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]) {
+    gemm(mats, k, xs, ys, false)
+}
+
+/// A prompt's products on the AMX tiles (every weight item, every row), where [`super::amx::available`]: results
+/// equal [`gemm_many`]'s up to float summation order (the totals formulation), as the VNNI prompt tiles' do.
+pub(crate) fn gemm_prompt_tiles(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]) {
+    gemm(mats, k, xs, ys, true)
+}
+
+/// [`gemm_many`], or with `prompt` [`gemm_prompt_tiles`].
+fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt: bool) {
     assert_eq!(k % QK_K, 0, "k = {k} is not a multiple of {QK_K}");
     assert!(xs.iter().all(|x| x.len() == k), "every input row must have {k} columns");
     assert_eq!(mats.len(), ys.len());
@@ -1038,11 +1223,26 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
         /// A work item's weight blocks unpacked (`unpack_rows`), on the pool thread that runs it.
         static UNPACKED: std::cell::RefCell<Vec<lanes::Unpacked>> = const { std::cell::RefCell::new(Vec::new()) };
     }
+    #[cfg(target_arch = "x86_64")]
+    thread_local! {
+        /// The pass's activation rows laid out for the AMX tiles, when the pass takes them.
+        static AMX_ACTS: std::cell::RefCell<super::amx::Acts> = std::cell::RefCell::new(super::amx::Acts::default());
+    }
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
             let simd = simd_available();
             #[cfg(target_arch = "x86_64")]
             let vnni = simd && vnni_available();
+            // Items go to the AMX tiles where the CPU has them: every item of a prompt, and with `COPILOT_AMX=all`
+            // those of decoding passes of 8+ rows (the same bits as the VNNI kernels then run: `amx`'s doc).
+            #[cfg(target_arch = "x86_64")]
+            let amx = |kind: Kind| {
+                simd && if prompt {
+                    super::amx::available()
+                } else {
+                    rows >= amx_min_rows(kind) && super::amx::for_decode()
+                }
+            };
             let have = act.len();
             act.resize_with(rows.max(have), Vec::new);
             let have = lanes.len();
@@ -1056,6 +1256,12 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
             let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
             let outs = &outs;
             let first = &first;
+            #[cfg(target_arch = "x86_64")]
+            let mut amx_acts = AMX_ACTS.take();
+            #[cfg(target_arch = "x86_64")]
+            if mats.iter().any(|m| amx(m.kind)) {
+                amx_acts.fill(act_refs);
+            }
             candle_core::utils::barrier_pool().execute_chunked(total, |items| {
                 for item in items {
                     let mi = first.partition_point(|&f| f <= item) - 1;
@@ -1083,6 +1289,11 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     // 178 vs 239, 32 rows 348 vs 390, 64 rows 691 vs 742 (`bench_batch`, binaries alternating) —
                     // writing and reading back the unpacked blocks cost more than unpacking in registers again.
                     #[cfg(target_arch = "x86_64")]
+                    if amx(m.kind) {
+                        super::amx::product(m.kind, m.w, row_bytes, wrows.clone(), &amx_acts, put(0));
+                        continue;
+                    }
+                    #[cfg(target_arch = "x86_64")]
                     if simd {
                         if rows <= MAX_ROWS_AT_ONCE || vnni {
                             for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
@@ -1095,7 +1306,8 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                             unpack_rows(m.kind, m.w, row_bytes, wrows.clone(), k / QK_K, u);
                             for from in (0..rows).step_by(MAX_ROWS_AT_ONCE) {
                                 let acts = &lane_refs[from..(from + MAX_ROWS_AT_ONCE).min(rows)];
-                                rows_lanes_from(m.kind, m.w, row_bytes, wrows.clone(), acts, Some(u), put(from));
+                                let via = Via { unpacked: Some(u), totals: None };
+                                rows_lanes_from(m.kind, m.w, row_bytes, wrows.clone(), acts, via, put(from));
                             }
                         });
                         continue;
@@ -1114,6 +1326,8 @@ pub fn gemm_many(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]
                     }
                 }
             });
+            #[cfg(target_arch = "x86_64")]
+            AMX_ACTS.set(amx_acts);
         })
     });
 }
@@ -1485,8 +1699,9 @@ pub(crate) mod tests {
                 let mut u = Vec::new();
                 unpack_rows(kind, &raw, row_bytes, 0..n, k / QK_K, &mut u);
                 let (mut in_place, mut via) = (vec![f32::NAN; n * rows], vec![f32::NAN; n * rows]);
-                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, None, |r, j, v| in_place[j * n + r] = v);
-                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, Some(&u), |r, j, v| via[j * n + r] = v);
+                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, Via::default(), |r, j, v| in_place[j * n + r] = v);
+                let from = Via { unpacked: Some(&u), totals: None };
+                rows_lanes_from(kind, &raw, row_bytes, 0..n, &acts, from, |r, j, v| via[j * n + r] = v);
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&via), bits(&in_place), "{kind:?}, spread {spread}");
                 assert!(via.iter().all(|v| v.is_finite()) && via.iter().any(|v| *v != 0.0), "{kind:?}");

@@ -4,6 +4,7 @@
 //!   caller-owned KV state;
 //! - [`kernels`], [`decode`]: the decoding step's weight products (AVX2 over the GGUF blocks) and its per-token
 //!   arithmetic on plain vectors;
+//! - [`amx`]: weight products of many rows on Intel AMX tiles (prompts; decoding passes with `COPILOT_AMX=all`);
 //! - [`prompt_kernels`]: a prompt's weight products (AVX-512 VNNI over the same blocks; no second copy of them);
 //! - [`runtime`]: load, tokenize, prefill, greedy decoding with SQL stop rules;
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
@@ -26,6 +27,8 @@
 
 #[cfg(feature = "model")]
 pub mod alloc;
+#[cfg(feature = "model")]
+pub mod amx;
 pub mod backend;
 #[cfg(feature = "model")]
 pub mod decode;
