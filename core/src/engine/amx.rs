@@ -397,8 +397,17 @@ unsafe fn tiles<const Q6: bool>(
         }
     }
     let stride = ROW_BYTES;
-    // SAFETY: CONFIG is a valid palette-1 configuration (8 tiles of 16 × 64 bytes) and outlives the instruction.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags)) };
+    // Another user of the tiles in this thread (candle's quantized matmul configures them once per thread and
+    // counts on the configuration staying) gets its configuration back at the end: saved here (all zeros when
+    // the tiles were not configured), restored below.
+    let mut saved =
+        TileConfig { palette: 0, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16], reserved2: [0; 16] };
+    // SAFETY: `sttilecfg` writes the 64 bytes of `saved` (64-byte aligned, as `TileConfig` is); CONFIG is a valid
+    // palette-1 configuration (8 tiles of 16 × 64 bytes) and outlives the instruction.
+    unsafe {
+        asm!("sttilecfg [{}]", in(reg) &mut saved, options(nostack, preserves_flags));
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+    }
     // Ask for the weights two blocks ahead of use (all of this item's rows), and past this item's last block the
     // next item's first blocks (the pool hands out neighbouring items in order): the tiles take a block of 16 rows
     // at a time, which the CPU's own prefetcher does not follow.
@@ -507,8 +516,15 @@ unsafe fn tiles<const Q6: bool>(
             }
         }
     }
-    // SAFETY: gives the tile state back (the registers are not read again before the next `ldtilecfg`).
-    unsafe { asm!("tilerelease", options(nostack, nomem, preserves_flags)) };
+    // SAFETY: the configuration found at the start comes back (it was valid then: `sttilecfg` stored it), or, if
+    // there was none, the tile state is released; our tile registers are not read again.
+    unsafe {
+        if saved.palette != 0 {
+            asm!("ldtilecfg [{}]", in(reg) &saved, options(nostack, readonly, preserves_flags));
+        } else {
+            asm!("tilerelease", options(nostack, nomem, preserves_flags));
+        }
+    }
     for g in 0..groups {
         for m in 0..mrows {
             let cols = TILE_COLS.min(acts.rows - g * TILE_COLS);
