@@ -552,7 +552,7 @@ unsafe fn tiles<const Q6: bool>(
 mod tests {
     use super::*;
     use crate::engine::kernels::tests::quantized_spread;
-    use crate::engine::kernels::{arrange, quantize_q8k, rows_lanes_totals, Q8KLanes};
+    use crate::engine::kernels::{arrange, quantize_q8k, rows_lanes_from, Q8KLanes, Via};
     use candle_core::quantized::GgmlDType;
 
     /// Activation rows of `k` values: smooth ones, one with a few spikes (quants at ±127 beside tiny ones), and
@@ -613,7 +613,8 @@ mod tests {
                             let group: Vec<&[Q8KLanes]> =
                                 lanes[from..(from + 8).min(count)].iter().map(|l| l.as_slice()).collect();
                             // The decode kernels in the formulation the tiles reproduce (`COPILOT_AMX=all`).
-                            rows_lanes_totals(kind, &w, row_bytes, wrows.clone(), &group, |r, j, v| {
+                            let via = Via { totals: Some(true), ..Via::default() };
+                            rows_lanes_from(kind, &w, row_bytes, wrows.clone(), &group, via, |r, j, v| {
                                 kernels[(from + j) * n + r] = v
                             });
                         }

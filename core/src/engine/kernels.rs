@@ -900,27 +900,13 @@ pub(crate) fn rows_lanes(
     rows_lanes_from(kind, w, row_bytes, wrows, acts, Via::default(), put)
 }
 
-/// [`rows_lanes`] in the totals formulation (`apply_q4k_totals`) where the CPU has VNNI, whatever `COPILOT_AMX`
-/// says: what the AMX tiles' tests compare against.
-#[cfg(all(test, target_arch = "x86_64"))]
-pub(crate) fn rows_lanes_totals(
-    kind: Kind,
-    w: &[u8],
-    row_bytes: usize,
-    wrows: std::ops::Range<usize>,
-    acts: &[&[Q8KLanes]],
-    put: impl FnMut(usize, usize, f32),
-) {
-    rows_lanes_from(kind, w, row_bytes, wrows, acts, Via { unpacked: None, totals: Some(true) }, put)
-}
-
 /// How [`rows_lanes_from`] reads the weight rows: from blocks unpacked beforehand, and in the totals formulation
 /// or not whatever `COPILOT_AMX` says (`None`: as it says).
 #[cfg(target_arch = "x86_64")]
 #[derive(Default, Clone, Copy)]
-struct Via<'a> {
-    unpacked: Option<&'a [lanes::Unpacked]>,
-    totals: Option<bool>,
+pub(crate) struct Via<'a> {
+    pub(crate) unpacked: Option<&'a [lanes::Unpacked]>,
+    pub(crate) totals: Option<bool>,
 }
 
 /// [`rows_lanes`], reading the weight rows' blocks from `via.unpacked` when given (and with `via.totals` given, in
@@ -928,7 +914,7 @@ struct Via<'a> {
 /// rows (weight row `r`'s block `i` at `(r - wrows.start) * nb + i`), made once for many calls — a prompt's
 /// groups of activation rows. The same operations in the same order, so the same bits.
 #[cfg(target_arch = "x86_64")]
-fn rows_lanes_from(
+pub(crate) fn rows_lanes_from(
     kind: Kind,
     w: &[u8],
     row_bytes: usize,
