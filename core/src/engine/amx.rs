@@ -252,7 +252,7 @@ pub fn product(
     })
 }
 
-/// Index vector for `vpermw`: 16-bit lanes 0..16 take lane `ja` of the source, lanes 16..32 lane `jb`.
+/// 16-bit lanes 0..16 set to `ja`, lanes 16..32 to `jb`: an index vector for `vpermw`, or per-lane shift counts.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn pick(ja: i16, jb: i16) -> std::arch::x86_64::__m512i {
@@ -321,12 +321,6 @@ unsafe fn pack_q6k(p: *const u8, s: &mut Scratch, m: usize) {
         let (m4, m3) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x03));
         let lo7 = _mm512_set1_epi16(127);
         let offset = _mm512_set1_epi16(32);
-        let halves = |a: i16, b: i16| {
-            let mut v = [a; 32];
-            v[16..].fill(b);
-            // SAFETY: [i16; 32] and __m512i have the same size.
-            std::mem::transmute::<[i16; 32], __m512i>(v)
-        };
         // Index vector for `vpermw`: the 8 16-bit lanes of 128-bit lane L take lane `j[L]` of the source.
         let lanes = |j0: i16, j1: i16, j2: i16, j3: i16| {
             let mut v = [0i16; 32];
@@ -343,9 +337,9 @@ unsafe fn pack_q6k(p: *const u8, s: &mut Scratch, m: usize) {
                 // Tile 2t + sh: values 128t + 32sh + l (low nibbles of ql[64t + 32sh + l], qh bits 2sh) and
                 // 128t + 32sh + 64 + l (high nibbles, qh bits 2sh + 4), l < 32.
                 let ql = _mm512_broadcast_i64x4(_mm256_loadu_si256(p.add(64 * t + 32 * sh) as *const __m256i));
-                let lowq = _mm512_and_si512(_mm512_srlv_epi16(ql, halves(0, 4)), m4);
+                let lowq = _mm512_and_si512(_mm512_srlv_epi16(ql, pick(0, 4)), m4);
                 let shift = 2 * sh as i16;
-                let highq = _mm512_and_si512(_mm512_srlv_epi16(qh, halves(shift, shift + 4)), m3);
+                let highq = _mm512_and_si512(_mm512_srlv_epi16(qh, pick(shift, shift + 4)), m3);
                 let q = _mm512_or_si512(lowq, _mm512_slli_epi16(highq, 4));
                 // Widened to 16 bits by `unpacklo`/`unpackhi` (bytes 0..8 / 8..16 of each 128-bit lane), which
                 // `packs` undoes after the arithmetic: lane L holds tile values 16L..16L + 16, one sub-block of 16
