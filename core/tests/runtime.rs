@@ -287,6 +287,48 @@ fn several_candidates_keep_the_greedy_answer_and_are_reproducible() {
 }
 
 #[test]
+fn a_prompt_asked_again_soon_starts_from_its_state_and_changes_no_token() {
+    use copilot_core::engine::backend::Sampling;
+    let mut rt = runtime().lock().unwrap();
+    let mut four = schema_request(CONTEXT, "List the names of singers from France.");
+    four.sampling = Sampling { candidates: 4, ..Sampling::default() };
+    let mut greedy = four.clone();
+    greedy.sampling.candidates = 1;
+    let mut rest = four.clone();
+    rest.sampling.skip_greedy = true;
+    // The reference: all four candidates in one request, nothing kept (the prefix cache off).
+    rt.set_prefix_cache_bytes(0);
+    let all = rt.generate(&four, &|| false).unwrap();
+    assert_eq!(rt.recent_prompts(), 0, "without the prefix cache no prompt state is kept");
+    // As copilot's pipeline asks when unsure: the greedy answer, then the sampled ones for the same prompt.
+    rt.set_prefix_cache_bytes(64 << 20);
+    rt.clear_prefix_cache();
+    let g = rt.generate(&greedy, &|| false).unwrap();
+    assert_eq!(rt.recent_prompts(), 1);
+    let before = rt.prefix_cache_stats();
+    let r = rt.generate(&rest, &|| false).unwrap();
+    let after = rt.prefix_cache_stats();
+    // Served from the kept state: the prefix cache was not even asked, and the answers are the same tokens.
+    assert_eq!((after.hits, after.misses), (before.hits, before.misses), "{before:?} -> {after:?}");
+    assert!(r.prefix_cache_hit);
+    assert_eq!((g.text.as_str(), g.stop), (all.text.as_str(), all.stop));
+    assert_eq!(r.candidates(), all.samples);
+    // Served once, the state is dropped (a prompt is asked at most twice); asked a third time it is read again,
+    // after the cached prefix, with the same answers.
+    assert_eq!(rt.recent_prompts(), 0);
+    let again = rt.generate(&rest, &|| false).unwrap();
+    assert_eq!(rt.prefix_cache_stats().hits, after.hits + 1);
+    assert_eq!(again.candidates(), all.samples);
+    // Another question is read as before (and kept too); the kept prompts go with their schema's cache entry.
+    let other = rt.generate(&schema_request(CONTEXT, "How many singers are there?"), &|| false).unwrap();
+    assert_eq!(rt.recent_prompts(), 2);
+    assert!(other.prefix_cache_hit);
+    rt.clear_prefix_cache();
+    assert_eq!(rt.recent_prompts(), 0);
+    rt.set_prefix_cache_bytes(0);
+}
+
+#[test]
 fn a_repair_turn_continues_the_conversation() {
     use copilot_core::engine::backend::Exchange;
     use copilot_core::sql::prompt::repair_message;
@@ -478,7 +520,10 @@ fn the_engine_serves_jobs_together_and_cancels_one() {
     let (ctx, crx) = std::sync::mpsc::channel();
     let (etx, erx) = std::sync::mpsc::channel();
     let spec = Source::Spec(model_path().display().to_string());
-    let h = std::thread::spawn(move || serve(&spec, &LoadOptions::default(), crx, etx));
+    let trace = std::env::temp_dir().join(format!("copilot-engine-trace-{}.log", std::process::id()));
+    let _ = std::fs::remove_file(&trace);
+    let opts = LoadOptions { trace: Some(trace.clone()), ..LoadOptions::default() };
+    let h = std::thread::spawn(move || serve(&spec, &opts, crx, etx));
     assert!(matches!(erx.recv().unwrap(), Event::Loaded(_)));
     let job = |id: u64, q: &str| Job { id, req: schema_request(CONTEXT, q), prefix_cache_bytes: 64 << 20 };
     for (i, q) in QUESTIONS[..3].iter().enumerate() {
@@ -503,4 +548,24 @@ fn the_engine_serves_jobs_together_and_cancels_one() {
     ctx.send(Command::Shutdown).unwrap();
     drop(ctx);
     h.join().unwrap();
+    // The trace: a line per prompt read (four jobs) and per pass, each with its end time and duration; the passes'
+    // rows add up to at least the tokens the three answered jobs generated.
+    let text = std::fs::read_to_string(&trace).unwrap();
+    std::fs::remove_file(&trace).unwrap();
+    let lines: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    let begins: Vec<&Vec<&str>> = lines.iter().filter(|l| l[0] == "begin").collect();
+    let passes: Vec<&Vec<&str>> = lines.iter().filter(|l| l[0] == "pass").collect();
+    assert_eq!(begins.len() + passes.len(), lines.len(), "{text}");
+    assert_eq!(begins.len(), 4, "{text}");
+    // (The cancelled job may have been cancelled before its prompt was read: `failed`.)
+    let how = ["whole", "after-prefix", "recent", "failed"];
+    assert!(begins.iter().all(|l| l.len() == 6 && how.contains(&l[3])), "{text}");
+    assert_eq!(begins[0][3], "whole", "the first prompt had nothing cached: {text}");
+    assert!(passes.iter().all(|l| l.len() == 5 && l[4].parse::<usize>().unwrap() >= 1), "{text}");
+    for l in &lines {
+        assert!(l[1].parse::<f64>().unwrap() > 1.7e9 && l[2].parse::<f64>().unwrap() >= 0.0, "{l:?}");
+    }
+    let rows: usize = passes.iter().map(|l| l[3].parse::<usize>().unwrap()).sum();
+    let generated: usize = alone.iter().map(|a| a.generated_tokens).sum();
+    assert!(rows + 3 >= generated, "{rows} rows for {generated} tokens: {text}");
 }

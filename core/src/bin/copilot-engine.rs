@@ -117,6 +117,8 @@ fn main() {
         max_context: num("--max-context"),
         memory_limit_bytes: (memory_mb as u64) << 20,
         embedder: arg(&args, "--embedder").filter(|s| !s.is_empty()),
+        // A measurement aid (scripts/bench-concurrency): one line per prompt read and per decoding pass.
+        trace: std::env::var_os("COPILOT_ENGINE_TRACE").map(std::path::PathBuf::from),
         ..Default::default()
     };
     serve::serve(&source, &opts, cmd_rx, ev_tx.clone());

@@ -265,6 +265,9 @@ pub struct LoadOptions {
     /// A sentence encoder ([`crate::engine::embed::Embedder::load`]'s spec) for grounding questions by meaning;
     /// `None` = by spelling only.
     pub embedder: Option<String>,
+    /// Where the job loop appends its trace ([`crate::engine::serve::Trace`]; `copilot-engine` takes it from
+    /// `COPILOT_ENGINE_TRACE`); `None` = no trace.
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// The schema-prefix KV cache's counters (see `prefix_cache`), for `copilot.status()` and the benchmarks.

@@ -83,6 +83,11 @@ impl PrefixCache {
         }
     }
 
+    /// Whether an entry is kept under `key` (no hit or miss counted, no change to its age).
+    pub fn contains(&self, key: &PrefixKey) -> bool {
+        self.entries.contains_key(key)
+    }
+
     /// Keep `kv` under `key`, evicting least recently used entries to stay within the limit. Returns false when
     /// the entry was not kept (cache disabled, or the entry alone exceeds the limit).
     pub fn insert(&mut self, key: PrefixKey, kv: KvCache) -> bool {

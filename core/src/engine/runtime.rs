@@ -45,6 +45,26 @@ pub unsafe fn configure_threads(threads: usize) {
     }
 }
 
+/// Prompts read lately whose state is kept ([`Runtime::begin_with_prefix`]): a request for the same prompt soon
+/// after — copilot's pipeline asks for the sampled candidates right after a greedy answer it was unsure of, and
+/// with several sessions other prompts come in between — starts from that state instead of reading the question
+/// again (once: the entry is then dropped).
+const RECENT_PROMPTS: usize = 8;
+
+/// A prompt's tokens after its cached schema prefix beyond which its state is not kept: what such an entry holds
+/// apart from the prefix cache's own entry (whose tensors it shares) stays small.
+const RECENT_OWN_TOKENS: usize = 512;
+
+/// The state after a whole prompt: its K/V (the schema prefix's segments shared with the prefix cache's entry)
+/// and the logits after its last token — exactly what reading the prompt again would compute.
+struct RecentPrompt {
+    prompt: Vec<u32>,
+    prefix_len: usize,
+    prefix_key: crate::engine::prefix_cache::PrefixKey,
+    kv: KvCache,
+    logits: Vec<f32>,
+}
+
 /// What is known about the loaded model.
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
@@ -87,6 +107,9 @@ pub struct Runtime {
     share_twins: bool,
     /// The sentence encoder that grounds questions by meaning ([`LoadOptions::embedder`]), if it loaded.
     embedder: Option<crate::engine::embed::Embedder>,
+    /// The last prompts read, most recent first (see [`RECENT_PROMPTS`]); kept only beside the prefix cache's
+    /// entry for their schema prefix, and dropped with it.
+    recent: VecDeque<RecentPrompt>,
     /// What became of [`LoadOptions::embedder`], for the engine's log and status.
     embedder_status: String,
 }
@@ -221,6 +244,7 @@ impl Runtime {
             max_context,
             drafter: Drafter::default(),
             share_twins: true,
+            recent: VecDeque::new(),
             embedder,
             embedder_status,
         })
@@ -319,11 +343,58 @@ impl Runtime {
     pub fn set_prefix_cache_bytes(&mut self, bytes: usize) {
         if bytes != self.prefix_cache.limit_bytes() {
             self.prefix_cache.set_limit(bytes);
+            self.forget_recent();
         }
     }
 
     pub fn clear_prefix_cache(&mut self) {
         self.prefix_cache.clear();
+        self.recent.clear();
+    }
+
+    /// Prompts kept in [`Runtime::recent`] (for tests and status).
+    pub fn recent_prompts(&self) -> usize {
+        self.recent.len()
+    }
+
+    /// Drop the recent prompts whose schema prefix the prefix cache no longer holds: what they keep alive is then
+    /// only their own tokens' K/V and logits.
+    fn forget_recent(&mut self) {
+        let cache = &self.prefix_cache;
+        self.recent.retain(|r| cache.contains(&r.prefix_key));
+    }
+
+    /// The state after `prompt` (split at `prefix_len`) if it was read lately: its K/V and logits. The entry is
+    /// taken out: the pipeline asks for a prompt at most twice (the greedy answer, then the sampled ones), so its
+    /// slot goes to prompts not asked again yet — with 8 sessions, 13 of 22 second asks found their prompt when
+    /// hits kept their slot (reports/concurrency_intel.md, context.md 2026-12-07).
+    fn recent_prompt(&mut self, prompt: &[u32], prefix_len: usize) -> Option<(KvCache, Vec<f32>)> {
+        self.forget_recent();
+        let at = self.recent.iter().position(|r| r.prefix_len == prefix_len && r.prompt == prompt)?;
+        let r = self.recent.remove(at).expect("found just above");
+        Some((r.kv, r.logits))
+    }
+
+    /// Keep the state after `prompt` for a request of the same prompt soon after, where its schema prefix is in
+    /// the prefix cache and its own tokens are few.
+    fn remember_prompt(&mut self, prompt: &[u32], prefix_len: usize, kv: &KvCache, logits: &[f32]) {
+        if prefix_len == 0 || prompt.len() - prefix_len > RECENT_OWN_TOKENS {
+            return;
+        }
+        let prefix_key = prefix_key(&self.info.identity, &prompt[..prefix_len]);
+        if !self.prefix_cache.contains(&prefix_key) {
+            return;
+        }
+        self.recent.retain(|r| !(r.prefix_len == prefix_len && r.prompt == prompt));
+        self.recent.truncate(RECENT_PROMPTS - 1);
+        self.recent.push_front(RecentPrompt {
+            prompt: prompt.to_vec(),
+            prefix_len,
+            prefix_key,
+            kv: kv.clone(),
+            logits: logits.to_vec(),
+        });
+        self.forget_recent();
     }
 
     /// Prefill `tokens` after `cache`'s state, in chunks, polling `cancel` before each; logits of the last token.
@@ -427,8 +498,18 @@ impl Runtime {
         }
         let prefix_len = prefix_len.min(prompt.len() - 1);
         let t0 = Instant::now();
-        let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
-        let logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
+        // A prompt read lately (the same tokens, the same split) starts from its state: the same K/V and logits
+        // reading it again would compute.
+        let (kv, logits, cache_hit, read) = match self.recent_prompt(prompt, prefix_len) {
+            Some((kv, logits)) => (kv, logits, true, Read::Recent),
+            None => {
+                let (mut kv, cache_hit) = self.prefix_state(prompt, prefix_len, cancel)?;
+                let logits = self.prefill(&prompt[prefix_len..], &mut kv, cancel)?.to_vec1::<f32>()?;
+                self.remember_prompt(prompt, prefix_len, &kv, &logits);
+                let read = if cache_hit { Read::AfterPrefix } else { Read::Whole };
+                (kv, logits, cache_hit, read)
+            }
+        };
         let prefill_s = t0.elapsed().as_secs_f64();
         let seed = prompt_seed(prompt) ^ sampling.seed;
         // Drafts are verified by the multi-row pass, whose rows compute exactly what the one-token step does; the
@@ -459,6 +540,7 @@ impl Runtime {
             done: max_new_tokens == 0,
             prefix_len,
             cache_hit,
+            read,
             prefill_s,
             decode_started: Instant::now(),
             p_unanswerable: None,
@@ -797,6 +879,8 @@ pub struct Decoding {
     done: bool,
     prefix_len: usize,
     cache_hit: bool,
+    /// How its prompt was read (for the engine's trace).
+    read: Read,
     prefill_s: f64,
     decode_started: Instant,
     p_unanswerable: Option<f32>,
@@ -805,7 +889,40 @@ pub struct Decoding {
     twin_rows: usize,
 }
 
+/// How a job's prompt was read: taken whole from a recent prompt's state, its own tokens after a cached schema
+/// prefix, or all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Read {
+    Recent,
+    AfterPrefix,
+    Whole,
+}
+
+impl Read {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Read::Recent => "recent",
+            Read::AfterPrefix => "after-prefix",
+            Read::Whole => "whole",
+        }
+    }
+}
+
 impl Decoding {
+    /// How the prompt was read, and how many of its tokens follow the schema prefix.
+    pub fn prompt_read(&self) -> (Read, usize) {
+        (self.read, self.prompt.len() - self.prefix_len)
+    }
+
+    /// Rows the last pass ran for this job (its planned tokens, twins included): 0 once it is done.
+    pub fn rows_last_pass(&self) -> usize {
+        if self.done {
+            0
+        } else {
+            self.next.iter().map(|(_, t)| t.len()).sum()
+        }
+    }
+
     /// Every row has stopped: [`Runtime::finish`] gives the answer.
     pub fn is_done(&self) -> bool {
         self.done

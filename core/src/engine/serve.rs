@@ -8,6 +8,11 @@
 //! weights per step for all of them, starting the next job between two passes (other engines answer one job at a
 //! time); a job's cancel flag is checked between prefill chunks and between passes.
 //! [`wire`] is the framing both ends of the process boundary speak.
+//!
+//! **Trace** (a measurement aid, off by default): with [`LoadOptions::trace`] (`copilot-engine` takes it from
+//! `COPILOT_ENGINE_TRACE=<file>` in its environment) the job loop appends one line per prompt read and per decoding
+//! pass to that file (see [`Trace`]); `scripts/bench-concurrency` turns it into where the engine's time went at
+//! each level.
 
 use crate::engine::backend::{Answer, Backend, CacheStats, GenerateRequest, LoadOptions};
 #[cfg(feature = "model")]
@@ -359,6 +364,7 @@ fn serve_split(
     };
     let mut active: Vec<Active> = Vec::new();
     let mut open = true;
+    let mut trace = opts.trace.as_deref().and_then(Trace::open);
     loop {
         // Start at most one job between two passes, so a prompt's prefill holds the others up once; wait for one
         // only when nothing is decoding.
@@ -382,7 +388,11 @@ fn serve_split(
         if let Some(job) = job {
             let flag = cancels.lock().unwrap_or_else(|p| p.into_inner()).get(&job.id).cloned().unwrap_or_default();
             let t0 = Instant::now();
-            match engine.begin(&job, &|| flag.load(Ordering::Relaxed)) {
+            let begun = engine.begin(&job, &|| flag.load(Ordering::Relaxed));
+            if let Some(t) = trace.as_mut() {
+                t.begin(t0, &begun, active.len());
+            }
+            match begun {
                 Ok(Begun::Answered(g)) => {
                     if !report(&engine, cancels, events, job.id, t0, Ok(Done::from(&*g))) {
                         return;
@@ -397,8 +407,48 @@ fn serve_split(
                 }
             }
         }
-        if !decode_pass(&mut engine, &mut active, cancels, events) {
+        if !decode_pass(&mut engine, &mut active, cancels, events, trace.as_mut()) {
             return;
+        }
+    }
+}
+
+/// The job loop's trace ([`LoadOptions::trace`]): one line per event, fields separated by spaces, times in
+/// seconds since the Unix epoch (when the event ended) and milliseconds (how long it took):
+/// - `begin <time> <ms> <how> <own tokens> <decoding>`: a job's prompt read; `how` is `recent` (taken whole from a
+///   prompt read lately), `after-prefix` (its tokens after a cached schema prefix), `whole`, or `answered` /
+///   `failed` (no decoding followed); `own tokens` those after the schema prefix; `decoding` the jobs then decoding.
+/// - `pass <time> <ms> <rows> <jobs>`: one decoding pass, its rows (the tokens its jobs planned, drafts included;
+///   a twin candidate's, which its twin's row computes, too) and the jobs in it.
+///
+/// A line that cannot be written is dropped (the trace never fails a job).
+pub struct Trace {
+    file: std::fs::File,
+}
+
+impl Trace {
+    /// Append to `path` (created if missing); `None` when it cannot be opened (no trace then).
+    fn open(path: &std::path::Path) -> Option<Trace> {
+        std::fs::OpenOptions::new().create(true).append(true).open(path).ok().map(|file| Trace { file })
+    }
+
+    /// `<event> <time> <ms> <rest>` for an event that started at `t0` and ends now.
+    fn line(&mut self, event: &str, t0: Instant, rest: std::fmt::Arguments) {
+        use std::io::Write as _;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let _ = writeln!(self.file, "{event} {:.3} {ms:.3} {rest}", now.as_secs_f64());
+    }
+
+    fn begin(&mut self, t0: Instant, begun: &Result<Begun, CoreError>, decoding: usize) {
+        match begun {
+            #[cfg(feature = "model")]
+            Ok(Begun::Decoding(d)) => {
+                let (how, own) = d.prompt_read();
+                self.line("begin", t0, format_args!("{} {own} {decoding}", how.as_str()))
+            }
+            Ok(Begun::Answered(_)) => self.line("begin", t0, format_args!("answered 0 {decoding}")),
+            Err(_) => self.line("begin", t0, format_args!("failed 0 {decoding}")),
         }
     }
 }
@@ -436,6 +486,7 @@ fn decode_pass(
     active: &mut Vec<Active>,
     cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
     events: &Sender<Event>,
+    trace: Option<&mut Trace>,
 ) -> bool {
     let mut ok = true;
     active.retain(|a| {
@@ -450,7 +501,15 @@ fn decode_pass(
     }
     let result = {
         let mut ds: Vec<&mut Decoding> = active.iter_mut().map(|a| &mut *a.d).collect();
-        engine.advance(&mut ds)
+        let t0 = Instant::now();
+        let result = engine.advance(&mut ds);
+        let rows: usize = ds.iter().map(|d| d.rows_last_pass()).sum();
+        // (A step where every job ended at planning ran nothing: no line.)
+        if let Some(t) = trace.filter(|_| rows > 0) {
+            let jobs = ds.iter().filter(|d| d.rows_last_pass() > 0).count();
+            t.line("pass", t0, format_args!("{rows} {jobs}"));
+        }
+        result
     };
     if let Err(e) = result {
         let failed = Failed::from(&e);
@@ -479,6 +538,7 @@ fn decode_pass(
     _active: &mut Vec<Active>,
     _cancels: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
     _events: &Sender<Event>,
+    _trace: Option<&mut Trace>,
 ) -> bool {
     true
 }
