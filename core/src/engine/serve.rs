@@ -503,11 +503,13 @@ fn decode_pass(
         let mut ds: Vec<&mut Decoding> = active.iter_mut().map(|a| &mut *a.d).collect();
         let t0 = Instant::now();
         let result = engine.advance(&mut ds);
-        let rows: usize = ds.iter().map(|d| d.rows_last_pass()).sum();
-        // (A step where every job ended at planning ran nothing: no line.)
-        if let Some(t) = trace.filter(|_| rows > 0) {
+        if let Some(t) = trace {
+            let rows: usize = ds.iter().map(|d| d.rows_last_pass()).sum();
             let jobs = ds.iter().filter(|d| d.rows_last_pass() > 0).count();
-            t.line("pass", t0, format_args!("{rows} {jobs}"));
+            // (A step where every job ended at planning ran nothing: no line.)
+            if rows > 0 {
+                t.line("pass", t0, format_args!("{rows} {jobs}"));
+            }
         }
         result
     };
