@@ -244,8 +244,9 @@ pub fn product(
             // tile state; the asserts above keep every weight block read inside `w`.
             unsafe {
                 match kind {
-                    Kind::Q4K => tiles::<false>(w, row_bytes, wrows, acts, s, sums, put),
-                    Kind::Q6K => tiles::<true>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q4K => tiles::<false, false>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q4K16 => tiles::<false, true>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q6K => tiles::<true, false>(w, row_bytes, wrows, acts, s, sums, put),
                 }
             }
         })
@@ -367,7 +368,7 @@ unsafe fn pack_q6k(p: *const u8, s: &mut Scratch, m: usize) {
 /// `w` holds `wrows.end` rows of `row_bytes` ≥ `acts.nb` blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tiles<const Q6: bool>(
+unsafe fn tiles<const Q6: bool, const X16: bool>(
     w: &[u8],
     row_bytes: usize,
     wrows: std::ops::Range<usize>,
@@ -407,7 +408,11 @@ unsafe fn tiles<const Q6: bool>(
     // at a time, which the CPU's own prefetcher does not follow.
     let ahead = |i: usize| {
         let (rows, at) = if i < nb { (wrows.clone(), i) } else { (wrows.end..wrows.end + TILE_ROWS, i - nb) };
-        if at < nb {
+        if at < nb && X16 {
+            // The 16 rows' block `at` is one piece of 2,304 bytes in the 16-row layout.
+            let group = rows.start / TILE_ROWS;
+            super::kernels::prefetch(w, (group * (row_bytes / bb) + at) * TILE_ROWS * bb, TILE_ROWS * bb);
+        } else if at < nb {
             for r in rows {
                 super::kernels::prefetch(w, r * row_bytes + at * bb, bb);
             }
@@ -421,11 +426,17 @@ unsafe fn tiles<const Q6: bool>(
             // SAFETY: row wrows.start + m < wrows.end holds `nb` blocks (the caller's contract): bytes
             // i·bb..(i+1)·bb of it are in `w`; AVX-512 by the caller.
             unsafe {
-                let p = w.as_ptr().add((wrows.start + m) * row_bytes + i * bb);
-                if Q6 {
-                    pack_q6k(p, s, m)
+                if X16 {
+                    // The row's block back in GGUF's layout (the tiles read it one row at a time).
+                    let b = super::rows16::block(w, row_bytes / bb, wrows.start + m, i);
+                    pack_q4k(b.as_ptr(), s, m)
                 } else {
-                    pack_q4k(p, s, m)
+                    let p = w.as_ptr().add((wrows.start + m) * row_bytes + i * bb);
+                    if Q6 {
+                        pack_q6k(p, s, m)
+                    } else {
+                        pack_q4k(p, s, m)
+                    }
                 }
             }
         }
@@ -530,7 +541,7 @@ unsafe fn tiles<const Q6: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tiles<const Q6: bool>(
+unsafe fn tiles<const Q6: bool, const X16: bool>(
     _: &[u8],
     _: usize,
     _: std::ops::Range<usize>,

@@ -34,6 +34,9 @@ pub const Q6K_BYTES: usize = 210;
 pub enum Kind {
     Q4K,
     Q6K,
+    /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load where
+    /// its kernels run). Functions of one row take it only through [`super::rows16::block`].
+    Q4K16,
 }
 
 impl Kind {
@@ -48,7 +51,7 @@ impl Kind {
 
     pub fn block_bytes(self) -> usize {
         match self {
-            Kind::Q4K => Q4K_BYTES,
+            Kind::Q4K | Kind::Q4K16 => Q4K_BYTES,
             Kind::Q6K => Q6K_BYTES,
         }
     }
@@ -283,11 +286,12 @@ pub fn dot_q6k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
 /// Dequantize one row of `kind` blocks into `out` (`out.len()` = 256 × blocks): the embedding lookup reads only
 /// the rows of the prompt's tokens instead of keeping the whole table in f32 (0.9 GB for the default model).
 pub fn dequantize_row(kind: Kind, row: &[u8], out: &mut [f32]) {
+    assert!(kind != Kind::Q4K16, "a row of the 16-row layout is not contiguous: read it with rows16::block");
     assert_eq!(out.len() % QK_K, 0);
     assert!(row.len() >= out.len() / QK_K * kind.block_bytes());
     for (b, y) in row.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
         match kind {
-            Kind::Q4K => {
+            Kind::Q4K | Kind::Q4K16 => {
                 let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
                 let sm = q4k_scales_mins(&b[4..16]);
                 let qs = &b[16..];
@@ -827,7 +831,7 @@ mod lanes {
         // SAFETY: block i < out.len() of `row` is in bounds (asserted just above); AVX2 by the caller.
         unsafe {
             match kind {
-                super::Kind::Q4K => {
+                super::Kind::Q4K | super::Kind::Q4K16 => {
                     for (i, o) in out.iter_mut().enumerate() {
                         *o = unpack_q4k!(row.as_ptr().add(i * Q4K_BYTES));
                     }
@@ -855,6 +859,7 @@ fn vnni_available() -> bool {
 /// `simd`; without it, the scalar kernels). The SIMD path is `rows_lanes` with one row, so it gives exactly
 /// what a pass of several rows gives each of them.
 pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
+    assert!(kind != Kind::Q4K16, "a row of the 16-row layout is not contiguous: see rows16::dot_scalar");
     assert!(row.len() >= a.len() * kind.block_bytes(), "row of {} bytes for {} blocks", row.len(), a.len());
     #[cfg(target_arch = "x86_64")]
     if simd && simd_available() {
@@ -865,7 +870,7 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     }
     let _ = simd;
     match kind {
-        Kind::Q4K => dot_q4k_scalar(row, a),
+        Kind::Q4K | Kind::Q4K16 => dot_q4k_scalar(row, a),
         Kind::Q6K => dot_q6k_scalar(row, a),
     }
 }
@@ -925,6 +930,7 @@ pub(crate) fn rows_lanes_from(
 ) {
     let Via { unpacked, totals } = via;
     assert!(simd_available(), "the decode kernels need AVX2 and FMA");
+    assert!(kind != Kind::Q4K16, "the 16-row layout has its own kernels (rows16)");
     assert!(wrows.len() <= ROWS_PER_ITEM, "{} weight rows at once", wrows.len());
     let Some(first) = acts.first() else { return };
     let (nb, bb, n_act) = (first.len(), kind.block_bytes(), acts.len());
@@ -1027,9 +1033,9 @@ impl Job<'_> {
         // F/VL/VNNI; `row` and every `a[j]` hold ke − kc blocks (sliced just above).
         unsafe {
             match (self.kind, self.vnni) {
-                (Kind::Q4K, true) if self.totals => lanes::totals::q4k(row, a, sums),
-                (Kind::Q4K, true) => lanes::vnni::q4k(row, a, sums),
-                (Kind::Q4K, false) => lanes::avx2::q4k(row, a, sums),
+                (Kind::Q4K | Kind::Q4K16, true) if self.totals => lanes::totals::q4k(row, a, sums),
+                (Kind::Q4K | Kind::Q4K16, true) => lanes::vnni::q4k(row, a, sums),
+                (Kind::Q4K | Kind::Q4K16, false) => lanes::avx2::q4k(row, a, sums),
                 (Kind::Q6K, true) if self.totals => lanes::totals::q6k(row, a, sums),
                 (Kind::Q6K, true) => lanes::vnni::q6k(row, a, sums),
                 (Kind::Q6K, false) => lanes::avx2::q6k(row, a, sums),
@@ -1123,7 +1129,7 @@ const MAX_ROWS_AT_ONCE: usize = 8;
 #[cfg(target_arch = "x86_64")]
 fn amx_min_rows(kind: Kind) -> usize {
     match kind {
-        Kind::Q4K | Kind::Q6K => 8,
+        Kind::Q4K | Kind::Q6K | Kind::Q4K16 => 8,
     }
 }
 
@@ -1154,6 +1160,8 @@ pub(crate) fn prefetch(w: &[u8], at: usize, len: usize) {
 
 /// Rows handed to a thread at a time: enough work to hide the hand-out, few enough to balance 2 threads.
 const ROWS_PER_ITEM: usize = 16;
+// A work item is one group of the 16-row layout.
+const _: () = assert!(ROWS_PER_ITEM == super::rows16::ROWS);
 
 /// `y = W · x` for `W` of `n` rows × `k` columns stored as `kind` blocks in `w`.
 pub fn gemv(kind: Kind, w: &[u8], n: usize, k: usize, x: &[f32], y: &mut [f32]) {
@@ -1214,6 +1222,10 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
         /// The pass's activation rows laid out for the AMX tiles, when the pass takes them.
         static AMX_ACTS: std::cell::RefCell<super::amx::Acts> = std::cell::RefCell::new(super::amx::Acts::default());
     }
+    thread_local! {
+        /// Per activation row, the min pairs the 16-row kernels take (`rows16::min_pairs`).
+        static PAIRS: std::cell::RefCell<Vec<Vec<[i32; 4]>>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
             let simd = simd_available();
@@ -1239,6 +1251,18 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
             let lane_refs: Vec<&[Q8KLanes]> =
                 if simd { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };
             let (act_refs, lane_refs) = (&act_refs, &lane_refs);
+            // Matrices in the 16-row layout (`rows16`) take each activation row's min pairs beside its blocks.
+            let sixteen = mats.iter().any(|m| m.kind == Kind::Q4K16);
+            let mut pairs = PAIRS.take();
+            if sixteen {
+                pairs.resize_with(rows.max(pairs.len()), Vec::new);
+                for (p, a) in pairs.iter_mut().zip(act) {
+                    super::rows16::min_pairs(a, p);
+                }
+            }
+            let pair_refs: Vec<&[[i32; 4]]> =
+                if sixteen { pairs[..rows].iter().map(|p| p.as_slice()).collect() } else { Vec::new() };
+            let pair_refs = &pair_refs;
             let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
             let outs = &outs;
             let first = &first;
@@ -1279,6 +1303,11 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
                         super::amx::product(m.kind, m.w, row_bytes, wrows.clone(), &amx_acts, put(0));
                         continue;
                     }
+                    if m.kind == Kind::Q4K16 {
+                        // Items are groups of 16 weight rows, as the layout's groups are.
+                        super::rows16::product(m.w, k / QK_K, wrows.clone(), act_refs, pair_refs, put(0));
+                        continue;
+                    }
                     #[cfg(target_arch = "x86_64")]
                     if simd {
                         if rows <= MAX_ROWS_AT_ONCE || vnni {
@@ -1314,6 +1343,7 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
             });
             #[cfg(target_arch = "x86_64")]
             AMX_ACTS.set(amx_acts);
+            PAIRS.set(pairs);
         })
     });
 }
@@ -1440,7 +1470,7 @@ pub(crate) mod tests {
                 let o = b * kind.block_bytes();
                 let d = f16::from_f32(0.01).to_bits().to_le_bytes();
                 match kind {
-                    Kind::Q4K => {
+                    Kind::Q4K | Kind::Q4K16 => {
                         row[o..o + 2].copy_from_slice(&d);
                         row[o + 2..o + 4].copy_from_slice(&d);
                     }
@@ -1645,7 +1675,7 @@ pub(crate) mod tests {
                     let mut v: [lanes::__m256; 3] = std::mem::zeroed();
                     let mut x: [lanes::__m256; 3] = std::mem::zeroed();
                     match kind {
-                        Kind::Q4K => {
+                        Kind::Q4K | Kind::Q4K16 => {
                             lanes::vnni::q4k(row, a, &mut v);
                             lanes::avx2::q4k(row, a, &mut x);
                         }

@@ -5,6 +5,7 @@
 //! - [`kernels`], [`decode`]: the decoding step's weight products (AVX2 over the GGUF blocks) and its per-token
 //!   arithmetic on plain vectors;
 //! - [`amx`]: weight products of many rows on Intel AMX tiles (prompts; decoding passes with `COPILOT_AMX=all`);
+//! - [`rows16`]: Q4_K weights interleaved 16 rows at a time and the decode kernels over them (AVX-512 VNNI);
 //! - [`prompt_kernels`]: a prompt's weight products (AVX-512 VNNI over the same blocks; no second copy of them);
 //! - [`runtime`]: load, tokenize, prefill, greedy decoding with SQL stop rules;
 //! - [`prefix_cache`]: the schema-prefix KV cache (LRU bounded by bytes, keyed by model and prefix tokens);
@@ -49,6 +50,8 @@ pub mod prompt_kernels;
 pub mod q4_1;
 #[cfg(feature = "remote")]
 pub mod remote;
+#[cfg(feature = "model")]
+pub mod rows16;
 #[cfg(feature = "model")]
 pub mod runtime;
 pub mod sample;

@@ -172,7 +172,7 @@ impl Transformer {
                 .map(|t| {
                     s.spawn(move || -> Result<()> {
                         for l in all.iter().skip(t).step_by(threads) {
-                            l.mm.forward(&Tensor::zeros((2, l.k), DType::F32, &Device::Cpu)?)?;
+                            l.candle()?.forward(&Tensor::zeros((2, l.k), DType::F32, &Device::Cpu)?)?;
                         }
                         Ok(())
                     })

@@ -69,13 +69,26 @@ impl Target {
 /// A quantized linear layer (`y = x · Wᵀ`). Rows of activations go through our own kernels
 /// ([`crate::engine::kernels`]) when the weights are a format they cover — one row (decoding) and, unless the
 /// model was told otherwise ([`super::Transformer::set_own_prefill`]), several (a prompt); other formats go through
-/// candle's quantized matmul. Our kernels read the weights' GGUF blocks in place, so no second copy of them exists.
+/// candle's quantized matmul. Our kernels read the weights' GGUF blocks in place, so no second copy of them exists;
+/// where the CPU has AVX-512 VNNI, Q4_K weights are moved at load into the 16-row layout of
+/// [`crate::engine::rows16`] (the same bytes), whose kernels are faster there ([`Store::Rows16`]).
 pub(super) struct Linear {
-    pub(super) mm: QMatMul,
+    pub(super) mm: Store,
     pub(super) n: usize,
     pub(super) k: usize,
     /// A low-rank adapter computed beside the quantized weights (a tuned model's file carries it: [`LowRank`]).
     pub(super) lora: Option<LowRank>,
+}
+
+/// Where a layer's weights are kept.
+pub(super) enum Store {
+    /// As the GGUF has them, in candle's quantized tensor (our kernels read its blocks in place).
+    Candle(QMatMul),
+    /// Q4_K weights in the 16-row layout ([`crate::engine::rows16`]): the tensor's bytes moved at load, the
+    /// tensor dropped. candle's matmul reads only GGUF's layout, so where it is asked for (our kernels turned off
+    /// for a comparison: [`super::Transformer::set_own_kernels`], `set_own_prefill`) a copy in that layout is made
+    /// the first time and kept — twice the layer's memory, in those comparisons only.
+    Rows16 { w: Vec<u8>, n: usize, k: usize, candle: std::sync::OnceLock<QMatMul> },
 }
 
 /// A LoRA adapter applied at run time: `y = W·x + scale·B·(A·x)`, A r × k and B n × r in f32, exactly as trained.
@@ -175,32 +188,74 @@ impl Linear {
                 );
             }
         }
-        Ok(Linear { mm: QMatMul::from_arc(qt)?, n, k, lora })
+        let own = qt.dtype() == candle_core::quantized::GgmlDType::Q4K
+            && qt.device().is_cpu()
+            && n.is_multiple_of(crate::engine::rows16::ROWS)
+            && k.is_multiple_of(kernels::QK_K)
+            && Arc::strong_count(&qt) == 1
+            && crate::engine::rows16::available();
+        if own {
+            let w = crate::engine::rows16::interleave(&qt.data()?, n, k / kernels::QK_K);
+            drop(qt);
+            return Ok(Linear { mm: Store::Rows16 { w, n, k, candle: std::sync::OnceLock::new() }, n, k, lora });
+        }
+        Ok(Linear { mm: Store::Candle(QMatMul::from_arc(qt)?), n, k, lora })
+    }
+
+    /// candle's matmul over these weights (for a layer in the 16-row layout, over a copy in GGUF's, made once).
+    pub(super) fn candle(&self) -> Result<&QMatMul> {
+        match &self.mm {
+            Store::Candle(mm) => Ok(mm),
+            Store::Rows16 { w, n, k, candle } => {
+                if let Some(mm) = candle.get() {
+                    return Ok(mm);
+                }
+                let gguf = crate::engine::rows16::deinterleave(w, *n, k / kernels::QK_K);
+                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    candle_core::quantized::GgmlDType::Q4K,
+                    &gguf,
+                    vec![*n, *k],
+                    &Device::Cpu,
+                )?;
+                let mm = QMatMul::from_arc(Arc::new(qt))?;
+                Ok(candle.get_or_init(|| mm))
+            }
+        }
     }
 
     /// candle's product for a tensor of rows, with the adapter's change added.
     fn candle_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.mm.forward(x)?;
+        let y = self.candle()?.forward(x)?;
         match &self.lora {
             Some(l) => y + l.delta(x, self.k, self.n)?,
             None => Ok(y),
         }
     }
 
-    /// The quantized weights and their format, when our decode kernels cover them.
-    fn raw(&self) -> Option<(&QTensor, kernels::Kind)> {
+    /// The weights' format, when our decode kernels cover them.
+    fn raw(&self) -> Option<kernels::Kind> {
         match &self.mm {
-            QMatMul::QTensor(qt) if self.k.is_multiple_of(kernels::QK_K) => {
-                kernels::Kind::from_ggml(qt.dtype()).map(|kind| (qt.as_ref(), kind))
+            Store::Candle(QMatMul::QTensor(qt)) if self.k.is_multiple_of(kernels::QK_K) => {
+                kernels::Kind::from_ggml(qt.dtype())
             }
+            Store::Rows16 { .. } => Some(kernels::Kind::Q4K16),
             _ => None,
+        }
+    }
+
+    /// The weights' bytes, as our kernels read them (for a format [`Linear::raw`] names).
+    fn bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>> {
+        match &self.mm {
+            Store::Candle(QMatMul::QTensor(qt)) => qt.data(),
+            Store::Rows16 { w, .. } => Ok(std::borrow::Cow::Borrowed(w)),
+            Store::Candle(_) => candle_core::bail!("weights that are not quantized have no blocks"),
         }
     }
 
     /// The weights, when they are Q4_1 with whole blocks per row: [`crate::engine::q4_1`] computes candle's bits.
     fn q4_1(&self) -> Option<&QTensor> {
         match &self.mm {
-            QMatMul::QTensor(qt) if crate::engine::q4_1::covers(qt.dtype(), self.k) => Some(qt),
+            Store::Candle(QMatMul::QTensor(qt)) if crate::engine::q4_1::covers(qt.dtype(), self.k) => Some(qt),
             _ => None,
         }
     }
@@ -296,18 +351,18 @@ impl Linear {
             for x in xs {
                 let x = Tensor::from_slice(x, (1, x.len()), &Device::Cpu)?;
                 for (l, y) in layers.iter().zip(ys.iter_mut()) {
-                    y.extend(l.mm.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
+                    y.extend(l.candle()?.forward(&x)?.flatten_all()?.to_vec1::<f32>()?);
                 }
             }
             return Ok(ys);
         }
         let raw: Vec<_> = layers.iter().filter_map(|l| l.raw()).collect();
-        let data = raw.iter().map(|(qt, _)| qt.data()).collect::<Result<Vec<_>>>()?;
+        let data = layers.iter().map(|l| l.bytes()).collect::<Result<Vec<_>>>()?;
         let mats: Vec<kernels::Matrix> = layers
             .iter()
             .zip(&raw)
             .zip(&data)
-            .map(|((l, (_, kind)), w)| kernels::Matrix { kind: *kind, w, n: l.n })
+            .map(|((l, kind), w)| kernels::Matrix { kind: *kind, w, n: l.n })
             .collect();
         let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; l.n * xs.len()]).collect();
         let mut outs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
@@ -551,7 +606,7 @@ mod tests {
         let ys = Linear::matmul_rows(&refs, &rows).unwrap();
         for (l, y) in layers.iter().zip(&ys) {
             for (r, x) in rows.iter().enumerate() {
-                let want = l.mm.forward(&Tensor::from_slice(x, (1, k), &Device::Cpu).unwrap()).unwrap();
+                let want = l.candle().unwrap().forward(&Tensor::from_slice(x, (1, k), &Device::Cpu).unwrap()).unwrap();
                 let want = want.flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let got = &y[r * l.n..(r + 1) * l.n];
                 let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
@@ -570,7 +625,7 @@ mod tests {
         }
         // Not a whole block per row: candle's path, as before.
         let odd = Linear {
-            mm: QMatMul::Tensor(Tensor::zeros((2, 20), DType::F32, &Device::Cpu).unwrap()),
+            mm: Store::Candle(QMatMul::Tensor(Tensor::zeros((2, 20), DType::F32, &Device::Cpu).unwrap())),
             n: 2,
             k: 20,
             lora: None,
