@@ -246,6 +246,7 @@ pub fn product(
                 match kind {
                     Kind::Q4K => tiles::<false, false>(w, row_bytes, wrows, acts, s, sums, put),
                     Kind::Q4K16 => tiles::<false, true>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q6K16 => tiles::<true, true>(w, row_bytes, wrows, acts, s, sums, put),
                     Kind::Q6K => tiles::<true, false>(w, row_bytes, wrows, acts, s, sums, put),
                 }
             }
@@ -420,16 +421,25 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
     };
     ahead(0);
     ahead(1);
+    let mut gguf = [[0u8; Q6K_BYTES]; TILE_ROWS];
     for i in 0..nb {
         ahead(i + 2);
-        for m in 0..mrows {
+        if X16 {
+            // The group's block back in GGUF's layout, all 16 rows at once (the tiles read it a row at a time).
+            let kind = if Q6 { Kind::Q6K16 } else { Kind::Q4K16 };
+            super::rows16::group_blocks(kind, w, row_bytes / bb, wrows.start / TILE_ROWS, i, &mut gguf);
+        }
+        for (m, rebuilt) in gguf.iter().enumerate().take(mrows) {
             // SAFETY: row wrows.start + m < wrows.end holds `nb` blocks (the caller's contract): bytes
-            // i·bb..(i+1)·bb of it are in `w`; AVX-512 by the caller.
+            // i·bb..(i+1)·bb of it are in `w` (or, in the 16-row layout, were copied to `rebuilt`); AVX-512 by
+            // the caller.
             unsafe {
                 if X16 {
-                    // The row's block back in GGUF's layout (the tiles read it one row at a time).
-                    let b = super::rows16::block(w, row_bytes / bb, wrows.start + m, i);
-                    pack_q4k(b.as_ptr(), s, m)
+                    if Q6 {
+                        pack_q6k(rebuilt.as_ptr(), s, m)
+                    } else {
+                        pack_q4k(rebuilt.as_ptr(), s, m)
+                    }
                 } else {
                     let p = w.as_ptr().add((wrows.start + m) * row_bytes + i * bb);
                     if Q6 {

@@ -37,6 +37,8 @@ pub enum Kind {
     /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load where
     /// its kernels run). Functions of one row take it only through [`super::rows16::block`].
     Q4K16,
+    /// Q6_K in the 16-row layout, as `Q4K16`.
+    Q6K16,
 }
 
 impl Kind {
@@ -52,8 +54,13 @@ impl Kind {
     pub fn block_bytes(self) -> usize {
         match self {
             Kind::Q4K | Kind::Q4K16 => Q4K_BYTES,
-            Kind::Q6K => Q6K_BYTES,
+            Kind::Q6K | Kind::Q6K16 => Q6K_BYTES,
         }
+    }
+
+    /// True for the 16-row layouts of [`super::rows16`] (a row's blocks are not contiguous there).
+    pub fn rows16(self) -> bool {
+        matches!(self, Kind::Q4K16 | Kind::Q6K16)
     }
 }
 
@@ -286,7 +293,7 @@ pub fn dot_q6k_scalar(row: &[u8], a: &[Q8K]) -> f32 {
 /// Dequantize one row of `kind` blocks into `out` (`out.len()` = 256 × blocks): the embedding lookup reads only
 /// the rows of the prompt's tokens instead of keeping the whole table in f32 (0.9 GB for the default model).
 pub fn dequantize_row(kind: Kind, row: &[u8], out: &mut [f32]) {
-    assert!(kind != Kind::Q4K16, "a row of the 16-row layout is not contiguous: read it with rows16::block");
+    assert!(!kind.rows16(), "a row of the 16-row layout is not contiguous: read it with rows16::block");
     assert_eq!(out.len() % QK_K, 0);
     assert!(row.len() >= out.len() / QK_K * kind.block_bytes());
     for (b, y) in row.chunks_exact(kind.block_bytes()).zip(out.chunks_exact_mut(QK_K)) {
@@ -305,7 +312,7 @@ pub fn dequantize_row(kind: Kind, row: &[u8], out: &mut [f32]) {
                     }
                 }
             }
-            Kind::Q6K => {
+            Kind::Q6K | Kind::Q6K16 => {
                 let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
                 for h in 0..2 {
                     let (ql, qh) = (&ql[64 * h..], &qh[32 * h..]);
@@ -836,7 +843,7 @@ mod lanes {
                         *o = unpack_q4k!(row.as_ptr().add(i * Q4K_BYTES));
                     }
                 }
-                super::Kind::Q6K => {
+                super::Kind::Q6K | super::Kind::Q6K16 => {
                     for (i, o) in out.iter_mut().enumerate() {
                         *o = unpack_q6k!(row.as_ptr().add(i * Q6K_BYTES));
                     }
@@ -859,7 +866,7 @@ fn vnni_available() -> bool {
 /// `simd`; without it, the scalar kernels). The SIMD path is `rows_lanes` with one row, so it gives exactly
 /// what a pass of several rows gives each of them.
 pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
-    assert!(kind != Kind::Q4K16, "a row of the 16-row layout is not contiguous: see rows16::dot_scalar");
+    assert!(!kind.rows16(), "a row of the 16-row layout is not contiguous: see rows16::dot_scalar");
     assert!(row.len() >= a.len() * kind.block_bytes(), "row of {} bytes for {} blocks", row.len(), a.len());
     #[cfg(target_arch = "x86_64")]
     if simd && simd_available() {
@@ -871,7 +878,7 @@ pub fn dot(kind: Kind, row: &[u8], a: &[Q8K], simd: bool) -> f32 {
     let _ = simd;
     match kind {
         Kind::Q4K | Kind::Q4K16 => dot_q4k_scalar(row, a),
-        Kind::Q6K => dot_q6k_scalar(row, a),
+        Kind::Q6K | Kind::Q6K16 => dot_q6k_scalar(row, a),
     }
 }
 
@@ -930,7 +937,7 @@ pub(crate) fn rows_lanes_from(
 ) {
     let Via { unpacked, totals } = via;
     assert!(simd_available(), "the decode kernels need AVX2 and FMA");
-    assert!(kind != Kind::Q4K16, "the 16-row layout has its own kernels (rows16)");
+    assert!(!kind.rows16(), "the 16-row layout has its own kernels (rows16)");
     assert!(wrows.len() <= ROWS_PER_ITEM, "{} weight rows at once", wrows.len());
     let Some(first) = acts.first() else { return };
     let (nb, bb, n_act) = (first.len(), kind.block_bytes(), acts.len());
@@ -1036,9 +1043,9 @@ impl Job<'_> {
                 (Kind::Q4K | Kind::Q4K16, true) if self.totals => lanes::totals::q4k(row, a, sums),
                 (Kind::Q4K | Kind::Q4K16, true) => lanes::vnni::q4k(row, a, sums),
                 (Kind::Q4K | Kind::Q4K16, false) => lanes::avx2::q4k(row, a, sums),
-                (Kind::Q6K, true) if self.totals => lanes::totals::q6k(row, a, sums),
-                (Kind::Q6K, true) => lanes::vnni::q6k(row, a, sums),
-                (Kind::Q6K, false) => lanes::avx2::q6k(row, a, sums),
+                (Kind::Q6K | Kind::Q6K16, true) if self.totals => lanes::totals::q6k(row, a, sums),
+                (Kind::Q6K | Kind::Q6K16, true) => lanes::vnni::q6k(row, a, sums),
+                (Kind::Q6K | Kind::Q6K16, false) => lanes::avx2::q6k(row, a, sums),
             }
         }
     }
@@ -1129,7 +1136,7 @@ const MAX_ROWS_AT_ONCE: usize = 8;
 #[cfg(target_arch = "x86_64")]
 fn amx_min_rows(kind: Kind) -> usize {
     match kind {
-        Kind::Q4K | Kind::Q6K | Kind::Q4K16 => 8,
+        Kind::Q4K | Kind::Q6K | Kind::Q4K16 | Kind::Q6K16 => 8,
     }
 }
 
@@ -1223,8 +1230,8 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
         static AMX_ACTS: std::cell::RefCell<super::amx::Acts> = std::cell::RefCell::new(super::amx::Acts::default());
     }
     thread_local! {
-        /// Per activation row, the min pairs the 16-row kernels take (`rows16::min_pairs`).
-        static PAIRS: std::cell::RefCell<Vec<Vec<[i32; 4]>>> = const { std::cell::RefCell::new(Vec::new()) };
+        /// Per activation row, the sums in pairs the 16-row kernels take (`rows16::pairs`).
+        static PAIRS: std::cell::RefCell<Vec<Vec<super::rows16::Pairs>>> = const { std::cell::RefCell::new(Vec::new()) };
     }
     ACT.with_borrow_mut(|act| {
         LANES.with_borrow_mut(|lanes| {
@@ -1251,16 +1258,16 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
             let lane_refs: Vec<&[Q8KLanes]> =
                 if simd { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };
             let (act_refs, lane_refs) = (&act_refs, &lane_refs);
-            // Matrices in the 16-row layout (`rows16`) take each activation row's min pairs beside its blocks.
-            let sixteen = mats.iter().any(|m| m.kind == Kind::Q4K16);
+            // Matrices in the 16-row layout (`rows16`) take each activation row's sums in pairs beside its blocks.
+            let sixteen = mats.iter().any(|m| m.kind.rows16());
             let mut pairs = PAIRS.take();
             if sixteen {
                 pairs.resize_with(rows.max(pairs.len()), Vec::new);
                 for (p, a) in pairs.iter_mut().zip(act) {
-                    super::rows16::min_pairs(a, p);
+                    super::rows16::pairs(a, p);
                 }
             }
-            let pair_refs: Vec<&[[i32; 4]]> =
+            let pair_refs: Vec<&[super::rows16::Pairs]> =
                 if sixteen { pairs[..rows].iter().map(|p| p.as_slice()).collect() } else { Vec::new() };
             let pair_refs = &pair_refs;
             let outs = Outs(ys.iter_mut().map(|y| y.as_mut_ptr()).collect());
@@ -1303,9 +1310,9 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
                         super::amx::product(m.kind, m.w, row_bytes, wrows.clone(), &amx_acts, put(0));
                         continue;
                     }
-                    if m.kind == Kind::Q4K16 {
+                    if m.kind.rows16() {
                         // Items are groups of 16 weight rows, as the layout's groups are.
-                        super::rows16::product(m.w, k / QK_K, wrows.clone(), act_refs, pair_refs, put(0));
+                        super::rows16::product(m.kind, m.w, k / QK_K, wrows.clone(), act_refs, pair_refs, put(0));
                         continue;
                     }
                     #[cfg(target_arch = "x86_64")]
@@ -1474,7 +1481,7 @@ pub(crate) mod tests {
                         row[o..o + 2].copy_from_slice(&d);
                         row[o + 2..o + 4].copy_from_slice(&d);
                     }
-                    Kind::Q6K => {
+                    Kind::Q6K | Kind::Q6K16 => {
                         // scales ±127 (int8), d last.
                         for s in 0..16 {
                             row[o + 192 + s] = if s % 3 == 1 { 0x81 } else { 127 };
@@ -1679,7 +1686,7 @@ pub(crate) mod tests {
                             lanes::vnni::q4k(row, a, &mut v);
                             lanes::avx2::q4k(row, a, &mut x);
                         }
-                        Kind::Q6K => {
+                        Kind::Q6K | Kind::Q6K16 => {
                             lanes::vnni::q6k(row, a, &mut v);
                             lanes::avx2::q6k(row, a, &mut x);
                         }

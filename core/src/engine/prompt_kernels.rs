@@ -102,7 +102,7 @@ impl Tile {
                         self.min[g][r] = 32.0 * d * sc;
                     }
                 }
-                Kind::Q4K16 => unreachable!("{}", NOT_HERE),
+                Kind::Q4K16 | Kind::Q6K16 => unreachable!("{}", NOT_HERE),
             }
         }
         // The transpose: value group g of row r → lane r of qs[g].
@@ -137,7 +137,7 @@ fn unpack(kind: Kind, b: &[u8], out: &mut [u8; QK_K]) {
                 }
             }
         }
-        Kind::Q4K16 => unreachable!("{}", NOT_HERE),
+        Kind::Q4K16 | Kind::Q6K16 => unreachable!("{}", NOT_HERE),
     }
 }
 
@@ -173,8 +173,8 @@ pub fn gemm_prompt(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32
     // Matrices in the 16-row layout (`rows16`) take its kernels, many rows as well as a few: on the Intel Xeon they
     // ran an 8,960 × 1,536 product of 16 rows at 300 GMAC/s, where these tiles ran 316 (`examples/bench_x16`,
     // `bench_prompt`), and the tiles read GGUF rows.
-    if mats.iter().any(|m| m.kind == Kind::Q4K16) {
-        let (sixteen, other): (Vec<usize>, Vec<usize>) = (0..mats.len()).partition(|&i| mats[i].kind == Kind::Q4K16);
+    if mats.iter().any(|m| m.kind.rows16()) {
+        let (sixteen, other): (Vec<usize>, Vec<usize>) = (0..mats.len()).partition(|&i| mats[i].kind.rows16());
         let mut ys: Vec<Option<&mut [f32]>> = ys.iter_mut().map(|y| Some(&mut **y)).collect();
         let mut take = |idx: &[usize]| -> (Vec<Matrix>, Vec<&mut [f32]>) {
             let m = idx.iter().map(|&i| mats[i]).collect();
@@ -198,7 +198,7 @@ const NOT_HERE: &str = "the 16-row layout does not reach the VNNI prompt tiles";
 
 /// [`gemm_prompt`] on the AVX-512 VNNI tiles here, whatever the CPU's AMX.
 fn gemm_vnni(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]]) {
-    assert!(mats.iter().all(|m| m.kind != Kind::Q4K16), "{NOT_HERE}");
+    assert!(mats.iter().all(|m| !m.kind.rows16()), "{NOT_HERE}");
     assert_eq!(k % QK_K, 0, "k = {k} is not a multiple of {QK_K}");
     assert!(xs.iter().all(|x| x.len() == k), "every input row must have {k} columns");
     assert_eq!(mats.len(), ys.len());
@@ -301,7 +301,7 @@ fn tile_rows(
                 (Kind::Q6K, 4) => vnni::rows::<4, 16>(tile, std::array::from_fn(a), std::array::from_fn(s), head),
                 (Kind::Q6K, 2) => vnni::rows::<2, 16>(tile, std::array::from_fn(a), std::array::from_fn(s), head),
                 (Kind::Q6K, _) => vnni::rows::<1, 16>(tile, std::array::from_fn(a), std::array::from_fn(s), head),
-                (Kind::Q4K16, _) => unreachable!("{}", NOT_HERE),
+                (Kind::Q4K16 | Kind::Q6K16, _) => unreachable!("{}", NOT_HERE),
             }
         }
     }
@@ -466,7 +466,7 @@ mod vnni {
                         }
                     }
                 }
-                Kind::Q4K16 => unreachable!("{}", super::NOT_HERE),
+                Kind::Q4K16 | Kind::Q6K16 => unreachable!("{}", super::NOT_HERE),
             }
         }
     }

@@ -70,8 +70,8 @@ impl Target {
 /// ([`crate::engine::kernels`]) when the weights are a format they cover — one row (decoding) and, unless the
 /// model was told otherwise ([`super::Transformer::set_own_prefill`]), several (a prompt); other formats go through
 /// candle's quantized matmul. Our kernels read the weights' GGUF blocks in place, so no second copy of them exists;
-/// where the CPU has AVX-512 VNNI, Q4_K weights are moved at load into the 16-row layout of
-/// [`crate::engine::rows16`] (the same bytes), whose kernels are faster there ([`Store::Rows16`]).
+/// with `COPILOT_ROWS16=on` on a CPU with AVX-512 VNNI, Q4_K and Q6_K weights are moved at load into the 16-row
+/// layout of [`crate::engine::rows16`] (the same bytes; [`Store::Rows16`]).
 pub(super) struct Linear {
     pub(super) mm: Store,
     pub(super) n: usize,
@@ -84,11 +84,11 @@ pub(super) struct Linear {
 pub(super) enum Store {
     /// As the GGUF has them, in candle's quantized tensor (our kernels read its blocks in place).
     Candle(QMatMul),
-    /// Q4_K weights in the 16-row layout ([`crate::engine::rows16`]): the tensor's bytes moved at load, the
+    /// Q4_K or Q6_K weights in the 16-row layout ([`crate::engine::rows16`]): the tensor's bytes moved at load, the
     /// tensor dropped. candle's matmul reads only GGUF's layout, so where it is asked for (our kernels turned off
     /// for a comparison: [`super::Transformer::set_own_kernels`], `set_own_prefill`) a copy in that layout is made
     /// the first time and kept — twice the layer's memory, in those comparisons only.
-    Rows16 { w: Vec<u8>, n: usize, k: usize, candle: std::sync::OnceLock<QMatMul> },
+    Rows16 { kind: kernels::Kind, w: Vec<u8>, n: usize, k: usize, candle: std::sync::OnceLock<QMatMul> },
 }
 
 /// A LoRA adapter applied at run time: `y = W·x + scale·B·(A·x)`, A r × k and B n × r in f32, exactly as trained.
@@ -188,16 +188,19 @@ impl Linear {
                 );
             }
         }
-        let own = qt.dtype() == candle_core::quantized::GgmlDType::Q4K
+        let sixteen = kernels::Kind::from_ggml(qt.dtype()).and_then(crate::engine::rows16::layout_of);
+        let own = sixteen.is_some()
             && qt.device().is_cpu()
             && n.is_multiple_of(crate::engine::rows16::ROWS)
             && k.is_multiple_of(kernels::QK_K)
             && Arc::strong_count(&qt) == 1
-            && crate::engine::rows16::available();
-        if own {
-            let w = crate::engine::rows16::interleave(&qt.data()?, n, k / kernels::QK_K);
+            && crate::engine::rows16::enabled();
+        if let (true, Some(kind)) = (own, sixteen) {
+            let gguf = crate::engine::rows16::gguf_of(kind);
+            let w = crate::engine::rows16::interleave(gguf, &qt.data()?, n, k / kernels::QK_K);
             drop(qt);
-            return Ok(Linear { mm: Store::Rows16 { w, n, k, candle: std::sync::OnceLock::new() }, n, k, lora });
+            let candle = std::sync::OnceLock::new();
+            return Ok(Linear { mm: Store::Rows16 { kind, w, n, k, candle }, n, k, lora });
         }
         Ok(Linear { mm: Store::Candle(QMatMul::from_arc(qt)?), n, k, lora })
     }
@@ -206,17 +209,17 @@ impl Linear {
     pub(super) fn candle(&self) -> Result<&QMatMul> {
         match &self.mm {
             Store::Candle(mm) => Ok(mm),
-            Store::Rows16 { w, n, k, candle } => {
+            Store::Rows16 { kind, w, n, k, candle } => {
                 if let Some(mm) = candle.get() {
                     return Ok(mm);
                 }
-                let gguf = crate::engine::rows16::deinterleave(w, *n, k / kernels::QK_K);
-                let qt = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                    candle_core::quantized::GgmlDType::Q4K,
-                    &gguf,
-                    vec![*n, *k],
-                    &Device::Cpu,
-                )?;
+                let gguf = crate::engine::rows16::deinterleave(*kind, w, *n, k / kernels::QK_K);
+                let dtype = match crate::engine::rows16::gguf_of(*kind) {
+                    kernels::Kind::Q4K => candle_core::quantized::GgmlDType::Q4K,
+                    _ => candle_core::quantized::GgmlDType::Q6K,
+                };
+                let qt =
+                    candle_core::quantized::ggml_file::qtensor_from_ggml(dtype, &gguf, vec![*n, *k], &Device::Cpu)?;
                 let mm = QMatMul::from_arc(Arc::new(qt))?;
                 Ok(candle.get_or_init(|| mm))
             }
@@ -238,7 +241,7 @@ impl Linear {
             Store::Candle(QMatMul::QTensor(qt)) if self.k.is_multiple_of(kernels::QK_K) => {
                 kernels::Kind::from_ggml(qt.dtype())
             }
-            Store::Rows16 { .. } => Some(kernels::Kind::Q4K16),
+            Store::Rows16 { kind, .. } => Some(*kind),
             _ => None,
         }
     }
