@@ -564,15 +564,15 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::engine::kernels::tests::quantized_spread;
     use crate::engine::kernels::{arrange, quantize_q8k, rows_lanes_from, Q8KLanes, Via};
     use candle_core::quantized::GgmlDType;
 
     /// Activation rows of `k` values: smooth ones, one with a few spikes (quants at ±127 beside tiny ones), and
-    /// one of zeros (scale 0).
-    fn rows(k: usize, count: usize, seed: u64) -> Vec<Vec<f32>> {
+    /// one of zeros (scale 0). (The 16-row kernels' tests use them too.)
+    pub(crate) fn rows(k: usize, count: usize, seed: u64) -> Vec<Vec<f32>> {
         let mut s = seed;
         (0..count)
             .map(|r| {

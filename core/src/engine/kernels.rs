@@ -34,8 +34,9 @@ pub const Q6K_BYTES: usize = 210;
 pub enum Kind {
     Q4K,
     Q6K,
-    /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load where
-    /// its kernels run). Functions of one row take it only through [`super::rows16::block`].
+    /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load with
+    /// `COPILOT_ROWS16=on` where its kernels run). Functions of one row refuse it: a row is read back with
+    /// [`super::rows16::block`].
     Q4K16,
     /// Q6_K in the 16-row layout, as `Q4K16`.
     Q6K16,
@@ -1107,7 +1108,8 @@ pub enum Pass {
     Prompt,
 }
 
-/// One weight matrix for [`gemm_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF).
+/// One weight matrix for [`gemm_many`]: `n` rows of `kind` blocks in `w` (row-major, as in GGUF; or, for the
+/// 16-row kinds, groups of 16 rows interleaved as [`super::rows16`] lays them out).
 #[derive(Clone, Copy)]
 pub struct Matrix<'a> {
     pub kind: Kind,

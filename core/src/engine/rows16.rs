@@ -665,23 +665,13 @@ mod tests {
     use crate::engine::kernels::{arrange, quantize_q8k, rows_lanes_from, Kind, Q8KLanes, Via, QK_K};
     use candle_core::quantized::GgmlDType;
 
+    /// `amx`'s test rows (smooth, spiked, zero), quantized.
     fn act_rows(k: usize, count: usize, seed: u64) -> Vec<Vec<Q8K>> {
-        let mut s = seed;
-        (0..count)
-            .map(|r| {
-                let x: Vec<f32> = (0..k)
-                    .map(|i| {
-                        s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                        let v = (s >> 33) as f32 / (1u64 << 31) as f32 - 0.5;
-                        match r % 5 {
-                            3 => 0.0,
-                            4 if i % 97 == 0 => 40.0 * v.signum(),
-                            _ => v * (1.0 + r as f32),
-                        }
-                    })
-                    .collect();
+        crate::engine::amx::tests::rows(k, count, seed)
+            .iter()
+            .map(|x| {
                 let mut a = Vec::new();
-                quantize_q8k(&x, &mut a);
+                quantize_q8k(x, &mut a);
                 a
             })
             .collect()
