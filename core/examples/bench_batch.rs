@@ -7,7 +7,10 @@
 //! alternating rounds. Prints one JSON object: per k, ms per step both ways, ms per token both ways, and their
 //! ratio; and whether both ways chose the same greedy tokens.
 //!
-//! `cargo run --release -p copilot-core --example bench_batch -- MODEL.gguf [PROMPT] [GEN] [THREADS] [ROUNDS]`
+//! `cargo run --release -p copilot-core --example bench_batch -- MODEL.gguf [PROMPT] [GEN] [THREADS] [ROUNDS] [KS]`
+//!
+//! With `COPILOT_BENCH_BATCHED_ONLY=1` the single-row passes are skipped (for profiling the multi-row pass alone);
+//! their fields are then 0 and `same_greedy_tokens` is not compared.
 use candle_core::quantized::gguf_file;
 use candle_core::Device;
 use copilot_core::engine::model::{Config, KvCache, Rows, Transformer};
@@ -28,6 +31,7 @@ fn main() {
         Some(s) => s.split(',').map(|k| k.trim().parse().expect("rows: a comma-separated list of counts")).collect(),
         None => vec![1, 2, 4, 8],
     };
+    let batched_only = std::env::var("COPILOT_BENCH_BATCHED_ONLY").is_ok_and(|v| v == "1");
     // SAFETY: first thing in main, before any thread exists.
     unsafe { configure_threads(threads) };
     let mut file = std::fs::File::open(&args[1]).expect("open model");
@@ -71,7 +75,7 @@ fn main() {
                 (t.elapsed().as_secs_f64() * 1000.0 / n_gen as f64, chosen)
             };
             let (b, tb) = run(true);
-            let (s, ts) = run(false);
+            let (s, ts) = if batched_only { (0.0, tb.clone()) } else { run(false) };
             same_tokens &= tb == ts;
             batched_ms.push(b);
             single_ms.push(s);
@@ -91,7 +95,7 @@ fn main() {
     }
     println!(
         "{{\"prompt_tokens\": {n_prompt}, \"gen_steps\": {n_gen}, \"threads\": {threads}, \"rounds\": {rounds}, \
-         \"same_greedy_tokens\": {same_tokens}, \"levels\": [{}]}}",
+         \"batched_only\": {batched_only}, \"same_greedy_tokens\": {same_tokens}, \"levels\": [{}]}}",
         results.join(", ")
     );
 }

@@ -1,5 +1,6 @@
 //! Weight products of many activation rows on Intel AMX (the tile unit of Sapphire Rapids and later Xeons), Q4_K
-//! and Q6_K weights: prompts, and with `COPILOT_AMX=all` decoding passes of 8+ rows.
+//! and Q6_K weights: prompts, and with `COPILOT_AMX=all` decoding passes of 8+ rows. GGUF rows here; the 16-row
+//! layout of [`super::rows16`] in [`super::amx16`] (which [`product`] hands those to).
 //!
 //! Why: one row of a decoding pass is bound by memory, but a prompt, or a pass of 16–32 rows (several sessions
 //! decoded together, each with its candidates), is bound by arithmetic — with AVX-512 VNNI a 32-row pass took 7.3× a
@@ -36,11 +37,11 @@ pub const TILE_COLS: usize = 16;
 /// Weight rows in one tile product (a tile's 16 rows); also `gemm_many`'s rows per work item.
 pub const TILE_ROWS: usize = 16;
 /// Bytes of one tile row: 64 values of one weight row, or 4 values of each of 16 activation rows.
-const ROW_BYTES: usize = 64;
+pub(super) const ROW_BYTES: usize = 64;
 /// One tile: 16 rows of 64 bytes.
-const TILE_BYTES: usize = TILE_ROWS * ROW_BYTES;
+pub(super) const TILE_BYTES: usize = TILE_ROWS * ROW_BYTES;
 /// Tiles in one block of 256 values (64 values each).
-const CHUNKS: usize = QK_K / ROW_BYTES;
+pub(super) const CHUNKS: usize = QK_K / ROW_BYTES;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -107,24 +108,27 @@ const fn value_at(q: usize, p: usize) -> usize {
 }
 
 /// The activation rows of one pass, laid out for the tiles: per group of 16 rows (rows past the pass's last are
-/// zero) and block, the 4 tiles of its quants (tile `q`, row `kk`, bytes 4n..4n+4: values `value_at(q, 4kk..
-/// 4kk+4)` of activation row n), the sums of each sub-block pair as 16-bit pairs for `vpdpwssd`, and each row's
-/// scale `d`.
+/// zero) and block, the 4 tiles of its quants — as the second operand of GGUF weights' tiles (tile `q`, row `kk`,
+/// bytes 4n..4n+4: values `value_at(q, 4kk..4kk+4)` of activation row n), and, for the 16-row layout's tiles
+/// ([`super::amx16`]), as the first operand (tile `q`, row n: values 64q..64q+64 of activation row n) — the sums
+/// of each sub-block pair as 16-bit pairs for `vpdpwssd`, and each row's scale `d`.
 #[derive(Default)]
 pub struct Acts {
     rows: usize,
     nb: usize,
-    /// `groups · nb · CHUNKS` tiles of `TILE_BYTES`, 64-byte aligned (`[u8; 64]` units).
+    /// `groups · nb · CHUNKS` tiles of `TILE_BYTES`, 64-byte aligned (`[u8; 64]` units): the second operand.
     tiles: Vec<Align64>,
+    /// The same quants as the first operand (empty unless asked for).
+    pub(super) rows_tiles: Vec<Align64>,
     /// Per group and block, 4 registers: lane n = (sum of sub-block 2u, sum of sub-block 2u + 1) of row n.
-    pairs: Vec<[i32; TILE_COLS]>,
+    pub(super) pairs: Vec<[i32; TILE_COLS]>,
     /// Per group and block: `d` of each row (0 past the last row).
-    d: Vec<[f32; TILE_COLS]>,
+    pub(super) d: Vec<[f32; TILE_COLS]>,
 }
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Align64([u8; 64]);
+pub(super) struct Align64(pub(super) [u8; 64]);
 
 /// For each row of a block's 4 activation tiles in order (tile q, row kk: `TILE_ROWS · q + kk`), the first of the
 /// 4 block values its 32-bit lanes hold: `value_at(q, 4·kk)`.
@@ -145,16 +149,39 @@ fn i8s_as_u8s(q: &[i8]) -> [u8; 4] {
     [q[0] as u8, q[1] as u8, q[2] as u8, q[3] as u8]
 }
 
+/// 64 int8 quants as the bytes a tile reads.
+#[inline(always)]
+fn i8s_as_u8s64(q: &[i8]) -> [u8; 64] {
+    std::array::from_fn(|j| q[j] as u8)
+}
+
 impl Acts {
-    /// Lay out `act` (each row `nb` blocks; reuses this value's memory).
-    pub fn fill(&mut self, act: &[&[Q8K]]) {
+    /// Activation rows in the pass.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Blocks a row.
+    pub(super) fn nb(&self) -> usize {
+        self.nb
+    }
+
+    /// Lay out `act` (each row `nb` blocks; reuses this value's memory): the tiles GGUF weights take where `gguf`,
+    /// those the 16-row layout's take where `rows16`.
+    pub fn fill(&mut self, act: &[&[Q8K]], gguf: bool, rows16: bool) {
         let nb = act.first().map_or(0, |a| a.len());
         assert!(act.iter().all(|a| a.len() == nb), "activation rows of different widths");
         let groups = act.len().div_ceil(TILE_COLS);
         self.rows = act.len();
         self.nb = nb;
         self.tiles.clear();
-        self.tiles.resize(groups * nb * CHUNKS * (TILE_BYTES / 64), Align64([0; 64]));
+        if gguf {
+            self.tiles.resize(groups * nb * CHUNKS * (TILE_BYTES / 64), Align64([0; 64]));
+        }
+        self.rows_tiles.clear();
+        if rows16 {
+            self.rows_tiles.resize(groups * nb * CHUNKS * (TILE_BYTES / 64), Align64([0; 64]));
+        }
         self.pairs.clear();
         self.pairs.resize(groups * nb * 4, [0; TILE_COLS]);
         self.d.clear();
@@ -163,12 +190,21 @@ impl Acts {
             let (g, col) = (n / TILE_COLS, n % TILE_COLS);
             for (i, b) in row.iter().enumerate() {
                 let gb = g * nb + i;
-                // Tile q's row kk (one 64-byte unit) takes, at bytes 4·col.., values value_at(q, 4kk..4kk + 4):
-                // consecutive in the block (value_at is +1 per byte within a 32-bit lane), so one 4-byte copy.
-                let units = &mut self.tiles[gb * CHUNKS * TILE_ROWS..(gb + 1) * CHUNKS * TILE_ROWS];
-                for (unit, &v) in units.iter_mut().zip(LANE_SOURCES.iter()) {
-                    let v = v as usize;
-                    unit.0[4 * col..4 * col + 4].copy_from_slice(&i8s_as_u8s(&b.qs[v..v + 4]));
+                if gguf {
+                    // Tile q's row kk (one 64-byte unit) takes, at bytes 4·col.., values value_at(q, 4kk..4kk + 4):
+                    // consecutive in the block (value_at is +1 per byte within a 32-bit lane), so one 4-byte copy.
+                    let units = &mut self.tiles[gb * CHUNKS * TILE_ROWS..(gb + 1) * CHUNKS * TILE_ROWS];
+                    for (unit, &v) in units.iter_mut().zip(LANE_SOURCES.iter()) {
+                        let v = v as usize;
+                        unit.0[4 * col..4 * col + 4].copy_from_slice(&i8s_as_u8s(&b.qs[v..v + 4]));
+                    }
+                }
+                if rows16 {
+                    // Tile q's row col: values 64q..64q + 64, as they are.
+                    for q in 0..CHUNKS {
+                        let unit = &mut self.rows_tiles[(gb * CHUNKS + q) * TILE_ROWS + col];
+                        unit.0.copy_from_slice(&i8s_as_u8s64(&b.qs[64 * q..64 * q + 64]));
+                    }
                 }
                 for u in 0..4 {
                     let s = |j: usize| (b.bsums[2 * j] as i32 + b.bsums[2 * j + 1] as i32) as i16 as u16 as i32;
@@ -182,7 +218,7 @@ impl Acts {
 
 /// The tile layout `ldtilecfg` reads (palette 1): all 8 tiles 16 rows of 64 bytes.
 #[repr(C, align(64))]
-struct TileConfig {
+pub(super) struct TileConfig {
     palette: u8,
     start_row: u8,
     reserved: [u8; 14],
@@ -202,6 +238,44 @@ const CONFIG: TileConfig = {
     }
     TileConfig { palette: 1, start_row: 0, reserved: [0; 14], colsb, rows, reserved2: [0; 16] }
 };
+
+/// Load [`CONFIG`] into this thread's tile unit and return the configuration that was there (all zeros when the
+/// tiles were not configured): another user of the tiles in this thread (candle's quantized matmul configures them
+/// once per thread and counts on the configuration staying) gets it back from [`restore`].
+///
+/// # Safety
+/// AMX-TILE present and the tile state granted to this process.
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn configure() -> TileConfig {
+    use std::arch::asm;
+    let mut saved =
+        TileConfig { palette: 0, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16], reserved2: [0; 16] };
+    // SAFETY: `sttilecfg` writes the 64 bytes of `saved` (64-byte aligned, as `TileConfig` is); CONFIG is a valid
+    // palette-1 configuration (8 tiles of 16 × 64 bytes) and outlives the instruction; AMX by the caller.
+    unsafe {
+        asm!("sttilecfg [{}]", in(reg) &mut saved, options(nostack, preserves_flags));
+        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
+    }
+    saved
+}
+
+/// Put back what [`configure`] found: the configuration, or, if there was none, release the tile state.
+///
+/// # Safety
+/// `saved` comes from [`configure`] on this thread; the tile registers are not read again before the next
+/// [`configure`].
+#[cfg(target_arch = "x86_64")]
+pub(super) unsafe fn restore(saved: &TileConfig) {
+    use std::arch::asm;
+    // SAFETY: a configuration `sttilecfg` stored is valid for `ldtilecfg`; `tilerelease` only drops tile state.
+    unsafe {
+        if saved.palette != 0 {
+            asm!("ldtilecfg [{}]", in(reg) saved, options(nostack, readonly, preserves_flags));
+        } else {
+            asm!("tilerelease", options(nostack, nomem, preserves_flags));
+        }
+    }
+}
 
 /// One work item's scratch: the block's weight bytes as tiles (`x`: `sh·q`, `y`: `sl·q`, 4 tiles each), the
 /// tiles' 32-bit results, per weight row its block factors and min pairs, and the float sums.
@@ -230,7 +304,11 @@ pub fn product(
     put: impl FnMut(usize, usize, f32),
 ) {
     assert!(available(), "AMX is not available");
+    if kind.rows16() {
+        return super::amx16::product(kind, w, wrows, acts, put);
+    }
     assert!(wrows.len() <= TILE_ROWS, "{} weight rows at once", wrows.len());
+    assert!(!acts.tiles.is_empty() || acts.rows == 0 || acts.nb == 0, "activations not laid out for GGUF tiles");
     assert!(row_bytes >= acts.nb * kind.block_bytes() && w.len() >= wrows.end * row_bytes, "weights too short");
     thread_local! {
         static SCRATCH: std::cell::RefCell<Option<Box<Scratch>>> = const { std::cell::RefCell::new(None) };
@@ -244,10 +322,9 @@ pub fn product(
             // tile state; the asserts above keep every weight block read inside `w`.
             unsafe {
                 match kind {
-                    Kind::Q4K => tiles::<false, false>(w, row_bytes, wrows, acts, s, sums, put),
-                    Kind::Q4K16 => tiles::<false, true>(w, row_bytes, wrows, acts, s, sums, put),
-                    Kind::Q6K16 => tiles::<true, true>(w, row_bytes, wrows, acts, s, sums, put),
-                    Kind::Q6K => tiles::<true, false>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q4K => tiles::<false>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q6K => tiles::<true>(w, row_bytes, wrows, acts, s, sums, put),
+                    Kind::Q4K16 | Kind::Q6K16 => unreachable!("handed to amx16 above"),
                 }
             }
         })
@@ -369,7 +446,7 @@ unsafe fn pack_q6k(p: *const u8, s: &mut Scratch, m: usize) {
 /// `w` holds `wrows.end` rows of `row_bytes` ≥ `acts.nb` blocks.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn tiles<const Q6: bool, const X16: bool>(
+unsafe fn tiles<const Q6: bool>(
     w: &[u8],
     row_bytes: usize,
     wrows: std::ops::Range<usize>,
@@ -393,27 +470,14 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
         }
     }
     let stride = ROW_BYTES;
-    // Another user of the tiles in this thread (candle's quantized matmul configures them once per thread and
-    // counts on the configuration staying) gets its configuration back at the end: saved here (all zeros when
-    // the tiles were not configured), restored below.
-    let mut saved =
-        TileConfig { palette: 0, start_row: 0, reserved: [0; 14], colsb: [0; 16], rows: [0; 16], reserved2: [0; 16] };
-    // SAFETY: `sttilecfg` writes the 64 bytes of `saved` (64-byte aligned, as `TileConfig` is); CONFIG is a valid
-    // palette-1 configuration (8 tiles of 16 × 64 bytes) and outlives the instruction.
-    unsafe {
-        asm!("sttilecfg [{}]", in(reg) &mut saved, options(nostack, preserves_flags));
-        asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly, preserves_flags));
-    }
+    // SAFETY: AMX present and granted (the caller's contract); restored below, before returning.
+    let saved = unsafe { configure() };
     // Ask for the weights two blocks ahead of use (all of this item's rows), and past this item's last block the
     // next item's first blocks (the pool hands out neighbouring items in order): the tiles take a block of 16 rows
     // at a time, which the CPU's own prefetcher does not follow.
     let ahead = |i: usize| {
         let (rows, at) = if i < nb { (wrows.clone(), i) } else { (wrows.end..wrows.end + TILE_ROWS, i - nb) };
-        if at < nb && X16 {
-            // The 16 rows' block `at` is one piece of 2,304 bytes in the 16-row layout.
-            let group = rows.start / TILE_ROWS;
-            super::kernels::prefetch(w, (group * (row_bytes / bb) + at) * TILE_ROWS * bb, TILE_ROWS * bb);
-        } else if at < nb {
+        if at < nb {
             for r in rows {
                 super::kernels::prefetch(w, r * row_bytes + at * bb, bb);
             }
@@ -421,32 +485,17 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
     };
     ahead(0);
     ahead(1);
-    let mut gguf = [[0u8; Q6K_BYTES]; TILE_ROWS];
     for i in 0..nb {
         ahead(i + 2);
-        if X16 {
-            // The group's block back in GGUF's layout, all 16 rows at once (the tiles read it a row at a time).
-            let kind = if Q6 { Kind::Q6K16 } else { Kind::Q4K16 };
-            super::rows16::group_blocks(kind, w, row_bytes / bb, wrows.start / TILE_ROWS, i, &mut gguf);
-        }
-        for (m, rebuilt) in gguf.iter().enumerate().take(mrows) {
+        for m in 0..mrows {
             // SAFETY: row wrows.start + m < wrows.end holds `nb` blocks (the caller's contract): bytes
-            // i·bb..(i+1)·bb of it are in `w` (or, in the 16-row layout, were copied to `rebuilt`); AVX-512 by
-            // the caller.
+            // i·bb..(i+1)·bb of it are in `w`; AVX-512 by the caller.
             unsafe {
-                if X16 {
-                    if Q6 {
-                        pack_q6k(rebuilt.as_ptr(), s, m)
-                    } else {
-                        pack_q4k(rebuilt.as_ptr(), s, m)
-                    }
+                let p = w.as_ptr().add((wrows.start + m) * row_bytes + i * bb);
+                if Q6 {
+                    pack_q6k(p, s, m)
                 } else {
-                    let p = w.as_ptr().add((wrows.start + m) * row_bytes + i * bb);
-                    if Q6 {
-                        pack_q6k(p, s, m)
-                    } else {
-                        pack_q4k(p, s, m)
-                    }
+                    pack_q4k(p, s, m)
                 }
             }
         }
@@ -531,15 +580,8 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
             }
         }
     }
-    // SAFETY: the configuration found at the start comes back (it was valid then: `sttilecfg` stored it), or, if
-    // there was none, the tile state is released; our tile registers are not read again.
-    unsafe {
-        if saved.palette != 0 {
-            asm!("ldtilecfg [{}]", in(reg) &saved, options(nostack, readonly, preserves_flags));
-        } else {
-            asm!("tilerelease", options(nostack, nomem, preserves_flags));
-        }
-    }
+    // SAFETY: `saved` came from `configure` above; our tile registers are not read again.
+    unsafe { restore(&saved) };
     for g in 0..groups {
         for m in 0..mrows {
             let cols = TILE_COLS.min(acts.rows - g * TILE_COLS);
@@ -551,7 +593,7 @@ unsafe fn tiles<const Q6: bool, const X16: bool>(
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn tiles<const Q6: bool, const X16: bool>(
+unsafe fn tiles<const Q6: bool>(
     _: &[u8],
     _: usize,
     _: std::ops::Range<usize>,
@@ -619,7 +661,7 @@ pub(crate) mod tests {
                     let lanes: Vec<Vec<Q8KLanes>> = act.iter().map(|a| a.iter().map(arrange).collect()).collect();
                     let refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
                     let mut acts = Acts::default();
-                    acts.fill(&refs);
+                    acts.fill(&refs, true, false);
                     let (mut tiles, mut kernels) = (vec![f32::NAN; n * count], vec![f32::NAN; n * count]);
                     for start in (0..n).step_by(TILE_ROWS) {
                         let wrows = start..(start + TILE_ROWS).min(n);

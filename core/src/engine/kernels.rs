@@ -34,8 +34,8 @@ pub const Q6K_BYTES: usize = 210;
 pub enum Kind {
     Q4K,
     Q6K,
-    /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load with
-    /// `COPILOT_ROWS16=on` where its kernels run). Functions of one row refuse it: a row is read back with
+    /// Q4_K in the 16-row layout of [`super::rows16`] (the same bytes, 16 rows interleaved; made at load as
+    /// [`super::rows16::enabled`] says). Functions of one row refuse it: a row is read back with
     /// [`super::rows16::block`].
     Q4K16,
     /// Q6_K in the 16-row layout, as `Q4K16`.
@@ -1118,8 +1118,9 @@ pub struct Matrix<'a> {
 }
 
 /// Raw pointers to outputs that candle's pool threads write at disjoint places (here: the rows of each product;
-/// in `model::attend_heads`: the heads of one attention step). Users hand out work so that every output element
-/// belongs to exactly one work item, and take the pointers from `&mut [f32]`s that outlive the pool call.
+/// in `model::attend_pass`: the heads of every row of one attention step). Users hand out work so that every
+/// output element belongs to exactly one work item, and take the pointers from `&mut [f32]`s that outlive the pool
+/// call.
 pub(crate) struct Outs(pub(crate) Vec<*mut f32>);
 // SAFETY: under the contract above no element is written by two threads, none is read while written, and every
 // pointer stays valid until the pool call returns (it returns only when all workers are done).
@@ -1250,18 +1251,23 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
                     rows >= amx_min_rows(kind) && super::amx::for_decode()
                 }
             };
+            #[cfg(not(target_arch = "x86_64"))]
+            let amx = |_: Kind| false;
+            // Which layouts of the activations the pass's matrices read: the lane kernels' (GGUF matrices off
+            // the tiles, with AVX2), the 16-row kernels' pairs (16-row matrices off the tiles), the tiles' own.
+            let simd_lanes = simd && mats.iter().any(|m| !m.kind.rows16() && !amx(m.kind));
+            let sixteen = mats.iter().any(|m| m.kind.rows16() && !amx(m.kind));
             let have = act.len();
             act.resize_with(rows.max(have), Vec::new);
             let have = lanes.len();
-            lanes.resize_with(if simd { rows.max(have) } else { have }, Vec::new);
-            quantize_rows(xs, &mut act[..rows], if simd { &mut lanes[..rows] } else { &mut [] });
+            lanes.resize_with(if simd_lanes { rows.max(have) } else { have }, Vec::new);
+            quantize_rows(xs, &mut act[..rows], if simd_lanes { &mut lanes[..rows] } else { &mut [] });
             let act: &[Vec<Q8K>] = &act[..rows];
             let act_refs: Vec<&[Q8K]> = act.iter().map(|a| a.as_slice()).collect();
             let lane_refs: Vec<&[Q8KLanes]> =
-                if simd { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };
+                if simd_lanes { lanes[..rows].iter().map(|l| l.as_slice()).collect() } else { Vec::new() };
             let (act_refs, lane_refs) = (&act_refs, &lane_refs);
             // Matrices in the 16-row layout (`rows16`) take each activation row's sums in pairs beside its blocks.
-            let sixteen = mats.iter().any(|m| m.kind.rows16());
             let mut pairs = PAIRS.take();
             if sixteen {
                 pairs.resize_with(rows.max(pairs.len()), Vec::new);
@@ -1279,7 +1285,9 @@ fn gemm(mats: &[Matrix], k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], prompt:
             let mut amx_acts = AMX_ACTS.take();
             #[cfg(target_arch = "x86_64")]
             if mats.iter().any(|m| amx(m.kind)) {
-                amx_acts.fill(act_refs);
+                let gguf = mats.iter().any(|m| amx(m.kind) && !m.kind.rows16());
+                let sixteen = mats.iter().any(|m| amx(m.kind) && m.kind.rows16());
+                amx_acts.fill(act_refs, gguf, sixteen);
             }
             candle_core::utils::barrier_pool().execute_chunked(total, |items| {
                 for item in items {

@@ -30,6 +30,8 @@
 pub mod alloc;
 #[cfg(feature = "model")]
 pub mod amx;
+#[cfg(feature = "model")]
+mod amx16;
 pub mod backend;
 #[cfg(feature = "model")]
 pub mod decode;

@@ -1,5 +1,5 @@
-//! Q4_K and Q6_K weights laid out 16 rows at a time, and decode kernels over that layout (AVX-512 VNNI). Opt-in
-//! (`COPILOT_ROWS16=on`, [`enabled`]).
+//! Q4_K and Q6_K weights laid out 16 rows at a time, and decode kernels over that layout (AVX-512 VNNI). The
+//! default where the CPU also has AMX; `COPILOT_ROWS16=on` elsewhere, `=off` keeps GGUF's layout ([`enabled`]).
 //!
 //! Why: GGUF stores a weight row's blocks one after another, so a kernel that reads one row at a time finds, in
 //! every 32-bit lane of its registers, values of one row — and must add its lanes together (a horizontal reduction)
@@ -12,8 +12,8 @@
 //! kernels (`examples/bench_rows16 N K KIND ROWS…`, GMAC/s, weights in the 300 MB L3): Q4_K 8,960 × 1,536 1 row
 //! 94 vs 53, 8 rows 223 vs 135, 16 rows 249 vs 138; Q6_K 151,936 × 1,536 (the output layer) 56 vs 46, 144 vs
 //! 139, 153 vs 133; a 354 MB Q4_K matrix streamed from memory, 1 row 53 vs 41, 8 rows 196 vs 155.
-//! Through the whole engine the gain is smaller — the products are about half of a decoding pass — and the AMX
-//! prompt tiles, which take one row's GGUF block at a time, pay for rebuilding it ([`block`]): see [`enabled`].
+//! Through the whole engine the gain is smaller — the products are about half of a decoding pass; prompts on the
+//! AMX tiles read the layout as the tiles' second operand ([`super::amx16`]): see [`enabled`].
 //!
 //! The same bytes, only moved: a group of 16 rows × `nb` blocks takes exactly the bytes of those 16 GGUF rows, so
 //! a matrix's size, and the engine's memory, do not change. Each product is computed in the **totals
@@ -30,14 +30,14 @@ use std::sync::OnceLock;
 pub const ROWS: usize = 16;
 /// Q4_K, one block of 16 rows (2,304 bytes): the rows' 4-bit quants, 4 bytes of each row at a time (32 × 64
 /// bytes), then their packed scales the same way (3 × 64 bytes), then the 16 factors `d` and the 16 `dmin` (f16).
-const Q4_SCALES_AT: usize = 2048;
-const Q4_D_AT: usize = Q4_SCALES_AT + 3 * 64;
-const Q4_DMIN_AT: usize = Q4_D_AT + 2 * ROWS;
+pub(super) const Q4_SCALES_AT: usize = 2048;
+pub(super) const Q4_D_AT: usize = Q4_SCALES_AT + 3 * 64;
+pub(super) const Q4_DMIN_AT: usize = Q4_D_AT + 2 * ROWS;
 /// Q6_K, one block of 16 rows (3,360 bytes): the low 4 bits of the quants (32 × 64 bytes), their high 2 bits (16 ×
 /// 64), the 16 signed scales (4 × 64), the 16 factors `d` (f16) — each field 4 bytes of each row at a time.
-const Q6_QH_AT: usize = 2048;
-const Q6_SCALES_AT: usize = Q6_QH_AT + 16 * 64;
-const Q6_D_AT: usize = Q6_SCALES_AT + 4 * 64;
+pub(super) const Q6_QH_AT: usize = 2048;
+pub(super) const Q6_SCALES_AT: usize = Q6_QH_AT + 16 * 64;
+pub(super) const Q6_D_AT: usize = Q6_SCALES_AT + 4 * 64;
 /// Activation rows multiplied with one group of weight rows at once (their sums stay in registers).
 const AT_ONCE: usize = 4;
 /// How far ahead of use (in blocks of 16 rows) the kernels ask for the weights. The interleaved groups are read
@@ -67,25 +67,31 @@ pub fn available() -> bool {
 /// 0: as `COPILOT_ROWS16` says; 1: off; 2: on ([`set_enabled`]).
 static FORCED: AtomicU8 = AtomicU8::new(0);
 
-/// True when models loaded from now on move their Q4_K and Q6_K layers into the 16-row layout: [`available`], and
-/// `COPILOT_ROWS16=on` in the environment (read once) or [`set_enabled`]. Not the default yet — measured on the
-/// Intel Xeon kind (context.md, 2026-12-07, session 32): one-row decoding 19.2–20.5 → 23.0–25.5 tok/s
-/// (`examples/bench_engine`, alternating), but prompts on the AMX tiles, which take a row's GGUF block, pay for
-/// rebuilding the blocks ([`group_blocks`]): prefill 188–226 → 167–197 tok/s, and reading prompts at 8 sessions
-/// 9.0 → 14.0 s (`scripts/bench-concurrency`), where passes of 8 rows gained too little to show through that
-/// benchmark's noise.
+/// True when models loaded from now on move their Q4_K and Q6_K layers into the 16-row layout: [`available`],
+/// and `COPILOT_ROWS16=on` in the environment (read once), or, with no such setting, where the CPU has AMX too
+/// ([`super::amx::available`]); `COPILOT_ROWS16=off`, or [`set_enabled`], decides otherwise. The default on AMX
+/// CPUs since 2026-12-08, when prompts on the tiles began to read the layout as it is ([`super::amx16`]) instead
+/// of rebuilding GGUF blocks from it (elsewhere prompts take the 16-row kernels, not measured against the VNNI
+/// prompt tiles on a whole model, e.g. on an AMD Zen 4: opt-in there): measured on the Intel Xeon kind, alternating (`examples/bench_engine MODEL 342
+/// 16 2 2`), prefill 80–92 → 95–108 tok/s and one-row decoding 11.5–12.2 → 11.2–14.4 tok/s; decoding passes
+/// (`examples/bench_batch`, ms a pass) 1 row 97–98 → 77–79, 8 rows 226–256 → 217–241, 12 rows 364–374 → 283–298
+/// (context.md, 2026-12-08).
 pub fn enabled() -> bool {
     static ENV: OnceLock<bool> = OnceLock::new();
     available()
         && match FORCED.load(Ordering::Relaxed) {
             1 => false,
             2 => true,
-            _ => *ENV.get_or_init(|| std::env::var("COPILOT_ROWS16").is_ok_and(|v| v.eq_ignore_ascii_case("on"))),
+            _ => *ENV.get_or_init(|| match std::env::var("COPILOT_ROWS16") {
+                Ok(v) if v.eq_ignore_ascii_case("on") => true,
+                Ok(v) if v.eq_ignore_ascii_case("off") => false,
+                _ => super::amx::available(),
+            }),
         }
 }
 
-/// Move (or not) the layers of models loaded from now on into the 16-row layout, whatever `COPILOT_ROWS16` says
-/// (for tests and measurements).
+/// Move (or not) the layers of models loaded from now on into the 16-row layout (where [`available`]), whatever
+/// `COPILOT_ROWS16` says (for tests and measurements).
 pub fn set_enabled(on: bool) {
     FORCED.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
@@ -170,108 +176,6 @@ pub fn block(kind: Kind, w: &[u8], nb: usize, r: usize, i: usize, out: &mut [u8]
         let at = place(kind, nb, r, i, b);
         out[b..b + len].copy_from_slice(&w[at..at + len]);
     }
-}
-
-/// Block `i` of all 16 rows of group `g` in GGUF's layout (`out[m][..block_bytes]` for row 16g + m), from a
-/// matrix of `kind` in the 16-row layout (`nb` blocks a row): what [`block`] gives row by row, with the quants'
-/// 4-byte units turned back by 16 × 16 transposes of 32-bit words in registers — the AMX prompt tiles take a
-/// block a row at a time, and rebuilding it piece by piece made prompts 4–5× slower.
-///
-/// Panics unless [`available`] or when the block is outside `w`.
-pub fn group_blocks(kind: Kind, w: &[u8], nb: usize, g: usize, i: usize, out: &mut [[u8; Q6K_BYTES]; ROWS]) {
-    assert!(available(), "the 16-row layout's transposes need AVX-512");
-    let bb = kind.block_bytes();
-    let base = (g * nb + i) * ROWS * bb;
-    assert!(w.len() >= base + ROWS * bb, "block {i} of group {g} is outside the weights");
-    let src = &w[base..base + ROWS * bb];
-    // (first unit in the layout, units, first byte in a row's block): runs of 16 units transposed at once.
-    let runs: &[(usize, usize)] =
-        if gguf_of(kind) == Kind::Q4K { &[(0, 16), (16 * 64, 80)] } else { &[(0, 0), (16 * 64, 64), (Q6_QH_AT, 128)] };
-    for &(at, to) in runs {
-        // SAFETY: AVX-512 F by `available` (asserted); the 16 loads read src[at..at + 1024], inside the group's
-        // block (its quants); the stores write 64 bytes at `to` ≤ 128 of each 210-byte row.
-        unsafe { transpose_run(src.as_ptr().add(at), out, to) };
-    }
-    // The rest (scales and factors) word by word.
-    // (Fixed lengths, so each copy is one move, not a call.)
-    let word = |o: &mut [u8], from: usize, to: usize| {
-        o[to..to + 4].copy_from_slice(&src[from..from + 4]);
-    };
-    let half = |o: &mut [u8], from: usize, to: usize| {
-        o[to..to + 2].copy_from_slice(&src[from..from + 2]);
-    };
-    for (m, o) in out.iter_mut().enumerate() {
-        if gguf_of(kind) == Kind::Q4K {
-            for u in 0..3 {
-                word(o, Q4_SCALES_AT + 64 * u + 4 * m, 4 + 4 * u);
-            }
-            half(o, Q4_D_AT + 2 * m, 0);
-            half(o, Q4_DMIN_AT + 2 * m, 2);
-        } else {
-            for u in 0..4 {
-                word(o, Q6_SCALES_AT + 64 * u + 4 * m, 192 + 4 * u);
-            }
-            half(o, Q6_D_AT + 2 * m, 208);
-        }
-    }
-}
-
-/// 16 units of 64 bytes at `p` (unit u: word m = 4 bytes of row m) written as 64 bytes of each row at `to`:
-/// a 16 × 16 transpose of 32-bit words (unpack 32, unpack 64, then two rounds of 128-bit lane shuffles).
-///
-/// # Safety
-/// AVX-512 F; `p` points to 1,024 readable bytes; `to + 64` ≤ 210.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose_run(p: *const u8, out: &mut [[u8; Q6K_BYTES]; ROWS], to: usize) {
-    use std::arch::x86_64::*;
-    // SAFETY: the caller's contract: 16 loads of 64 bytes from `p`, 16 stores of 64 bytes inside `out`'s rows.
-    unsafe {
-        let r: [__m512i; 16] = std::array::from_fn(|u| _mm512_loadu_si512(p.add(64 * u) as *const _));
-        // t[2k], t[2k + 1]: units 2k, 2k + 1 interleaved word by word (per 128-bit lane L: words 4L, 4L + 1, then
-        // 4L + 2, 4L + 3).
-        let t: [__m512i; 16] = std::array::from_fn(|x| {
-            let (a, b) = (r[x & !1], r[x | 1]);
-            if x % 2 == 0 {
-                _mm512_unpacklo_epi32(a, b)
-            } else {
-                _mm512_unpackhi_epi32(a, b)
-            }
-        });
-        // u[4a + j]: per lane L, word 4L + j of units 4a..4a + 4.
-        let u: [__m512i; 16] = std::array::from_fn(|x| {
-            let (a, j) = (x / 4, x % 4);
-            let (lo, hi) = (t[4 * a + j / 2], t[4 * a + 2 + j / 2]);
-            if j % 2 == 0 {
-                _mm512_unpacklo_epi64(lo, hi)
-            } else {
-                _mm512_unpackhi_epi64(lo, hi)
-            }
-        });
-        for j in 0..4 {
-            let v = _mm512_shuffle_i32x4::<0x88>(u[j], u[4 + j]);
-            let w = _mm512_shuffle_i32x4::<0xDD>(u[j], u[4 + j]);
-            let v2 = _mm512_shuffle_i32x4::<0x88>(u[8 + j], u[12 + j]);
-            let w2 = _mm512_shuffle_i32x4::<0xDD>(u[8 + j], u[12 + j]);
-            // Row 4L + j: lanes L of u[j], u[4 + j], u[8 + j], u[12 + j].
-            for (l, row) in [
-                _mm512_shuffle_i32x4::<0x88>(v, v2),
-                _mm512_shuffle_i32x4::<0x88>(w, w2),
-                _mm512_shuffle_i32x4::<0xDD>(v, v2),
-                _mm512_shuffle_i32x4::<0xDD>(w, w2),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                _mm512_storeu_si512(out[4 * l + j].as_mut_ptr().add(to) as *mut _, row);
-            }
-        }
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-unsafe fn transpose_run(_: *const u8, _: &mut [[u8; Q6K_BYTES]; ROWS], _: usize) {
-    unreachable!("the 16-row layout is x86-64 only")
 }
 
 /// The whole matrix back in GGUF's layout (for candle's matmul, which reads only that).
@@ -396,7 +300,7 @@ static PICK_PAIR: [[i8; 64]; 2] = [within_words([0, -1, 1, -1]), within_words([2
 /// None beyond the target features: a prefetch reads nothing and cannot fault; the address stays in `whole`.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-unsafe fn prefetch_ahead(blk: *const u8, gb: usize, whole: &[u8]) {
+pub(super) unsafe fn prefetch_ahead(blk: *const u8, gb: usize, whole: &[u8]) {
     use std::arch::x86_64::*;
     let ahead = blk as usize + PREFETCH_BLOCKS * gb;
     if ahead + gb <= whole.as_ptr() as usize + whole.len() {
@@ -404,6 +308,63 @@ unsafe fn prefetch_ahead(blk: *const u8, gb: usize, whole: &[u8]) {
             // SAFETY: a hint only, inside `whole` (checked just above).
             unsafe { _mm_prefetch::<_MM_HINT_T0>((ahead + 64 * l) as *const i8) };
         }
+    }
+}
+
+/// The 16 rows' packed Q4_K scales of block `blk` (3 words each in the 16-row layout), unpacked as
+/// `q4k_scales_mins` unpacks one row's: scale j of every row as a 32-bit lane (`[j]` of the first), and the min
+/// pairs (2u, 2u + 1) as 16-bit halves (`[u]` of the second).
+///
+/// # Safety
+/// AVX-512 F/BW; `blk` points to a whole 16-row Q4_K block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+pub(super) unsafe fn q4k_scales16(
+    blk: *const u8,
+) -> ([std::arch::x86_64::__m512i; 8], [std::arch::x86_64::__m512i; 4]) {
+    use std::arch::x86_64::*;
+    // SAFETY: three 64-byte loads inside the block's scales (the caller's contract) and of the static tables.
+    unsafe {
+        let pick: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(PICK_BYTE[j].as_ptr() as *const _));
+        let pair: [__m512i; 2] = std::array::from_fn(|u| _mm512_loadu_si512(PICK_PAIR[u].as_ptr() as *const _));
+        let (c3f, c0f, c03) =
+            (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
+        // Scales 0-3, 4-7 and mins 0-3, 4-7 as the bytes of 4 registers.
+        let s0 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT) as *const _);
+        let s1 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT + 64) as *const _);
+        let s2 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT + 128) as *const _);
+        let sc_lo = _mm512_and_si512(s0, c3f);
+        let mn_lo = _mm512_and_si512(s1, c3f);
+        let top = |s: __m512i| _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(s, 6), c03), 4);
+        let sc_hi = _mm512_or_si512(_mm512_and_si512(s2, c0f), top(s0));
+        let mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(s2, 4), c0f), top(s1));
+        let sc = std::array::from_fn(|j| _mm512_shuffle_epi8(if j < 4 { sc_lo } else { sc_hi }, pick[j % 4]));
+        let mins = std::array::from_fn(|u| _mm512_shuffle_epi8(if u < 2 { mn_lo } else { mn_hi }, pair[u % 2]));
+        (sc, mins)
+    }
+}
+
+/// The 16 rows' signed Q6_K scales of block `blk` (4 words each in the 16-row layout): scale s of every row as a
+/// 32-bit lane, and the 4 words as loaded.
+///
+/// # Safety
+/// AVX-512 F/BW; `blk` points to a whole 16-row Q6_K block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")]
+#[inline]
+pub(super) unsafe fn q6k_scales16(
+    blk: *const u8,
+) -> ([std::arch::x86_64::__m512i; 16], [std::arch::x86_64::__m512i; 4]) {
+    use std::arch::x86_64::*;
+    // SAFETY: four 64-byte loads inside the block's scales (the caller's contract).
+    unsafe {
+        let sw: [__m512i; 4] = std::array::from_fn(|k| _mm512_loadu_si512(blk.add(Q6_SCALES_AT + 64 * k) as *const _));
+        let sc = std::array::from_fn(|s| {
+            let up = _mm_cvtsi32_si128(24 - 8 * (s % 4) as i32);
+            _mm512_srai_epi32(_mm512_sll_epi32(sw[s / 4], up), 24)
+        });
+        (sc, sw)
     }
 }
 
@@ -429,29 +390,11 @@ unsafe fn q4k<const R: usize>(
     unsafe {
         let mut acc = [_mm512_setzero_ps(); R];
         let m4 = _mm512_set1_epi8(0x0F);
-        let pick: [__m512i; 4] = std::array::from_fn(|j| _mm512_loadu_si512(PICK_BYTE[j].as_ptr() as *const _));
-        let pair: [__m512i; 2] = std::array::from_fn(|u| _mm512_loadu_si512(PICK_PAIR[u].as_ptr() as *const _));
-        let (c3f, c0f, c03) =
-            (_mm512_set1_epi32(0x3f3f_3f3f), _mm512_set1_epi32(0x0f0f_0f0f), _mm512_set1_epi32(0x0303_0303));
         for i in 0..nb {
             let blk = group.as_ptr().add(i * GB);
             // The pool hands out neighbouring groups in order: the next group's first blocks come in too.
             prefetch_ahead(blk, GB, whole);
-            // The 16 rows' packed scales (3 words each), unpacked as `q4k_scales_mins` does one row's: scales
-            // 0-3, 4-7 and mins 0-3, 4-7 as the bytes of 4 registers.
-            let s0 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT) as *const _);
-            let s1 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT + 64) as *const _);
-            let s2 = _mm512_loadu_si512(blk.add(Q4_SCALES_AT + 128) as *const _);
-            let sc_lo = _mm512_and_si512(s0, c3f);
-            let mn_lo = _mm512_and_si512(s1, c3f);
-            let top = |s: __m512i| _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(s, 6), c03), 4);
-            let sc_hi = _mm512_or_si512(_mm512_and_si512(s2, c0f), top(s0));
-            let mn_hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(s2, 4), c0f), top(s1));
-            // Scale j of every row as a 32-bit lane; min pairs (2u, 2u + 1) as 16-bit pairs.
-            let sc: [__m512i; 8] =
-                std::array::from_fn(|j| _mm512_shuffle_epi8(if j < 4 { sc_lo } else { sc_hi }, pick[j % 4]));
-            let mins: [__m512i; 4] =
-                std::array::from_fn(|u| _mm512_shuffle_epi8(if u < 2 { mn_lo } else { mn_hi }, pair[u % 2]));
+            let (sc, mins) = q4k_scales16(blk);
             let dw = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(Q4_D_AT) as *const _));
             let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(blk.add(Q4_DMIN_AT) as *const _));
             // I = Σ sc·q·a per row: per 64 values (4-byte group gq: low nibbles are values 64c + 4q.., sub-block
@@ -522,12 +465,7 @@ unsafe fn q6k<const R: usize>(
             prefetch_ahead(blk, GB, whole);
             // Word k of each row holds its signed scales 4k..4k + 4: scale s as a 32-bit lane, and the pairs
             // (4k + j, 4k + j + 2) as 16-bit halves (as `Pairs` pairs the activations' sums).
-            let sw: [__m512i; 4] =
-                std::array::from_fn(|k| _mm512_loadu_si512(blk.add(Q6_SCALES_AT + 64 * k) as *const _));
-            let sc: [__m512i; 16] = std::array::from_fn(|s| {
-                let up = _mm_cvtsi32_si128(24 - 8 * (s % 4) as i32);
-                _mm512_srai_epi32(_mm512_sll_epi32(sw[s / 4], up), 24)
-            });
+            let (sc, sw) = q6k_scales16(blk);
             let sc_pairs: [__m512i; 8] = std::array::from_fn(|v| {
                 let w = sw[v / 2];
                 if v % 2 == 0 {
@@ -693,30 +631,6 @@ mod tests {
                 let mut b = vec![0u8; bb];
                 block(sixteen, &x, nb, r, i, &mut b);
                 assert_eq!(b, w[(r * nb + i) * bb..][..bb], "{kind:?} row {r} block {i}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_group_block_comes_back_whole() {
-        if !available() {
-            eprintln!("no AVX-512 here: the 16-row layout is never made on this machine");
-            return;
-        }
-        let (n, k) = (48, 768);
-        let nb = k / QK_K;
-        for (dtype, kind) in [(GgmlDType::Q4K, Kind::Q4K), (GgmlDType::Q6K, Kind::Q6K)] {
-            let bb = kind.block_bytes();
-            let (w, _) = quantized_spread(dtype, n, k, 5, 2.0);
-            let sixteen = layout_of(kind).expect("a layout");
-            let x = interleave(kind, &w, n, nb);
-            let mut out = [[0u8; Q6K_BYTES]; ROWS];
-            for (g, i) in [(0, 0), (1, 2), (2, 1)] {
-                group_blocks(sixteen, &x, nb, g, i, &mut out);
-                for (m, o) in out.iter().enumerate() {
-                    let r = ROWS * g + m;
-                    assert_eq!(o[..bb], w[(r * nb + i) * bb..][..bb], "{kind:?} row {r} block {i}");
-                }
             }
         }
     }

@@ -123,21 +123,58 @@ impl LayerKv {
     }
 
     /// Run `f` on a plain-slice view of every stored position.
+    #[cfg(test)]
     pub(crate) fn with_view<R>(&self, n_kv: usize, d: usize, f: impl FnOnce(&KvView) -> R) -> Result<R> {
-        let storages = self
-            .segments
+        LayerKv::with_views(&[self], n_kv, d, |v| f(&v[0]))
+    }
+
+    /// Run `f` on plain-slice views of every stored position of several layers at once (`views[i]` of
+    /// `layers[i]`). A segment several layers share (the same tensor) is locked and viewed once.
+    pub(crate) fn with_views<R>(
+        layers: &[&LayerKv],
+        n_kv: usize,
+        d: usize,
+        f: impl FnOnce(&[KvView]) -> R,
+    ) -> Result<R> {
+        // Every distinct K or V tensor once, and per layer its segments as (K, V, positions) indices into them.
+        let mut tensors: Vec<&Tensor> = Vec::new();
+        fn at<'t>(t: &'t Tensor, tensors: &mut Vec<&'t Tensor>) -> usize {
+            match tensors.iter().position(|x| x.id() == t.id()) {
+                Some(i) => i,
+                None => {
+                    tensors.push(t);
+                    tensors.len() - 1
+                }
+            }
+        }
+        let mut parts = Vec::with_capacity(layers.len());
+        for l in layers {
+            let mut segs = Vec::with_capacity(l.segments.len());
+            for (k, v) in &l.segments {
+                segs.push((at(k, &mut tensors), at(v, &mut tensors), k.dims4()?.2));
+            }
+            parts.push(segs);
+        }
+        let storages = tensors.iter().map(|t| floats(t)).collect::<Result<Vec<_>>>()?;
+        let floats_of = storages.iter().map(|s| slice(s)).collect::<Result<Vec<_>>>()?;
+        let segments: Vec<Vec<KvSegment>> = parts
             .iter()
-            .map(|(k, v)| Ok((floats(k)?, floats(v)?, k.dims4()?.2)))
-            .collect::<Result<Vec<_>>>()?;
-        let segments = storages
-            .iter()
-            .map(|(k, v, len)| {
-                Ok(KvSegment { k: &slice(k)?[..len * n_kv * d], v: &slice(v)?[..len * n_kv * d], len: *len })
+            .map(|segs| {
+                segs.iter()
+                    .map(|&(k, v, len)| KvSegment {
+                        k: &floats_of[k][..len * n_kv * d],
+                        v: &floats_of[v][..len * n_kv * d],
+                        len,
+                    })
+                    .collect()
             })
-            .collect::<Result<Vec<_>>>()?;
-        let view =
-            KvView { base: &segments, base_len: self.base_len, tail_k: &self.tail_k, tail_v: &self.tail_v, n_kv, d };
-        Ok(f(&view))
+            .collect();
+        let views: Vec<KvView> = layers
+            .iter()
+            .zip(&segments)
+            .map(|(l, s)| KvView { base: s, base_len: l.base_len, tail_k: &l.tail_k, tail_v: &l.tail_v, n_kv, d })
+            .collect();
+        Ok(f(&views))
     }
 
     /// Bytes held, a segment shared with other states counted in each.

@@ -122,12 +122,14 @@ impl Transformer {
                 let vr = &v[r * widths[1]..(r + 1) * widths[1]];
                 seqs[si].cache.layers[i].push(kr, vr);
             }
-            for (r, &(si, pos)) in rows.iter().enumerate() {
-                let qr = &q[r * widths[0]..(r + 1) * widths[0]];
-                seqs[si].cache.layers[i].with_view(n_kv, d, |kv| {
-                    attend_heads(qr, kv, pos + 1, n_rep, c.n_head, &mut attn[r]);
-                })?;
-            }
+            // All rows together: rows continuing the same stored positions read them once (`attend_rows`).
+            let layers: Vec<&LayerKv> = seqs.iter().map(|s| &s.cache.layers[i]).collect();
+            let q_rows: Vec<&[f32]> = q.chunks_exact(widths[0]).collect();
+            let lens: Vec<usize> = rows.iter().map(|&(_, pos)| pos + 1).collect();
+            LayerKv::with_views(&layers, n_kv, d, |views| {
+                let views: Vec<&KvView> = rows.iter().map(|&(si, _)| &views[si]).collect();
+                attend_pass(&q_rows, &views, &lens, n_rep, c.n_head, &mut attn);
+            })?;
             let a_rows: Vec<&[f32]> = attn.iter().map(|a| a.as_slice()).collect();
             let o = Linear::matmul_rows(&[&layer.wo], &a_rows)?;
             for (r, x) in xs.iter_mut().enumerate() {
@@ -163,26 +165,42 @@ impl Transformer {
 /// to the pool costs more than the arithmetic.
 const PARALLEL_ATTENTION: usize = 4096;
 
-/// Attention of one query position, all `n_head` heads of `q` into `out`, over the first `len` positions of `kv`;
-/// the heads are shared out over candle's CPU thread pool when the context is long.
-fn attend_heads(q: &[f32], kv: &KvView, len: usize, n_rep: usize, n_head: usize, out: &mut [f32]) {
-    let d = kv.d;
-    if len * n_head < PARALLEL_ATTENTION {
-        let mut scores = vec![0f32; len];
-        decode::attend_one(q, kv, len, n_rep, 0..n_head, out, &mut scores);
+/// Attention of every row of a pass, all `n_head` heads of each (`qs[r]`) into `outs[r]`, row r over the first
+/// `lens[r]` positions of `views[r]` ([`decode::attend_rows`]); the heads are shared out over candle's CPU thread
+/// pool when the pass's positions × heads are many.
+fn attend_pass(qs: &[&[f32]], views: &[&KvView], lens: &[usize], n_rep: usize, n_head: usize, outs: &mut [Vec<f32>]) {
+    let Some(first) = views.first() else { return };
+    let d = first.d;
+    let work: usize = lens.iter().sum::<usize>() * n_head;
+    if work < PARALLEL_ATTENTION {
+        let mut scores = Vec::new();
+        let mut o: Vec<&mut [f32]> = outs.iter_mut().map(|o| o.as_mut_slice()).collect();
+        decode::attend_rows(qs, views, lens, n_rep, 0..n_head, &mut o, &mut scores);
         return;
     }
-    // Each head range is handed to exactly one thread by `execute_chunked` and writes only its own heads' floats:
-    // the contract of `kernels::Outs`.
-    let dst = kernels::Outs(vec![out.as_mut_ptr()]);
+    // Each head range is handed to exactly one thread by `execute_chunked` and writes only its own heads' floats
+    // of every row: the contract of `kernels::Outs`.
+    let dst = kernels::Outs(outs.iter_mut().map(|o| o.as_mut_ptr()).collect());
     let dst = &dst;
     candle_core::utils::barrier_pool().execute_chunked(n_head, |heads| {
-        let mut scores = vec![0f32; len];
-        // SAFETY: heads `heads` own floats `heads.start * d .. heads.end * d` of `out` alone, and `out` outlives
-        // the pool call.
-        let o = unsafe { std::slice::from_raw_parts_mut(dst.0[0].add(heads.start * d), heads.len() * d) };
-        decode::attend_one(q, kv, len, n_rep, heads, o, &mut scores);
+        let mut scores = Vec::new();
+        let mut o: Vec<&mut [f32]> = dst
+            .0
+            .iter()
+            // SAFETY: heads `heads` own floats `heads.start * d .. heads.end * d` of every row's output alone,
+            // each output holds `n_head * d` floats, and the outputs outlive the pool call.
+            .map(|&p| unsafe { std::slice::from_raw_parts_mut(p.add(heads.start * d), heads.len() * d) })
+            .collect();
+        decode::attend_rows(qs, views, lens, n_rep, heads, &mut o, &mut scores);
     });
+}
+
+/// [`attend_pass`] for one row (the tests' entry).
+#[cfg(test)]
+fn attend_heads(q: &[f32], kv: &KvView, len: usize, n_rep: usize, n_head: usize, out: &mut [f32]) {
+    let mut outs = vec![vec![0f32; n_head * kv.d]];
+    attend_pass(&[q], &[kv], &[len], n_rep, n_head, &mut outs);
+    out.copy_from_slice(&outs[0]);
 }
 
 #[cfg(test)]

@@ -70,8 +70,8 @@ impl Target {
 /// ([`crate::engine::kernels`]) when the weights are a format they cover — one row (decoding) and, unless the
 /// model was told otherwise ([`super::Transformer::set_own_prefill`]), several (a prompt); other formats go through
 /// candle's quantized matmul. Our kernels read the weights' GGUF blocks in place, so no second copy of them exists;
-/// with `COPILOT_ROWS16=on` on a CPU with AVX-512 VNNI, Q4_K and Q6_K weights are moved at load into the 16-row
-/// layout of [`crate::engine::rows16`] (the same bytes; [`Store::Rows16`]).
+/// where [`crate::engine::rows16::enabled`] (AVX-512 VNNI with AMX, by default), Q4_K and Q6_K weights are moved
+/// at load into the 16-row layout of [`crate::engine::rows16`] (the same bytes; [`Store::Rows16`]).
 pub(super) struct Linear {
     pub(super) mm: Store,
     pub(super) n: usize,
