@@ -4,7 +4,7 @@
 //!   generated token);
 //! - SwiGLU over 8,960 values in each of 28 layers (`fastmath::swiglu`; a prompt pays the same per token);
 //! - the attention softmax over 500 positions for 12 heads in each of 28 layers (`fastmath::exp_sub_sum` in
-//!   `decode::attend_one`).
+//!   `decode::attend_rows`).
 //!
 //! The fast side calls the engine's own functions; the libm side is the code they replaced.
 //!

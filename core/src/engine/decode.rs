@@ -118,7 +118,9 @@ impl<'a> KvView<'a> {
 
 /// Attention of one query position for the query heads `heads` (each `d` wide, contiguous in `q` and `out`) over
 /// the first `len` positions of `kv` (the query's own position is the last of them); query head `h` reads K/V
-/// head `h / n_rep`. `scores` is scratch of at least `len`.
+/// head `h / n_rep`. `scores` is scratch of at least `len`. The plain form, one row alone: the reference
+/// [`attend_rows`] (which decoding passes run) is tested against bit for bit.
+#[cfg(test)]
 pub fn attend_one(
     q: &[f32],
     kv: &KvView,
